@@ -1,0 +1,1 @@
+"""equalizer: an HTTP reverse proxy and load balancer on Twisted."""

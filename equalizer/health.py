@@ -1,0 +1,423 @@
+"""Backend health: active HTTP checks on a timer, and passive failure counting.
+
+The check itself is a seam (`IHealthChecker`) so the monitor's logic can be tested
+with a clock and a fake; `HTTPHealthChecker` is the real one, over treq.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attrs import define
+from treq.client import HTTPClient
+from twisted.application.service import Service
+from twisted.internet.defer import (
+    Deferred,
+    TimeoutError,
+    maybeDeferred,
+)
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import IResponse
+from zope.interface import Interface, implementer
+
+from equalizer.config import HealthConfig
+from equalizer.pool import Backend, BackendPool
+
+log = Logger()
+
+USER_AGENT = b"equalizer-health-check"
+
+
+class IHealthChecker(Interface):
+    """One health check of one backend; the seam between the monitor and the network."""
+
+    def check(backend: Backend, path: str, timeout: float) -> Deferred[int]:
+        """
+        Ask ``backend`` for ``path`` (under its URL's path prefix).
+
+        Returns:
+            A Deferred that fires with the HTTP status code, or fails on a
+            connection error or after ``timeout`` seconds. Cancelling it
+            abandons the check.
+        """
+
+    def close() -> Deferred[None]:
+        """Release what the checker holds (cached connections); it stays usable."""
+
+
+def health_url(backend: Backend, path: str) -> str:
+    """The URL a check asks for: the backend's scheme, host, port and path prefix, then ``path``."""
+    scheme = "https" if backend.url.lower().startswith("https:") else "http"
+    host = f"[{backend.host}]" if ":" in backend.host else backend.host
+    if not path.startswith("/"):
+        path = "/" + path
+    return f"{scheme}://{host}:{backend.port}{backend.prefix.decode('ascii')}{path}"
+
+
+class _Discard(Protocol):
+    """Reads a response body to its end and throws it away.
+
+    Cancelling ``finished`` drops the connection, so a backend that trickles its
+    body cannot hold a timed-out check's connection open.
+    """
+
+    def __init__(self) -> None:
+        self.finished: Deferred[None] = Deferred(self._cancel)
+
+    def _cancel(self, _: Deferred[None]) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.finished.called:
+            return  # cancelled: the timeout already failed the check
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.finished.callback(None)
+        else:
+            self.finished.errback(reason)
+
+
+@implementer(IHealthChecker)
+class HTTPHealthChecker:
+    """Health checks over HTTP with treq, on a persistent pool of its own.
+
+    The pool is separate from the proxy's, so checks neither count as proxied
+    requests nor wait behind them, and one kept-alive connection per backend is
+    reused from check to check. Redirects are not followed: a 3xx is a status
+    like any other, judged against ``expected_status``.
+    """
+
+    def __init__(self, reactor: IReactorTime) -> None:
+        """``reactor`` must also provide IReactorTCP (the Agent connects with it)."""
+        self._reactor = reactor
+        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._pool.maxPersistentPerHost = 1
+        self._client = HTTPClient(Agent(reactor, pool=self._pool))
+
+    def check(self, backend: Backend, path: str, timeout: float) -> Deferred[int]:
+        d = Deferred.fromCoroutine(self._status(health_url(backend, path)))
+        if timeout > 0:
+            d.addTimeout(timeout, self._reactor)
+        return d
+
+    async def _status(self, url: str) -> int:
+        response: IResponse = await self._client.get(
+            url,
+            headers={b"User-Agent": [USER_AGENT]},
+            allow_redirects=False,
+            unbuffered=True,
+        )
+        body = _Discard()
+        response.deliverBody(body)
+        await body.finished
+        return response.code
+
+    def close(self) -> Deferred[None]:
+        return self._pool.closeCachedConnections()
+
+
+@define
+class _State:
+    """What the monitor knows of one backend beyond the Backend's own fields."""
+
+    in_flight: Deferred[Any] | None = None
+    active_failures: int = 0
+    active_successes: int = 0
+    passive_failures: int = 0
+    probation: bool = False
+    release: IDelayedCall | None = None
+
+    def cancel_release(self) -> None:
+        if self.release is not None:
+            if self.release.active():
+                self.release.cancel()
+            self.release = None
+
+
+def describe(failure: Failure) -> str:
+    """One line for a failed check: the innermost reason, not a repr of a wrapper."""
+    reasons = getattr(failure.value, "reasons", None)
+    if reasons and isinstance(reasons[0], Failure):
+        return describe(reasons[0])
+    if failure.check(TimeoutError):
+        return "timed out"
+    message = failure.getErrorMessage()
+    name = failure.type.__name__ if failure.type is not None else "error"
+    return f"{name}: {message}" if message and message != name else name
+
+
+class HealthMonitor(Service):
+    """Takes backends out of the pool when they fail and puts them back when they recover.
+
+    Active checks: one LoopingCall, every ``interval`` seconds (the first round
+    at start-up), starts a check of every backend in the pool at that moment,
+    enabled or not, except a backend whose previous check has not finished yet:
+    never more than one check per backend in flight, and a hung check makes
+    later rounds skip that backend until it ends (the checker's ``timeout``
+    bounds it). A check fails on a connection error, a timeout or a status
+    outside ``expected_status``. ``unhealthy_threshold`` consecutive failures
+    take a healthy backend out; ``healthy_threshold`` consecutive successes bring
+    an unhealthy one back, whichever way it went out. Every check ends in
+    ``backend.last_check``. ``interval: 0`` turns active checks off.
+
+    Passive checks: the proxy reports each connection attempt with
+    `record_connect_failure` / `record_connect_success`. The passive counter is
+    separate from the active one (and mirrored in ``backend.consecutive_failures``):
+    only a successful proxied connection resets it, so a backend that answers
+    ``/health`` but refuses real traffic still goes out, and an interleaved check
+    cannot hide a run of refused connections. ``unhealthy_threshold``
+    consecutive connection failures take a backend out at once; each also counts
+    in ``backend.failures``. With active checks on, they alone bring it back.
+    With them off, the backend comes back *on probation* after ``fail_timeout``
+    seconds, as nginx's ``max_fails``/``fail_timeout`` do: it is a candidate
+    again, and the first proxied connection decides: success ends the
+    probation, a failure takes it out again at once (one failure is enough) for
+    another ``fail_timeout``.
+
+    `reconfigure` swaps the settings at run time (SIGHUP): thresholds apply from
+    the next result on; a new interval restarts the loop, whose next round comes
+    one new interval later. Switching checks off puts every backend that is out
+    on the ``fail_timeout`` path; switching them on leaves recovery to them.
+
+    Every transition goes through `BackendPool.set_healthy`, which logs it.
+    """
+
+    def __init__(
+        self,
+        pool: BackendPool,
+        config: HealthConfig,
+        checker: IHealthChecker,
+        clock: IReactorTime,
+    ) -> None:
+        self._pool = pool
+        self._config = config
+        self._checker = checker
+        self._clock = clock
+        self._loop: LoopingCall | None = None
+        self._states: dict[Backend, _State] = {}
+
+    @property
+    def config(self) -> HealthConfig:
+        return self._config
+
+    # -- service life ------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._apply(now=True)
+
+    def stopService(self) -> Deferred[None]:
+        """Stop the loop, cancel checks in flight and probation timers, close the checker."""
+        super().stopService()
+        self._stop_loop()
+        for state in self._states.values():
+            state.cancel_release()
+            in_flight, state.in_flight = state.in_flight, None
+            if in_flight is not None:
+                in_flight.cancel()
+        closed = maybeDeferred(self._checker.close)
+        closed.addErrback(lambda f: log.failure("closing the health checker failed", f))
+        return closed.addCallback(lambda _: None)
+
+    def reconfigure(self, config: HealthConfig) -> None:
+        """Use new health settings from now on (see the class docstring)."""
+        old, self._config = self._config, config
+        if not self.running or old.interval == config.interval:
+            return
+        self._stop_loop()
+        self._apply(now=False)
+
+    def _apply(self, now: bool) -> None:
+        interval = self._config.interval
+        if interval > 0:
+            for state in self._states.values():
+                state.cancel_release()
+                state.probation = False
+            loop = LoopingCall(self._tick)
+            loop.clock = self._clock
+            self._loop = loop
+            loop.start(interval, now=now).addErrback(
+                lambda f: log.failure("health check loop stopped", f)
+            )
+        else:
+            for backend in self._pool.backends:
+                if not backend.healthy:
+                    state = self._state(backend)
+                    if state.release is None:
+                        self._schedule_release(backend, state)
+
+    def _stop_loop(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is not None and loop.running:
+            loop.stop()
+
+    # -- active checks -----------------------------------------------------
+
+    def _state(self, backend: Backend) -> _State:
+        state = self._states.get(backend)
+        if state is None:
+            state = self._states[backend] = _State()
+        return state
+
+    def _forget(self, backend: Backend) -> None:
+        state = self._states.pop(backend, None)
+        if state is not None:
+            state.cancel_release()
+            if state.in_flight is not None:
+                in_flight, state.in_flight = state.in_flight, None
+                in_flight.cancel()
+
+    def _tick(self) -> None:
+        """One round; never raises, since a LoopingCall dies on its first error."""
+        try:
+            backends = list(self._pool.backends)
+            present = set(backends)
+            for gone in [b for b in self._states if b not in present]:
+                self._forget(gone)
+            for backend in backends:
+                state = self._state(backend)
+                if state.in_flight is not None:
+                    log.debug(
+                        "health check of {backend_id} still running; skipped", backend_id=backend.id
+                    )
+                    continue
+                self._start_check(backend, state)
+        except Exception:
+            log.failure("health check round failed")
+
+    def _start_check(self, backend: Backend, state: _State) -> None:
+        config = self._config
+        started = self._clock.seconds()
+        d = maybeDeferred(self._checker.check, backend, config.path, config.timeout)
+        state.in_flight = d
+        d.addBoth(self._check_done, backend, d, started)
+
+    def _check_done(
+        self, result: int | Failure, backend: Backend, d: Deferred[Any], started: float
+    ) -> None:
+        state = self._states.get(backend)
+        if state is None or state.in_flight is not d:
+            return None  # cancelled by stop, or the backend left the pool
+        state.in_flight = None
+        try:
+            self._record_check(backend, state, result, started)
+        except Exception:
+            log.failure("recording a health check of {backend_id} failed", backend_id=backend.id)
+        return None
+
+    def _record_check(
+        self, backend: Backend, state: _State, result: int | Failure, started: float
+    ) -> None:
+        config = self._config
+        now = self._clock.seconds()
+        status: int | None = None
+        error: str | None = None
+        if isinstance(result, Failure):
+            error = describe(result)
+            if result.check(TimeoutError):
+                error = f"timed out after {config.timeout:g}s"
+        else:
+            status = int(result)
+            low, high = config.expected_status
+            if not low <= status <= high:
+                error = f"status {status} outside {low}-{high}"
+        ok = error is None
+        backend.last_check = {
+            "ok": ok,
+            "status": status,
+            "error": error,
+            "at": now,
+            "duration_ms": round((now - started) * 1000, 3),
+        }
+        if ok:
+            state.active_failures = 0
+            state.active_successes += 1
+            if not backend.healthy and state.active_successes >= config.healthy_threshold:
+                self._bring_back(
+                    backend, state, f"{state.active_successes} consecutive health checks passed"
+                )
+        else:
+            state.active_successes = 0
+            state.active_failures += 1
+            if backend.healthy and state.active_failures >= config.unhealthy_threshold:
+                self._take_out(
+                    backend,
+                    state,
+                    f"{state.active_failures} consecutive health checks failed (last: {error})",
+                )
+
+    # -- passive checks ----------------------------------------------------
+
+    def record_connect_failure(self, backend: Backend, reason: str) -> None:
+        """The proxy could not connect to ``backend`` (refused, reset, connect timeout)."""
+        backend.failures += 1
+        if backend not in self._pool.backends:
+            self._forget(backend)
+            return
+        state = self._state(backend)
+        state.passive_failures += 1
+        backend.consecutive_failures = state.passive_failures
+        if not backend.healthy:
+            return
+        if state.probation:
+            self._take_out(backend, state, f"connection failed while on probation: {reason}")
+        elif state.passive_failures >= self._config.unhealthy_threshold:
+            self._take_out(
+                backend,
+                state,
+                f"{state.passive_failures} consecutive connection failures (last: {reason})",
+            )
+
+    def record_connect_success(self, backend: Backend) -> None:
+        """The proxy connected to ``backend``: resets the passive count, ends a probation."""
+        backend.consecutive_failures = 0
+        state = self._states.get(backend)
+        if state is not None and (state.passive_failures or state.probation):
+            state.passive_failures = 0
+            state.probation = False
+
+    # -- transitions -------------------------------------------------------
+
+    def _take_out(self, backend: Backend, state: _State, reason: str) -> None:
+        state.probation = False
+        state.active_successes = 0
+        self._pool.set_healthy(backend, False, reason)
+        if self.running and self._config.interval <= 0:
+            state.cancel_release()
+            self._schedule_release(backend, state)
+
+    def _bring_back(self, backend: Backend, state: _State, reason: str) -> None:
+        state.cancel_release()
+        state.active_failures = 0
+        state.passive_failures = 0
+        backend.consecutive_failures = 0
+        self._pool.set_healthy(backend, True, reason)
+
+    def _schedule_release(self, backend: Backend, state: _State) -> None:
+        state.release = self._clock.callLater(
+            self._config.fail_timeout, self._release, backend, state
+        )
+
+    def _release(self, backend: Backend, state: _State) -> None:
+        """``fail_timeout`` is over: the backend is a candidate again, on probation."""
+        state.release = None
+        if self._states.get(backend) is not state or backend not in self._pool.backends:
+            return
+        if backend.healthy:
+            return
+        state.probation = True
+        state.passive_failures = 0
+        state.active_failures = 0
+        backend.consecutive_failures = 0
+        self._pool.set_healthy(
+            backend, True, f"on probation after {self._config.fail_timeout:g}s out"
+        )

@@ -1,0 +1,138 @@
+"""The backend pool: every backend's state, and the choice of one for a request.
+
+Backends change state (health, enabled, draining) rarely and are chosen on every
+request, so the pool keeps the list of available backends ready and rebuilds it
+only when a state changes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Collection, Iterable
+from urllib.parse import urlsplit
+
+from attrs import define, field
+from twisted.logger import Logger
+
+from equalizer.config import BackendConfig
+from equalizer.strategies import Strategy, make_strategy
+
+log = Logger()
+
+LATENCY_WINDOW = 1024
+"""How many recent request durations each backend keeps for its p50/p99."""
+
+
+@define(eq=False)
+class Backend:
+    """One backend server: where it is, and what the balancer knows of it."""
+
+    id: str
+    url: str
+    weight: int
+    host: str
+    port: int
+    prefix: bytes
+    host_header: bytes
+    enabled: bool = True
+    draining: bool = False
+    healthy: bool = True
+    in_flight: int = 0
+    requests: int = 0
+    failures: int = 0
+    consecutive_failures: int = 0
+    last_check: dict = field(factory=dict)
+    latencies: deque = field(factory=lambda: deque(maxlen=LATENCY_WINDOW))
+
+    @classmethod
+    def from_url(cls, backend_id: str, url: str, weight: int = 1) -> Backend:
+        """Parse a validated http:// URL once, so the hot path only reads attributes."""
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        prefix = parts.path.rstrip("/").encode("ascii")
+        return cls(
+            id=backend_id,
+            url=url,
+            weight=weight,
+            host=parts.hostname or "",
+            port=port,
+            prefix=prefix,
+            host_header=parts.netloc.rsplit("@", 1)[-1].encode("ascii"),
+        )
+
+    @property
+    def available(self) -> bool:
+        return self.enabled and self.healthy and not self.draining
+
+    def latency_ms(self) -> dict[str, float | None]:
+        """p50 and p99 of the recent window, in milliseconds."""
+        if not self.latencies:
+            return {"p50": None, "p99": None}
+        ordered = sorted(self.latencies)
+        return {
+            "p50": round(_percentile(ordered, 0.50) * 1000, 3),
+            "p99": round(_percentile(ordered, 0.99) * 1000, 3),
+        }
+
+
+def _percentile(ordered: list[float], share: float) -> float:
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+class BackendPool:
+    """The backends, their availability, and the strategy that picks among them."""
+
+    def __init__(self, backends: Iterable[BackendConfig], strategy: str = "round_robin") -> None:
+        self._ids = itertools.count(1)
+        self.backends: list[Backend] = []
+        self.strategy: Strategy = make_strategy(strategy)
+        self._available: list[Backend] = []
+        for config in backends:
+            self.add(config.url, config.weight)
+
+    def add(self, url: str, weight: int = 1) -> Backend:
+        backend = Backend.from_url(f"b{next(self._ids)}", url, weight)
+        self.backends.append(backend)
+        self.changed()
+        return backend
+
+    def get(self, backend_id: str) -> Backend | None:
+        for backend in self.backends:
+            if backend.id == backend_id:
+                return backend
+        return None
+
+    def remove(self, backend: Backend) -> None:
+        self.backends.remove(backend)
+        self.changed()
+
+    def changed(self) -> None:
+        """Rebuild the candidate list; call after any change of a backend's state."""
+        self._available = [b for b in self.backends if b.available]
+
+    @property
+    def available(self) -> list[Backend]:
+        return self._available
+
+    def choose(self, key: bytes | None = None, tried: Collection[Backend] = ()) -> Backend | None:
+        """A backend for one request, not one already tried; None when none can take it."""
+        candidates = self._available
+        if tried:
+            candidates = [b for b in candidates if b not in tried]
+        if not candidates:
+            return None
+        return self.strategy.choose(candidates, key)
+
+    def set_healthy(self, backend: Backend, healthy: bool, reason: str) -> None:
+        """Record a health transition, logging it (down: warning, up: info)."""
+        if backend.healthy == healthy:
+            return
+        backend.healthy = healthy
+        self.changed()
+        if healthy:
+            log.info("backend {backend_id} ({url}) is up: {reason}",
+                     backend_id=backend.id, url=backend.url, reason=reason)
+        else:
+            log.warn("backend {backend_id} ({url}) is down: {reason}",
+                     backend_id=backend.id, url=backend.url, reason=reason)

@@ -1,0 +1,631 @@
+"""The proxy: client requests in, backend responses out, both streamed.
+
+twisted.web's ``Site`` parses the client side. Our ``ProxyRequest`` starts the
+backend exchange as soon as the request head is parsed (twisted.web would
+otherwise buffer the whole body before ``render``), forwards each body chunk as
+it arrives, and relays the response with back-pressure in both directions: a
+full backend socket pauses reading from the client, a full client socket pauses
+reading from the backend.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+from twisted.internet.error import TimeoutError as ConnectTimeout
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http
+
+from equalizer.config import ProxyConfig
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+    from equalizer.pool import Backend, BackendPool
+    from equalizer.stats import TrafficStats
+    from equalizer.upstream import UpstreamConnection, UpstreamPool
+
+log = Logger()
+access_log = Logger(namespace="equalizer.access")
+
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
+    b"trailer", b"transfer-encoding", b"upgrade", b"proxy-connection",
+})
+"""Headers that describe one connection, not the message: never forwarded."""
+
+REBUILT_REQUEST_HEADERS = HOP_BY_HOP | {
+    b"host", b"content-length", b"expect", b"x-forwarded-for", b"x-forwarded-proto",
+    b"x-forwarded-host", b"x-request-id",
+}
+"""Request headers the proxy writes itself rather than copying."""
+
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"})
+
+JSON_HEADERS = ((b"Content-Type", b"application/json"), (b"Cache-Control", b"no-store"))
+
+
+def error_body(code: str, message: str) -> bytes:
+    """The one JSON shape of every answer the proxy makes itself (SPEC 4.4)."""
+    return json.dumps({"error": {"code": code, "message": message}}).encode("utf-8")
+
+
+def client_address(peer: str, forwarded_for: list[bytes] | None,
+                   trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> str:
+    """The client's address: the peer, or behind trusted proxies the right-most untrusted hop.
+
+    A header from an untrusted peer is ignored, so a client cannot choose its own
+    rate-limit key by sending X-Forwarded-For.
+    """
+    if not trusted or not _is_trusted(peer, trusted):
+        return peer
+    hops = [hop.strip() for value in forwarded_for or () for hop in value.split(b",")]
+    for hop in reversed(hops):
+        address = hop.decode("latin-1")
+        if not _is_trusted(address, trusted):
+            return address
+    return peer
+
+
+def _is_trusted(address: str, trusted: tuple) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in trusted)
+
+
+class _UploadThrottle:
+    """Pauses reading from the client while the backend socket is full.
+
+    Registered as the producer of the backend transport during an upload. It
+    never stops the client connection: a lost backend must not drop the client
+    before it has its 502.
+    """
+
+    def __init__(self, client_transport) -> None:
+        self.client_transport = client_transport
+        self.paused = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self.client_transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.client_transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class Exchange:
+    """One client request on its way to a backend and its response on the way back.
+
+    Lifecycle: ``start`` → choose a backend → connect (or reuse) → send head and
+    body → relay the response → ``_done``. A connection failure before anything
+    was sent retries on another backend; so does any failure before the response
+    began, for idempotent requests whose body has not started going out.
+    """
+
+    __slots__ = (
+        "proxy", "request", "client", "method", "request_id", "started", "backend", "tried",
+        "connection", "pending", "body_chunks", "body_sent", "body_ended", "throttle", "timer",
+        "progress", "bytes_sent", "status", "finished", "headers_block", "host", "chunked_body",
+        "body_follows", "head_request", "rate_limit", "last_failure",
+    )
+
+    def __init__(self, proxy: Proxy, request: ProxyRequest) -> None:
+        self.proxy = proxy
+        self.request = request
+        self.method = request.method
+        self.started = proxy.clock.seconds()
+        self.backend: Backend | None = None
+        self.tried: list[Backend] = []
+        self.connection: UpstreamConnection | None = None
+        self.pending = None
+        self.body_chunks: list[bytes] | None = None
+        self.body_sent = False
+        self.body_ended = request.body_done
+        self.throttle: _UploadThrottle | None = None
+        self.timer: IDelayedCall | None = None
+        self.progress = 0
+        self.bytes_sent = 0
+        self.status = 0
+        self.finished = False
+        self.rate_limit = "off"
+        self.last_failure: Failure | None = None
+        length = request.body_length
+        self.chunked_body = length is None
+        self.body_follows = length != 0
+        self.head_request = self.method == b"HEAD"
+        self._read_request_headers()
+
+    # -- request head --------------------------------------------------------------
+
+    def _read_request_headers(self) -> None:
+        """Copy the end-to-end headers once; the Host and request line differ per backend."""
+        request = self.request
+        proxy = self.proxy
+        lines = []
+        host = forwarded_for = request_id = connection_tokens = None
+        raw = request.requestHeaders.getAllRawHeaders()
+        for name, values in raw:
+            lowered = name.lower()
+            if lowered in REBUILT_REQUEST_HEADERS:
+                if lowered == b"host":
+                    host = values[0]
+                elif lowered == b"x-forwarded-for":
+                    forwarded_for = values
+                elif lowered == b"x-request-id":
+                    request_id = values[0]
+                elif lowered == b"connection":
+                    connection_tokens = {t.strip().lower() for v in values for t in v.split(b",")}
+                continue
+            for value in values:
+                lines.append(b"%s: %s\r\n" % (name, value))
+        if connection_tokens:
+            lines = [line for line in lines
+                     if line.split(b":", 1)[0].lower() not in connection_tokens]
+        peer = request.channel.transport.getPeer().host
+        self.client = client_address(peer, forwarded_for, proxy.config.trusted_proxies)
+        self.request_id = request_id or os.urandom(16).hex().encode("ascii")
+        chain = b", ".join(forwarded_for + [peer.encode("ascii")]) if forwarded_for \
+            else peer.encode("ascii")
+        lines.append(b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Request-ID: %s\r\n"
+                     % (chain, proxy.scheme, self.request_id))
+        if host is not None:
+            lines.append(b"X-Forwarded-Host: %s\r\n" % host)
+        if self.chunked_body:
+            lines.append(b"Transfer-Encoding: chunked\r\n")
+        elif self.body_follows or request.requestHeaders.hasHeader(b"content-length"):
+            lines.append(b"Content-Length: %d\r\n" % request.body_length)
+        lines.append(b"\r\n")
+        self.host = host
+        self.headers_block = b"".join(lines)
+
+    def _head_for(self, backend: Backend) -> bytes:
+        host = self.host if self.proxy.config.preserve_host and self.host else backend.host_header
+        return b"%s %s%s HTTP/1.1\r\nHost: %s\r\n%s" % (
+            self.method, backend.prefix, self.request.uri, host, self.headers_block)
+
+    # -- choosing and connecting -----------------------------------------------------
+
+    def start(self) -> None:
+        self.proxy.admit(self)
+
+    def dispatch(self) -> None:
+        """Send the request to a backend not tried yet, or answer for the backends."""
+        if self.finished:
+            return
+        proxy = self.proxy
+        backend = proxy.pool.choose(self.client.encode() if proxy.hash_by_client else None,
+                                    self.tried)
+        if backend is None:
+            if self.tried:
+                self._gateway_failure()
+            else:
+                self.respond_locally(503, "no_healthy_backend", "no healthy backend is available",
+                                     ((b"Retry-After", b"1"),))
+            return
+        self.backend = backend
+        self.tried.append(backend)
+        backend.in_flight += 1
+        connection = proxy.upstreams.get_idle(backend)
+        if connection is not None:
+            self._send(connection)
+            return
+        if self.body_follows and not self.body_ended:
+            self._pause_client()
+        self.pending = proxy.upstreams.connect(backend)
+        self.pending.addCallbacks(self._connected, self._connect_failed)
+
+    def _connected(self, connection: UpstreamConnection) -> None:
+        self.pending = None
+        self.proxy.passive.record_connect_success(connection.backend)
+        if self.finished:
+            self.proxy.upstreams.release(connection)
+            return
+        self._send(connection)
+
+    def _connect_failed(self, reason: Failure) -> None:
+        self.pending = None
+        backend = self.backend
+        self._leave_backend()
+        if self.finished:
+            return
+        backend.failures += 1
+        self.last_failure = reason
+        self.proxy.passive.record_connect_failure(backend, reason.getErrorMessage())
+        log.debug("connect to {url} failed: {error}", url=backend.url,
+                  error=reason.getErrorMessage())
+        self._retry_or_fail()
+
+    def _retry_or_fail(self) -> None:
+        if len(self.tried) <= self.proxy.config.retries:
+            self.dispatch()
+        else:
+            self._gateway_failure()
+
+    def _gateway_failure(self) -> None:
+        if self.last_failure is not None and self.last_failure.check(ConnectTimeout):
+            self.respond_locally(504, "gateway_timeout", "the backend did not accept the connection in time")
+        else:
+            self.respond_locally(502, "bad_gateway", "no backend could be reached")
+
+    def _send(self, connection: UpstreamConnection) -> None:
+        self.connection = connection
+        connection.send_head(self._head_for(connection.backend), self,
+                             head_request=self.head_request, chunked_body=self.chunked_body,
+                             body_follows=self.body_follows)
+        if self.body_follows:
+            self.throttle = _UploadThrottle(self.request.channel.transport)
+            connection.transport.registerProducer(self.throttle, True)
+            if self.body_chunks:
+                self.body_sent = True
+                for chunk in self.body_chunks:
+                    connection.send_body(chunk)
+                self.body_chunks = None
+            self._resume_client()
+            if self.body_ended:
+                self._end_body()
+        else:
+            self._arm(self.proxy.config.timeouts.response)
+
+    # -- request body --------------------------------------------------------------
+
+    def body_chunk(self, data: bytes) -> None:
+        if self.finished:
+            return
+        connection = self.connection
+        if connection is not None:
+            self.body_sent = True
+            connection.send_body(data)
+            if self.throttle is not None and self.throttle.paused:
+                self.request.channel.transport.pauseProducing()
+        else:
+            if self.body_chunks is None:
+                self.body_chunks = []
+            self.body_chunks.append(data)
+            self._pause_client()
+
+    def body_end(self) -> None:
+        self.body_ended = True
+        if self.connection is not None and not self.finished:
+            self._end_body()
+
+    def _end_body(self) -> None:
+        connection = self.connection
+        connection.end_body()
+        if self.throttle is not None:
+            connection.transport.unregisterProducer()
+            self.throttle = None
+        if self.status == 0:
+            self._arm(self.proxy.config.timeouts.response)
+
+    def _pause_client(self) -> None:
+        transport = self.request.channel.transport if self.request.channel else None
+        if transport is not None:
+            transport.pauseProducing()
+
+    def _resume_client(self) -> None:
+        transport = self.request.channel.transport if self.request.channel else None
+        if transport is not None:
+            transport.resumeProducing()
+
+    # -- response (ResponseHandler) ----------------------------------------------------
+
+    def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
+                      chunked: bool) -> None:
+        self.status = status
+        self._arm(self.proxy.config.timeouts.idle)
+        request = self.request
+        request.setResponseCode(status, reason)
+        response_headers = request.responseHeaders
+        named = None
+        request_id_seen = False
+        for name, value in headers:
+            lowered = name.lower()
+            if lowered in HOP_BY_HOP:
+                if lowered == b"connection":
+                    named = {t.strip().lower() for t in value.split(b",")}
+                continue
+            if chunked and lowered == b"content-length":
+                continue
+            if lowered == b"x-request-id":
+                request_id_seen = True
+            response_headers.addRawHeader(name, value)
+        if named:
+            for name in named:
+                response_headers.removeHeader(name)
+        if not request_id_seen:
+            response_headers.addRawHeader(b"X-Request-ID", self.request_id)
+        self.proxy.decorate_response(self, response_headers)
+        request.registerProducer(self.connection, True)
+
+    def response_body(self, data: bytes) -> None:
+        self.progress += 1
+        self.bytes_sent += len(data)
+        self.request.write(data)
+
+    def response_done(self) -> None:
+        self._disarm()
+        self.request.unregisterProducer()
+        self.connection = None
+        self._complete()
+
+    def response_failed(self, reason: Failure, response_started: bool) -> None:
+        self._disarm()
+        connection = self.connection
+        self.connection = None
+        backend = self.backend
+        self._leave_backend()
+        if self.finished:
+            return
+        backend.failures += 1
+        self.last_failure = reason
+        if response_started:
+            log.warn("backend {url} broke off its response: {error}", url=backend.url,
+                     error=reason.getErrorMessage())
+            self.request.unregisterProducer()
+            self._abort_client()
+            return
+        if connection is not None and connection.reused and not self.body_sent \
+                and self.method in IDEMPOTENT_METHODS:
+            # A kept-alive connection the backend had closed: try once more, afresh.
+            self.tried.remove(backend)
+            backend.failures -= 1
+            self.dispatch()
+            return
+        if self.method in IDEMPOTENT_METHODS and not self.body_sent:
+            self._retry_or_fail()
+        else:
+            self.respond_locally(502, "bad_gateway", "the backend failed before answering")
+
+    # -- timeouts ----------------------------------------------------------------------
+
+    def _arm(self, seconds: float) -> None:
+        if not seconds:
+            return
+        if self.timer is not None and self.timer.active():
+            self.timer.reset(seconds)
+        else:
+            self.timer = self.proxy.clock.callLater(seconds, self._timed_out, self.progress)
+
+    def _disarm(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+    def _timed_out(self, progress_when_armed: int) -> None:
+        self.timer = None
+        if self.status and self.progress != progress_when_armed:
+            self._arm(self.proxy.config.timeouts.idle)
+            return
+        connection = self.connection
+        self.connection = None
+        backend = self.backend
+        if connection is not None:
+            connection.abort()
+        self._leave_backend()
+        if backend is not None:
+            backend.failures += 1
+        if self.status:
+            log.warn("backend {url} went idle mid-response", url=backend.url if backend else "?")
+            self.request.unregisterProducer()
+            self._abort_client()
+        else:
+            self.respond_locally(504, "gateway_timeout", "the backend did not answer in time")
+
+    # -- endings -------------------------------------------------------------------------
+
+    def respond_locally(self, status: int, code: str, message: str,
+                        extra_headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+        """Answer with the proxy's own JSON error (or a 429), never after a response began."""
+        request = self.request
+        if request.parsing:
+            self.proxy.clock.callLater(0, self.respond_locally, status, code, message,
+                                       extra_headers)
+            return
+        if self.finished or request.startedWriting or request.channel is None:
+            return
+        if status >= 500 and status != 503 or code == "no_healthy_backend":
+            self.proxy.stats.errors += 1
+        self.status = status
+        body = error_body(code, message)
+        request.setResponseCode(status)
+        headers = request.responseHeaders
+        for name, value in JSON_HEADERS + extra_headers:
+            headers.setRawHeaders(name, [value])
+        headers.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
+        headers.setRawHeaders(b"X-Request-ID", [self.request_id])
+        self.proxy.decorate_response(self, headers)
+        self.bytes_sent = len(body)
+        request.write(body)
+        self._complete()
+
+    def _complete(self) -> None:
+        request = self.request
+        if not request.body_done:
+            # The body never ended: the rest of it cannot be told from a next request.
+            request.channel.persistent = False
+            self._resume_client()
+        self._finish_exchange()
+        if request.channel is not None:
+            request.finish()
+
+    def _abort_client(self) -> None:
+        self._finish_exchange()
+        if self.request.channel is not None:
+            self.request.channel.transport.abortConnection()
+
+    def _leave_backend(self) -> None:
+        backend = self.backend
+        if backend is not None:
+            backend.in_flight -= 1
+            self.backend = None
+            self.proxy.backend_released(backend)
+
+    def _finish_exchange(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        backend = self.backend
+        if backend is not None:
+            backend.in_flight -= 1
+            backend.requests += 1
+            backend.latencies.append(self.proxy.clock.seconds() - self.started)
+            self.proxy.backend_released(backend)
+        self.proxy.exchange_done(self, backend)
+
+    def client_lost(self) -> None:
+        """The client went away: abandon the backend request (SPEC 4.1)."""
+        if self.finished:
+            return
+        self._disarm()
+        if self.pending is not None:
+            self.pending.cancel()
+        connection = self.connection
+        self.connection = None
+        if connection is not None:
+            connection.abort()
+        self.status = self.status or 499
+        self._finish_exchange()
+
+
+class ProxyRequest(http.Request):
+    """A request that reaches the proxy as soon as its head is parsed.
+
+    ``gotLength`` runs right after the headers; for a request with a body we
+    start the exchange there and feed it each chunk from ``handleContentChunk``.
+    A request without a body starts in ``requestReceived``, as usual.
+    """
+
+    exchange: Exchange | None = None
+    body_done = False
+    body_length: int | None = 0
+    parsing = False
+
+    def gotLength(self, length: int | None) -> None:
+        self.body_length = length
+        if length != 0:
+            channel = self.channel
+            self.parsing = True
+            try:
+                self._begin(channel._command, channel._path, channel._version)
+            finally:
+                self.parsing = False
+
+    def handleContentChunk(self, data: bytes) -> None:
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.body_chunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        self.body_done = True
+        exchange = self.exchange
+        if exchange is None:
+            self._begin(command, path, version)
+        else:
+            exchange.body_end()
+
+    def _begin(self, command: bytes, path: bytes, version: bytes) -> None:
+        self.method = command
+        self.uri = path
+        self.path = path.split(b"?", 1)[0]
+        self.clientproto = version
+        if command == b"CONNECT" or not path.startswith(b"/"):
+            self.exchange = exchange = Exchange(self.channel.site.proxy, self)
+            exchange.respond_locally(400, "bad_request", "the request target must be a path")
+            return
+        self.exchange = Exchange(self.channel.site.proxy, self)
+        self.exchange.start()
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.client_lost()
+
+
+class PassiveHealth(Protocol):
+    """What the proxy tells about connection failures: the HealthMonitor listens."""
+
+    def record_connect_failure(self, backend: Backend, reason: str) -> None: ...
+
+    def record_connect_success(self, backend: Backend) -> None: ...
+
+
+class Proxy:
+    """Everything exchanges share: backends, connections, settings, counters."""
+
+    def __init__(self, pool: BackendPool, upstreams: UpstreamPool, config: ProxyConfig,
+                 clock: IReactorTime, stats: TrafficStats, passive: PassiveHealth, *,
+                 scheme: bytes = b"http", log_access: bool = True) -> None:
+        self.pool = pool
+        self.upstreams = upstreams
+        self.config = config
+        self.clock = clock
+        self.stats = stats
+        self.scheme = scheme
+        self.log_access = log_access
+        self.hash_by_client = False
+        self.passive = passive
+        self.admit: Callable[[Exchange], None] = Exchange.dispatch
+        self.decorate_response: Callable[[Exchange, http.Headers], None] = _no_decoration
+        self.on_idle: list[Callable[[Backend], None]] = []
+
+    def backend_released(self, backend: Backend) -> None:
+        """A backend has one request fewer in flight; a draining one may be done."""
+        if backend.in_flight == 0 and self.on_idle:
+            for callback in list(self.on_idle):
+                callback(backend)
+
+    def exchange_done(self, exchange: Exchange, backend: Backend | None) -> None:
+        status = exchange.status
+        self.stats.record(status)
+        if self.log_access:
+            request = exchange.request
+            access_log.info(
+                '{client} "{method} {path}" {status} {bytes} {duration_ms}ms'
+                " backend={backend} request_id={request_id} rate_limit={rate_limit}",
+                client=exchange.client,
+                method=request.method.decode("latin-1"),
+                path=request.uri.decode("latin-1"),
+                status=status,
+                bytes=exchange.bytes_sent,
+                duration_ms=round((self.clock.seconds() - exchange.started) * 1000, 3),
+                backend=backend.id if backend is not None else "-",
+                request_id=exchange.request_id.decode("latin-1"),
+                rate_limit=exchange.rate_limit,
+            )
+
+
+def _no_decoration(exchange: Exchange, headers: http.Headers) -> None:
+    pass
+
+
+class ProxySite(http.HTTPFactory):
+    """The listening side: twisted.web's HTTP/1.1 parser with our streaming request."""
+
+    protocol = http.HTTPChannel
+
+    def __init__(self, proxy: Proxy, config: ProxyConfig, reactor: IReactorTime) -> None:
+        super().__init__(timeout=config.timeouts.idle or None, reactor=reactor)
+        self.proxy = proxy
+        self.max_header_bytes = config.max_header_bytes
+
+    def buildProtocol(self, addr):
+        channel = super().buildProtocol(addr)
+        channel.requestFactory = ProxyRequest
+        channel.site = self
+        channel.totalHeadersSize = self.max_header_bytes
+        return channel
+
+    def log(self, request) -> None:
+        """Access lines are the proxy's own (``Proxy.exchange_done``), with its fields."""
