@@ -1,23 +1,36 @@
-"""The admin REST API (Klein): health, stats and, in later parts, buckets and backends.
+"""The admin REST API (Klein): health, stats, buckets and backends.
 
 Every error is JSON of one shape, ``{"error": {"code", "message"}}``, raised as
-``ApiError`` from a handler and written by one error handler.
+``ApiError`` from a handler and written by one error handler. Input is checked
+completely before anything is changed, so a refused request changes nothing.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from klein import Klein
 from twisted.web.iweb import IRequest
+
+from equalizer.config import url_identity, validate_backend_url, validate_weight
+from equalizer.stores import BucketExists, StoreUnavailable
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
     from twisted.web.resource import IResource
 
+    from equalizer.config import BucketPolicy
     from equalizer.pool import Backend, BackendPool
     from equalizer.stats import TrafficStats
+    from equalizer.stores import IBucketStore
+
+MAX_BODY_BYTES = 65536
+"""Admin request bodies are small JSON objects; anything larger is refused unread."""
+
+MAX_PAGE = 1000
 
 
 class ApiError(Exception):
@@ -58,11 +71,14 @@ class AdminAPI:
     app = Klein()
 
     def __init__(self, pool: BackendPool, stats: TrafficStats, clock: IReactorTime,
-                 store_available: Any = lambda: True) -> None:
+                 store: IBucketStore, default_policy: BucketPolicy | None,
+                 forget_backend: Callable[[Backend], None] = lambda backend: None) -> None:
         self._pool = pool
+        self._forget_backend = forget_backend
         self._stats = stats
         self._clock = clock
-        self._store_available = store_available
+        self._store = store
+        self.default_policy = default_policy
 
     def resource(self) -> IResource:
         return self.app.resource()
@@ -78,7 +94,7 @@ class AdminAPI:
         """ok when every backend is healthy, degraded when some are, down (503) when none."""
         backends = self._pool.backends
         healthy = sum(1 for backend in backends if backend.healthy and backend.enabled)
-        store = "ok" if self._store_available() else "unavailable"
+        store = "ok" if self._store.available else "unavailable"
         if healthy == 0:
             status = "down"
         elif healthy == len(backends) and store == "ok":
@@ -97,3 +113,217 @@ class AdminAPI:
             "backends": [backend_json(backend) for backend in self._pool.backends],
         }
         return json_response(request, body)
+
+    # -- backends ----------------------------------------------------------------------
+
+    @app.route("/backends", methods=["GET"])
+    def list_backends(self, request: IRequest) -> bytes:
+        items = [backend_json(backend) for backend in self._pool.backends]
+        return json_response(request, {"items": items, "total": len(items)})
+
+    @app.route("/backends", methods=["POST"])
+    def add_backend(self, request: IRequest) -> bytes:
+        body = read_json_object(request)
+        check_fields(body, {"url", "weight"})
+        if "url" not in body:
+            raise bad_request("url: required")
+        try:
+            url = validate_backend_url(body["url"])
+        except ValueError as error:
+            raise bad_request(f"url: {error}") from None
+        weight = checked_weight(body) if "weight" in body else 1
+        identity = url_identity(url)
+        if any(url_identity(backend.url) == identity for backend in self._pool.backends):
+            raise ApiError(409, "conflict", f"a backend with url {url!r} exists")
+        backend = self._pool.add(url, weight)
+        request.setHeader(b"Location", f"/backends/{backend.id}".encode())
+        return json_response(request, backend_json(backend), 201)
+
+    @app.route("/backends/<string:backend_id>", methods=["GET"])
+    def get_backend(self, request: IRequest, backend_id: str) -> bytes:
+        return json_response(request, backend_json(self._backend(backend_id)))
+
+    @app.route("/backends/<string:backend_id>", methods=["PUT"])
+    def change_backend(self, request: IRequest, backend_id: str) -> bytes:
+        backend = self._backend(backend_id)
+        body = read_json_object(request)
+        check_fields(body, {"weight", "enabled"})
+        weight = checked_weight(body) if "weight" in body else backend.weight
+        enabled = body.get("enabled", backend.enabled)
+        if not isinstance(enabled, bool):
+            raise bad_request("enabled: must be true or false")
+        backend.weight = weight
+        backend.enabled = enabled
+        self._pool.changed()
+        return json_response(request, backend_json(backend))
+
+    @app.route("/backends/<string:backend_id>", methods=["DELETE"])
+    async def remove_backend(self, request: IRequest, backend_id: str) -> bytes:
+        """Drain, then remove: no new requests, the ones in flight finish first."""
+        backend = self._backend(backend_id)
+        await self._pool.drain(backend)
+        if backend in self._pool.backends:
+            self._pool.remove(backend)
+            self._forget_backend(backend)
+        request.setResponseCode(204)
+        return b""
+
+    def _backend(self, backend_id: str) -> Backend:
+        backend = self._pool.get(backend_id)
+        if backend is None:
+            raise ApiError(404, "not_found", f"no backend with id {backend_id!r}")
+        return backend
+
+    # -- buckets -----------------------------------------------------------------------
+
+    @app.handle_errors(StoreUnavailable)
+    def _store_unavailable(self, request: IRequest, failure: Any) -> bytes:
+        return json_response(request, {"error": {
+            "code": "store_unavailable", "message": "the bucket store is unreachable"}}, 503)
+
+    @app.route("/buckets", methods=["POST"])
+    async def create_bucket(self, request: IRequest) -> bytes:
+        body = read_json_object(request)
+        check_fields(body, {"client_id", "capacity", "tokens", "refill_rate"})
+        client_id = body.get("client_id")
+        if not isinstance(client_id, str) or not client_id:
+            raise bad_request("client_id: must be a non-empty string")
+        if "capacity" not in body:
+            raise bad_request("capacity: required")
+        capacity = integer_field(body, "capacity", minimum=1)
+        tokens = number_field(body, "tokens", 0, capacity) if "tokens" in body else capacity
+        if "refill_rate" in body:
+            refill_rate = number_field(body, "refill_rate", 0)
+        elif self.default_policy is not None:
+            refill_rate = self.default_policy.refill_rate
+        else:
+            raise bad_request("refill_rate: required (no default bucket policy is configured)")
+        try:
+            record = await self._store.create(client_id, capacity, tokens, refill_rate)
+        except BucketExists:
+            raise ApiError(409, "conflict", f"bucket {client_id!r} already exists") from None
+        request.setHeader(b"Location", bucket_location(client_id))
+        return json_response(request, record.to_json(), 201)
+
+    @app.route("/buckets", methods=["GET"])
+    async def list_buckets(self, request: IRequest) -> bytes:
+        limit = query_integer(request, "limit", 50, 1, MAX_PAGE)
+        offset = query_integer(request, "offset", 0, 0, None)
+        records, total = await self._store.list(limit, offset)
+        return json_response(request, {"items": [r.to_json() for r in records], "total": total,
+                                       "limit": limit, "offset": offset})
+
+    @app.route("/buckets/<path:client_id>", methods=["GET"])
+    async def get_bucket(self, request: IRequest, client_id: str) -> bytes:
+        record = await self._store.get(client_id)
+        if record is None:
+            raise no_bucket(client_id)
+        return json_response(request, record.to_json())
+
+    @app.route("/buckets/<path:client_id>", methods=["PUT"])
+    async def update_bucket(self, request: IRequest, client_id: str) -> bytes:
+        body = read_json_object(request)
+        check_fields(body, {"capacity", "tokens", "refill_rate"})
+        changes: dict[str, Any] = {}
+        if "capacity" in body:
+            changes["capacity"] = integer_field(body, "capacity", minimum=1)
+        if "tokens" in body:
+            changes["tokens"] = number_field(body, "tokens", 0, changes.get("capacity"))
+        if "refill_rate" in body:
+            changes["refill_rate"] = number_field(body, "refill_rate", 0)
+        try:
+            record = await self._store.update(client_id, **changes)
+        except ValueError as error:
+            raise bad_request(str(error)) from None
+        if record is None:
+            raise no_bucket(client_id)
+        return json_response(request, record.to_json())
+
+    @app.route("/buckets/<path:client_id>", methods=["DELETE"])
+    async def delete_bucket(self, request: IRequest, client_id: str) -> bytes:
+        if not await self._store.delete(client_id):
+            raise no_bucket(client_id)
+        request.setResponseCode(204)
+        return b""
+
+
+def bad_request(message: str) -> ApiError:
+    return ApiError(400, "bad_request", message)
+
+
+def no_bucket(client_id: str) -> ApiError:
+    return ApiError(404, "not_found", f"no bucket for client {client_id!r}")
+
+
+def checked_weight(body: dict[str, Any]) -> int:
+    try:
+        return validate_weight(body["weight"])
+    except ValueError as error:
+        raise bad_request(f"weight: {error}") from None
+
+
+def bucket_location(client_id: str) -> bytes:
+    return b"/buckets/" + quote(client_id, safe="").encode("ascii")
+
+
+def read_json_object(request: IRequest) -> dict[str, Any]:
+    """The request body as a JSON object: 413 past the size bound, 400 if not an object."""
+    length = request.getHeader(b"content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise ApiError(413, "payload_too_large", f"request body over {MAX_BODY_BYTES} bytes")
+    raw = request.content.read(MAX_BODY_BYTES + 1)
+    if len(raw) > MAX_BODY_BYTES:
+        raise ApiError(413, "payload_too_large", f"request body over {MAX_BODY_BYTES} bytes")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise bad_request(f"body: invalid JSON: {error}") from None
+    if not isinstance(body, dict):
+        raise bad_request("body: must be a JSON object")
+    return body
+
+
+def check_fields(body: dict[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        expected = ", ".join(sorted(allowed))
+        raise bad_request(f"{unknown[0]}: unknown field; expected one of {expected}")
+
+
+def integer_field(body: dict[str, Any], name: str, minimum: int,
+                  maximum: int | None = None) -> int:
+    value = body[name]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad_request(f"{name}: must be an integer")
+    if value < minimum or (maximum is not None and value > maximum):
+        raise bad_request(f"{name}: must be {describe_range(minimum, maximum)}, got {value}")
+    return value
+
+
+def number_field(body: dict[str, Any], name: str, minimum: float,
+                 maximum: float | None = None) -> float:
+    value = body[name]
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value \
+            or value in (float("inf"), float("-inf")):
+        raise bad_request(f"{name}: must be a number")
+    if value < minimum or (maximum is not None and value > maximum):
+        raise bad_request(f"{name}: must be {describe_range(minimum, maximum)}, got {value}")
+    return float(value)
+
+
+def describe_range(minimum: float, maximum: float | None) -> str:
+    return f"at least {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+
+
+def query_integer(request: IRequest, name: str, default: int, minimum: int,
+                  maximum: int | None) -> int:
+    values = request.args.get(name.encode())
+    if not values:
+        return default
+    raw = values[0].decode("utf-8", "replace")
+    if not raw.isdigit():
+        raise bad_request(f"{name}: must be an integer, got {raw!r}")
+    value = int(raw)
+    if value < minimum or (maximum is not None and value > maximum):
+        raise bad_request(f"{name}: must be {describe_range(minimum, maximum)}, got {value}")
+    return value

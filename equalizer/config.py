@@ -414,7 +414,7 @@ def validate_weight(value: object) -> int:
     return _integer(1, MAX_WEIGHT)(value)
 
 
-def _url_identity(url: str) -> tuple[str, str, int, str]:
+def url_identity(url: str) -> tuple[str, str, int, str]:
     """What makes two backend URLs the same server: case, default port and trailing / aside."""
     parts = urlsplit(url)
     port = parts.port or _DEFAULT_PORTS[parts.scheme]
@@ -431,7 +431,7 @@ def _duplicates(urls: list[str | None]) -> list[tuple[int, int]]:
     for index, url in enumerate(urls):
         if url is None:
             continue
-        identity = _url_identity(url)
+        identity = url_identity(url)
         if identity in first:
             pairs.append((index, first[identity]))
         first.setdefault(identity, index)

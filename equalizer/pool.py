@@ -13,6 +13,7 @@ from collections.abc import Collection, Iterable
 from urllib.parse import urlsplit
 
 from attrs import define, field
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from equalizer.config import BackendConfig
@@ -88,6 +89,7 @@ class BackendPool:
         self.backends: list[Backend] = []
         self.strategy: Strategy = make_strategy(strategy)
         self._available: list[Backend] = []
+        self._drain_waiters: dict[Backend, list[Deferred[None]]] = {}
         for config in backends:
             self.add(config.url, config.weight)
 
@@ -106,6 +108,22 @@ class BackendPool:
     def remove(self, backend: Backend) -> None:
         self.backends.remove(backend)
         self.changed()
+
+    def drain(self, backend: Backend) -> Deferred[None]:
+        """Stop sending new requests to ``backend``; fires once none is in flight."""
+        backend.draining = True
+        self.changed()
+        waiter: Deferred[None] = Deferred()
+        if backend.in_flight == 0:
+            waiter.callback(None)
+        else:
+            self._drain_waiters.setdefault(backend, []).append(waiter)
+        return waiter
+
+    def drained(self, backend: Backend) -> None:
+        """The proxy saw a draining backend's last request finish."""
+        for waiter in self._drain_waiters.pop(backend, []):
+            waiter.callback(None)
 
     def changed(self) -> None:
         """Rebuild the candidate list; call after any change of a backend's state."""

@@ -117,7 +117,7 @@ class Exchange:
         "proxy", "request", "client", "method", "request_id", "started", "backend", "tried",
         "connection", "pending", "body_chunks", "body_sent", "body_ended", "throttle", "timer",
         "progress", "bytes_sent", "status", "finished", "headers_block", "host", "chunked_body",
-        "body_follows", "head_request", "rate_limit", "last_failure",
+        "body_follows", "head_request", "rate_limit", "decision", "last_failure",
     )
 
     def __init__(self, proxy: Proxy, request: ProxyRequest) -> None:
@@ -139,6 +139,7 @@ class Exchange:
         self.status = 0
         self.finished = False
         self.rate_limit = "off"
+        self.decision = None
         self.last_failure: Failure | None = None
         length = request.body_length
         self.chunked_body = length is None
@@ -204,8 +205,9 @@ class Exchange:
         if self.finished:
             return
         proxy = self.proxy
-        backend = proxy.pool.choose(self.client.encode() if proxy.hash_by_client else None,
-                                    self.tried)
+        hash_key = proxy.hash_key
+        backend = proxy.pool.choose(
+            hash_key(self).encode("utf-8", "surrogateescape") if hash_key else None, self.tried)
         if backend is None:
             if self.tried:
                 self._gateway_failure()
@@ -254,7 +256,8 @@ class Exchange:
 
     def _gateway_failure(self) -> None:
         if self.last_failure is not None and self.last_failure.check(ConnectTimeout):
-            self.respond_locally(504, "gateway_timeout", "the backend did not accept the connection in time")
+            self.respond_locally(504, "gateway_timeout",
+                                 "the backend did not accept the connection in time")
         else:
             self.respond_locally(502, "bad_gateway", "no backend could be reached")
 
@@ -574,17 +577,15 @@ class Proxy:
         self.stats = stats
         self.scheme = scheme
         self.log_access = log_access
-        self.hash_by_client = False
+        self.hash_key: Callable[[Exchange], str] | None = None
         self.passive = passive
         self.admit: Callable[[Exchange], None] = Exchange.dispatch
         self.decorate_response: Callable[[Exchange, http.Headers], None] = _no_decoration
-        self.on_idle: list[Callable[[Backend], None]] = []
 
     def backend_released(self, backend: Backend) -> None:
         """A backend has one request fewer in flight; a draining one may be done."""
-        if backend.in_flight == 0 and self.on_idle:
-            for callback in list(self.on_idle):
-                callback(backend)
+        if backend.draining and backend.in_flight == 0:
+            self.pool.drained(backend)
 
     def exchange_done(self, exchange: Exchange, backend: Backend | None) -> None:
         status = exchange.status
@@ -629,3 +630,33 @@ class ProxySite(http.HTTPFactory):
 
     def log(self, request) -> None:
         """Access lines are the proxy's own (``Proxy.exchange_done``), with its fields."""
+
+
+def key_reader(spec: str) -> Callable[[Exchange], str]:
+    """How to read a client key (``ip``, ``header:NAME``, ``cookie:NAME``) off an exchange.
+
+    A missing header or cookie falls back to the client address, so every
+    request has a key and a client cannot escape a limit by leaving one out.
+    """
+    kind, _, name = spec.partition(":")
+    if kind == "header":
+        header = name.encode("latin-1")
+
+        def from_header(exchange: Exchange) -> str:
+            values = exchange.request.requestHeaders.getRawHeaders(header)
+            return values[0].decode("latin-1") if values else exchange.client
+
+        return from_header
+    if kind == "cookie":
+        cookie = name.encode("latin-1")
+
+        def from_cookie(exchange: Exchange) -> str:
+            value = exchange.request.received_cookies.get(cookie)
+            return value.decode("latin-1") if value is not None else exchange.client
+
+        return from_cookie
+    return _client_of
+
+
+def _client_of(exchange: Exchange) -> str:
+    return exchange.client

@@ -1,0 +1,82 @@
+"""The rate limiter in the proxy's request path.
+
+Before a request goes to a backend the limiter takes one token from the
+client's bucket in the store. Admitted requests go on; refused ones get a 429
+with ``Retry-After``; every response that went through the limiter carries the
+RateLimit fields (SPEC 5). While the store is unreachable ``on_store_error``
+decides: ``allow`` lets requests through unlimited, ``deny`` answers 503.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from equalizer.proxy import key_reader
+from equalizer.ratelimit import Decision, rate_limit_headers
+from equalizer.stores import StoreUnavailable
+
+if TYPE_CHECKING:
+    from twisted.web.http_headers import Headers
+
+    from equalizer.config import RateLimitConfig
+    from equalizer.proxy import Exchange
+    from equalizer.stats import TrafficStats
+    from equalizer.stores import IBucketStore
+
+log = Logger()
+
+
+class RateLimiter:
+    """Admits or refuses each exchange by its client's token bucket."""
+
+    def __init__(self, store: IBucketStore, config: RateLimitConfig,
+                 stats: TrafficStats) -> None:
+        self.store = store
+        self.stats = stats
+        self.configure(config)
+
+    def configure(self, config: RateLimitConfig) -> None:
+        """Take new settings (start-up and SIGHUP reload)."""
+        self.config = config
+        self.client_key = key_reader(config.key)
+        self.deny_on_store_error = config.on_store_error == "deny"
+
+    def admit(self, exchange: Exchange) -> None:
+        """The proxy's admission hook: dispatch the exchange, or answer it here."""
+        self.store.take(self.client_key(exchange), self.config.default).addCallbacks(
+            self._decided, self._store_failed, (exchange,), None, (exchange,), None)
+
+    def _decided(self, decision: Decision | None, exchange: Exchange) -> None:
+        if decision is None:
+            exchange.rate_limit = "unlimited"
+            exchange.dispatch()
+            return
+        exchange.decision = decision
+        if decision.allowed:
+            exchange.rate_limit = "allowed"
+            exchange.dispatch()
+            return
+        exchange.rate_limit = "limited"
+        self.stats.rate_limited += 1
+        exchange.respond_locally(429, "rate_limited", "too many requests; retry later")
+
+    def _store_failed(self, failure: Failure, exchange: Exchange) -> None:
+        if not failure.check(StoreUnavailable):
+            log.failure("rate-limit store failed", failure)
+        exchange.rate_limit = "store_error"
+        if self.deny_on_store_error:
+            exchange.respond_locally(503, "store_unavailable",
+                                     "the rate-limit store is unreachable",
+                                     ((b"Retry-After", b"1"),))
+        else:
+            exchange.dispatch()
+
+    def decorate(self, exchange: Exchange, headers: Headers) -> None:
+        """Add the RateLimit fields (and Retry-After to a 429) to a limited response."""
+        decision = exchange.decision
+        if decision is not None:
+            for name, value in rate_limit_headers(decision, self.config.headers):
+                headers.setRawHeaders(name, [value])

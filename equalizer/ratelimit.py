@@ -1,0 +1,212 @@
+"""Token-bucket maths: pure functions of a bucket and "now", no clocks, no I/O.
+
+The algorithm (SPEC section 5)
+------------------------------
+A bucket has a capacity ``C`` (whole tokens), a refill rate ``R`` (tokens per
+second, ``R >= 0``), a token count ``T`` (a float, ``0 <= T <= C``) and the time
+``updated`` at which ``T`` was last measured. There is no timer per bucket: the
+bucket is refilled lazily, from the elapsed time, whenever somebody looks at it::
+
+    elapsed = max(0, now - updated)       # a clock that steps back never drains a bucket
+    T       = min(C, T + R * elapsed)     # refill, never above capacity
+    if T >= 1:  admit,  T = T - 1         # a request costs one token
+    else:       refuse (HTTP 429)
+    updated = max(updated, now)           # monotonic, so no interval is credited twice
+
+What a :class:`Decision` reports, with ``T`` the token count after the request:
+
+``limit``
+    ``C``.
+``remaining``
+    ``floor(T)``, the whole tokens left.
+``reset``
+    Seconds, rounded up, until the next whole token is back, i.e. until
+    ``floor(T)`` grows by one: ``ceil((floor(T) + 1 - T) / R)``. ``0`` when the
+    bucket is full. This is the ``t`` of the ``RateLimit`` field and the value of
+    ``RateLimit-Reset``.
+``retry_after``
+    ``0`` when admitted. When refused (``T < 1``) it is the seconds, rounded up,
+    until one token is back, ``ceil((1 - T) / R)``, which equals ``reset``.
+    Rounding up (as Synapse does) means a client that waits that long is admitted.
+``window``
+    ``W = ceil(C / R)``: the seconds an empty bucket takes to fill up again, the
+    ``w`` of ``RateLimit-Policy: "default";q=C;w=W``.
+
+A bucket that never refills (``R == 0``) has no natural window and no time at
+which a token comes back. For it every one of those durations (``window``, and
+``reset`` / ``retry_after`` whenever they are not 0) is :data:`NO_REFILL_SECONDS`
+(one hour): a finite, honest "not soon" that clients can act on, and within which
+an operator has usually refilled the bucket through the admin API.
+
+Rounding up divides floats, so ``(1 - 0.9) / 0.1`` would be ``1.0000000000000002``
+and round up to 2. Durations are rounded up after subtracting a tiny
+:data:`_EPSILON`, which only absorbs that noise.
+
+Headers (SPEC section 5)
+------------------------
+:func:`rate_limit_headers` renders a decision for one of the ``rate_limit.headers``
+modes: ``draft`` (``RateLimit-Policy`` + ``RateLimit``), ``legacy``
+(``RateLimit-Limit``, ``RateLimit-Remaining``, ``RateLimit-Reset``), ``both`` or
+``none``. The mode governs only those fields: a refused decision always carries
+``Retry-After`` (whole seconds), whatever the mode, because it is the standard
+companion of a 429. This runs for every proxied request, so the byte strings that
+never change are module constants and the policy field is cached per ``(C, W)``.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+from attrs import frozen
+
+NO_REFILL_SECONDS = 3600
+"""Window, reset and retry-after, in seconds, of a bucket whose refill rate is 0."""
+
+_EPSILON = 1e-9
+
+HEADER_MODES = frozenset({"both", "draft", "legacy", "none"})
+
+
+@frozen
+class Bucket:
+    """A token bucket's state: ``tokens`` as measured at time ``updated`` (seconds)."""
+
+    capacity: int
+    tokens: float
+    refill_rate: float
+    updated: float
+
+
+@frozen
+class Decision:
+    """The outcome of one request against a bucket; see the module docstring."""
+
+    allowed: bool
+    limit: int
+    remaining: int
+    retry_after: int
+    reset: int
+    window: int
+
+
+def _ceil(seconds: float) -> int:
+    return max(0, math.ceil(seconds - _EPSILON))
+
+
+def window(capacity: int, refill_rate: float) -> int:
+    """``W = ceil(C / R)``, or :data:`NO_REFILL_SECONDS` when ``R`` is 0."""
+    if refill_rate <= 0:
+        return NO_REFILL_SECONDS
+    return max(1, _ceil(capacity / refill_rate))
+
+
+def refill(bucket: Bucket, now: float) -> Bucket:
+    """The bucket as of ``now``: refilled for the elapsed time, nothing taken."""
+    elapsed = now - bucket.updated
+    if elapsed <= 0:
+        return bucket
+    tokens = bucket.tokens + bucket.refill_rate * elapsed
+    capacity = bucket.capacity
+    return Bucket(capacity, capacity if tokens > capacity else tokens, bucket.refill_rate, now)
+
+
+def decide(allowed: bool, capacity: int, tokens: float, refill_rate: float) -> Decision:
+    """The :class:`Decision` for a request, given the bucket's state after it.
+
+    Shared by :func:`take` and by stores that do the arithmetic elsewhere (the
+    Postgres store refills and takes in SQL and hands the resulting row here).
+    """
+    remaining = int(tokens)  # tokens >= 0, so int() is floor()
+    if tokens >= capacity:
+        reset = 0
+    elif refill_rate <= 0:
+        reset = NO_REFILL_SECONDS
+    else:
+        reset = _ceil((remaining + 1 - tokens) / refill_rate) or 1
+    return Decision(
+        allowed,
+        capacity,
+        remaining,
+        0 if allowed else reset,
+        reset,
+        window(capacity, refill_rate),
+    )
+
+
+def take(bucket: Bucket, now: float) -> tuple[Bucket, Decision]:
+    """Refill ``bucket`` up to ``now`` and try to take one token from it.
+
+    Returns the new bucket state (store it) and the decision for the request.
+    """
+    capacity = bucket.capacity
+    rate = bucket.refill_rate
+    tokens = bucket.tokens
+    updated = bucket.updated
+    if now > updated:
+        tokens += rate * (now - updated)
+        if tokens > capacity:
+            tokens = capacity
+        updated = now
+    allowed = tokens >= 1
+    if allowed:
+        tokens -= 1
+    return Bucket(capacity, tokens, rate, updated), decide(allowed, capacity, tokens, rate)
+
+
+# --- headers ---------------------------------------------------------------------
+
+_RATELIMIT_POLICY = b"RateLimit-Policy"
+_RATELIMIT = b"RateLimit"
+_LIMIT = b"RateLimit-Limit"
+_REMAINING = b"RateLimit-Remaining"
+_RESET = b"RateLimit-Reset"
+_RETRY_AFTER = b"Retry-After"
+
+
+@lru_cache(maxsize=1024)
+def _policy(limit: int, window: int) -> tuple[bytes, bytes]:
+    return (_RATELIMIT_POLICY, b'"default";q=%d;w=%d' % (limit, window))
+
+
+def _draft(decision: Decision) -> list[tuple[bytes, bytes]]:
+    return [
+        _policy(decision.limit, decision.window),
+        (_RATELIMIT, b'"default";r=%d;t=%d' % (decision.remaining, decision.reset)),
+    ]
+
+
+def _legacy(decision: Decision) -> list[tuple[bytes, bytes]]:
+    return [
+        (_LIMIT, b"%d" % decision.limit),
+        (_REMAINING, b"%d" % decision.remaining),
+        (_RESET, b"%d" % decision.reset),
+    ]
+
+
+def _both(decision: Decision) -> list[tuple[bytes, bytes]]:
+    return _draft(decision) + _legacy(decision)
+
+
+def _none(decision: Decision) -> list[tuple[bytes, bytes]]:
+    return []
+
+
+_RENDERERS = {"both": _both, "draft": _draft, "legacy": _legacy, "none": _none}
+
+
+def rate_limit_headers(decision: Decision, mode: str) -> list[tuple[bytes, bytes]]:
+    """The response header fields for ``decision`` in ``mode`` (both, draft, legacy, none).
+
+    A refused decision also gets ``Retry-After``, in every mode. Raises ``KeyError``
+    for an unknown mode (the configuration is validated before this runs).
+    """
+    headers = _RENDERERS[mode](decision)
+    if not decision.allowed:
+        headers.append((_RETRY_AFTER, b"%d" % decision.retry_after))
+    return headers
+
+
+def retry_after_header(decision: Decision) -> tuple[bytes, bytes]:
+    """The ``Retry-After`` field for a refused decision, on its own."""
+    return (_RETRY_AFTER, b"%d" % decision.retry_after)

@@ -1,0 +1,832 @@
+"""Bucket stores: where token buckets live, in memory or in PostgreSQL (SPEC section 5).
+
+Both stores provide :class:`IBucketStore`. The proxy calls :meth:`~IBucketStore.take`
+once per request; the admin API calls the rest. ``take`` is the single entry point
+of the hot path, so anything that later makes it cheaper (local token leasing, say)
+goes behind it.
+
+:class:`MemoryStore` keeps buckets in a dict and does the arithmetic with
+:func:`equalizer.ratelimit.take`, reading the injected clock once per call.
+
+:class:`PostgresStore` keeps them in the ``buckets`` table, through a txpostgres
+connection pool. Decisions that make it correct across instances:
+
+Time comes from the database.
+    Every refill is computed in SQL from the server's ``clock_timestamp()``.
+    Instances sharing a database share no other clock, and passing each host's
+    time in would let clock skew between hosts mint or swallow tokens. The
+    refill timestamp only moves forward (``greatest(updated_at, now)``), so no
+    interval is credited twice. A take that waited on the row lock refills up to
+    when it arrived, not when it got the lock: a few milliseconds of refill are
+    forgone under contention, never granted twice.
+
+One statement per token.
+    A take is a single ``INSERT ... ON CONFLICT (client_id) DO UPDATE ... RETURNING``
+    (an ``UPDATE ... RETURNING`` when there is no default policy): it creates the
+    bucket on first sight, refills and takes under the row lock, and returns the
+    outcome. No read-then-write across statements, so N instances admit exactly
+    what one would; there is no slack. ``create``, ``update``, ``delete``,
+    ``get`` and ``list`` are single statements too. Token updates are committed
+    with ``synchronous_commit = off`` (set per session): should the database
+    server crash, the last fraction of a second of token deductions may be lost
+    (clients get those tokens back); bucket definitions written through the admin
+    API are committed durably.
+
+Schema migrations run at :meth:`PostgresStore.start`.
+    ``equalizer/migrations/NNNN_name.sql``, in version order, inside one
+    transaction that holds an advisory lock, so instances starting together
+    neither race nor half-apply; applied versions are recorded in
+    ``schema_migrations``. CHECK constraints in the schema enforce the bucket
+    invariants (capacity > 0, 0 <= tokens <= capacity, refill_rate >= 0).
+
+Failures are bounded and recovered from.
+    Each query has a timeout (``query_timeout``, 5 s). A connection-level error
+    (the server went away, a socket died, a query timed out) marks the store
+    unavailable (``available`` is False, which ``/health`` reports), fails the
+    call with :class:`StoreUnavailable`, throws the pool away and starts a
+    reconnect loop: a fresh pool and a ``SELECT 1``, retried with backoff from
+    0.5 s up to 2 s, until it works. Meanwhile every call fails at once with
+    :class:`StoreUnavailable`, so a dead database never holds a request up. The
+    store also learns of a server hanging up on idle connections, before any
+    query notices. Nothing is lost: the buckets live in the database.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from datetime import UTC, datetime
+from importlib.resources import files
+from typing import Any
+
+import psycopg2
+from attrs import frozen
+from twisted.internet.defer import Deferred, FirstError, fail, succeed
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from txpostgres.txpostgres import Connection, ConnectionPool, Cursor
+from zope.interface import Attribute, Interface, implementer
+
+from equalizer.config import BucketPolicy
+from equalizer.ratelimit import Bucket, Decision, decide, refill
+from equalizer.ratelimit import take as take_token
+
+log = Logger()
+
+MAX_CLIENT_ID_LENGTH = 512
+"""Longest client id, in characters, a store accepts (an index entry must stay small)."""
+
+
+class StoreUnavailable(Exception):
+    """The store cannot answer now (database unreachable, timed out); it recovers by itself."""
+
+
+class BucketExists(Exception):
+    """``create`` found a bucket with that client id already."""
+
+
+class InvalidBucket(ValueError):
+    """A value a bucket cannot hold; ``field`` names the offending field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@frozen
+class BucketRecord:
+    """A bucket as the admin API shows it: ``tokens`` as of the moment it was read.
+
+    ``updated_at`` is the last time the stored state changed: a take, or an
+    admin change. ``created_at`` and ``updated_at`` are timezone-aware.
+    """
+
+    client_id: str
+    capacity: int
+    tokens: float
+    refill_rate: float
+    created_at: datetime
+    updated_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        """The SPEC section 6 shape, with ISO-8601 UTC timestamps (``...Z``)."""
+        return {
+            "client_id": self.client_id,
+            "capacity": self.capacity,
+            "tokens": round(self.tokens, 6),
+            "refill_rate": self.refill_rate,
+            "created_at": _iso(self.created_at),
+            "updated_at": _iso(self.updated_at),
+        }
+
+
+class IBucketStore(Interface):
+    """Token buckets keyed by client id. Every method answers with a Deferred."""
+
+    available = Attribute(
+        "bool: False while the backing database is unreachable (for /health). "
+        "Calls fail with StoreUnavailable meanwhile."
+    )
+
+    def start() -> Deferred[None]:
+        """Connect and migrate; fires once the store can serve."""
+
+    def stop() -> Deferred[None]:
+        """Release connections and timers; pending calls fail with StoreUnavailable."""
+
+    def take(client_id: str, default: BucketPolicy | None) -> Deferred[Decision | None]:
+        """Take one token from the client's bucket, atomically.
+
+        A client without a bucket gets one from ``default``, full, on first sight;
+        with ``default`` None it is not limited and the result is None. Fails
+        with InvalidBucket for an unusable client id.
+        """
+
+    def create(
+        client_id: str, capacity: int, tokens: float, refill_rate: float
+    ) -> Deferred[BucketRecord]:
+        """Create a bucket; fails with BucketExists or InvalidBucket."""
+
+    def get(client_id: str) -> Deferred[BucketRecord | None]:
+        """The bucket, tokens as of now, or None."""
+
+    def list(limit: int, offset: int) -> Deferred[tuple[list[BucketRecord], int]]:
+        """A page of buckets ordered by client id (code-point order), and the total count."""
+
+    def update(
+        client_id: str,
+        capacity: int | None = None,
+        tokens: float | None = None,
+        refill_rate: float | None = None,
+    ) -> Deferred[BucketRecord | None]:
+        """Change the given fields; None when there is no such bucket.
+
+        The bucket is first refilled up to now under its old settings. Lowering
+        the capacity below the tokens held clamps them to the new capacity;
+        explicit ``tokens`` above the capacity fail with InvalidBucket.
+        """
+
+    def delete(client_id: str) -> Deferred[bool]:
+        """Remove the bucket; whether there was one."""
+
+
+# --- validation, shared by both stores ---------------------------------------------
+
+
+def _client_id_problem(client_id: object) -> InvalidBucket | None:
+    if not isinstance(client_id, str) or not client_id:
+        return InvalidBucket("client_id", "must be a non-empty string")
+    if len(client_id) > MAX_CLIENT_ID_LENGTH:
+        return InvalidBucket("client_id", f"must be at most {MAX_CLIENT_ID_LENGTH} characters")
+    if "\x00" in client_id:
+        return InvalidBucket("client_id", "must not contain NUL characters")
+    return None
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_fields(capacity: int | None, tokens: float | None, refill_rate: float | None) -> None:
+    """Check the fields that are given (not None); raise InvalidBucket for the first bad one.
+
+    ``tokens`` is checked against ``capacity`` only when both are given; against
+    a stored capacity it is the store's job (the schema's CHECK, for Postgres).
+    """
+    if capacity is not None and (
+        not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1
+    ):
+        raise InvalidBucket("capacity", "must be an integer >= 1")
+    if tokens is not None:
+        if not _is_number(tokens) or tokens < 0:
+            raise InvalidBucket("tokens", "must be a number >= 0")
+        if capacity is not None and tokens > capacity:
+            raise InvalidBucket("tokens", f"must not exceed the capacity ({capacity})")
+    if refill_rate is not None and (not _is_number(refill_rate) or refill_rate < 0):
+        raise InvalidBucket("refill_rate", "must be a finite number >= 0")
+
+
+def _tokens_above_capacity() -> InvalidBucket:
+    return InvalidBucket("tokens", "must not exceed the capacity")
+
+
+# --- memory ----------------------------------------------------------------------------
+
+
+def _moment(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+@implementer(IBucketStore)
+class MemoryStore:
+    """Buckets in a dict: one process, lost on restart. Answers synchronously."""
+
+    available = True
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        # client id -> (bucket, created at, in clock seconds)
+        self._buckets: dict[str, tuple[Bucket, float]] = {}
+
+    def start(self) -> Deferred[None]:
+        return succeed(None)
+
+    def stop(self) -> Deferred[None]:
+        return succeed(None)
+
+    def take(self, client_id: str, default: BucketPolicy | None) -> Deferred[Decision | None]:
+        now = self._clock.seconds()
+        entry = self._buckets.get(client_id)
+        if entry is None:
+            problem = _client_id_problem(client_id)
+            if problem is not None:
+                return fail(problem)
+            if default is None:
+                return succeed(None)
+            bucket = Bucket(default.capacity, float(default.capacity), default.refill_rate, now)
+            created = now
+        else:
+            bucket, created = entry
+        bucket, decision = take_token(bucket, now)
+        self._buckets[client_id] = (bucket, created)
+        return succeed(decision)
+
+    def _record(self, client_id: str, bucket: Bucket, created: float) -> BucketRecord:
+        return BucketRecord(
+            client_id,
+            bucket.capacity,
+            bucket.tokens,
+            bucket.refill_rate,
+            _moment(created),
+            _moment(bucket.updated),
+        )
+
+    def _as_of_now(self, client_id: str, entry: tuple[Bucket, float], now: float) -> BucketRecord:
+        bucket, created = entry
+        stored = bucket.updated
+        current = refill(bucket, now)
+        return BucketRecord(
+            client_id,
+            current.capacity,
+            current.tokens,
+            current.refill_rate,
+            _moment(created),
+            _moment(stored),
+        )
+
+    def create(
+        self, client_id: str, capacity: int, tokens: float, refill_rate: float
+    ) -> Deferred[BucketRecord]:
+        now = self._clock.seconds()
+        problem = _client_id_problem(client_id)
+        if problem is not None:
+            return fail(problem)
+        try:
+            validate_fields(capacity, tokens, refill_rate)
+        except InvalidBucket as e:
+            return fail(e)
+        if client_id in self._buckets:
+            return fail(BucketExists(client_id))
+        bucket = Bucket(capacity, float(tokens), float(refill_rate), now)
+        self._buckets[client_id] = (bucket, now)
+        return succeed(self._record(client_id, bucket, now))
+
+    def get(self, client_id: str) -> Deferred[BucketRecord | None]:
+        now = self._clock.seconds()
+        entry = self._buckets.get(client_id)
+        if entry is None:
+            return succeed(None)
+        return succeed(self._as_of_now(client_id, entry, now))
+
+    def list(self, limit: int, offset: int) -> Deferred[tuple[list[BucketRecord], int]]:
+        now = self._clock.seconds()
+        if limit < 0 or offset < 0:
+            return fail(ValueError("limit and offset must be >= 0"))
+        page = sorted(self._buckets)[offset : offset + limit]
+        records = [self._as_of_now(key, self._buckets[key], now) for key in page]
+        return succeed((records, len(self._buckets)))
+
+    def update(
+        self,
+        client_id: str,
+        capacity: int | None = None,
+        tokens: float | None = None,
+        refill_rate: float | None = None,
+    ) -> Deferred[BucketRecord | None]:
+        now = self._clock.seconds()
+        try:
+            validate_fields(capacity, tokens, refill_rate)
+        except InvalidBucket as e:
+            return fail(e)
+        entry = self._buckets.get(client_id)
+        if entry is None:
+            return succeed(None)
+        bucket, created = entry
+        current = refill(bucket, now)  # settle the past under the old settings
+        new_capacity = current.capacity if capacity is None else capacity
+        if tokens is None:
+            new_tokens = min(current.tokens, float(new_capacity))
+        elif tokens > new_capacity:
+            return fail(_tokens_above_capacity())
+        else:
+            new_tokens = float(tokens)
+        new_rate = current.refill_rate if refill_rate is None else float(refill_rate)
+        updated = Bucket(new_capacity, new_tokens, new_rate, max(now, bucket.updated))
+        self._buckets[client_id] = (updated, created)
+        return succeed(self._record(client_id, updated, created))
+
+    def delete(self, client_id: str) -> Deferred[bool]:
+        return succeed(self._buckets.pop(client_id, None) is not None)
+
+
+# --- postgres --------------------------------------------------------------------------
+
+_MIGRATION_NAME = re.compile(r"^(\d{4})_(\w+)\.sql$")
+_MIGRATION_LOCK = 0x657175616C697A72  # "equalizr": the advisory lock migrations hold
+
+_SESSION_SETUP = "SET synchronous_commit TO off"
+
+# The refill, in SQL: the bucket's tokens at {now}, from its row "b".
+_REFILLED = (
+    "least(b.capacity::float8, b.tokens + b.refill_rate"
+    " * greatest(0.0, extract(epoch FROM ({now} - b.updated_at))::float8))"
+)
+
+
+def _taking(now: str) -> str:
+    refilled = _REFILLED.format(now=now)
+    return (
+        f"tokens = CASE WHEN {refilled} >= 1 THEN {refilled} - 1 ELSE {refilled} END,"
+        f" last_allowed = {refilled} >= 1,"
+        f" updated_at = greatest(b.updated_at, {now})"
+    )
+
+
+_NOW = "(SELECT clock_timestamp() AS now) AS n"
+_REFILLED_NOW = _REFILLED.format(now="n.now")
+_TAKE_RETURNING = " RETURNING b.capacity, b.tokens, b.refill_rate, b.last_allowed"
+_RECORD_RETURNING = (
+    " RETURNING b.client_id, b.capacity, b.tokens, b.refill_rate, b.created_at, b.updated_at"
+)
+
+# Bucket created from the default policy on first sight (full, minus this request).
+_TAKE_OR_CREATE = (
+    "INSERT INTO buckets AS b"
+    " (client_id, capacity, tokens, refill_rate, last_allowed, created_at, updated_at)"
+    f" SELECT %s, %s, %s::float8 - 1, %s, true, n.now, n.now FROM {_NOW}"
+    f" ON CONFLICT (client_id) DO UPDATE SET {_taking('EXCLUDED.updated_at')}" + _TAKE_RETURNING
+)
+_TAKE_EXISTING = (
+    f"UPDATE buckets AS b SET {_taking('n.now')} FROM {_NOW} WHERE b.client_id = %s"
+    + _TAKE_RETURNING
+)
+_RECORD_COLUMNS = (
+    f"b.client_id, b.capacity, {_REFILLED_NOW}, b.refill_rate, b.created_at, b.updated_at"
+)
+_GET = f"SELECT {_RECORD_COLUMNS} FROM buckets AS b, {_NOW} WHERE b.client_id = %s"
+_LIST = (
+    f"WITH page AS (SELECT {_RECORD_COLUMNS} FROM buckets AS b, {_NOW}"
+    " ORDER BY b.client_id LIMIT %s OFFSET %s)"
+    " SELECT t.total, page.* FROM (SELECT count(*) AS total FROM buckets) AS t"
+    " LEFT JOIN page ON true ORDER BY page.client_id"
+)
+_CREATE = (
+    "INSERT INTO buckets AS b (client_id, capacity, tokens, refill_rate, created_at, updated_at)"
+    f" SELECT %s, %s, %s, %s, n.now, n.now FROM {_NOW}"
+    " ON CONFLICT (client_id) DO NOTHING" + _RECORD_RETURNING
+)
+_UPDATE = (
+    "UPDATE buckets AS b SET"
+    " capacity = coalesce(%(capacity)s::integer, b.capacity),"
+    " refill_rate = coalesce(%(refill_rate)s::float8, b.refill_rate),"
+    " tokens = coalesce(%(tokens)s::float8,"
+    f" least(coalesce(%(capacity)s::integer, b.capacity)::float8, {_REFILLED_NOW})),"
+    " updated_at = greatest(b.updated_at, n.now)"
+    f" FROM {_NOW} WHERE b.client_id = %(client_id)s" + _RECORD_RETURNING
+)
+_DELETE = "DELETE FROM buckets WHERE client_id = %s RETURNING 1"
+
+_CONSTRAINT_FIELDS = {
+    "buckets_client_id_check": "client_id",
+    "buckets_capacity_check": "capacity",
+    "buckets_tokens_check": "tokens",
+    "buckets_refill_rate_check": "refill_rate",
+}
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """``(version, name, sql)`` of every packaged migration, by version."""
+    found = []
+    for entry in files("equalizer").joinpath("migrations").iterdir():
+        match = _MIGRATION_NAME.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), match.group(2), entry.read_text("utf-8")))
+    found.sort()
+    return found
+
+
+def _is_connection_error(error: BaseException) -> bool:
+    """Whether ``error`` means the connection (not just the query) is gone."""
+    if isinstance(error, psycopg2.OperationalError):
+        code = error.pgcode
+        # None: libpq's own error (socket closed, server vanished); 08: connection
+        # exception; 57: operator intervention (shutdown), except query_canceled.
+        return code is None or code.startswith("08") or (code[:2] == "57" and code != "57014")
+    return isinstance(error, psycopg2.InterfaceError | ConnectionDone | ConnectionLost)
+
+
+class _Connection(Connection):
+    """A txpostgres connection that sets its session up and reports the server hanging up."""
+
+    on_lost: Callable[[], object] | None = None
+
+    def connect(self, *args: Any, **kwargs: Any) -> Deferred[_Connection]:
+        d = super().connect(*args, **kwargs)
+        d.addCallback(lambda _: self.runOperation(_SESSION_SETUP))
+        d.addCallback(lambda _: self)
+        return d
+
+    def doRead(self) -> ConnectionLost | None:
+        try:
+            super().doRead()
+        except psycopg2.Error:
+            # The server hung up on this idle connection (shutdown, crash, network).
+            # Returning the reason makes the reactor call connectionLost quietly,
+            # instead of logging the exception as unhandled and then doing so.
+            return ConnectionLost()
+        return None
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        pg = self._connection
+        if self.on_lost is not None and pg is not None and pg.closed:
+            on_lost, self.on_lost = self.on_lost, None
+            on_lost()
+
+    def shut(self) -> None:
+        """Close without reporting it, whatever state the connection is in."""
+        self.on_lost = None
+        if self._connection is not None:
+            try:
+                self.close()
+            except Exception:  # an already broken connection may refuse to close cleanly
+                pass
+
+
+class _Pool(ConnectionPool):
+    """A txpostgres pool on an injected reactor, remembering all of its connections.
+
+    ``ConnectionPool.connections`` holds only the idle ones; closing a pool for good
+    must also close those busy with a (possibly hung) query.
+    """
+
+    connectionFactory = _Connection
+
+    def __init__(self, reactor: Any, dsn: str, size: int) -> None:
+        self.reactor = reactor  # read by ConnectionPool.__init__ instead of the global one
+        super().__init__(None, dsn, min=size)
+        self.every: tuple[_Connection, ...] = tuple(self.connections)
+
+    def shut(self) -> None:
+        for connection in self.every:
+            connection.shut()
+
+
+def _within(
+    d: Deferred[Any], clock: IReactorTime, seconds: float, on_timeout: Callable[[], object]
+) -> Deferred[Any]:
+    """A Deferred with ``d``'s result, or StoreUnavailable after ``seconds``.
+
+    ``d`` itself is never cancelled (cancelling a txpostgres query blocks on
+    ``PQcancel``); its late result is dropped, and ``on_timeout`` is called so
+    the caller can throw away whatever ``d`` was waiting on.
+    """
+
+    def cancel(_: Deferred[Any]) -> None:
+        if timer.active():
+            timer.cancel()
+
+    result: Deferred[Any] = Deferred(cancel)
+
+    def expire() -> None:
+        if not result.called:
+            on_timeout()
+            result.errback(StoreUnavailable(f"PostgreSQL did not answer within {seconds:g}s"))
+
+    def done(value: object) -> None:
+        if result.called:
+            return  # timed out or cancelled; the late result is of no use
+        timer.cancel()
+        if isinstance(value, Failure):
+            result.errback(value)
+        else:
+            result.callback(value)
+
+    timer = clock.callLater(seconds, expire)
+    d.addBoth(done)
+    return result
+
+
+def _unwrap(failure: Failure) -> BaseException:
+    error = failure.value
+    while isinstance(error, FirstError):
+        error = error.subFailure.value
+    return error
+
+
+@implementer(IBucketStore)
+class PostgresStore:
+    """Buckets in PostgreSQL, shared by every instance on the database (module docstring).
+
+    Args:
+        dsn: a libpq connection string or ``postgresql://`` URL.
+        reactor: for sockets and timers (IReactorFDSet and IReactorTime).
+        pool_size: connections held open; also the most queries in flight at once.
+        query_timeout: seconds a query may take before the store gives up on the
+            connection and reconnects.
+        connect_timeout: seconds to connect (and run ``SELECT 1``).
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        reactor: Any,
+        pool_size: int = 8,
+        query_timeout: float = 5.0,
+        connect_timeout: float = 5.0,
+        migrate_timeout: float = 60.0,
+        min_backoff: float = 0.5,
+        max_backoff: float = 2.0,
+    ) -> None:
+        self._dsn = dsn
+        self._reactor = reactor
+        self._pool_size = pool_size
+        self._query_timeout = query_timeout
+        self._connect_timeout = connect_timeout
+        self._migrate_timeout = migrate_timeout
+        self._min_backoff = min_backoff
+        self._max_backoff = max_backoff
+        self.available = False
+        self._running = False
+        self._pool: _Pool | None = None
+        self._connecting: _Pool | None = None
+        self._reconnect_call: IDelayedCall | None = None
+
+    # life cycle --------------------------------------------------------------------
+
+    def start(self) -> Deferred[None]:
+        """Connect, apply pending migrations, and serve; fails with StoreUnavailable if
+        the database cannot be reached (then the store stays stopped)."""
+        return Deferred.fromCoroutine(self._start())
+
+    async def _start(self) -> None:
+        if self._running:
+            return
+        scripts = migrations()
+        self._running = True
+        try:
+            pool = await self._connect()
+            self._connecting = pool
+            try:
+                await self._guarded(
+                    pool.runInteraction(self._migrate, scripts),
+                    self._migrate_timeout,
+                    pool.shut,
+                )
+            except BaseException:
+                pool.shut()
+                raise
+            finally:
+                self._connecting = None
+            if not self._running:  # stopped while starting
+                pool.shut()
+                raise StoreUnavailable("stopped while starting")
+        except BaseException:
+            self._running = False
+            raise
+        self._install(pool)
+
+    def stop(self) -> Deferred[None]:
+        self._running = False
+        self.available = False
+        if self._reconnect_call is not None and self._reconnect_call.active():
+            self._reconnect_call.cancel()
+        self._reconnect_call = None
+        for pool in (self._pool, self._connecting):
+            if pool is not None:
+                pool.shut()
+        self._pool = self._connecting = None
+        return succeed(None)
+
+    def _migrate(self, cursor: Cursor, scripts: list[tuple[int, str, str]]) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._migrate_with(cursor, scripts))
+
+    async def _migrate_with(self, cursor: Cursor, scripts: list[tuple[int, str, str]]) -> None:
+        # Runs in one transaction (runInteraction): all of it, or none of it.
+        await cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        await cursor.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version integer PRIMARY KEY,"
+            " name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT clock_timestamp())"
+        )
+        await cursor.execute("SELECT version FROM schema_migrations")
+        applied = {row[0] for row in cursor.fetchall()}
+        for version, name, sql in scripts:
+            if version in applied:
+                continue
+            log.info("applying database migration {version:04d}_{name}", version=version, name=name)
+            await cursor.execute(sql)
+            await cursor.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (version, name)
+            )
+        known = {version for version, _, _ in scripts}
+        if applied - known:
+            log.warn(
+                "the database has schema versions {versions} this equalizer does not know",
+                versions=sorted(applied - known),
+            )
+
+    # connections -------------------------------------------------------------------
+
+    async def _connect(self) -> _Pool:
+        """A started pool that has answered ``SELECT 1``, or StoreUnavailable."""
+        pool = _Pool(self._reactor, self._dsn, self._pool_size)
+        self._connecting = pool
+        d = pool.start()
+        d.addCallback(lambda _: pool.runQuery("SELECT 1"))
+        try:
+            await self._guarded(d, self._connect_timeout, pool.shut)
+        except BaseException:
+            pool.shut()
+            raise
+        finally:
+            if self._connecting is pool:
+                self._connecting = None
+        return pool
+
+    def _install(self, pool: _Pool) -> None:
+        for connection in pool.every:
+            connection.on_lost = lambda: self._lost(pool, "the server closed a connection")
+        self._pool = pool
+        self.available = True
+
+    def _lost(self, pool: _Pool, why: str) -> None:
+        """``pool`` is broken: stop using it, and reconnect in the background."""
+        if pool is not self._pool:
+            return  # already replaced (or stopped)
+        log.warn("PostgreSQL store unavailable ({why}); reconnecting", why=why)
+        self.available = False
+        self._pool = None
+        # Not from inside txpostgres's own callbacks: close on the next turn.
+        self._reactor.callLater(0, pool.shut)
+        self._schedule_reconnect(self._min_backoff)
+
+    def _schedule_reconnect(self, delay: float) -> None:
+        if self._running:
+            self._reconnect_call = self._reactor.callLater(delay, self._reconnect, delay)
+
+    def _reconnect(self, delay: float) -> None:
+        self._reconnect_call = None
+
+        def connected(pool: _Pool) -> None:
+            if not self._running:
+                pool.shut()
+                return
+            self._install(pool)
+            log.info("PostgreSQL store available again")
+
+        def failed(failure: Failure) -> None:
+            log.debug("reconnecting to PostgreSQL failed: {error}", error=failure.value)
+            self._schedule_reconnect(min(delay * 2, self._max_backoff))
+
+        Deferred.fromCoroutine(self._connect()).addCallbacks(connected, failed)
+
+    def _guarded(
+        self, d: Deferred[Any], timeout: float, on_timeout: Callable[[], object]
+    ) -> Deferred[Any]:
+        """``d`` bounded by ``timeout``, with connection failures as StoreUnavailable."""
+        return _within(d, self._reactor, timeout, on_timeout).addErrback(self._translate, None)
+
+    def _translate(self, failure: Failure, pool: _Pool | None) -> Failure:
+        error = _unwrap(failure)
+        if isinstance(error, StoreUnavailable | psycopg2.IntegrityError):
+            return failure if error is failure.value else Failure(error)
+        if _is_connection_error(error):
+            if pool is not None:
+                self._lost(pool, str(error).strip() or type(error).__name__)
+            return Failure(StoreUnavailable(f"PostgreSQL unreachable: {error}".strip()))
+        if isinstance(error, psycopg2.Error):
+            log.failure("PostgreSQL query failed", failure)
+            return Failure(StoreUnavailable(f"PostgreSQL error: {error}".strip()))
+        return failure
+
+    def _query(self, sql: str, params: Any) -> Deferred[list[tuple[Any, ...]]]:
+        pool = self._pool
+        if pool is None:
+            return fail(StoreUnavailable("PostgreSQL unreachable; reconnecting"))
+        d = _within(
+            pool.runQuery(sql, params),
+            self._reactor,
+            self._query_timeout,
+            lambda: self._lost(pool, "query timed out"),
+        )
+        return d.addErrback(self._translate, pool)
+
+    # IBucketStore ---------------------------------------------------------------------
+
+    def take(self, client_id: str, default: BucketPolicy | None) -> Deferred[Decision | None]:
+        problem = _client_id_problem(client_id)
+        if problem is not None:
+            return fail(problem)
+        if default is None:
+            d = self._query(_TAKE_EXISTING, (client_id,))
+        else:
+            capacity = default.capacity
+            d = self._query(_TAKE_OR_CREATE, (client_id, capacity, capacity, default.refill_rate))
+        return d.addCallback(_decision)
+
+    def create(
+        self, client_id: str, capacity: int, tokens: float, refill_rate: float
+    ) -> Deferred[BucketRecord]:
+        problem = _client_id_problem(client_id)
+        if problem is not None:
+            return fail(problem)
+        try:
+            validate_fields(capacity, tokens, refill_rate)
+        except InvalidBucket as e:
+            return fail(e)
+
+        def created(rows: list[tuple[Any, ...]]) -> BucketRecord:
+            if not rows:
+                raise BucketExists(client_id)
+            return BucketRecord(*rows[0])
+
+        d = self._query(_CREATE, (client_id, capacity, float(tokens), float(refill_rate)))
+        return d.addCallbacks(created, _invalid)
+
+    def get(self, client_id: str) -> Deferred[BucketRecord | None]:
+        return self._query(_GET, (client_id,)).addCallback(_record_or_none)
+
+    def list(self, limit: int, offset: int) -> Deferred[tuple[list[BucketRecord], int]]:
+        if limit < 0 or offset < 0:
+            return fail(ValueError("limit and offset must be >= 0"))
+
+        def page(rows: list[tuple[Any, ...]]) -> tuple[list[BucketRecord], int]:
+            records = [BucketRecord(*row[1:]) for row in rows if row[1] is not None]
+            return records, rows[0][0]
+
+        return self._query(_LIST, (limit, offset)).addCallback(page)
+
+    def update(
+        self,
+        client_id: str,
+        capacity: int | None = None,
+        tokens: float | None = None,
+        refill_rate: float | None = None,
+    ) -> Deferred[BucketRecord | None]:
+        try:
+            validate_fields(capacity, tokens, refill_rate)
+        except InvalidBucket as e:
+            return fail(e)
+        params = {
+            "client_id": client_id,
+            "capacity": capacity,
+            "tokens": None if tokens is None else float(tokens),
+            "refill_rate": None if refill_rate is None else float(refill_rate),
+        }
+        return self._query(_UPDATE, params).addCallbacks(_record_or_none, _invalid)
+
+    def delete(self, client_id: str) -> Deferred[bool]:
+        return self._query(_DELETE, (client_id,)).addCallback(bool)
+
+
+def _decision(rows: list[tuple[Any, ...]]) -> Decision | None:
+    if not rows:
+        return None
+    capacity, tokens, refill_rate, allowed = rows[0]
+    return decide(allowed, capacity, tokens, refill_rate)
+
+
+def _record_or_none(rows: list[tuple[Any, ...]]) -> BucketRecord | None:
+    return BucketRecord(*rows[0]) if rows else None
+
+
+def _invalid(failure: Failure) -> Failure:
+    """A CHECK constraint's refusal, as InvalidBucket naming the field."""
+    error = failure.value
+    if isinstance(error, psycopg2.IntegrityError):
+        constraint = getattr(error.diag, "constraint_name", None)
+        field = _CONSTRAINT_FIELDS.get(constraint or "", "bucket")
+        if field == "tokens":
+            return Failure(_tokens_above_capacity())
+        return Failure(InvalidBucket(field, "out of range"))
+    return failure
