@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
+from twisted.internet.defer import Deferred
 from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -122,6 +123,7 @@ class Exchange:
 
     def __init__(self, proxy: Proxy, request: ProxyRequest) -> None:
         self.proxy = proxy
+        proxy.active += 1
         self.request = request
         self.method = request.method
         self.started = proxy.clock.seconds()
@@ -546,7 +548,10 @@ class ProxyRequest(http.Request):
             self.exchange = exchange = Exchange(self.channel.site.proxy, self)
             exchange.respond_locally(400, "bad_request", "the request target must be a path")
             return
-        self.exchange = Exchange(self.channel.site.proxy, self)
+        proxy = self.channel.site.proxy
+        if proxy.stopping:
+            self.channel.persistent = False
+        self.exchange = Exchange(proxy, self)
         self.exchange.start()
 
     def connectionLost(self, reason: Failure) -> None:
@@ -569,25 +574,43 @@ class Proxy:
 
     def __init__(self, pool: BackendPool, upstreams: UpstreamPool, config: ProxyConfig,
                  clock: IReactorTime, stats: TrafficStats, passive: PassiveHealth, *,
-                 scheme: bytes = b"http", log_access: bool = True) -> None:
+                 scheme: bytes = b"http") -> None:
         self.pool = pool
         self.upstreams = upstreams
         self.config = config
         self.clock = clock
         self.stats = stats
         self.scheme = scheme
-        self.log_access = log_access
+        self.log_access = True
         self.hash_key: Callable[[Exchange], str] | None = None
+        self.active = 0
+        self.stopping = False
+        self._idle_waiters: list[Deferred[None]] = []
         self.passive = passive
         self.admit: Callable[[Exchange], None] = Exchange.dispatch
-        self.decorate_response: Callable[[Exchange, http.Headers], None] = _no_decoration
+        self.decorate_response: Callable[[Exchange, http.Headers], None] = no_decoration
 
     def backend_released(self, backend: Backend) -> None:
         """A backend has one request fewer in flight; a draining one may be done."""
         if backend.draining and backend.in_flight == 0:
             self.pool.drained(backend)
 
+    def wait_idle(self) -> Deferred[None]:
+        """Stop keeping client connections alive; fires when no exchange is in flight."""
+        self.stopping = True
+        waiter: Deferred[None] = Deferred()
+        if self.active == 0:
+            waiter.callback(None)
+        else:
+            self._idle_waiters.append(waiter)
+        return waiter
+
     def exchange_done(self, exchange: Exchange, backend: Backend | None) -> None:
+        self.active -= 1
+        if self.active == 0 and self._idle_waiters:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
         status = exchange.status
         self.stats.record(status)
         if self.log_access:
@@ -607,7 +630,7 @@ class Proxy:
             )
 
 
-def _no_decoration(exchange: Exchange, headers: http.Headers) -> None:
+def no_decoration(exchange: Exchange, headers: http.Headers) -> None:
     pass
 
 

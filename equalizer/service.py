@@ -8,24 +8,29 @@ down the listeners close first, then the health monitor, then the store.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+from collections.abc import Callable
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
 from equalizer.admin import AdminAPI
-from equalizer.config import Config, ConfigError, apply_overrides, load_config
+from equalizer.config import Config, ConfigError, apply_overrides, load_config, url_identity
 from equalizer.demo import demo_service, demo_urls
 from equalizer.health import HealthMonitor, HTTPHealthChecker
 from equalizer.limiter import RateLimiter
 from equalizer.pool import BackendPool
-from equalizer.proxy import Proxy, ProxySite, key_reader
+from equalizer.proxy import Exchange, Proxy, ProxySite, key_reader, no_decoration
 from equalizer.stats import TrafficStats
 from equalizer.stores import IBucketStore, MemoryStore, PostgresStore
+from equalizer.strategies import make_strategy
 from equalizer.upstream import UpstreamPool
 
 log = Logger()
@@ -79,16 +84,23 @@ def makeService(options: Options, reactor=None) -> MultiService:
         for problem in error.problems:
             print(f"config error: {problem}", file=sys.stderr)
         raise SystemExit(1) from None
-    return EqualizerService(config, reactor, demo=options["demo"])
+    return EqualizerService(config, reactor, demo=options["demo"],
+                            reread=lambda: read_config(options, os.environ))
 
 
 class EqualizerService(MultiService):
-    """The running balancer: proxy, admin API, health monitor and their shared state."""
+    """The running balancer: proxy, admin API, health monitor and their shared state.
 
-    def __init__(self, config: Config, reactor, *, demo: bool = False) -> None:
+    ``reread`` reads and validates the configuration again; when given, SIGHUP
+    reloads it (SPEC 7).
+    """
+
+    def __init__(self, config: Config, reactor, *, demo: bool = False,
+                 reread: Callable[[], Config] | None = None) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
+        self.reread = reread
         self.stats = TrafficStats(started=reactor.seconds())
         self.pool = BackendPool(config.balancer.backends, config.balancer.strategy)
         if demo:
@@ -104,28 +116,144 @@ class EqualizerService(MultiService):
         self.proxy = Proxy(
             self.pool, self.upstreams, config.proxy, reactor, self.stats, self.health,
             scheme=b"https" if config.proxy.listen.startswith("ssl:") else b"http",
-            log_access=config.logging.access_log,
         )
-        if config.balancer.strategy == "hash":
-            self.proxy.hash_key = key_reader(config.balancer.hash_key)
         self.limiter = RateLimiter(self.store, config.rate_limit, self.stats)
+        self.proxy_site = ProxySite(self.proxy, config.proxy, reactor)
+        self.admin = AdminAPI(self.pool, self.stats, reactor, self.store,
+                              config.rate_limit.default, self.forget_backend)
+        self._apply_settings(config)
+        self.proxy_listener = self._listen(config.proxy.listen, self.proxy_site)
+        admin_site = Site(self.admin.resource())
+        admin_site.noisy = False
+        self.admin_listener = self._listen(config.admin.listen, admin_site)
+        self._previous_sighup = None
+
+    def _apply_settings(self, config: Config) -> None:
+        """Settings that take effect at once, at start-up and on reload."""
+        self.proxy.config = config.proxy
+        self.proxy.log_access = config.logging.access_log
+        self.proxy.hash_key = (key_reader(config.balancer.hash_key)
+                               if config.balancer.strategy == "hash" else None)
+        self.proxy_site.max_header_bytes = config.proxy.max_header_bytes
+        self.proxy_site.timeOut = config.proxy.timeouts.idle or None
+        self.upstreams.configure(connect_timeout=config.proxy.timeouts.connect,
+                                 idle_timeout=config.proxy.timeouts.idle)
+        self.limiter.configure(config.rate_limit)
         if config.rate_limit.enabled:
             self.proxy.admit = self.limiter.admit
             self.proxy.decorate_response = self.limiter.decorate
-        self.proxy_site = ProxySite(self.proxy, config.proxy, reactor)
-        self._listen(config.proxy.listen, self.proxy_site)
-        self.admin = AdminAPI(self.pool, self.stats, reactor, self.store,
-                              config.rate_limit.default, self.upstreams.drop_backend)
-        admin_site = Site(self.admin.resource())
-        admin_site.noisy = False
-        self._listen(config.admin.listen, admin_site)
+        else:
+            self.proxy.admit = Exchange.dispatch
+            self.proxy.decorate_response = no_decoration
+        self.admin.default_policy = config.rate_limit.default
+
+    # -- SIGHUP reload ----------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Read the file again and apply it; an invalid file changes nothing."""
+        try:
+            config = self.reread()
+        except ConfigError as error:
+            for problem in error.problems:
+                log.error("reload refused, running configuration kept: {problem}",
+                          problem=problem)
+            return False
+        self.apply(config)
+        log.info("configuration reloaded")
+        return True
+
+    def apply(self, config: Config) -> None:
+        """Switch a running balancer to ``config`` without dropping a connection."""
+        for key, before, after in restart_only_changes(self.config, config):
+            log.warn("{key} changes only on restart; keeping {before!r} (file says {after!r})",
+                     key=key, before=before, after=after)
+        self._apply_backends(config)
+        if config.balancer.strategy != self.config.balancer.strategy:
+            self.pool.strategy = make_strategy(config.balancer.strategy)
+        self._apply_settings(config)
+        self.health.reconfigure(config.health)
+        self.config = config
+
+    def _apply_backends(self, config: Config) -> None:
+        """The file's backends win: new ones join, missing ones drain and leave."""
+        wanted = {url_identity(b.url): b for b in config.balancer.backends}
+        for backend in list(self.pool.backends):
+            entry = wanted.pop(url_identity(backend.url), None)
+            if entry is None:
+                self.pool.drain(backend).addCallback(lambda _, b=backend: self.remove_backend(b))
+            else:
+                backend.weight = entry.weight
+                backend.draining = False
+        for entry in wanted.values():
+            self.pool.add(entry.url, entry.weight)
+        self.pool.changed()
+
+    def remove_backend(self, backend) -> None:
+        if backend in self.pool.backends:
+            self.pool.remove(backend)
+            self.forget_backend(backend)
+
+    def forget_backend(self, backend) -> None:
+        self.upstreams.drop_backend(backend)
+
+    def _on_sighup(self, signum, frame) -> None:
+        self.reactor.callFromThread(self.reload)
+
+    # -- start and graceful stop ----------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        if self.reread is not None:
+            self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
+
+    def stopService(self) -> Deferred[None]:
+        """Stop accepting, let requests in flight finish (bounded), then stop the rest."""
+        if self._previous_sighup is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+            self._previous_sighup = None
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        Service.stopService(self)
+        listeners = (self.admin_listener, self.proxy_listener)
+        for listener in listeners:
+            await maybeDeferred(listener.stopService)
+        timeout = self.config.proxy.timeouts.shutdown
+        in_flight = self.proxy.active
+        if in_flight:
+            log.info("waiting up to {timeout}s for {n} requests in flight", timeout=timeout,
+                     n=in_flight)
+        try:
+            await self.proxy.wait_idle().addTimeout(timeout, self.reactor)
+        except defer.TimeoutError:
+            log.warn("{n} requests still in flight after {timeout}s; stopping anyway",
+                     n=self.proxy.active, timeout=timeout)
+        for child in reversed(list(self)):
+            if child not in listeners:
+                await maybeDeferred(child.stopService)
 
     def _listen(self, description: str, factory) -> StreamServerEndpointService:
+        """A listener child; bad endpoints were refused by config validation."""
         endpoint = serverFromString(self.reactor, description)
         listener = StreamServerEndpointService(endpoint, factory)
         listener._raiseSynchronously = True
         listener.setServiceParent(self)
         return listener
+
+
+RESTART_ONLY = (
+    ("proxy.listen", lambda c: c.proxy.listen),
+    ("admin.listen", lambda c: c.admin.listen),
+    ("admin.token", lambda c: c.admin.token),
+    ("rate_limit.store", lambda c: c.rate_limit.store),
+    ("rate_limit.database_url", lambda c: c.rate_limit.database_url),
+    ("logging", lambda c: c.logging),
+)
+"""Settings a reload cannot change: sockets, the store and the log are opened once."""
+
+
+def restart_only_changes(old: Config, new: Config) -> list[tuple[str, object, object]]:
+    return [(key, read(old), read(new)) for key, read in RESTART_ONLY if read(old) != read(new)]
 
 
 def make_store(config: Config, reactor) -> IBucketStore:

@@ -352,7 +352,10 @@ class MemoryStore:
 _MIGRATION_NAME = re.compile(r"^(\d{4})_(\w+)\.sql$")
 _MIGRATION_LOCK = 0x657175616C697A72  # "equalizr": the advisory lock migrations hold
 
+# Takes commit asynchronously (see the module docstring); admin writes opt back in
+# for their own implicit transaction. A multi-statement query is one transaction.
 _SESSION_SETUP = "SET synchronous_commit TO off"
+_DURABLY = "SET LOCAL synchronous_commit TO on; "
 
 # The refill, in SQL: the bucket's tokens at {now}, from its row "b".
 _REFILLED = (
@@ -399,12 +402,13 @@ _LIST = (
     " LEFT JOIN page ON true ORDER BY page.client_id"
 )
 _CREATE = (
-    "INSERT INTO buckets AS b (client_id, capacity, tokens, refill_rate, created_at, updated_at)"
+    _DURABLY + "INSERT INTO buckets AS b"
+    " (client_id, capacity, tokens, refill_rate, created_at, updated_at)"
     f" SELECT %s, %s, %s, %s, n.now, n.now FROM {_NOW}"
     " ON CONFLICT (client_id) DO NOTHING" + _RECORD_RETURNING
 )
 _UPDATE = (
-    "UPDATE buckets AS b SET"
+    _DURABLY + "UPDATE buckets AS b SET"
     " capacity = coalesce(%(capacity)s::integer, b.capacity),"
     " refill_rate = coalesce(%(refill_rate)s::float8, b.refill_rate),"
     " tokens = coalesce(%(tokens)s::float8,"
@@ -412,7 +416,7 @@ _UPDATE = (
     " updated_at = greatest(b.updated_at, n.now)"
     f" FROM {_NOW} WHERE b.client_id = %(client_id)s" + _RECORD_RETURNING
 )
-_DELETE = "DELETE FROM buckets WHERE client_id = %s RETURNING 1"
+_DELETE = _DURABLY + "DELETE FROM buckets WHERE client_id = %s RETURNING 1"
 
 _CONSTRAINT_FIELDS = {
     "buckets_client_id_check": "client_id",

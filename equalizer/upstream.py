@@ -347,6 +347,13 @@ class UpstreamPool(Service):
         self._sweeper.clock = clock
         self.connections_made = 0
 
+    def configure(self, *, connect_timeout: float, idle_timeout: float) -> None:
+        """New timeouts (reload): endpoints are rebuilt with the new connect timeout."""
+        if connect_timeout != self.connect_timeout:
+            self._endpoints.clear()
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+
     def startService(self) -> None:
         super().startService()
         self._sweeper.start(1.0, now=False)
