@@ -175,6 +175,9 @@ class Exchange:
         if connection_tokens:
             lines = [line for line in lines
                      if line.split(b":", 1)[0].lower() not in connection_tokens]
+            upgrade = request.requestHeaders.getRawHeaders(b"upgrade")
+            if upgrade and b"upgrade" in connection_tokens:
+                lines.append(b"Connection: Upgrade\r\nUpgrade: %s\r\n" % upgrade[0])
         peer = request.channel.transport.getPeer().host
         self.client = client_address(peer, forwarded_for, proxy.config.trusted_proxies)
         self.request_id = request_id or os.urandom(16).hex().encode("ascii")
@@ -328,6 +331,9 @@ class Exchange:
     def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
                       chunked: bool) -> None:
         self.status = status
+        if status == 101:
+            self._start_tunnel(reason, headers)
+            return
         self._arm(self.proxy.config.timeouts.idle)
         request = self.request
         request.setResponseCode(status, reason)
@@ -353,15 +359,50 @@ class Exchange:
         self.proxy.decorate_response(self, response_headers)
         request.registerProducer(self.connection, True)
 
+    def _start_tunnel(self, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        """After a 101, join the two connections: bytes flow both ways until one closes.
+
+        The 101 head goes to the client as the backend sent it (Connection and
+        Upgrade included: they are the point of it). The client channel's own
+        parsing stops; what it had buffered after the request goes on first.
+        """
+        self._disarm()
+        request = self.request
+        channel = request.channel
+        client = channel.transport
+        lines = [b"HTTP/1.1 101 %s\r\n" % reason]
+        lines.extend(b"%s: %s\r\n" % (name, value) for name, value in headers)
+        lines.append(b"\r\n")
+        client.writeSequence(lines)
+        request.startedWriting = True
+        channel.setTimeout(None)
+        backend_side = self.connection.transport
+        channel.dataReceived = backend_side.write
+        buffered = b"".join(channel._dataBuffer)
+        channel._dataBuffer = []
+        if buffered:
+            backend_side.write(buffered)
+        client.unregisterProducer()
+        client.registerProducer(backend_side, True)
+        backend_side.registerProducer(_UploadThrottle(client), True)
+        client.resumeProducing()
+
     def response_body(self, data: bytes) -> None:
         self.progress += 1
         self.bytes_sent += len(data)
-        self.request.write(data)
+        if self.status == 101:
+            self.request.channel.transport.write(data)
+        else:
+            self.request.write(data)
 
     def response_done(self) -> None:
         self._disarm()
-        self.request.unregisterProducer()
         self.connection = None
+        if self.status == 101:
+            self._finish_exchange()
+            self.request.channel.transport.loseConnection()
+            return
+        self.request.unregisterProducer()
         self._complete()
 
     def response_failed(self, reason: Failure, response_started: bool) -> None:
@@ -634,10 +675,26 @@ def no_decoration(exchange: Exchange, headers: http.Headers) -> None:
     pass
 
 
+class ProxyChannel(http.HTTPChannel):
+    """twisted.web's HTTP/1.1 channel, reading ``Connection`` as the comma list it is.
+
+    ``HTTPChannel.checkPersistence`` splits the header on spaces only, so
+    ``Connection: close, X-Foo`` would keep the connection open.
+    """
+
+    def checkPersistence(self, request, version):
+        values = request.requestHeaders.getRawHeaders(b"connection") or ()
+        tokens = {token.strip().lower() for value in values for token in value.split(b",")}
+        if version == b"HTTP/1.1" and b"close" in tokens:
+            request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+            return False
+        return super().checkPersistence(request, version)
+
+
 class ProxySite(http.HTTPFactory):
     """The listening side: twisted.web's HTTP/1.1 parser with our streaming request."""
 
-    protocol = http.HTTPChannel
+    protocol = ProxyChannel
 
     def __init__(self, proxy: Proxy, config: ProxyConfig, reactor: IReactorTime) -> None:
         super().__init__(timeout=config.timeouts.idle or None, reactor=reactor)

@@ -60,7 +60,8 @@ class UpstreamConnection(TwistedProtocol):
     """One keep-alive HTTP/1.1 connection to a backend, used by one exchange at a time.
 
     The response is parsed by a small state machine: ``_head`` until the blank
-    line, then one of ``_body_length``, ``_body_chunked`` or ``_body_until_close``.
+    line, then one of ``_body_length``, ``_body_chunked`` or ``_body_until_close``
+    (which also carries an upgraded connection's bytes after a 101).
     The connection also serves as the push producer for the response body: the
     client side pauses it when its own socket is full.
     """
@@ -137,13 +138,17 @@ class UpstreamConnection(TwistedProtocol):
             return
         self._response_started = True
         chunked, length, keep_alive = response_framing(version, headers)
-        self._keep_alive = keep_alive and status != 101
-        if self._head_request or status in NO_BODY_STATUSES or status == 101:
+        self._keep_alive = keep_alive
+        if self._head_request or status in NO_BODY_STATUSES:
             length, chunked = 0, False
         self.handler.response_head(status, reason, headers, chunked)
         if self.handler is None:
             return
-        if chunked:
+        if status == 101:
+            # Switching protocols: from here on, bytes flow both ways until a side closes.
+            self._keep_alive = False
+            self._receive = self._body_until_close
+        elif chunked:
             self._receive = self._body_chunked
             self._remaining = -1
         elif length is not None:
