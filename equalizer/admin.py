@@ -7,6 +7,7 @@ completely before anything is changed, so a refused request changes nothing.
 
 from __future__ import annotations
 
+import hmac
 import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -14,13 +15,15 @@ from urllib.parse import quote
 
 from klein import Klein
 from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from equalizer.config import url_identity, validate_backend_url, validate_weight
 from equalizer.stores import BucketExists, StoreUnavailable
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
-    from twisted.web.resource import IResource
 
     from equalizer.config import BucketPolicy
     from equalizer.pool import Backend, BackendPool
@@ -72,7 +75,9 @@ class AdminAPI:
 
     def __init__(self, pool: BackendPool, stats: TrafficStats, clock: IReactorTime,
                  store: IBucketStore, default_policy: BucketPolicy | None,
-                 forget_backend: Callable[[Backend], None] = lambda backend: None) -> None:
+                 forget_backend: Callable[[Backend], None] = lambda backend: None,
+                 token: str | None = None) -> None:
+        self.token = token
         self._pool = pool
         self._forget_backend = forget_backend
         self._stats = stats
@@ -80,14 +85,35 @@ class AdminAPI:
         self._store = store
         self.default_policy = default_policy
 
-    def resource(self) -> IResource:
-        return self.app.resource()
+    def site(self) -> Site:
+        """The admin site: bearer-token guard, bounded bodies, then the Klein routes."""
+        site = Site(_Guard(self, self.app.resource()))
+        site.requestFactory = BoundedRequest
+        site.noisy = False
+        return site
+
+    def allows(self, request: IRequest) -> bool:
+        """Everything but GET /health needs the bearer token, when one is set."""
+        if self.token is None or (request.method == b"GET" and request.path == b"/health"):
+            return True
+        presented = request.getHeader(b"authorization") or b""
+        expected = b"Bearer " + self.token.encode("utf-8")
+        return hmac.compare_digest(presented, expected)
 
     @app.handle_errors(ApiError)
     def _api_error(self, request: IRequest, failure: Any) -> bytes:
-        error = failure.value
-        return json_response(request, {"error": {"code": error.code, "message": error.message}},
-                             error.status)
+        return error_response(request, failure.value)
+
+    @app.handle_errors(NotFound)
+    def _not_found(self, request: IRequest, failure: Any) -> bytes:
+        return error_response(request, ApiError(404, "not_found", "no such endpoint"))
+
+    @app.handle_errors(MethodNotAllowed)
+    def _method_not_allowed(self, request: IRequest, failure: Any) -> bytes:
+        allowed = ", ".join(failure.value.valid_methods or ())
+        request.setHeader(b"Allow", allowed.encode("ascii"))
+        return error_response(request, ApiError(405, "method_not_allowed",
+                                                f"allowed methods: {allowed}"))
 
     @app.route("/health", methods=["GET"])
     def health(self, request: IRequest) -> bytes:
@@ -247,6 +273,57 @@ class AdminAPI:
         return b""
 
 
+def error_response(request: IRequest, error: ApiError) -> bytes:
+    return json_response(request, {"error": {"code": error.code, "message": error.message}},
+                         error.status)
+
+
+class BoundedRequest(Request):
+    """An admin request whose body is dropped, not stored, past MAX_BODY_BYTES.
+
+    twisted.web reads the whole body before routing; this keeps that read
+    bounded in memory, and the guard answers 413 for such a request.
+    """
+
+    too_large = False
+    _received = 0
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > MAX_BODY_BYTES:
+            self.too_large = True
+            length = 0
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._received += len(data)
+        if self._received > MAX_BODY_BYTES:
+            self.too_large = True
+        if not self.too_large:
+            super().handleContentChunk(data)
+
+
+class _Guard(Resource):
+    """Checks the bearer token and the body size before any route runs."""
+
+    isLeaf = True
+
+    def __init__(self, api: AdminAPI, inner: Resource) -> None:
+        super().__init__()
+        self._api = api
+        self._inner = inner
+
+    def render(self, request: BoundedRequest) -> bytes | int:
+        if not self._api.allows(request):
+            request.setHeader(b"WWW-Authenticate", b'Bearer realm="equalizer"')
+            return error_response(request, ApiError(
+                401, "unauthorized", "a valid 'Authorization: Bearer TOKEN' header is required"))
+        if request.too_large:
+            request.setHeader(b"Connection", b"close")
+            return error_response(request, ApiError(
+                413, "payload_too_large", f"request body over {MAX_BODY_BYTES} bytes"))
+        return self._inner.render(request)
+
+
 def bad_request(message: str) -> ApiError:
     return ApiError(400, "bad_request", message)
 
@@ -267,13 +344,8 @@ def bucket_location(client_id: str) -> bytes:
 
 
 def read_json_object(request: IRequest) -> dict[str, Any]:
-    """The request body as a JSON object: 413 past the size bound, 400 if not an object."""
-    length = request.getHeader(b"content-length")
-    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-        raise ApiError(413, "payload_too_large", f"request body over {MAX_BODY_BYTES} bytes")
-    raw = request.content.read(MAX_BODY_BYTES + 1)
-    if len(raw) > MAX_BODY_BYTES:
-        raise ApiError(413, "payload_too_large", f"request body over {MAX_BODY_BYTES} bytes")
+    """The request body (bounded by BoundedRequest) as a JSON object, or 400."""
+    raw = request.content.read()
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as error:

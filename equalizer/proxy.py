@@ -246,8 +246,8 @@ class Exchange:
         self._leave_backend()
         if self.finished:
             return
-        backend.failures += 1
         self.last_failure = reason
+        # Counted in backend.failures by the health monitor, with the passive check.
         self.proxy.passive.record_connect_failure(backend, reason.getErrorMessage())
         log.debug("connect to {url} failed: {error}", url=backend.url,
                   error=reason.getErrorMessage())

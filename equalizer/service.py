@@ -19,7 +19,6 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.server import Site
 
 from equalizer.admin import AdminAPI
 from equalizer.config import Config, ConfigError, apply_overrides, load_config, url_identity
@@ -120,12 +119,10 @@ class EqualizerService(MultiService):
         self.limiter = RateLimiter(self.store, config.rate_limit, self.stats)
         self.proxy_site = ProxySite(self.proxy, config.proxy, reactor)
         self.admin = AdminAPI(self.pool, self.stats, reactor, self.store,
-                              config.rate_limit.default, self.forget_backend)
+                              config.rate_limit.default, self.forget_backend, config.admin.token)
         self._apply_settings(config)
         self.proxy_listener = self._listen(config.proxy.listen, self.proxy_site)
-        admin_site = Site(self.admin.resource())
-        admin_site.noisy = False
-        self.admin_listener = self._listen(config.admin.listen, admin_site)
+        self.admin_listener = self._listen(config.admin.listen, self.admin.site())
         self._previous_sighup = None
 
     def _apply_settings(self, config: Config) -> None:
