@@ -14,12 +14,14 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from klein import Klein
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from equalizer.config import url_identity, validate_backend_url, validate_weight
+from equalizer.metrics import exposition
 from equalizer.stores import BucketExists, StoreUnavailable
 
 if TYPE_CHECKING:
@@ -78,6 +80,7 @@ class AdminAPI:
                  forget_backend: Callable[[Backend], None] = lambda backend: None,
                  token: str | None = None) -> None:
         self.token = token
+        self.metrics_registry = CollectorRegistry(auto_describe=False)
         self._pool = pool
         self._forget_backend = forget_backend
         self._stats = stats
@@ -130,6 +133,12 @@ class AdminAPI:
         body = {"status": status, "backends": {"healthy": healthy, "total": len(backends)},
                 "store": store}
         return json_response(request, body, 503 if status == "down" else 200)
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics(self, request: IRequest) -> bytes:
+        """Prometheus text exposition of the same figures as /stats."""
+        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return exposition(self.metrics_registry)
 
     @app.route("/stats", methods=["GET"])
     def stats(self, request: IRequest) -> bytes:

@@ -21,7 +21,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 from zope.interface import Interface, implementer
@@ -87,6 +87,12 @@ class _Discard(Protocol):
 
 
 @implementer(IHealthChecker)
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """The pool's connection factory without the start/stop log lines for every check."""
+
+    noisy = False
+
+
 class HTTPHealthChecker:
     """Health checks over HTTP with treq, on a persistent pool of its own.
 
@@ -100,6 +106,7 @@ class HTTPHealthChecker:
         """``reactor`` must also provide IReactorTCP (the Agent connects with it)."""
         self._reactor = reactor
         self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._pool._factory = _QuietClientFactory
         self._pool.maxPersistentPerHost = 1
         self._client = HTTPClient(Agent(reactor, pool=self._pool))
 
@@ -331,6 +338,7 @@ class HealthMonitor(Service):
             if not low <= status <= high:
                 error = f"status {status} outside {low}-{high}"
         ok = error is None
+        backend.health_checks["ok" if ok else "failed"] += 1
         backend.last_check = {
             "ok": ok,
             "status": status,

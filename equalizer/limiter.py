@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 log = Logger()
 
+DECISIONS = ("allowed", "limited", "unlimited", "store_error")
+"""Outcomes of the limiter, counted for /metrics and written in the access log."""
+
 
 class RateLimiter:
     """Admits or refuses each exchange by its client's token bucket."""
@@ -36,6 +39,7 @@ class RateLimiter:
                  stats: TrafficStats) -> None:
         self.store = store
         self.stats = stats
+        self.decisions = dict.fromkeys(DECISIONS, 0)
         self.configure(config)
 
     def configure(self, config: RateLimitConfig) -> None:
@@ -51,28 +55,32 @@ class RateLimiter:
 
     def _decided(self, decision: Decision | None, exchange: Exchange) -> None:
         if decision is None:
-            exchange.rate_limit = "unlimited"
+            self._count(exchange, "unlimited")
             exchange.dispatch()
             return
         exchange.decision = decision
         if decision.allowed:
-            exchange.rate_limit = "allowed"
+            self._count(exchange, "allowed")
             exchange.dispatch()
             return
-        exchange.rate_limit = "limited"
+        self._count(exchange, "limited")
         self.stats.rate_limited += 1
         exchange.respond_locally(429, "rate_limited", "too many requests; retry later")
 
     def _store_failed(self, failure: Failure, exchange: Exchange) -> None:
         if not failure.check(StoreUnavailable):
             log.failure("rate-limit store failed", failure)
-        exchange.rate_limit = "store_error"
+        self._count(exchange, "store_error")
         if self.deny_on_store_error:
             exchange.respond_locally(503, "store_unavailable",
                                      "the rate-limit store is unreachable",
                                      ((b"Retry-After", b"1"),))
         else:
             exchange.dispatch()
+
+    def _count(self, exchange: Exchange, outcome: str) -> None:
+        exchange.rate_limit = outcome
+        self.decisions[outcome] += 1
 
     def decorate(self, exchange: Exchange, headers: Headers) -> None:
         """Add the RateLimit fields (and Retry-After to a 429) to a limited response."""

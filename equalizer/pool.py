@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from equalizer.config import BackendConfig
+from equalizer.stats import STATUS_CLASSES, DurationHistogram
 from equalizer.strategies import Strategy, make_strategy
 
 log = Logger()
@@ -45,6 +46,9 @@ class Backend:
     consecutive_failures: int = 0
     last_check: dict = field(factory=dict)
     latencies: deque = field(factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    by_status: dict[str, int] = field(factory=lambda: dict.fromkeys(STATUS_CLASSES, 0))
+    durations: DurationHistogram = field(factory=DurationHistogram)
+    health_checks: dict[str, int] = field(factory=lambda: {"ok": 0, "failed": 0})
 
     @classmethod
     def from_url(cls, backend_id: str, url: str, weight: int = 1) -> Backend:

@@ -255,6 +255,7 @@ class Exchange:
 
     def _retry_or_fail(self) -> None:
         if len(self.tried) <= self.proxy.config.retries:
+            self.proxy.stats.retries += 1
             self.dispatch()
         else:
             self._gateway_failure()
@@ -524,10 +525,8 @@ class Exchange:
         backend = self.backend
         if backend is not None:
             backend.in_flight -= 1
-            backend.requests += 1
-            backend.latencies.append(self.proxy.clock.seconds() - self.started)
             self.proxy.backend_released(backend)
-        self.proxy.exchange_done(self, backend)
+        self.proxy.exchange_done(self, backend, self.proxy.clock.seconds() - self.started)
 
     def client_lost(self) -> None:
         """The client went away: abandon the backend request (SPEC 4.1)."""
@@ -646,14 +645,15 @@ class Proxy:
             self._idle_waiters.append(waiter)
         return waiter
 
-    def exchange_done(self, exchange: Exchange, backend: Backend | None) -> None:
+    def exchange_done(self, exchange: Exchange, backend: Backend | None,
+                      seconds: float) -> None:
         self.active -= 1
         if self.active == 0 and self._idle_waiters:
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
         status = exchange.status
-        self.stats.record(status)
+        self.stats.record(status, backend, seconds)
         if self.log_access:
             request = exchange.request
             access_log.info(
@@ -664,7 +664,7 @@ class Proxy:
                 path=request.uri.decode("latin-1"),
                 status=status,
                 bytes=exchange.bytes_sent,
-                duration_ms=round((self.clock.seconds() - exchange.started) * 1000, 3),
+                duration_ms=round(seconds * 1000, 3),
                 backend=backend.id if backend is not None else "-",
                 request_id=exchange.request_id.decode("latin-1"),
                 rate_limit=exchange.rate_limit,

@@ -25,6 +25,7 @@ from equalizer.config import Config, ConfigError, apply_overrides, load_config, 
 from equalizer.demo import demo_service, demo_urls
 from equalizer.health import HealthMonitor, HTTPHealthChecker
 from equalizer.limiter import RateLimiter
+from equalizer.metrics import EqualizerCollector, metrics_registry
 from equalizer.pool import BackendPool
 from equalizer.proxy import Exchange, Proxy, ProxySite, key_reader, no_decoration
 from equalizer.stats import TrafficStats
@@ -120,6 +121,8 @@ class EqualizerService(MultiService):
         self.proxy_site = ProxySite(self.proxy, config.proxy, reactor)
         self.admin = AdminAPI(self.pool, self.stats, reactor, self.store,
                               config.rate_limit.default, self.forget_backend, config.admin.token)
+        self.admin.metrics_registry = metrics_registry(
+            EqualizerCollector(self.pool, self.stats, self.limiter, self.store))
         self._apply_settings(config)
         self.proxy_listener = self._listen(config.proxy.listen, self.proxy_site)
         self.admin_listener = self._listen(config.admin.listen, self.admin.site())

@@ -1,0 +1,106 @@
+"""``GET /metrics``: the proxy's counters as Prometheus families, built at scrape time.
+
+The request path only bumps plain integers (``equalizer.stats``); this collector
+reads them when Prometheus scrapes, and prometheus_client writes the exposition
+format. Nothing here runs per request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from equalizer.stats import DURATION_BUCKETS, STATUS_CLASSES, DurationHistogram
+
+if TYPE_CHECKING:
+    from equalizer.limiter import RateLimiter
+    from equalizer.pool import BackendPool
+    from equalizer.stats import TrafficStats
+    from equalizer.stores import IBucketStore
+
+UNPROXIED = "none"
+"""The ``backend`` label of requests the proxy answered itself (429, 502, 503, 504)."""
+
+
+class EqualizerCollector(Collector):
+    """Reads the live pool, traffic counters, limiter and store on every scrape."""
+
+    def __init__(self, pool: BackendPool, stats: TrafficStats, limiter: RateLimiter,
+                 store: IBucketStore) -> None:
+        self._pool = pool
+        self._stats = stats
+        self._limiter = limiter
+        self._store = store
+
+    def collect(self) -> Iterator:
+        backends = self._pool.backends
+        stats = self._stats
+        requests = CounterMetricFamily(
+            "equalizer_requests", "Requests answered, by backend and status class",
+            labels=["backend", "status_class"])
+        durations = HistogramMetricFamily(
+            "equalizer_request_duration_seconds", "Time from request head to response end",
+            labels=["backend"])
+        for label, by_status, histogram in (
+            *((b.id, b.by_status, b.durations) for b in backends),
+            (UNPROXIED, stats.unproxied_by_status, stats.unproxied_durations),
+        ):
+            for kind in STATUS_CLASSES:
+                requests.add_metric([label, kind], by_status[kind])
+            durations.add_metric([label], cumulative_buckets(histogram), histogram.total)
+        yield requests
+        yield durations
+        in_flight = GaugeMetricFamily("equalizer_backend_in_flight",
+                                      "Requests in flight per backend", labels=["backend"])
+        up = GaugeMetricFamily("equalizer_backend_up", "1 when the backend is healthy",
+                               labels=["backend", "url"])
+        checks = CounterMetricFamily("equalizer_health_checks",
+                                     "Active health checks by result",
+                                     labels=["backend", "result"])
+        failures = CounterMetricFamily("equalizer_backend_failures",
+                                       "Failed attempts (connection, timeout, broken response)",
+                                       labels=["backend"])
+        for backend in backends:
+            in_flight.add_metric([backend.id], backend.in_flight)
+            up.add_metric([backend.id, backend.url], 1 if backend.healthy else 0)
+            failures.add_metric([backend.id], backend.failures)
+            for result, count in backend.health_checks.items():
+                checks.add_metric([backend.id, result], count)
+        yield from (in_flight, up, checks, failures)
+        decisions = CounterMetricFamily("equalizer_rate_limit_decisions",
+                                        "Rate-limiter outcomes", labels=["outcome"])
+        for outcome, count in self._limiter.decisions.items():
+            decisions.add_metric([outcome], count)
+        yield decisions
+        yield CounterMetricFamily("equalizer_store_errors",
+                                  "Requests that found the bucket store unreachable",
+                                  value=self._limiter.decisions["store_error"])
+        yield GaugeMetricFamily("equalizer_store_up", "1 when the bucket store is reachable",
+                                value=1 if self._store.available else 0)
+        yield CounterMetricFamily("equalizer_retries", "Attempts retried on another backend",
+                                  value=stats.retries)
+
+
+def cumulative_buckets(histogram: DurationHistogram) -> list[tuple[str, int]]:
+    running = 0
+    buckets = []
+    for bound, count in zip((*map(str, DURATION_BUCKETS), "+Inf"), histogram.counts,
+                            strict=True):
+        running += count
+        buckets.append((bound, running))
+    return buckets
+
+
+def metrics_registry(collector: EqualizerCollector) -> CollectorRegistry:
+    """A registry of our own: no process-global state shared between services or tests."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return registry
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)
