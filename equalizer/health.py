@@ -86,13 +86,13 @@ class _Discard(Protocol):
             self.finished.errback(reason)
 
 
-@implementer(IHealthChecker)
 class _QuietClientFactory(_HTTP11ClientFactory):
     """The pool's connection factory without the start/stop log lines for every check."""
 
     noisy = False
 
 
+@implementer(IHealthChecker)
 class HTTPHealthChecker:
     """Health checks over HTTP with treq, on a persistent pool of its own.
 
