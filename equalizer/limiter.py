@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -35,10 +36,11 @@ DECISIONS = ("allowed", "limited", "unlimited", "store_error")
 class RateLimiter:
     """Admits or refuses each exchange by its client's token bucket."""
 
-    def __init__(self, store: IBucketStore, config: RateLimitConfig,
-                 stats: TrafficStats) -> None:
+    def __init__(self, store: IBucketStore, config: RateLimitConfig, stats: TrafficStats,
+                 ready: Deferred[None] | None = None) -> None:
         self.store = store
         self.stats = stats
+        self._ready = ready
         self.decisions = dict.fromkeys(DECISIONS, 0)
         self.configure(config)
 
@@ -49,9 +51,23 @@ class RateLimiter:
         self.deny_on_store_error = config.on_store_error == "deny"
 
     def admit(self, exchange: Exchange) -> None:
-        """The proxy's admission hook: dispatch the exchange, or answer it here."""
+        """The proxy's admission hook: dispatch the exchange, or answer it here.
+
+        Requests that arrive while the store makes its first connection wait
+        for that attempt, so a fresh instance never lets traffic through unlimited
+        merely because it is young.
+        """
+        ready = self._ready
+        if ready is not None:
+            if not ready.called:
+                ready.addCallback(self._admit_when_ready, exchange)
+                return
+            self._ready = None
         self.store.take(self.client_key(exchange), self.config.default).addCallbacks(
             self._decided, self._store_failed, (exchange,), None, (exchange,), None)
+
+    def _admit_when_ready(self, result: None, exchange: Exchange) -> None:
+        self.admit(exchange)
 
     def _decided(self, decision: Decision | None, exchange: Exchange) -> None:
         if decision is None:

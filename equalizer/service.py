@@ -106,7 +106,8 @@ class EqualizerService(MultiService):
         if demo:
             demo_service(reactor).setServiceParent(self)
         self.store = make_store(config, reactor)
-        BucketService(self.store, reactor).setServiceParent(self)
+        buckets = BucketService(self.store, reactor)
+        buckets.setServiceParent(self)
         self.health = HealthMonitor(self.pool, config.health, HTTPHealthChecker(reactor), reactor)
         self.health.setServiceParent(self)
         timeouts = config.proxy.timeouts
@@ -117,7 +118,8 @@ class EqualizerService(MultiService):
             self.pool, self.upstreams, config.proxy, reactor, self.stats, self.health,
             scheme=b"https" if config.proxy.listen.startswith("ssl:") else b"http",
         )
-        self.limiter = RateLimiter(self.store, config.rate_limit, self.stats)
+        self.limiter = RateLimiter(self.store, config.rate_limit, self.stats,
+                                   ready=buckets.first_attempt)
         self.proxy_site = ProxySite(self.proxy, config.proxy, reactor)
         self.admin = AdminAPI(self.pool, self.stats, reactor, self.store,
                               config.rate_limit.default, self.forget_backend, config.admin.token)
@@ -274,6 +276,7 @@ class BucketService(Service):
         self.store = store
         self._clock = clock
         self._retry = None
+        self.first_attempt: Deferred[None] = Deferred()
 
     def startService(self) -> None:
         super().startService()
@@ -281,9 +284,14 @@ class BucketService(Service):
 
     def _start(self) -> None:
         self._retry = None
-        self.store.start().addErrback(self._failed)
+        self.store.start().addCallbacks(self._attempted, self._failed)
+
+    def _attempted(self, result: object = None) -> None:
+        if not self.first_attempt.called:
+            self.first_attempt.callback(None)
 
     def _failed(self, failure) -> None:
+        self._attempted()
         if not self.running:
             return
         log.error("bucket store unavailable at start-up, retrying in {seconds}s: {error}",
