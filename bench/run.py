@@ -1,0 +1,955 @@
+"""Benchmark equalizer against other reverse proxies on this machine.
+
+One fixed nginx backend (serving /1k and /100k) runs with wrk on CPU 1; each proxy
+under test runs alone on CPU 0. Repetitions are interleaved (rep 1: A B C D,
+rep 2: A B C D, ...) so drift in a noisy machine hits every proxy alike. The
+result is a markdown table of medians, plus the raw numbers as JSON.
+
+Usage (see bench/README.md):
+
+    python bench/run.py [--quick] [--reps 3] [--duration 10]
+                        [--only equalizer,stock,aiohttp,nginx] [--scenarios 1k-c32,...]
+
+Only loopback addresses are ever used. Every process the harness starts runs in
+its own process group and is stopped by PID when the harness ends, Ctrl-C included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import importlib.util
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+DEFAULT_OUTPUT = BENCH_DIR / "results" / "latest.json"
+
+PROXY_CPU = "0"  # the proxy under test has this core to itself
+CLIENT_CPU = "1"  # wrk and the backend nginx share the other one
+WARMUP_SECONDS = 2
+READY_TIMEOUT = 30.0
+WRK_TIMEOUT = "5s"  # a response slower than this counts as a wrk timeout error
+STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL
+
+# Equalizer keeps the product default (one access-log line per request), written
+# to a temp file rather than stdout. Set to False to measure without it.
+EQUALIZER_ACCESS_LOG = True
+
+DATABASE_URL_ENV = "EQUALIZER_BENCH_DATABASE_URL"
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
+LOOPBACK_HOSTS = {"localhost", "::1", ""}
+
+CLIENT_HEADER = "X-Client"
+CONSTANT_CLIENT = "bench-client"
+BIG_BUCKET = {"capacity": 1_000_000_000, "refill_rate": 1_000_000_000}  # never refuses
+BODIES = {"/1k": 1024, "/100k": 100 * 1024}
+PROXIES = ("equalizer", "stock", "aiohttp", "nginx")
+BASELINE_PROXY = "stock"
+
+
+class BenchError(Exception):
+    """A run that could not be measured; becomes an error row, not a crash."""
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One load shape: which body, how many connections, which limiter setup."""
+
+    name: str
+    path: str
+    connections: int
+    proxies: tuple[str, ...] = PROXIES
+    limiter: str | None = None  # None: rate limiting off; else the store name
+    keys: int = 0  # distinct X-Client values sent (0: no header)
+    baseline: str | None = None  # scenario whose stock median is the ratio base
+
+    @property
+    def ratio_base(self) -> str:
+        """The scenario whose stock proxy median this one is compared with."""
+        return self.baseline or self.name
+
+
+SCENARIOS = (
+    Scenario("1k-c32", "/1k", 32),
+    Scenario("1k-c128", "/1k", 128),
+    Scenario("100k-c32", "/100k", 32),
+    Scenario("1k-c32-limit-memory", "/1k", 32, ("equalizer",), "memory", 1, baseline="1k-c32"),
+    Scenario("1k-c32-limit-pg-1key", "/1k", 32, ("equalizer",), "postgres", 1, baseline="1k-c32"),
+    Scenario(
+        "1k-c32-limit-pg-10k", "/1k", 32, ("equalizer",), "postgres", 10_000, baseline="1k-c32"
+    ),
+)
+QUICK_SCENARIOS = ("1k-c32",)
+
+KEYS_SCRIPT = """\
+-- Each request carries the next of {keys} client keys, so the limiter sees {keys} buckets.
+local n = 0
+request = function()
+  n = (n % {keys}) + 1
+  wrk.headers["{header}"] = "bench-client-" .. n
+  return wrk.format()
+end
+"""
+
+
+# --------------------------------------------------------------------------- processes
+
+
+class ProcessGroup:
+    """Every child the harness starts, each in its own process group.
+
+    Children get their own session so a terminal Ctrl-C reaches only the
+    harness, which then stops them itself, group by group, by PID.
+    """
+
+    def __init__(self) -> None:
+        self._procs: list[subprocess.Popen] = []
+
+    def start(
+        self, argv: list[str], log_path: Path, cwd: Path | None = None, env=None
+    ) -> subprocess.Popen:
+        """Start ``argv`` with stdout and stderr appended to ``log_path``."""
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                env=env,
+                start_new_session=True,
+            )
+        self._procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen) -> None:
+        """SIGTERM the child's group, SIGKILL it if still there after STOP_GRACE."""
+        if proc.poll() is None:
+            _signal_group(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if proc in self._procs:
+            self._procs.remove(proc)
+
+    def stop_all(self) -> None:
+        """Stop every child still registered, newest first."""
+        for proc in reversed(list(self._procs)):
+            self.stop(proc)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    """Signal a process group we created, ignoring one that is already gone."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def pinned(cpu: str, argv: list[str]) -> list[str]:
+    """``argv`` run with ``taskset`` on one CPU."""
+    return ["taskset", "-c", cpu, *argv]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def log_tail(path: Path, lines: int = 12) -> str:
+    """The last lines of a child's log, for error rows."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+# --------------------------------------------------------------------------- tools
+
+
+def find_binary(name: str) -> str | None:
+    """Path of ``name`` on PATH or in the sbin directories (nginx lives there)."""
+    extra = os.pathsep.join(["/usr/sbin", "/usr/local/sbin", "/sbin"])
+    return shutil.which(name, path=os.environ.get("PATH", "") + os.pathsep + extra)
+
+
+def ensure_apt_packages(binaries: dict[str, str]) -> None:
+    """Install the Debian package of each missing binary (``apt-get update`` if needed)."""
+    missing = sorted({pkg for binary, pkg in binaries.items() if not find_binary(binary)})
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        raise SystemExit(f"bench: missing {', '.join(missing)}; install them (apt-get) first")
+    print(f"installing {' '.join(missing)} with apt-get ...", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-q", *missing]
+    if subprocess.run(install, env=env, stdout=subprocess.DEVNULL).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], env=env, stdout=subprocess.DEVNULL, check=True)
+        subprocess.run(install, env=env, stdout=subprocess.DEVNULL, check=True)
+
+
+def ensure_python_packages(modules: dict[str, str]) -> None:
+    """pip-install into this interpreter's environment each module it cannot import."""
+    missing = [pkg for module, pkg in modules.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        print(f"installing {' '.join(missing)} with pip ...", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", *missing], check=True)
+
+
+def tool_versions() -> dict[str, str]:
+    """Versions of what was measured, for the JSON record."""
+
+    def first_line(argv: list[str]) -> str:
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return "?"
+        lines = (out.stdout + out.stderr).strip().splitlines()
+        return lines[0] if lines else "?"
+
+    versions = {
+        "python": platform.python_version(),
+        "nginx": first_line([find_binary("nginx") or "nginx", "-v"]),
+        "wrk": first_line(["wrk", "--version"]),
+        "git": git_revision(),
+    }
+    for module in ("twisted", "aiohttp"):
+        try:
+            versions[module] = __import__(module).__version__
+        except ImportError:
+            pass
+    return versions
+
+
+def git_revision() -> str:
+    """The checked-out commit, with ``+dirty`` when the tree has changes."""
+    git = ["git", "-C", str(REPO_DIR)]
+    try:
+        head = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        )
+        dirty = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True)
+    except OSError:
+        return "?"
+    if head.returncode != 0:
+        return "no commit"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+# --------------------------------------------------------------------------- database
+
+
+def check_loopback_dsn(dsn: str) -> None:
+    """Refuse a database that is not on this machine: load goes to loopback only."""
+    if "://" in dsn:
+        host = urlsplit(dsn).hostname or ""
+    else:
+        match = re.search(r"(?:^|\s)host\s*=\s*(\S+)", dsn)
+        host = match.group(1) if match else ""
+    if host.startswith("/") or host.startswith("127.") or host in LOOPBACK_HOSTS:
+        return
+    raise SystemExit(f"bench: database host {host!r} is not loopback; refusing to load it")
+
+
+class ScratchDatabase:
+    """A throw-away database next to the given one, so runs start from empty tables.
+
+    Falls back to the given database when it cannot create one (no psycopg2, no
+    CREATEDB right, a key=value DSN): the results then include buckets left over
+    from earlier runs, which is harmless with the huge default bucket.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.given = url
+        self.url = url
+        self._name: str | None = None
+
+    def create(self) -> str:
+        """Create the scratch database and return the URL to use."""
+        parts = urlsplit(self.given)
+        if "://" not in self.given or importlib.util.find_spec("psycopg2") is None:
+            return self.url
+        name = f"equalizer_bench_{os.getpid()}"
+        try:
+            self._execute(f'CREATE DATABASE "{name}"')
+        except Exception as exc:  # noqa: BLE001 - any failure means "use the given one"
+            print(f"bench: using {self.given} as is (no scratch database: {exc})", flush=True)
+            return self.url
+        self._name = name
+        self.url = urlunsplit(parts._replace(path="/" + name))
+        return self.url
+
+    def drop(self) -> None:
+        """Drop the scratch database, if one was made."""
+        if self._name:
+            try:
+                self._execute(f'DROP DATABASE IF EXISTS "{self._name}" WITH (FORCE)')
+            except Exception as exc:  # noqa: BLE001
+                print(f"bench: could not drop database {self._name}: {exc}", flush=True)
+            self._name = None
+
+    def _execute(self, statement: str) -> None:
+        import psycopg2
+
+        conn = psycopg2.connect(self.given, connect_timeout=5)
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(statement)
+        finally:
+            conn.close()
+
+
+# --------------------------------------------------------------------------- servers
+
+
+@dataclass
+class Context:
+    """What every run needs: the temp dir, the children, the backend, the settings."""
+
+    tmp: Path
+    processes: ProcessGroup
+    duration: int
+    database_url: str
+    backend_port: int = 0
+    counter: int = 0
+    wrk_scripts: dict[int, Path] = field(default_factory=dict)
+
+    def new_dir(self, label: str) -> Path:
+        """A fresh directory for one server's files."""
+        self.counter += 1
+        path = self.tmp / f"{self.counter:03d}-{label}"
+        path.mkdir()
+        return path
+
+    @property
+    def backend_url(self) -> str:
+        return f"http://127.0.0.1:{self.backend_port}"
+
+
+@dataclass
+class Server:
+    """A proxy under test: where it listens and keeps its files, and its process."""
+
+    workdir: Path
+    port: int
+    admin_port: int  # equalizer's admin API; unused by the others
+    proc: subprocess.Popen | None = None
+
+    @property
+    def log(self) -> Path:
+        return self.workdir / "stdout.log"
+
+    def log_tails(self) -> str:
+        """The end of its output and, for equalizer, of its log file."""
+        return "\n".join(
+            tail for tail in (log_tail(self.log), log_tail(self.workdir / "equalizer.log")) if tail
+        )
+
+
+def nginx_config(workdir: Path, server_block: str) -> Path:
+    """Write a self-contained nginx.conf: foreground, one worker, everything in workdir."""
+    user = "user root;" if os.geteuid() == 0 else ""
+    temp_paths = "\n".join(
+        f"  {kind}_temp_path {workdir / kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    conf = f"""\
+daemon off;
+master_process on;
+worker_processes 1;
+{user}
+pid {workdir / "nginx.pid"};
+error_log {workdir / "error.log"} warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  default_type application/octet-stream;
+  sendfile on;
+  tcp_nopush on;
+  tcp_nodelay on;
+  keepalive_timeout 65s;
+  keepalive_requests 1000000;
+{temp_paths}
+{server_block}
+}}
+"""
+    path = workdir / "nginx.conf"
+    path.write_text(conf)
+    return path
+
+
+def nginx_argv(workdir: Path, conf: Path) -> list[str]:
+    """The nginx command line for a config written by ``nginx_config``."""
+    nginx = find_binary("nginx") or "nginx"
+    return [nginx, "-p", str(workdir), "-c", str(conf), "-e", str(workdir / "error.log")]
+
+
+def start_backend(ctx: Context) -> None:
+    """Start the fixed nginx backend on CLIENT_CPU and wait until it answers."""
+    workdir = ctx.new_dir("backend")
+    www = workdir / "www"
+    www.mkdir()
+    for path, size in BODIES.items():
+        (www / path.lstrip("/")).write_bytes(b"x" * size)
+    port = free_port()
+    server = f"""\
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    location / {{ root {www}; }}
+  }}"""
+    conf = nginx_config(workdir, server)
+    log = workdir / "stdout.log"
+    proc = ctx.processes.start(pinned(CLIENT_CPU, nginx_argv(workdir, conf)), log)
+    try:
+        wait_ready(proc, port, "/1k")
+    except BenchError as exc:
+        tail = log_tail(workdir / "error.log") or log_tail(log)
+        raise SystemExit(f"bench: backend nginx did not start: {exc}\n{tail}") from exc
+    ctx.backend_port = port
+
+
+def equalizer_config(ctx: Context, server: Server, scenario: Scenario) -> Path:
+    """Write the equalizer YAML for one run (JSON syntax, which YAML reads as is)."""
+    rate_limit: dict = {"enabled": False}
+    if scenario.limiter:
+        rate_limit = {
+            "enabled": True,
+            "key": f"header:{CLIENT_HEADER}",
+            "default": BIG_BUCKET,
+            "store": scenario.limiter,
+        }
+        if scenario.limiter == "postgres":
+            rate_limit["database_url"] = ctx.database_url
+    config = {
+        "proxy": {
+            "listen": f"tcp:{server.port}:interface=127.0.0.1",
+            "timeouts": {"shutdown": "1s"},
+        },
+        "admin": {"listen": f"tcp:{server.admin_port}:interface=127.0.0.1"},
+        "balancer": {"backends": [{"url": ctx.backend_url}]},
+        "health": {"path": "/1k", "interval": "30s"},
+        "rate_limit": rate_limit,
+        "logging": {
+            "level": "warn",
+            "file": str(server.workdir / "equalizer.log"),
+            "access_log": EQUALIZER_ACCESS_LOG,
+        },
+    }
+    path = server.workdir / "equalizer.yml"
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    return path
+
+
+def proxy_argv(ctx: Context, name: str, server: Server, scenario: Scenario) -> list[str]:
+    """The command line that serves proxy ``name`` on ``server.port`` (not yet pinned)."""
+    workdir, port = server.workdir, server.port
+    if name == "equalizer":
+        config = equalizer_config(ctx, server, scenario)
+        twistd = "from twisted.scripts.twistd import run; run()"
+        pidfile = str(workdir / "twistd.pid")
+        return [sys.executable, "-c", twistd, "-n", "--pidfile", pidfile,
+                "equalizer", "--config", str(config)]  # fmt: skip
+    if name == "stock":
+        return [sys.executable, str(BENCH_DIR / "stock_proxy.py"),
+                "--port", str(port), "--backend-port", str(ctx.backend_port)]  # fmt: skip
+    if name == "aiohttp":
+        return [sys.executable, str(BENCH_DIR / "aiohttp_proxy.py"),
+                "--port", str(port), "--backend", ctx.backend_url]  # fmt: skip
+    if name == "nginx":
+        server = f"""\
+  upstream backend {{
+    server 127.0.0.1:{ctx.backend_port};
+    keepalive 64;
+  }}
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    location / {{
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }}
+  }}"""
+        return nginx_argv(workdir, nginx_config(workdir, server))
+    raise ValueError(f"unknown proxy {name!r}")
+
+
+def child_env() -> dict[str, str]:
+    """The environment for proxies: equalizer's own variables removed, so the file rules."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("EQUALIZER_")}
+
+
+def start_proxy(ctx: Context, name: str, scenario: Scenario) -> Server:
+    """Start proxy ``name`` on PROXY_CPU, on fresh loopback ports."""
+    server = Server(ctx.new_dir(name), free_port(), free_port())
+    argv = pinned(PROXY_CPU, proxy_argv(ctx, name, server, scenario))
+    server.proc = ctx.processes.start(argv, server.log, cwd=REPO_DIR, env=child_env())
+    return server
+
+
+def count_buckets(server: Server) -> int | None:
+    """How many buckets equalizer's admin API lists (None if it cannot tell)."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.admin_port, timeout=10)
+    try:
+        conn.request("GET", "/buckets?limit=1")
+        response = conn.getresponse()
+        body = response.read()
+        return json.loads(body)["total"] if response.status == 200 else None
+    except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError):
+        return None
+    finally:
+        conn.close()
+
+
+def wait_ready(
+    proc: subprocess.Popen,
+    port: int,
+    path: str,
+    limiter: bool = False,
+    timeout: float = READY_TIMEOUT,
+) -> int:
+    """Poll until ``GET path`` on ``port`` answers 200; fail if the process dies first.
+
+    With ``limiter``, a 200 must also carry a RateLimit header (the answer really
+    went through the rate limiter), so a store still connecting is waited for.
+    Returns how many 200 answers came without one before that.
+    """
+    deadline = time.monotonic() + timeout
+    last, unlimited = "no answer", 0
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"exited with status {proc.returncode} before it was ready")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        try:
+            conn.request("GET", path, headers={CLIENT_HEADER: CONSTANT_CLIENT})
+            response = conn.getresponse()
+            response.read()
+            if response.status == 200 and (not limiter or has_limit_headers(response.headers)):
+                return unlimited
+            if response.status == 200:
+                unlimited += 1
+                last = "200 without RateLimit header: is the rate limiter on?"
+            else:
+                last = f"HTTP {response.status}"
+        except (OSError, http.client.HTTPException) as exc:
+            last = str(exc) or type(exc).__name__
+        finally:
+            conn.close()
+        time.sleep(0.1)
+    raise BenchError(f"not ready after {timeout:.0f}s ({last})")
+
+
+def has_limit_headers(headers: http.client.HTTPMessage) -> bool:
+    """Whether an answer carries the RateLimit fields of SPEC section 5 (either draft)."""
+    return bool(headers.get("RateLimit-Policy") or headers.get("RateLimit-Limit"))
+
+
+# --------------------------------------------------------------------------- wrk
+
+
+_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+
+
+def parse_wrk(output: str) -> dict:
+    """requests/s, p50/p99 (ms), non-2xx and socket errors from ``wrk --latency`` output."""
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", output, re.M)
+    if not rps:
+        raise BenchError("could not read wrk output: " + output.strip()[-300:])
+    latency = {
+        pct: float(value) * _UNITS_MS[unit]
+        for pct, value, unit in re.findall(
+            r"^\s+(50|99)(?:\.0+)?%\s+([\d.]+)(us|ms|s|m|h)\s*$", output, re.M
+        )
+    }
+    total = re.search(r"^\s*(\d+) requests in", output, re.M)
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    sock = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
+    )
+    counts = map(int, sock.groups()) if sock else (0, 0, 0, 0)
+    socket_errors = dict(zip(("connect", "read", "write", "timeout"), counts, strict=True))
+    return {
+        "rps": float(rps.group(1)),
+        "p50_ms": latency.get("50"),
+        "p99_ms": latency.get("99"),
+        "requests": int(total.group(1)) if total else None,
+        "non2xx": int(non2xx.group(1)) if non2xx else 0,
+        "socket_errors": socket_errors,
+        "errors": (int(non2xx.group(1)) if non2xx else 0) + sum(socket_errors.values()),
+    }
+
+
+def wrk_script(ctx: Context, keys: int) -> Path:
+    """The Lua script that spreads requests over ``keys`` client keys (written once)."""
+    if keys not in ctx.wrk_scripts:
+        path = ctx.tmp / f"keys-{keys}.lua"
+        path.write_text(KEYS_SCRIPT.format(keys=keys, header=CLIENT_HEADER))
+        ctx.wrk_scripts[keys] = path
+    return ctx.wrk_scripts[keys]
+
+
+def run_wrk(ctx: Context, port: int, scenario: Scenario, seconds: int) -> dict:
+    """Run wrk on CLIENT_CPU against ``port`` for ``seconds``; return the parsed numbers."""
+    argv = ["wrk", "-t1", f"-c{scenario.connections}", f"-d{seconds}s",
+            "--latency", "--timeout", WRK_TIMEOUT]  # fmt: skip
+    if scenario.keys == 1:
+        argv += ["-H", f"{CLIENT_HEADER}: {CONSTANT_CLIENT}"]
+    elif scenario.keys > 1:
+        argv += ["-s", str(wrk_script(ctx, scenario.keys))]
+    argv.append(f"http://127.0.0.1:{port}{scenario.path}")
+    out = ctx.new_dir("wrk") / "wrk.out"
+    proc = ctx.processes.start(pinned(CLIENT_CPU, argv), out)
+    try:
+        proc.wait(timeout=seconds + 30)
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError("wrk did not finish in time") from exc
+    finally:
+        ctx.processes.stop(proc)
+    text = out.read_text(errors="replace")
+    return {**parse_wrk(text), "wrk_output": text}
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _status_kib(pid: int, field_name: str) -> int:
+    """One ``kB`` field of /proc/PID/status, 0 when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _descendants(pid: int) -> list[int]:
+    """``pid`` and all its descendants (nginx's workers, for instance)."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        try:
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as children:
+                    todo.extend(int(child) for child in children.read().split())
+        except OSError:
+            pass
+    return found
+
+
+class RssSampler(threading.Thread):
+    """Peak resident memory of a process tree while a run lasts.
+
+    The peak is the larger of the sampled sum of VmRSS over the tree and the
+    main process's own VmHWM (its exact high-water mark, read at the end).
+    """
+
+    def __init__(self, pid: int, interval: float = 0.25) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.interval = interval
+        self.peak_kib = 0
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(self.interval):
+            total = sum(_status_kib(pid, "VmRSS") for pid in _descendants(self.pid))
+            self.peak_kib = max(self.peak_kib, total)
+
+    def finish(self) -> int:
+        """Stop sampling and return the peak in KiB."""
+        self._done.set()
+        self.join()
+        return max(self.peak_kib, _status_kib(self.pid, "VmHWM"))
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def run_case(ctx: Context, scenario: Scenario, proxy: str, rep: int) -> dict:
+    """Start one proxy, warm it up, measure it, stop it. Errors become the record."""
+    record: dict = {"rep": rep, "scenario": scenario.name, "proxy": proxy, "ok": False}
+    server = None
+    try:
+        server = start_proxy(ctx, proxy, scenario)
+        proc, port = server.proc, server.port
+        record["pid"] = proc.pid
+        unlimited = wait_ready(proc, port, scenario.path, limiter=bool(scenario.limiter))
+        if unlimited:
+            record["answers_before_limiter"] = unlimited  # the store was not ready at start
+        run_wrk(ctx, port, scenario, WARMUP_SECONDS)
+        sampler = RssSampler(proc.pid)
+        sampler.start()
+        try:
+            result = run_wrk(ctx, port, scenario, ctx.duration)
+        finally:
+            record["peak_rss_kib"] = sampler.finish()
+        if proc.poll() is not None:
+            raise BenchError(f"exited with status {proc.returncode} during the run")
+        if scenario.limiter:
+            record["buckets"] = count_buckets(server)
+        record.update(result, ok=True)
+    except BenchError as exc:
+        record["error"] = str(exc)
+        if server is not None:
+            record["log_tail"] = server.log_tails()
+    finally:
+        if server is not None and server.proc is not None:
+            ctx.processes.stop(server.proc)
+    return record
+
+
+def plan(scenarios: list[Scenario], proxies: list[str], reps: int) -> list[tuple]:
+    """(rep, scenario, proxy) in run order: every proxy once per scenario, per rep."""
+    return [
+        (rep, scenario, proxy)
+        for rep in range(1, reps + 1)
+        for scenario in scenarios
+        for proxy in proxies
+        if proxy in scenario.proxies
+    ]
+
+
+def run_all(ctx: Context, runs: list[tuple], records: list[dict]) -> None:
+    """Run the plan, appending each record as it completes, with a progress line."""
+    for index, (rep, scenario, proxy) in enumerate(runs, 1):
+        print(f"[{index}/{len(runs)}] rep {rep} {scenario.name} {proxy} ... ", end="", flush=True)
+        record = run_case(ctx, scenario, proxy, rep)
+        records.append(record)
+        if record["ok"]:
+            print(
+                f"{record['rps']:.0f} req/s  p50 {fmt_ms(record['p50_ms'])}  "
+                f"p99 {fmt_ms(record['p99_ms'])}  errors {record['errors']}"
+                + (f"  buckets {record['buckets']}" if "buckets" in record else "")
+                + (
+                    f"  ({record['answers_before_limiter']} early answers skipped the limiter)"
+                    if "answers_before_limiter" in record
+                    else ""
+                ),
+                flush=True,
+            )
+        else:
+            print(f"ERROR: {record['error']}", flush=True)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def fmt_ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}ms"
+
+
+def median_of(records: list[dict], key: str) -> float | None:
+    values = [r[key] for r in records if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize(records: list[dict], scenarios: list[Scenario], proxies: list[str]) -> list[dict]:
+    """One row per (scenario, proxy): medians over reps, errors summed, ratio to stock."""
+    rows = []
+    for scenario in scenarios:
+        for proxy in proxies:
+            mine = [r for r in records if r["scenario"] == scenario.name and r["proxy"] == proxy]
+            if not mine:
+                continue
+            ok = [r for r in mine if r["ok"]]
+            stock = [
+                r for r in records
+                if r["ok"] and r["scenario"] == scenario.ratio_base and r["proxy"] == BASELINE_PROXY
+            ]  # fmt: skip
+            rps, stock_rps = median_of(ok, "rps"), median_of(stock, "rps")
+            rss = median_of(ok, "peak_rss_kib")
+            rows.append(
+                {
+                    "scenario": scenario.name,
+                    "proxy": proxy,
+                    "runs": f"{len(ok)}/{len(mine)}",
+                    "rps": rps,
+                    "p50_ms": median_of(ok, "p50_ms"),
+                    "p99_ms": median_of(ok, "p99_ms"),
+                    "errors": sum(r["errors"] for r in ok),
+                    "peak_rss_mib": None if rss is None else rss / 1024,
+                    "vs_stock": rps / stock_rps if rps and stock_rps else None,
+                    "failure": next((r["error"] for r in mine if not r["ok"]), None),
+                }
+            )
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The summary rows as a markdown table."""
+    header = ("scenario", "proxy", "req/s", "p50", "p99", "errors", "peak RSS", "vs stock", "runs")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        if row["rps"] is None:
+            cells = [row["scenario"], row["proxy"], f"ERROR: {row['failure']}",
+                     "", "", "", "", "", row["runs"]]  # fmt: skip
+        else:
+            cells = [
+                row["scenario"],
+                row["proxy"],
+                f"{row['rps']:.0f}",
+                fmt_ms(row["p50_ms"]),
+                fmt_ms(row["p99_ms"]),
+                str(row["errors"]),
+                "-" if row["peak_rss_mib"] is None else f"{row['peak_rss_mib']:.1f} MiB",
+                "-" if row["vs_stock"] is None else f"{row['vs_stock']:.2f}x",
+                row["runs"],
+            ]
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(path: Path, meta: dict, records: list[dict], rows: list[dict]) -> None:
+    """Raw records, summary rows and settings as JSON; the table next to it as .md."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "summary": rows, "runs": records}, indent=2) + "\n")
+    path.with_suffix(".md").write_text(markdown_table(rows) + "\n")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; --quick only changes what was not given explicitly."""
+    parser = argparse.ArgumentParser(
+        description="Benchmark equalizer against other reverse proxies (loopback only)."
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: 1 rep, 3 s runs, scenario 1k-c32 only")  # fmt: skip
+    parser.add_argument("--reps", type=int, help="repetitions (default 3; quick: 1)")
+    parser.add_argument("--duration", type=int, help="seconds per run (default 10; quick: 3)")
+    parser.add_argument("--only", help=f"comma-separated proxies out of {','.join(PROXIES)}")
+    parser.add_argument(
+        "--scenarios", help=f"comma-separated, out of {','.join(s.name for s in SCENARIOS)}"
+    )
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get(DATABASE_URL_ENV, DEFAULT_DATABASE_URL),
+        help=f"PostgreSQL for the postgres-store scenarios (env {DATABASE_URL_ENV})",
+    )
+    parser.add_argument("--no-scratch-db", action="store_true",
+                        help="use --database-url itself, not a throw-away database")  # fmt: skip
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results file")
+    args = parser.parse_args(argv)
+    args.reps = args.reps or (1 if args.quick else 3)
+    args.duration = args.duration or (3 if args.quick else 10)
+    if args.reps < 1 or args.duration < 1:
+        parser.error("--reps and --duration must be at least 1")
+    return args
+
+
+def choose(parser_value: str | None, known: list[str], default: list[str], what: str) -> list[str]:
+    """Names from a comma-separated option, in canonical order, checked against ``known``."""
+    if not parser_value:
+        return default
+    wanted = [name.strip() for name in parser_value.split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in known]
+    if unknown:
+        raise SystemExit(f"bench: unknown {what} {', '.join(unknown)}; known: {', '.join(known)}")
+    return [name for name in known if name in wanted]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark described by the command line; return the exit status."""
+    args = parse_args(argv)
+    proxies = choose(args.only, list(PROXIES), list(PROXIES), "proxy")
+    by_name = {s.name: s for s in SCENARIOS}
+    default_scenarios = list(QUICK_SCENARIOS) if args.quick else list(by_name)
+    names = choose(args.scenarios, list(by_name), default_scenarios, "scenario")
+    scenarios = [by_name[n] for n in names if any(p in by_name[n].proxies for p in proxies)]
+    runs = plan(scenarios, proxies, args.reps)
+    if not runs:
+        raise SystemExit("bench: nothing to run for that choice of proxies and scenarios")
+    needs_db = any(s.limiter == "postgres" for s in scenarios) and "equalizer" in proxies
+    if needs_db:
+        check_loopback_dsn(args.database_url)
+
+    if not {int(PROXY_CPU), int(CLIENT_CPU)} <= os.sched_getaffinity(0):
+        raise SystemExit(f"bench: needs CPUs {PROXY_CPU} and {CLIENT_CPU}")
+    os.sched_setaffinity(0, {int(CLIENT_CPU)})  # keep the harness itself off the proxy's core
+    ensure_apt_packages({"wrk": "wrk", "nginx": "nginx", "taskset": "util-linux"})
+    if "aiohttp" in proxies:
+        ensure_python_packages({"aiohttp": "aiohttp"})
+
+    est = len(runs) * (args.duration + WARMUP_SECONDS + 2)
+    print(f"{len(runs)} runs, about {est // 60} min {est % 60} s", flush=True)
+    meta = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "reps": args.reps,
+        "duration_s": args.duration,
+        "warmup_s": WARMUP_SECONDS,
+        "proxies": proxies,
+        "scenarios": [s.name for s in scenarios],
+        "equalizer_access_log": EQUALIZER_ACCESS_LOG,
+        "cpus": {"proxy": PROXY_CPU, "wrk_and_backend": CLIENT_CPU},
+        "versions": tool_versions(),
+    }
+    records: list[dict] = []
+    processes = ProcessGroup()
+    database = ScratchDatabase(args.database_url)
+    previous = {
+        sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    interrupted = False
+    try:
+        with tempfile.TemporaryDirectory(prefix="equalizer-bench-") as tmp:
+            scratch = needs_db and not args.no_scratch_db
+            database_url = database.create() if scratch else args.database_url
+            ctx = Context(Path(tmp), processes, args.duration, database_url)
+            try:
+                start_backend(ctx)
+                run_all(ctx, runs, records)
+            finally:
+                processes.stop_all()
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted; stopping everything", flush=True)
+    finally:
+        processes.stop_all()
+        database.drop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    meta["interrupted"] = interrupted
+    rows = summarize(records, scenarios, proxies)
+    write_results(args.output, meta, records, rows)
+    print()
+    print(markdown_table(rows))
+    print(f"\nraw results: {args.output}")
+    return 130 if interrupted else 0
+
+
+def _raise_interrupt(signum, frame) -> None:
+    """SIGINT and SIGTERM (even if inherited as ignored) both run the cleanup in main()."""
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    sys.exit(main())
