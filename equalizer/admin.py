@@ -1,4 +1,4 @@
-"""The admin REST API (Klein): health, stats, buckets and backends.
+"""The admin REST API (Klein): health, stats, metrics, buckets, backends, openapi, dashboard.
 
 Every error is JSON of one shape, ``{"error": {"code", "message"}}``, raised as
 ``ApiError`` from a handler and written by one error handler. Input is checked
@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import json
 from collections.abc import Callable
+from importlib.resources import files
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -22,7 +23,8 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from equalizer.config import url_identity, validate_backend_url, validate_weight
 from equalizer.metrics import exposition
-from equalizer.stores import BucketExists, StoreUnavailable
+from equalizer.openapi import MAX_CAPACITY, MAX_PAGE, openapi_document
+from equalizer.stores import MAX_CLIENT_ID_LENGTH, BucketExists, InvalidBucket, StoreUnavailable
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
@@ -35,7 +37,12 @@ if TYPE_CHECKING:
 MAX_BODY_BYTES = 65536
 """Admin request bodies are small JSON objects; anything larger is refused unread."""
 
-MAX_PAGE = 1000
+DASHBOARD_HTML = files("equalizer").joinpath("static/dashboard.html").read_bytes()
+"""GET /dashboard: one self-contained page, read once at import."""
+
+DASHBOARD_POLICY = (b"default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                    b"connect-src 'self'; img-src 'self'; frame-ancestors 'none'")
+"""The page may talk to its own origin only: no CDN, no other network."""
 
 
 class ApiError(Exception):
@@ -140,6 +147,19 @@ class AdminAPI:
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
         return exposition(self.metrics_registry)
 
+    @app.route("/openapi.json", methods=["GET"])
+    def openapi(self, request: IRequest) -> bytes:
+        """The OpenAPI 3 description of this API (equalizer.openapi)."""
+        return json_response(request, openapi_document())
+
+    @app.route("/dashboard", methods=["GET"])
+    def dashboard(self, request: IRequest) -> bytes:
+        """A live HTML view of /stats; its script polls /stats with the pasted token."""
+        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+        request.setHeader(b"Content-Security-Policy", DASHBOARD_POLICY)
+        request.setHeader(b"Cache-Control", b"no-store")
+        return DASHBOARD_HTML
+
     @app.route("/stats", methods=["GET"])
     def stats(self, request: IRequest) -> bytes:
         body = {
@@ -225,7 +245,7 @@ class AdminAPI:
             raise bad_request("client_id: must be a non-empty string")
         if "capacity" not in body:
             raise bad_request("capacity: required")
-        capacity = integer_field(body, "capacity", minimum=1)
+        capacity = integer_field(body, "capacity", 1, MAX_CAPACITY)
         tokens = number_field(body, "tokens", 0, capacity) if "tokens" in body else capacity
         if "refill_rate" in body:
             refill_rate = number_field(body, "refill_rate", 0)
@@ -237,6 +257,8 @@ class AdminAPI:
             record = await self._store.create(client_id, capacity, tokens, refill_rate)
         except BucketExists:
             raise ApiError(409, "conflict", f"bucket {client_id!r} already exists") from None
+        except InvalidBucket as error:
+            raise bad_request(str(error)) from None
         request.setHeader(b"Location", bucket_location(client_id))
         return json_response(request, record.to_json(), 201)
 
@@ -250,7 +272,7 @@ class AdminAPI:
 
     @app.route("/buckets/<path:client_id>", methods=["GET"])
     async def get_bucket(self, request: IRequest, client_id: str) -> bytes:
-        record = await self._store.get(client_id)
+        record = await self._store.get(storable(client_id))
         if record is None:
             raise no_bucket(client_id)
         return json_response(request, record.to_json())
@@ -261,13 +283,13 @@ class AdminAPI:
         check_fields(body, {"capacity", "tokens", "refill_rate"})
         changes: dict[str, Any] = {}
         if "capacity" in body:
-            changes["capacity"] = integer_field(body, "capacity", minimum=1)
+            changes["capacity"] = integer_field(body, "capacity", 1, MAX_CAPACITY)
         if "tokens" in body:
             changes["tokens"] = number_field(body, "tokens", 0, changes.get("capacity"))
         if "refill_rate" in body:
             changes["refill_rate"] = number_field(body, "refill_rate", 0)
         try:
-            record = await self._store.update(client_id, **changes)
+            record = await self._store.update(storable(client_id), **changes)
         except ValueError as error:
             raise bad_request(str(error)) from None
         if record is None:
@@ -276,7 +298,7 @@ class AdminAPI:
 
     @app.route("/buckets/<path:client_id>", methods=["DELETE"])
     async def delete_bucket(self, request: IRequest, client_id: str) -> bytes:
-        if not await self._store.delete(client_id):
+        if not await self._store.delete(storable(client_id)):
             raise no_bucket(client_id)
         request.setResponseCode(204)
         return b""
@@ -339,6 +361,13 @@ def bad_request(message: str) -> ApiError:
 
 def no_bucket(client_id: str) -> ApiError:
     return ApiError(404, "not_found", f"no bucket for client {client_id!r}")
+
+
+def storable(client_id: str) -> str:
+    """``client_id`` from a path, or 404 for one no store can hold (so no store sees it)."""
+    if "\x00" in client_id or len(client_id) > MAX_CLIENT_ID_LENGTH:
+        raise no_bucket(client_id)
+    return client_id
 
 
 def checked_weight(body: dict[str, Any]) -> int:

@@ -398,6 +398,9 @@ def validate_backend_url(value: object) -> str:
         raise not_http from None
     if parts.scheme not in _DEFAULT_PORTS or not parts.hostname or re.search(r"\s", text):
         raise not_http
+    if not (text.isascii() and text.isprintable()):
+        raise ValueError(f"a backend URL must be printable ASCII (punycode for international "
+                         f"host names, percent-encoding in paths): {text!r}")
     try:
         port = parts.port  # the property parses the port and raises when it is out of range
     except ValueError:

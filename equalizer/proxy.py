@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from twisted.web import http
 
 from equalizer.config import ProxyConfig
+from equalizer.logs import AccessLog
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
     from equalizer.upstream import UpstreamConnection, UpstreamPool
 
 log = Logger()
-access_log = Logger(namespace="equalizer.access")
 
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
@@ -622,6 +622,7 @@ class Proxy:
         self.stats = stats
         self.scheme = scheme
         self.log_access = True
+        self.access_log = AccessLog()
         self.hash_key: Callable[[Exchange], str] | None = None
         self.active = 0
         self.stopping = False
@@ -656,19 +657,11 @@ class Proxy:
         self.stats.record(status, backend, seconds)
         if self.log_access:
             request = exchange.request
-            access_log.info(
-                '{client} "{method} {path}" {status} {bytes} {duration_ms}ms'
-                " backend={backend} request_id={request_id} rate_limit={rate_limit}",
-                client=exchange.client,
-                method=request.method.decode("latin-1"),
-                path=request.uri.decode("latin-1"),
-                status=status,
-                bytes=exchange.bytes_sent,
-                duration_ms=round(seconds * 1000, 3),
-                backend=backend.id if backend is not None else "-",
-                request_id=exchange.request_id.decode("latin-1"),
-                rate_limit=exchange.rate_limit,
-            )
+            self.access_log.log(
+                exchange.client, request.method.decode("latin-1"),
+                request.uri.decode("latin-1"), status, exchange.bytes_sent,
+                round(seconds * 1000, 3), backend.id if backend is not None else "-",
+                exchange.request_id.decode("latin-1"), exchange.rate_limit)
 
 
 def no_decoration(exchange: Exchange, headers: http.Headers) -> None:
@@ -693,6 +686,8 @@ class ProxyChannel(http.HTTPChannel):
 
 class ProxySite(http.HTTPFactory):
     """The listening side: twisted.web's HTTP/1.1 parser with our streaming request."""
+
+    noisy = False
 
     protocol = ProxyChannel
 

@@ -25,6 +25,7 @@ from equalizer.config import Config, ConfigError, apply_overrides, load_config, 
 from equalizer.demo import demo_service, demo_urls
 from equalizer.health import HealthMonitor, HTTPHealthChecker
 from equalizer.limiter import RateLimiter
+from equalizer.logs import LogFileError, LoggingService, open_logging
 from equalizer.metrics import EqualizerCollector, metrics_registry
 from equalizer.pool import BackendPool
 from equalizer.proxy import Exchange, Proxy, ProxySite, key_reader, no_decoration
@@ -84,8 +85,14 @@ def makeService(options: Options, reactor=None) -> MultiService:
         for problem in error.problems:
             print(f"config error: {problem}", file=sys.stderr)
         raise SystemExit(1) from None
+    try:
+        logging_service = open_logging(config.logging, reactor, options.parent)
+    except LogFileError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
     return EqualizerService(config, reactor, demo=options["demo"],
-                            reread=lambda: read_config(options, os.environ))
+                            reread=lambda: read_config(options, os.environ),
+                            logging_service=logging_service)
 
 
 class EqualizerService(MultiService):
@@ -96,11 +103,15 @@ class EqualizerService(MultiService):
     """
 
     def __init__(self, config: Config, reactor, *, demo: bool = False,
-                 reread: Callable[[], Config] | None = None) -> None:
+                 reread: Callable[[], Config] | None = None,
+                 logging_service: LoggingService | None = None) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
         self.reread = reread
+        self.logging_service = logging_service
+        if logging_service is not None:
+            logging_service.setServiceParent(self)  # first: starts first, stops last
         self.stats = TrafficStats(started=reactor.seconds())
         self.pool = BackendPool(config.balancer.backends, config.balancer.strategy)
         if demo:
@@ -118,6 +129,7 @@ class EqualizerService(MultiService):
             self.pool, self.upstreams, config.proxy, reactor, self.stats, self.health,
             scheme=b"https" if config.proxy.listen.startswith("ssl:") else b"http",
         )
+        self.proxy.access_log.attach(logging_service)
         self.limiter = RateLimiter(self.store, config.rate_limit, self.stats,
                                    ready=buckets.first_attempt)
         self.proxy_site = ProxySite(self.proxy, config.proxy, reactor)
@@ -129,6 +141,12 @@ class EqualizerService(MultiService):
         self.proxy_listener = self._listen(config.proxy.listen, self.proxy_site)
         self.admin_listener = self._listen(config.admin.listen, self.admin.site())
         self._previous_sighup = None
+
+    def setServiceParent(self, parent) -> None:
+        """twistd hands us its Application here: our log observer replaces its own."""
+        super().setServiceParent(parent)
+        if self.logging_service is not None:
+            self.logging_service.install(parent)
 
     def _apply_settings(self, config: Config) -> None:
         """Settings that take effect at once, at start-up and on reload."""
@@ -174,6 +192,8 @@ class EqualizerService(MultiService):
             self.pool.strategy = make_strategy(config.balancer.strategy)
         self._apply_settings(config)
         self.health.reconfigure(config.health)
+        if self.logging_service is not None:
+            self.logging_service.reconfigure(config.logging)
         self.config = config
 
     def _apply_backends(self, config: Config) -> None:
@@ -249,7 +269,8 @@ RESTART_ONLY = (
     ("admin.token", lambda c: c.admin.token),
     ("rate_limit.store", lambda c: c.rate_limit.store),
     ("rate_limit.database_url", lambda c: c.rate_limit.database_url),
-    ("logging", lambda c: c.logging),
+    ("logging.file", lambda c: c.logging.file),
+    ("logging.rotate", lambda c: c.logging.rotate),
 )
 """Settings a reload cannot change: sockets, the store and the log are opened once."""
 

@@ -25,12 +25,13 @@ One statement per token.
     (an ``UPDATE ... RETURNING`` when there is no default policy): it creates the
     bucket on first sight, refills and takes under the row lock, and returns the
     outcome. No read-then-write across statements, so N instances admit exactly
-    what one would; there is no slack. ``create``, ``update``, ``delete``,
-    ``get`` and ``list`` are single statements too. Token updates are committed
-    with ``synchronous_commit = off`` (set per session): should the database
-    server crash, the last fraction of a second of token deductions may be lost
-    (clients get those tokens back); bucket definitions written through the admin
-    API are committed durably.
+    what one would: there is no slack. Each session prepares the two take
+    statements once (``prepare=False`` sends them in full, for poolers in
+    transaction mode). ``create``, ``update``, ``delete``, ``get`` and ``list``
+    are single statements too. Takes commit with ``synchronous_commit = off``
+    (set per session): should the database server crash, the last fraction of a
+    second of token deductions may be lost (clients get those tokens back).
+    Bucket definitions written through the admin API are committed durably.
 
 Schema migrations run at :meth:`PostgresStore.start`.
     ``equalizer/migrations/NNNN_name.sql``, in version order, inside one
@@ -40,15 +41,17 @@ Schema migrations run at :meth:`PostgresStore.start`.
     invariants (capacity > 0, 0 <= tokens <= capacity, refill_rate >= 0).
 
 Failures are bounded and recovered from.
-    Each query has a timeout (``query_timeout``, 5 s). A connection-level error
-    (the server went away, a socket died, a query timed out) marks the store
-    unavailable (``available`` is False, which ``/health`` reports), fails the
-    call with :class:`StoreUnavailable`, throws the pool away and starts a
-    reconnect loop: a fresh pool and a ``SELECT 1``, retried with backoff from
-    0.5 s up to 2 s, until it works. Meanwhile every call fails at once with
+    Each query has a timeout (``query_timeout``, 5 s); a call that hits it fails
+    with :class:`StoreUnavailable` (its statement may still be applied later).
+    A connection-level error (the server went away, a socket died, or the server
+    answered nothing at all for ``query_timeout``) also marks the store
+    unavailable (``available`` is False, which ``/health`` reports), throws the
+    pool away and starts a reconnect loop: a fresh pool whose every session must
+    answer its set-up statements (as a ``SELECT 1`` would), retried with backoff
+    from 0.5 s up to 2 s, until it works. Meanwhile every call fails at once with
     :class:`StoreUnavailable`, so a dead database never holds a request up. The
-    store also learns of a server hanging up on idle connections, before any
-    query notices. Nothing is lost: the buckets live in the database.
+    store also notices the server hanging up on idle connections, before any
+    query does. Nothing is lost: the buckets live in the database.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ from typing import Any
 
 import psycopg2
 from attrs import frozen
-from twisted.internet.defer import Deferred, FirstError, fail, succeed
+from twisted.internet.defer import Deferred, FirstError, fail, gatherResults, succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -352,11 +355,6 @@ class MemoryStore:
 _MIGRATION_NAME = re.compile(r"^(\d{4})_(\w+)\.sql$")
 _MIGRATION_LOCK = 0x657175616C697A72  # "equalizr": the advisory lock migrations hold
 
-# Takes commit asynchronously (see the module docstring); admin writes opt back in
-# for their own implicit transaction. A multi-statement query is one transaction.
-_SESSION_SETUP = "SET synchronous_commit TO off"
-_DURABLY = "SET LOCAL synchronous_commit TO on; "
-
 # The refill, in SQL: the bucket's tokens at {now}, from its row "b".
 _REFILLED = (
     "least(b.capacity::float8, b.tokens + b.refill_rate"
@@ -380,17 +378,39 @@ _RECORD_RETURNING = (
     " RETURNING b.client_id, b.capacity, b.tokens, b.refill_rate, b.created_at, b.updated_at"
 )
 
-# Bucket created from the default policy on first sight (full, minus this request).
+# A take. With a default policy ($2 capacity, $3 refill rate) the bucket is created
+# on first sight, full, minus this request; without one only an existing bucket is
+# touched. $1 is the client id.
 _TAKE_OR_CREATE = (
     "INSERT INTO buckets AS b"
     " (client_id, capacity, tokens, refill_rate, last_allowed, created_at, updated_at)"
-    f" SELECT %s, %s, %s::float8 - 1, %s, true, n.now, n.now FROM {_NOW}"
+    f" SELECT $1, $2, $2::float8 - 1, $3, true, n.now, n.now FROM {_NOW}"
     f" ON CONFLICT (client_id) DO UPDATE SET {_taking('EXCLUDED.updated_at')}" + _TAKE_RETURNING
 )
 _TAKE_EXISTING = (
-    f"UPDATE buckets AS b SET {_taking('n.now')} FROM {_NOW} WHERE b.client_id = %s"
+    f"UPDATE buckets AS b SET {_taking('n.now')} FROM {_NOW} WHERE b.client_id = $1"
     + _TAKE_RETURNING
 )
+_TAKE_STATEMENTS = {
+    # name: (parameter types, SQL with $n parameters)
+    "equalizer_take_or_create": ("text, integer, float8", _TAKE_OR_CREATE),
+    "equalizer_take_existing": ("text", _TAKE_EXISTING),
+}
+
+
+def _inline(sql: str) -> str:
+    """The SQL with psycopg2 placeholders instead of $n, to send it unprepared."""
+    return re.sub(r"\$(\d)(?!\d)", lambda m: f"%(p{m.group(1)})s", sql)
+
+
+# Takes commit asynchronously (see the module docstring); admin writes opt back in
+# for their own implicit transaction. A multi-statement query is one transaction.
+_SESSION_SETUP = "SET synchronous_commit TO off"
+_PREPARE = "; ".join(
+    f"PREPARE {name} ({types}) AS {sql}" for name, (types, sql) in _TAKE_STATEMENTS.items()
+)
+_DURABLY = "SET LOCAL synchronous_commit TO on; "
+
 _RECORD_COLUMNS = (
     f"b.client_id, b.capacity, {_REFILLED_NOW}, b.refill_rate, b.created_at, b.updated_at"
 )
@@ -448,15 +468,9 @@ def _is_connection_error(error: BaseException) -> bool:
 
 
 class _Connection(Connection):
-    """A txpostgres connection that sets its session up and reports the server hanging up."""
+    """A txpostgres connection that reports the server hanging up, and closes quietly."""
 
     on_lost: Callable[[], object] | None = None
-
-    def connect(self, *args: Any, **kwargs: Any) -> Deferred[_Connection]:
-        d = super().connect(*args, **kwargs)
-        d.addCallback(lambda _: self.runOperation(_SESSION_SETUP))
-        d.addCallback(lambda _: self)
-        return d
 
     def doRead(self) -> ConnectionLost | None:
         try:
@@ -486,18 +500,36 @@ class _Connection(Connection):
 
 
 class _Pool(ConnectionPool):
-    """A txpostgres pool on an injected reactor, remembering all of its connections.
+    """A txpostgres pool on an injected reactor, with its sessions set up at start.
 
-    ``ConnectionPool.connections`` holds only the idle ones; closing a pool for good
-    must also close those busy with a (possibly hung) query.
+    It remembers all of its connections: ``ConnectionPool.connections`` holds only
+    the idle ones, and closing a pool for good must also close those busy with a
+    (possibly hung) query.
     """
 
     connectionFactory = _Connection
 
-    def __init__(self, reactor: Any, dsn: str, size: int) -> None:
+    def __init__(self, reactor: Any, dsn: str, size: int, setup: str) -> None:
         self.reactor = reactor  # read by ConnectionPool.__init__ instead of the global one
         super().__init__(None, dsn, min=size)
         self.every: tuple[_Connection, ...] = tuple(self.connections)
+        self._setup = setup
+        self.last_answer = reactor.seconds()
+
+    def answered(self, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """Note that the server answers (a callback on every query)."""
+        self.last_answer = self.reactor.seconds()
+        return rows
+
+    def start(self) -> Deferred[_Pool]:
+        """Connect every connection and run the session setup on each."""
+        d = super().start()
+        d.addCallback(
+            lambda _: gatherResults(
+                [c.runOperation(self._setup) for c in self.every], consumeErrors=True
+            )
+        )
+        return d.addCallback(lambda _: self)
 
     def shut(self) -> None:
         for connection in self.every:
@@ -541,9 +573,11 @@ def _within(
 
 def _unwrap(failure: Failure) -> BaseException:
     error = failure.value
-    while isinstance(error, FirstError):
-        error = error.subFailure.value
-    return error
+    while True:
+        if isinstance(error, FirstError):
+            error = error.subFailure.value
+        else:
+            return error
 
 
 @implementer(IBucketStore)
@@ -556,7 +590,14 @@ class PostgresStore:
         pool_size: connections held open; also the most queries in flight at once.
         query_timeout: seconds a query may take before the store gives up on the
             connection and reconnects.
-        connect_timeout: seconds to connect (and run ``SELECT 1``).
+        connect_timeout: seconds to connect a pool and set its sessions up.
+        migrate_timeout: seconds the start-up migration may take (it may wait for
+            another instance's).
+        prepare: prepare the take statements once per session (server-side
+            ``PREPARE``), which makes a take about twice as cheap for the server.
+            Turn it off behind a pooler in transaction mode (PgBouncer), where a
+            session's prepared statements are not there for its next transaction.
+        min_backoff, max_backoff: reconnect delays, doubling from one to the other.
     """
 
     def __init__(
@@ -567,6 +608,7 @@ class PostgresStore:
         query_timeout: float = 5.0,
         connect_timeout: float = 5.0,
         migrate_timeout: float = 60.0,
+        prepare: bool = True,
         min_backoff: float = 0.5,
         max_backoff: float = 2.0,
     ) -> None:
@@ -578,17 +620,29 @@ class PostgresStore:
         self._migrate_timeout = migrate_timeout
         self._min_backoff = min_backoff
         self._max_backoff = max_backoff
+        if prepare:
+            self._setup = f"{_SESSION_SETUP}; {_PREPARE}"
+            self._take_or_create = "EXECUTE equalizer_take_or_create(%(p1)s, %(p2)s, %(p3)s)"
+            self._take_existing = "EXECUTE equalizer_take_existing(%(p1)s)"
+        else:
+            self._setup = _SESSION_SETUP
+            self._take_or_create = _inline(_TAKE_OR_CREATE)
+            self._take_existing = _inline(_TAKE_EXISTING)
         self.available = False
         self._running = False
         self._pool: _Pool | None = None
-        self._connecting: _Pool | None = None
+        # How to abort the connections being made (start-up, reconnection) on stop().
+        self._aborts: set[Callable[[], None]] = set()
         self._reconnect_call: IDelayedCall | None = None
 
-    # life cycle --------------------------------------------------------------------
+    # life cycle ----------------------------------------------------------------------
 
     def start(self) -> Deferred[None]:
-        """Connect, apply pending migrations, and serve; fails with StoreUnavailable if
-        the database cannot be reached (then the store stays stopped)."""
+        """Migrate the schema, connect the pool and serve.
+
+        Fails with StoreUnavailable when the database cannot be reached; the store
+        then stays stopped, and ``start`` may be called again.
+        """
         return Deferred.fromCoroutine(self._start())
 
     async def _start(self) -> None:
@@ -597,44 +651,58 @@ class PostgresStore:
         scripts = migrations()
         self._running = True
         try:
+            await self._migrate(scripts)
             pool = await self._connect()
-            self._connecting = pool
-            try:
-                await self._guarded(
-                    pool.runInteraction(self._migrate, scripts),
-                    self._migrate_timeout,
-                    pool.shut,
-                )
-            except BaseException:
-                pool.shut()
-                raise
-            finally:
-                self._connecting = None
-            if not self._running:  # stopped while starting
-                pool.shut()
-                raise StoreUnavailable("stopped while starting")
         except BaseException:
             self._running = False
             raise
+        if not self._running:  # stop() was called meanwhile
+            pool.shut()
+            raise StoreUnavailable("stopped while starting")
         self._install(pool)
 
     def stop(self) -> Deferred[None]:
+        """Close every connection and cancel the reconnect loop."""
         self._running = False
         self.available = False
         if self._reconnect_call is not None and self._reconnect_call.active():
             self._reconnect_call.cancel()
         self._reconnect_call = None
-        for pool in (self._pool, self._connecting):
-            if pool is not None:
-                pool.shut()
-        self._pool = self._connecting = None
+        for abort in list(self._aborts):
+            abort()
+        self._aborts.clear()
+        if self._pool is not None:
+            self._pool.shut()
+            self._pool = None
         return succeed(None)
 
-    def _migrate(self, cursor: Cursor, scripts: list[tuple[int, str, str]]) -> Deferred[None]:
+    async def _migrate(self, scripts: list[tuple[int, str, str]]) -> None:
+        """Apply the migrations the database lacks, on a connection of their own.
+
+        Before the pool connects, because its sessions prepare statements against
+        the schema.
+        """
+        connection = _Connection(self._reactor)
+        self._aborts.add(connection.shut)
+        try:
+            await self._guarded(
+                connection.connect(self._dsn), self._connect_timeout, connection.shut
+            )
+            await self._guarded(
+                connection.runInteraction(self._migrate_in, scripts),
+                self._migrate_timeout,
+                connection.shut,
+            )
+        finally:
+            self._aborts.discard(connection.shut)
+            connection.shut()
+
+    def _migrate_in(self, cursor: Cursor, scripts: list[tuple[int, str, str]]) -> Deferred[None]:
         return Deferred.fromCoroutine(self._migrate_with(cursor, scripts))
 
     async def _migrate_with(self, cursor: Cursor, scripts: list[tuple[int, str, str]]) -> None:
-        # Runs in one transaction (runInteraction): all of it, or none of it.
+        # Runs in one transaction (runInteraction): all of it, or none of it. The
+        # advisory lock makes instances starting together take turns.
         await cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
         await cursor.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -652,29 +720,26 @@ class PostgresStore:
             await cursor.execute(
                 "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (version, name)
             )
-        known = {version for version, _, _ in scripts}
-        if applied - known:
+        unknown = applied - {version for version, _, _ in scripts}
+        if unknown:
             log.warn(
                 "the database has schema versions {versions} this equalizer does not know",
-                versions=sorted(applied - known),
+                versions=sorted(unknown),
             )
 
     # connections -------------------------------------------------------------------
 
     async def _connect(self) -> _Pool:
-        """A started pool that has answered ``SELECT 1``, or StoreUnavailable."""
-        pool = _Pool(self._reactor, self._dsn, self._pool_size)
-        self._connecting = pool
-        d = pool.start()
-        d.addCallback(lambda _: pool.runQuery("SELECT 1"))
+        """A started pool whose sessions are all set up, or StoreUnavailable."""
+        pool = _Pool(self._reactor, self._dsn, self._pool_size, self._setup)
+        self._aborts.add(pool.shut)
         try:
-            await self._guarded(d, self._connect_timeout, pool.shut)
+            await self._guarded(pool.start(), self._connect_timeout, pool.shut)
         except BaseException:
             pool.shut()
             raise
         finally:
-            if self._connecting is pool:
-                self._connecting = None
+            self._aborts.discard(pool.shut)
         return pool
 
     def _install(self, pool: _Pool) -> None:
@@ -709,7 +774,8 @@ class PostgresStore:
             log.info("PostgreSQL store available again")
 
         def failed(failure: Failure) -> None:
-            log.debug("reconnecting to PostgreSQL failed: {error}", error=failure.value)
+            emit = log.warn if delay == self._min_backoff else log.debug
+            emit("reconnecting to PostgreSQL failed: {error}", error=failure.value)
             self._schedule_reconnect(min(delay * 2, self._max_backoff))
 
         Deferred.fromCoroutine(self._connect()).addCallbacks(connected, failed)
@@ -738,24 +804,33 @@ class PostgresStore:
         if pool is None:
             return fail(StoreUnavailable("PostgreSQL unreachable; reconnecting"))
         d = _within(
-            pool.runQuery(sql, params),
+            pool.runQuery(sql, params).addCallback(pool.answered),
             self._reactor,
             self._query_timeout,
-            lambda: self._lost(pool, "query timed out"),
+            lambda: self._timed_out(pool),
         )
         return d.addErrback(self._translate, pool)
 
-    # IBucketStore ---------------------------------------------------------------------
+    def _timed_out(self, pool: _Pool) -> None:
+        """A query on ``pool`` took too long: the pool is dead if nothing else got answers.
+
+        A query can also time out waiting for a free connection while the server
+        keeps answering (overload); that call fails, but the pool is fine.
+        """
+        if self._reactor.seconds() - pool.last_answer >= self._query_timeout:
+            self._lost(pool, f"no answer for {self._query_timeout:g}s")
+
+    # IBucketStore ----------------------------------------------------------------------
 
     def take(self, client_id: str, default: BucketPolicy | None) -> Deferred[Decision | None]:
         problem = _client_id_problem(client_id)
         if problem is not None:
             return fail(problem)
         if default is None:
-            d = self._query(_TAKE_EXISTING, (client_id,))
+            d = self._query(self._take_existing, {"p1": client_id})
         else:
-            capacity = default.capacity
-            d = self._query(_TAKE_OR_CREATE, (client_id, capacity, capacity, default.refill_rate))
+            params = {"p1": client_id, "p2": default.capacity, "p3": default.refill_rate}
+            d = self._query(self._take_or_create, params)
         return d.addCallback(_decision)
 
     def create(

@@ -229,6 +229,10 @@ class UpstreamConnection(TwistedProtocol):
         self.handler = None
         self._receive = self._unexpected
         if self._keep_alive and self._request_complete:
+            # The client side may have paused us (back-pressure) just as the body
+            # ended; an idle connection must read, for the next response and to see
+            # the backend close it.
+            self.transport.resumeProducing()
             self.pool.release(self)
         else:
             self.transport.loseConnection()

@@ -21,4 +21,4 @@ CREATE TABLE buckets (
     CONSTRAINT buckets_tokens_check CHECK (tokens >= 0 AND tokens <= capacity),
     CONSTRAINT buckets_refill_rate_check
         CHECK (refill_rate >= 0 AND refill_rate < 'Infinity'::double precision)
-);
+) WITH (fillfactor = 70);  -- room on each page for HOT updates: a take rewrites its row
