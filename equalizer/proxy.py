@@ -10,6 +10,7 @@ reading from the backend.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import os
@@ -719,7 +720,7 @@ def key_reader(spec: str) -> Callable[[Exchange], str]:
 
         def from_header(exchange: Exchange) -> str:
             values = exchange.request.requestHeaders.getRawHeaders(header)
-            return values[0].decode("latin-1") if values else exchange.client
+            return _usable_key(values[0], exchange) if values else exchange.client
 
         return from_header
     if kind == "cookie":
@@ -727,7 +728,7 @@ def key_reader(spec: str) -> Callable[[Exchange], str]:
 
         def from_cookie(exchange: Exchange) -> str:
             value = exchange.request.received_cookies.get(cookie)
-            return value.decode("latin-1") if value is not None else exchange.client
+            return _usable_key(value, exchange) if value is not None else exchange.client
 
         return from_cookie
     return _client_of
@@ -735,3 +736,17 @@ def key_reader(spec: str) -> Callable[[Exchange], str]:
 
 def _client_of(exchange: Exchange) -> str:
     return exchange.client
+
+
+MAX_KEY_LENGTH = 512
+"""Longest key stored as it is (the bucket store's client_id limit)."""
+
+
+def _usable_key(value: bytes, exchange: Exchange) -> str:
+    """A header or cookie value as a bucket key: empty falls back to the client
+    address, an overlong one is replaced by its digest, so no value escapes the limit."""
+    if not value:
+        return exchange.client
+    if len(value) > MAX_KEY_LENGTH:
+        return "sha256:" + hashlib.sha256(value).hexdigest()
+    return value.decode("latin-1")

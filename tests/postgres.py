@@ -1,0 +1,243 @@
+"""A PostgreSQL server for the integration tests: an ephemeral cluster, or one you name.
+
+Which server the session uses:
+
+1. ``EQUALIZER_TEST_DATABASE_URL`` set (a libpq DSN or ``postgresql://`` URL): the
+   session creates a fresh database ``equalizer_test_<pid>`` on that server, runs
+   against it and drops it at the end, so nothing of yours is touched. The role
+   needs CREATEDB. The server cannot be stopped from here, so fault tests skip
+   (or fail under CI).
+2. Otherwise: an ephemeral cluster. ``initdb`` and ``pg_ctl`` come from ``PATH``
+   or ``/usr/lib/postgresql/*/bin``; the cluster lives in a temporary directory,
+   listens on 127.0.0.1 on a free port and on a unix socket inside that directory,
+   trusts local connections, and is stopped (``pg_ctl stop -m fast``) and deleted
+   at the end. Running as root, the binaries run as the ``postgres`` OS user
+   (``runuser``), because PostgreSQL refuses to run as root. Durability is off
+   (``fsync=off``): the cluster is thrown away anyway.
+3. Neither possible: the tests are skipped with the reason, except when the ``CI``
+   environment variable is set: a missing database must fail CI, never skip it.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from typing import NoReturn
+
+import psycopg2
+import psycopg2.extensions
+import pytest
+from attrs import define, field
+
+ENV_URL = "EQUALIZER_TEST_DATABASE_URL"
+_OS_USER = "postgres"
+
+
+def in_ci() -> bool:
+    """Whether we run under CI, where missing prerequisites fail instead of skipping."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Skip the test for ``reason``, or fail it under CI."""
+    if in_ci():
+        pytest.fail(f"{reason} (CI is set, so this fails instead of skipping)", pytrace=False)
+    pytest.skip(reason)
+
+
+class ServerNotControllable(Exception):
+    """The server belongs to someone else; it cannot be stopped or started from here."""
+
+
+@define
+class PostgresServer:
+    """A PostgreSQL server the tests may use, and (if ephemeral) stop and start."""
+
+    dsn: str
+    _cluster: EphemeralCluster | None = field(default=None, alias="cluster")
+
+    @property
+    def controllable(self) -> bool:
+        """Whether :meth:`stop` and :meth:`start` work (ephemeral clusters only)."""
+        return self._cluster is not None
+
+    def stop(self) -> None:
+        """Stop the server (fast shutdown: sessions are terminated). Blocks."""
+        if self._cluster is None:
+            raise ServerNotControllable(self.dsn)
+        self._cluster.stop()
+
+    def start(self) -> None:
+        """Start the server again on the same port and data. Blocks until it accepts."""
+        if self._cluster is None:
+            raise ServerNotControllable(self.dsn)
+        self._cluster.start()
+
+
+def find_binary(name: str) -> str | None:
+    """``name`` (initdb, pg_ctl) from PATH, else from the newest /usr/lib/postgresql/*/bin."""
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = glob.glob(f"/usr/lib/postgresql/*/bin/{name}")
+    candidates.sort(key=lambda path: int(path.split("/")[4]) if path.split("/")[4].isdigit() else 0)
+    return candidates[-1] if candidates else None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@define
+class EphemeralCluster:
+    """A throw-away cluster made by ``initdb`` in a temporary directory."""
+
+    initdb: str
+    pg_ctl: str
+    directory: str
+    port: int
+    as_user: str | None
+
+    @property
+    def data(self) -> str:
+        return os.path.join(self.directory, "data")
+
+    @property
+    def dsn(self) -> str:
+        return f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres"
+
+    def _run(self, *argv: str) -> None:
+        command = list(argv)
+        if self.as_user is not None:
+            command = ["runuser", "-u", self.as_user, "--", *command]
+        result = subprocess.run(
+            command, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120
+        )
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"{' '.join(command)} exited with {result.returncode}:\n"
+                f"{result.stdout}{result.stderr}"
+            )
+
+    def init(self) -> None:
+        self._run(
+            self.initdb,
+            "-D",
+            self.data,
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C",
+            "--no-sync",
+        )
+
+    def start(self) -> None:
+        options = (
+            f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 "
+            "-c fsync=off -c full_page_writes=off -c max_connections=200"
+        )
+        self._run(
+            self.pg_ctl,
+            "start",
+            "-w",
+            "-t",
+            "60",
+            "-D",
+            self.data,
+            "-l",
+            os.path.join(self.directory, "server.log"),
+            "-o",
+            options,
+        )
+
+    def stop(self) -> None:
+        self._run(self.pg_ctl, "stop", "-w", "-t", "60", "-m", "fast", "-D", self.data)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            with open(os.path.join(self.directory, "server.log")) as log:
+                return "".join(log.readlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def _ephemeral() -> Iterator[PostgresServer]:
+    initdb, pg_ctl = find_binary("initdb"), find_binary("pg_ctl")
+    if initdb is None or pg_ctl is None:
+        unavailable(
+            f"no PostgreSQL server for the integration tests: set {ENV_URL}, or install "
+            "PostgreSQL so that initdb and pg_ctl are on PATH or in /usr/lib/postgresql/*/bin"
+        )
+    as_user = None
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam(_OS_USER)
+        except KeyError:
+            unavailable(f"running as root and there is no {_OS_USER!r} OS user to run initdb as")
+        if shutil.which("runuser") is None:
+            unavailable("running as root and runuser is missing, so initdb cannot drop root")
+        as_user = _OS_USER
+    directory = tempfile.mkdtemp(prefix="equalizer-pg-")
+    if as_user is not None:
+        entry = pwd.getpwnam(as_user)
+        os.chown(directory, entry.pw_uid, entry.pw_gid)
+    cluster = EphemeralCluster(initdb, pg_ctl, directory, free_port(), as_user)
+    started = False
+    try:
+        try:
+            cluster.init()
+            cluster.start()
+            started = True
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+            unavailable(
+                f"could not start an ephemeral PostgreSQL cluster: {e}\n{cluster.log_tail()}"
+            )
+        yield PostgresServer(cluster.dsn, cluster=cluster)
+    finally:
+        if started:
+            try:
+                cluster.stop()
+            except (RuntimeError, subprocess.TimeoutExpired):
+                pass  # already stopped by a fault test that failed half-way, or wedged
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _external(url: str) -> Iterator[PostgresServer]:
+    name = f"equalizer_test_{os.getpid()}"
+    try:
+        admin = psycopg2.connect(url, connect_timeout=10)
+    except psycopg2.Error as e:
+        unavailable(f"{ENV_URL} is set but the server refuses connections: {e}")
+    admin.autocommit = True
+    try:
+        with admin.cursor() as cursor:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            cursor.execute(f'CREATE DATABASE "{name}"')
+    except psycopg2.Error as e:
+        admin.close()
+        unavailable(f"could not create the test database {name} through {ENV_URL}: {e}")
+    try:
+        yield PostgresServer(psycopg2.extensions.make_dsn(url, dbname=name))
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+def postgres_server() -> Iterator[PostgresServer]:
+    """Yield the session's server (see the module docstring) and clean it up afterwards."""
+    url = os.environ.get(ENV_URL)
+    if url:
+        yield from _external(url)
+    else:
+        yield from _ephemeral()
