@@ -179,7 +179,7 @@ class Exchange:
             upgrade = request.requestHeaders.getRawHeaders(b"upgrade")
             if upgrade and b"upgrade" in connection_tokens:
                 lines.append(b"Connection: Upgrade\r\nUpgrade: %s\r\n" % upgrade[0])
-        peer = request.channel.transport.getPeer().host
+        peer = request.client.host
         self.client = client_address(peer, forwarded_for, proxy.config.trusted_proxies)
         self.request_id = request_id or os.urandom(16).hex().encode("ascii")
         chain = b", ".join(forwarded_for + [peer.encode("ascii")]) if forwarded_for \
@@ -243,10 +243,10 @@ class Exchange:
 
     def _connect_failed(self, reason: Failure) -> None:
         self.pending = None
+        if self.finished:
+            return  # cancelled by client_lost, which has left the backend already
         backend = self.backend
         self._leave_backend()
-        if self.finished:
-            return
         self.last_failure = reason
         # Counted in backend.failures by the health monitor, with the passive check.
         self.proxy.passive.record_connect_failure(backend, reason.getErrorMessage())
@@ -534,14 +534,19 @@ class Exchange:
         if self.finished:
             return
         self._disarm()
-        if self.pending is not None:
-            self.pending.cancel()
+        pending, self.pending = self.pending, None
         connection = self.connection
         self.connection = None
         if connection is not None:
             connection.abort()
         self.status = self.status or 499
+        if pending is not None:
+            self._leave_backend()  # the request never reached it
         self._finish_exchange()
+        if pending is not None:
+            # Only now: cancelling fails the attempt at once, which must be neither
+            # a backend failure nor a reason to retry elsewhere.
+            pending.cancel()
 
 
 class ProxyRequest(http.Request):
@@ -675,6 +680,20 @@ class ProxyChannel(http.HTTPChannel):
     ``HTTPChannel.checkPersistence`` splits the header on spaces only, so
     ``Connection: close, X-Foo`` would keep the connection open.
     """
+
+    _peer = None
+    _local = None
+
+    def getPeer(self):
+        """The peer address, read once per connection (Request asks on every request)."""
+        if self._peer is None:
+            self._peer = self.transport.getPeer()
+        return self._peer
+
+    def getHost(self):
+        if self._local is None:
+            self._local = self.transport.getHost()
+        return self._local
 
     def checkPersistence(self, request, version):
         values = request.requestHeaders.getRawHeaders(b"connection") or ()
