@@ -97,7 +97,7 @@ class AdminAPI:
 
     def site(self) -> Site:
         """The admin site: bearer-token guard, bounded bodies, then the Klein routes."""
-        site = Site(_Guard(self, self.app.resource()))
+        site = _QuietSite(_Guard(self, self.app.resource()))
         site.requestFactory = BoundedRequest
         site.noisy = False
         return site
@@ -307,6 +307,13 @@ class AdminAPI:
 def error_response(request: IRequest, error: ApiError) -> bytes:
     return json_response(request, {"error": {"code": error.code, "message": error.message}},
                          error.status)
+
+
+class _QuietSite(Site):
+    """Admin calls are not proxied traffic: they stay out of the access log."""
+
+    def log(self, request: Request) -> None:
+        pass
 
 
 class BoundedRequest(Request):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import pytest_twisted
 from attrs import define, field
-from tests.helpers import result_of  # tests/ is on sys.path (rootdir-less "prepend" import mode)
 from twisted.internet.defer import Deferred, TimeoutError, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock, deferLater
@@ -30,6 +29,7 @@ from equalizer.health import (
     health_url,
 )
 from equalizer.pool import Backend, BackendPool
+from tests.helpers import result_of  # tests/ is on sys.path (rootdir-less "prepend" import mode)
 
 INTERVAL = 10.0
 TIMEOUT = 5.0

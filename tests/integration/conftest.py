@@ -13,13 +13,14 @@ from tests.integration.harness import (
     BackendServer,
     EqualizerProcess,
     RunningEqualizer,
+    UnresponsiveListener,
     http_client,
     start_equalizer,
     within,
 )
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture()
 def no_logged_errors():
     """Fail a test during which anything logged an error or a failure (an exception that a
     callback swallowed, an unhandled error in a Deferred)."""
@@ -57,6 +58,17 @@ async def backends() -> AsyncIterator[Callable[..., BackendServer]]:
     yield make
     for backend in started:
         await backend.close()
+
+
+@pytest.fixture()
+def unresponsive():
+    """A backend address that never completes a connection (its accept queue is full)."""
+    try:
+        listener = UnresponsiveListener()
+    except RuntimeError as error:
+        pytest.skip(str(error))
+    yield listener
+    listener.close()
 
 
 @pytest_twisted.async_yield_fixture()

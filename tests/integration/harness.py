@@ -376,6 +376,39 @@ class BackendServer:
         await wait_until(lambda: not self.open_connections, message=f"{self.name} to close")
 
 
+class UnresponsiveListener:
+    """A port whose accept queue is full, so the kernel leaves new connections unanswered.
+
+    Connecting to it hangs until the connector gives up: a connect timeout on
+    loopback, deterministically.
+    """
+
+    def __init__(self) -> None:
+        self._server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._server.bind((LOOPBACK, 0))
+        self._server.listen(0)
+        self.port_number = self._server.getsockname()[1]
+        self._fillers: list[socket.socket] = []
+        for _ in range(16):
+            filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            filler.settimeout(0.05)
+            self._fillers.append(filler)
+            try:
+                filler.connect((LOOPBACK, self.port_number))
+            except (TimeoutError, BlockingIOError):
+                return  # the queue is full: this one was left hanging
+        self.close()
+        raise RuntimeError("the kernel answers connections beyond a full accept queue")
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port_number}"
+
+    def close(self) -> None:
+        for sock in [*self._fillers, self._server]:
+            sock.close()
+
+
 # -- the balancer, in process --------------------------------------------------------------
 
 
@@ -473,13 +506,23 @@ def twistd_command() -> list[str]:
             "sys.argv[0] = 'twistd'; run()"]
 
 
-def vm_rss_kib(pid: int) -> int:
-    """Resident memory of process ``pid`` in KiB, from /proc/PID/status."""
+def vm_rss_kib(pid: int, field: str = "VmRSS") -> int:
+    """Resident memory of process ``pid`` in KiB, from /proc/PID/status (``VmHWM``: its peak)."""
     with open(f"/proc/{pid}/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
+    raise AssertionError(f"no {field} for {pid}")
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) of ``pid`` to its current RSS, if allowed."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        return False
+    return True
 
 
 class EqualizerProcess:
@@ -557,7 +600,7 @@ class EqualizerProcess:
 
 __all__ = [
     "BackendServer", "EqualizerProcess", "RawClient", "RawResponse", "RecordedRequest",
-    "RunningEqualizer", "equalizer_config", "free_port", "get_json", "http_client",
-    "name_handler", "parse_response", "raw_connect", "raw_request", "sleep", "start_equalizer",
-    "status_of", "vm_rss_kib", "wait_until", "within",
+    "RunningEqualizer", "UnresponsiveListener", "equalizer_config", "free_port", "get_json",
+    "http_client", "name_handler", "parse_response", "raw_connect", "raw_request", "sleep",
+    "reset_peak_rss", "start_equalizer", "status_of", "vm_rss_kib", "wait_until", "within",
 ]

@@ -132,7 +132,7 @@ async def test_dashboard_shows_every_backend_and_its_state(http, backends, twist
                                {"url": dead, "weight": 2}]},
         health={"interval": "200ms", "timeout": "1s", "path": "/"},
         rate_limit={"enabled": True, "store": "memory",
-                    "default": {"capacity": 20, "refill_rate": 15}},
+                    "default": {"capacity": 10, "refill_rate": 10}},
     )
     balancer = await twistd_process(document, http)
 
@@ -168,7 +168,10 @@ async def test_dashboard_shows_every_backend_and_its_state(http, backends, twist
     cards = Headings()
     cards.feed(dom.decode("utf-8"))
     assert cards.text["healthy"] == "2 / 3"
-    assert cards.text["limited-share"].endswith("%")
+    limited, total = stats["requests"]["rate_limited"], stats["requests"]["total"]
+    assert limited > 0
+    assert cards.text["limited-share"] == f"{100 * limited / total:.1f} %"
+    assert cards.text["limited-total"].endswith(f"({limited})")
     assert cards.text["latency"] != "– / –"
     assert "live" in cards.text["status"]
 

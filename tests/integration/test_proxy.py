@@ -6,6 +6,7 @@ failures in test_proxy_failures.py and the 1 GiB memory checks in test_proxy_mem
 
 from __future__ import annotations
 
+import pytest
 import pytest_twisted
 import treq
 from twisted.web import server
@@ -17,6 +18,8 @@ from tests.integration.harness import (
     wait_until,
     within,
 )
+
+pytestmark = pytest.mark.usefixtures("no_logged_errors")
 
 
 async def get_body(client, url: str) -> tuple[int, bytes]:

@@ -7,19 +7,22 @@ import json
 import pytest
 import pytest_twisted
 import treq
+from twisted.internet import reactor
 from twisted.web import server
 
 from tests.integration.harness import (
     equalizer_config,
     free_port,
     get_json,
-    global_reactor,
     parse_response,
     raw_connect,
     raw_request,
+    sleep,
     wait_until,
     within,
 )
+
+pytestmark = pytest.mark.usefixtures("no_logged_errors")
 
 
 def never_answers(backend, request: server.Request) -> int:
@@ -37,16 +40,15 @@ def echo(backend, request: server.Request) -> bytes:
     return backend.name.encode() + b":" + backend.requests[-1].body
 
 
-def half_then_die(backend, request: server.Request) -> int:
-    """Promises 100000 bytes, sends 10000, then drops the connection."""
+def promise_more(backend, request: server.Request) -> int:
+    """Promises 100000 bytes and sends 10000; the test then kills the connection."""
     request.setHeader(b"Content-Length", b"100000")
     request.write(b"h" * 10000)
-    global_reactor.callLater(0.05, request.transport.abortConnection)
     return server.NOT_DONE_YET
 
 
 async def get(http, url: str):
-    """GET ``url``; (status, body)."""
+    """GET ``url``: (response, body)."""
     response = await within(http.get(url))
     return response, await within(treq.content(response))
 
@@ -215,20 +217,58 @@ async def test_backend_never_answering_is_504(http, backends, equalizer):
     balancer = await equalizer(equalizer_config(
         [silent.url], proxy={"timeouts": {"response": "500ms"}},
     ))
-    started = global_reactor.seconds()
+    started = reactor.seconds()
     pending = within(http.get(balancer.proxy_url + "/slow"))
     await wait_until(lambda: silent.requests, message="the request to reach the backend")
     state = await backend_state(http, balancer.admin_url, balancer.backend(silent.url).id)
     assert state["in_flight"] == 1
     response = await pending
     body = await within(treq.content(response))
-    elapsed = global_reactor.seconds() - started
+    elapsed = reactor.seconds() - started
     assert response.code == 504
     assert_error(body, "gateway_timeout")
     assert 0.45 <= elapsed < 5
     assert len(silent.requests) == 1
     await wait_until(lambda: silent.connections_lost >= 1, 5,
                      message="the abandoned backend connection to close")
+
+
+@pytest_twisted.ensureDeferred
+async def test_backend_not_accepting_in_time_is_504(http, equalizer, unresponsive):
+    """A backend that does not complete the connection within the connect timeout gets the
+    client a 504 gateway_timeout."""
+    balancer = await equalizer(equalizer_config(
+        [unresponsive.url], proxy={"retries": 0, "timeouts": {"connect": "300ms"}},
+    ))
+    started = reactor.seconds()
+    response, body = await get(http, balancer.proxy_url + "/")
+    assert response.code == 504
+    assert_error(body, "gateway_timeout")
+    assert 0.25 <= reactor.seconds() - started < 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_leaving_during_connect_is_not_a_backend_failure(backends, equalizer,
+                                                                      unresponsive):
+    """A client that disconnects while the proxy is still connecting to a backend cancels that
+    connection attempt without counting it against the backend or retrying elsewhere."""
+    other = backends("other")
+    balancer = await equalizer(equalizer_config(
+        [unresponsive.url, other.url],
+        proxy={"retries": 1, "timeouts": {"connect": "5s"}}, health={"unhealthy_threshold": 1},
+    ))
+    slow = balancer.backend(unresponsive.url)
+    upstreams = balancer.service.upstreams
+    client = await raw_connect(balancer.proxy_port)
+    client.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    await wait_until(lambda: upstreams.connections_made == 1 and slow.in_flight == 1,
+                     message="the proxy to start connecting")
+    client.transport.abortConnection()
+    await wait_until(lambda: slow.in_flight == 0, message="the exchange to end")
+    await sleep(0.05)  # a retry, if any, would start connecting now
+    assert upstreams.connections_made == 1
+    assert (slow.failures, slow.consecutive_failures, slow.healthy) == (0, 0, True)
+    assert other.requests == [] and other.connections_made == 0
 
 
 @pytest_twisted.ensureDeferred
@@ -276,9 +316,13 @@ async def test_post_not_retried_after_its_body_went_out(http, backends, equalize
 async def test_backend_dying_mid_response_cuts_client_off(backends, equalizer):
     """When a backend dies halfway through its body the client's connection is cut, so the
     truncation shows, rather than the response ending as if complete."""
-    dying = backends("dying", half_then_die)
+    dying = backends("dying", promise_more)
     balancer = await equalizer(equalizer_config([dying.url]))
-    raw = await raw_request(balancer.proxy_port, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    client = await raw_connect(balancer.proxy_port)
+    client.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    await client.received_until(lambda data: data.endswith(b"h" * 10000))
+    dying.drop_connections()
+    raw = await client.wait_closed()
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 ")
     assert b"Content-Length: 100000" in head

@@ -6,6 +6,7 @@ import hashlib
 import os
 import re
 
+import pytest
 import pytest_twisted
 import treq
 from twisted.web import server
@@ -16,6 +17,8 @@ from tests.integration.harness import (
     raw_request,
     within,
 )
+
+pytestmark = pytest.mark.usefixtures("no_logged_errors")
 
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
               b"trailer", b"transfer-encoding", b"upgrade"}

@@ -15,6 +15,8 @@ from tests.integration.harness import (
     within,
 )
 
+pytestmark = pytest.mark.usefixtures("no_logged_errors")
+
 
 def count_upload(backend, request: server.Request) -> bytes:
     """Answers a streamed upload with the number of body bytes that arrived."""
