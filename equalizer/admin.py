@@ -37,6 +37,12 @@ if TYPE_CHECKING:
 MAX_BODY_BYTES = 65536
 """Admin request bodies are small JSON objects; anything larger is refused unread."""
 
+MAX_QUERY_DIGITS = 100
+"""Longest number a query parameter may spell; longer ones are refused unconverted."""
+
+MAX_STORE_OFFSET = 2**63 - 1
+"""The largest offset handed to a store; larger ones are past the end all the same."""
+
 DASHBOARD_HTML = files("equalizer").joinpath("static/dashboard.html").read_bytes()
 """GET /dashboard: one self-contained page, read once at import."""
 
@@ -266,7 +272,8 @@ class AdminAPI:
     async def list_buckets(self, request: IRequest) -> bytes:
         limit = query_integer(request, "limit", 50, 1, MAX_PAGE)
         offset = query_integer(request, "offset", 0, 0, None)
-        records, total = await self._store.list(limit, offset)
+        # Past the largest OFFSET PostgreSQL takes (bigint) every page is empty anyway.
+        records, total = await self._store.list(limit, min(offset, MAX_STORE_OFFSET))
         return json_response(request, {"items": [r.to_json() for r in records], "total": total,
                                        "limit": limit, "offset": offset})
 
@@ -438,9 +445,13 @@ def query_integer(request: IRequest, name: str, default: int, minimum: int,
     if not values:
         return default
     raw = values[0].decode("utf-8", "replace")
-    if not raw.isdigit():
-        raise bad_request(f"{name}: must be an integer, got {raw!r}")
-    value = int(raw)
+    # ASCII digits only: str.isdigit() also accepts "²" (which int() refuses) and "٣".
+    if not (raw.isascii() and raw.isdigit()):
+        raise bad_request(f"{name}: must be an integer, got {raw[:40]!r}")
+    digits = raw.lstrip("0") or "0"
+    if len(digits) > MAX_QUERY_DIGITS:  # int() refuses past 4300 digits
+        raise bad_request(f"{name}: too large ({len(digits)} digits)")
+    value = int(digits)
     if value < minimum or (maximum is not None and value > maximum):
         raise bad_request(f"{name}: must be {describe_range(minimum, maximum)}, got {value}")
     return value

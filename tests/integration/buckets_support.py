@@ -17,8 +17,12 @@ import attrs
 import treq
 from treq.client import HTTPClient
 from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgentEndpointFactory
 from txpostgres.txpostgres import Connection
+from zope.interface import implementer
 
 from tests.integration.harness import DEFAULT_TIMEOUT, RunningEqualizer, wait_until, within
 
@@ -65,6 +69,24 @@ async def call(client: HTTPClient, method: str, url: str, body: Any = _ABSENT, *
     response = await within(client.request(method, url, data=data, headers=sent), timeout)
     content = await within(treq.content(response), timeout)
     return Reply(response.code, response.headers, content)
+
+
+@implementer(IAgentEndpointFactory)
+@attrs.define
+class _BoundEndpoints:
+    source: str
+
+    def endpointForURI(self, uri):  # noqa: N802 (Twisted's name)
+        return TCP4ClientEndpoint(reactor, uri.host.decode("ascii"), uri.port, timeout=5,
+                                  bindAddress=(self.source, 0))
+
+
+def client_from(source: str) -> tuple[HTTPClient, HTTPConnectionPool]:
+    """A treq client whose connections come from loopback address ``source`` (127.0.0.2, ...),
+    so that the proxy sees another client IP; close the pool in teardown."""
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    agent = Agent.usingEndpointFactory(reactor, _BoundEndpoints(source), pool=pool)
+    return HTTPClient(agent), pool
 
 
 def bucket_path(client_id: str) -> str:

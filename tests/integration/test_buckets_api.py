@@ -414,6 +414,8 @@ async def test_list_is_ordered_by_client_id_with_the_total(listed):
     pytest.param("offset=1000000&limit=5", None, 0, 5, 1000000, id="offset-past-the-end"),
     pytest.param("limit=1000", 0, 10, 1000, 0, id="limit-1000"),
     pytest.param("limit=0010&offset=00", 0, 10, 10, 0, id="leading-zeros"),
+    pytest.param("offset=99999999999999999999", None, 0, 50, 99999999999999999999,
+                 id="offset-beyond-bigint"),
 ])
 @pytest_twisted.ensureDeferred
 async def test_list_pages(listed, query, first, count, limit, offset):
@@ -450,6 +452,9 @@ async def test_list_pages_walk_every_bucket_once(listed):
     pytest.param("limit=", "limit", id="empty-limit"),
     pytest.param("limit=%201", "limit", id="space-limit"),
     pytest.param("limit=%D9%A3", "limit", id="arabic-digit-limit"),
+    pytest.param("limit=%C2%B2", "limit", id="superscript-limit"),
+    pytest.param("limit=" + "9" * 5000, "limit", id="5000-digit-limit"),
+    pytest.param("offset=" + "9" * 5000, "offset", id="5000-digit-offset"),
     pytest.param("offset=-1", "offset", id="negative-offset"),
     pytest.param("offset=1.0", "offset", id="fractional-offset"),
     pytest.param("offset=abc", "offset", id="word-offset"),

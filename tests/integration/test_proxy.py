@@ -15,6 +15,7 @@ from tests.integration.harness import (
     equalizer_config,
     get_json,
     http_client,
+    raw_connect,
     wait_until,
     within,
 )
@@ -120,6 +121,27 @@ async def test_idle_backend_connection_closed_by_backend_is_replaced(http, backe
                      == 0, message="the proxy to notice the dropped connection")
     assert await get_body(http, balancer.proxy_url + "/") == (200, b"b1")
     assert backend.connections_made == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_pipelined_requests_answered_in_order(backends, equalizer):
+    """Requests pipelined on one client connection (a POST with a body among them) are each
+    forwarded once and answered in order."""
+
+    def path_and_body(backend, request: server.Request) -> bytes:
+        return request.path + b"=" + backend.requests[-1].body
+
+    backend = backends("b1", path_and_body)
+    balancer = await equalizer(equalizer_config([backend.url]))
+    client = await raw_connect(balancer.proxy_port)
+    client.send(b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\n"
+                b"POST /2 HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello"
+                b"GET /3 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+    raw = await client.wait_closed()
+    bodies = [part.split(b"\r\n\r\n", 1)[1] for part in raw.split(b"HTTP/1.1 ")[1:]]
+    assert raw.count(b"HTTP/1.1 200 ") == 3
+    assert bodies == [b"/1=", b"/2=hello", b"/3="]
+    assert [r.uri for r in backend.requests] == [b"/1", b"/2", b"/3"]
 
 
 @pytest_twisted.ensureDeferred

@@ -1,7 +1,7 @@
 """1 GiB through a twistd equalizer without its memory growing with the body (SPEC 4.1).
 
 The balancer runs as a child process so that its resident memory (``VmRSS``)
-is its own; backend and client run here. Halfway through, the receiving side
+is its own; backend and client run here. At 256 MiB, the receiving side
 stops reading for a second while the sending side goes on: without
 back-pressure the proxy would buffer hundreds of megabytes then. Each test
 prints the growth it measured (run pytest with ``-s`` to see it).
@@ -225,13 +225,15 @@ async def test_1gib_download_in_bounded_memory(http, backends, twistd_process, f
     sampler = RssSampler(process.pid)
     started = reactor.seconds()
     path = "/chunked" if framing == "chunked" else "/plain"
-    response = await within(http.get(process.proxy_url + path, unbuffered=True), 30)
-    assert response.code == 200
-    reader = StallingReader()
-    response.deliverBody(reader)
-    await within(reader.done, TRANSFER_TIMEOUT)
+    try:
+        response = await within(http.get(process.proxy_url + path, unbuffered=True), 30)
+        assert response.code == 200
+        reader = StallingReader()
+        response.deliverBody(reader)
+        await within(reader.done, TRANSFER_TIMEOUT)
+    finally:
+        growth = sampler.stop()
     elapsed = reactor.seconds() - started
-    growth = sampler.stop()
     print(sampler.report(f"1 GiB download ({framing})", elapsed))
     assert reader.stalled and reader.received == GIB
     assert growth < LIMIT_KIB
@@ -247,11 +249,13 @@ async def test_1gib_upload_in_bounded_memory(http, backends, twistd_process, fra
     sampler = RssSampler(process.pid)
     started = reactor.seconds()
     body = ZeroBody(GIB, chunked=framing == "chunked")
-    response = await within(http.post(process.proxy_url + "/upload", data=body),
-                            TRANSFER_TIMEOUT)
-    answer = await within(treq.content(response))
+    try:
+        response = await within(http.post(process.proxy_url + "/upload", data=body),
+                                TRANSFER_TIMEOUT)
+        answer = await within(treq.content(response))
+    finally:
+        growth = sampler.stop()
     elapsed = reactor.seconds() - started
-    growth = sampler.stop()
     print(sampler.report(f"1 GiB upload ({framing})", elapsed))
     assert (response.code, answer) == (200, b"%d" % GIB)
     assert backend.uploads[-1].body_received == GIB and backend.uploads[-1].stalled

@@ -114,3 +114,20 @@ async def test_client_disconnect_mid_upload_aborts_backend_request(backends, equ
                      message="the backend connection to be dropped")
     assert backend.requests == []
     assert balancer.backend(backend.url).in_flight == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_expect_continue_upload(backends, equalizer):
+    """A client that sends Expect: 100-continue gets its 100 before sending the body, and the
+    body reaches the backend without the Expect header."""
+    backend = backends("b1")
+    balancer = await equalizer(equalizer_config([backend.url]))
+    client = await raw_connect(balancer.proxy_port)
+    client.send(b"PUT /doc HTTP/1.1\r\nHost: h\r\nContent-Length: 7\r\nExpect: 100-continue\r\n"
+                b"Connection: close\r\n\r\n")
+    await client.received_until(lambda data: data.startswith(b"HTTP/1.1 100 "))
+    client.send(b"payload")
+    raw = await client.wait_closed()
+    assert parse_response(raw.split(b"\r\n\r\n", 1)[1]).status == 200
+    [seen] = backend.requests
+    assert (seen.method, seen.body, seen.header(b"Expect")) == (b"PUT", b"payload", [])
