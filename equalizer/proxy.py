@@ -762,10 +762,13 @@ MAX_KEY_LENGTH = 512
 
 
 def _usable_key(value: bytes, exchange: Exchange) -> str:
-    """A header or cookie value as a bucket key: empty falls back to the client
-    address, an overlong one is replaced by its digest, so no value escapes the limit."""
+    """A header or cookie value as a bucket key: UTF-8 text (latin-1 if it is not), the
+    client address when empty, a digest when overlong, so no value escapes the limit."""
     if not value:
         return exchange.client
     if len(value) > MAX_KEY_LENGTH:
         return "sha256:" + hashlib.sha256(value).hexdigest()
-    return value.decode("latin-1")
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.decode("latin-1")

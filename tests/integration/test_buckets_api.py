@@ -145,7 +145,7 @@ async def test_create_an_existing_bucket_is_a_conflict_that_changes_nothing(admi
 
 
 def body(**fields: Any) -> dict[str, Any]:
-    """A valid creation body for client ``new``, with ``fields`` changed (``_LEAVE_OUT``: left out)."""
+    """A valid creation body for client ``new``, ``fields`` changed (``_LEAVE_OUT``: dropped)."""
     base = {"client_id": "new", "capacity": 10, "tokens": 5, "refill_rate": 1}
     base.update(fields)
     return {name: value for name, value in base.items() if value is not _LEAVE_OUT}
@@ -249,7 +249,7 @@ async def test_get_never_goes_above_capacity(admin):
 
 @pytest.mark.parametrize("client_id", ["missing", "a b/c", "ünï"])
 @pytest_twisted.ensureDeferred
-async def test_get_an_unknown_bucket_is_404(admin, client_id):
+async def test_an_unknown_bucket_is_404_for_get_put_and_delete(admin, client_id):
     """GET, PUT and DELETE of a client id without a bucket answer 404 ``not_found``, and PUT
     creates nothing."""
     await admin.create("other", 3)
