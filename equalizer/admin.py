@@ -24,6 +24,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from equalizer.config import url_identity, validate_backend_url, validate_weight
 from equalizer.metrics import exposition
 from equalizer.openapi import MAX_CAPACITY, MAX_PAGE, openapi_document
+from equalizer.pool import DrainCancelled
 from equalizer.stores import MAX_CLIENT_ID_LENGTH, BucketExists, InvalidBucket, StoreUnavailable
 
 if TYPE_CHECKING:
@@ -222,7 +223,11 @@ class AdminAPI:
     async def remove_backend(self, request: IRequest, backend_id: str) -> bytes:
         """Drain, then remove: no new requests, the ones in flight finish first."""
         backend = self._backend(backend_id)
-        await self._pool.drain(backend)
+        try:
+            await self._pool.drain(backend)
+        except DrainCancelled:
+            raise ApiError(409, "conflict",
+                           f"a configuration reload kept backend {backend_id!r}") from None
         if backend in self._pool.backends:
             self._pool.remove(backend)
             self._forget_backend(backend)

@@ -26,6 +26,10 @@ LATENCY_WINDOW = 1024
 """How many recent request durations each backend keeps for its p50/p99."""
 
 
+class DrainCancelled(Exception):
+    """A drain ended without the backend leaving: a configuration reload kept it."""
+
+
 @define(eq=False)
 class Backend:
     """One backend server: where it is, and what the balancer knows of it."""
@@ -123,6 +127,13 @@ class BackendPool:
         else:
             self._drain_waiters.setdefault(backend, []).append(waiter)
         return waiter
+
+    def cancel_drain(self, backend: Backend) -> None:
+        """Keep a draining backend after all (a reload listed it): its waiters fail."""
+        backend.draining = False
+        self.changed()
+        for waiter in self._drain_waiters.pop(backend, []):
+            waiter.errback(DrainCancelled(backend.id))
 
     def drained(self, backend: Backend) -> None:
         """The proxy saw a draining backend's last request finish."""

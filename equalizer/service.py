@@ -27,7 +27,7 @@ from equalizer.health import HealthMonitor, HTTPHealthChecker
 from equalizer.limiter import RateLimiter
 from equalizer.logs import LogFileError, LoggingService, open_logging
 from equalizer.metrics import EqualizerCollector, metrics_registry
-from equalizer.pool import BackendPool
+from equalizer.pool import BackendPool, DrainCancelled
 from equalizer.proxy import Exchange, Proxy, ProxySite, key_reader, no_decoration
 from equalizer.stats import TrafficStats
 from equalizer.stores import IBucketStore, MemoryStore, PostgresStore
@@ -202,10 +202,13 @@ class EqualizerService(MultiService):
         for backend in list(self.pool.backends):
             entry = wanted.pop(url_identity(backend.url), None)
             if entry is None:
-                self.pool.drain(backend).addCallback(lambda _, b=backend: self.remove_backend(b))
+                self.pool.drain(backend).addCallbacks(
+                    lambda _, b=backend: self.remove_backend(b),
+                    lambda failure: failure.trap(DrainCancelled))
             else:
                 backend.weight = entry.weight
-                backend.draining = False
+                if backend.draining:
+                    self.pool.cancel_drain(backend)
         for entry in wanted.values():
             self.pool.add(entry.url, entry.weight)
         self.pool.changed()
