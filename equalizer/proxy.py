@@ -47,6 +47,11 @@ REBUILT_REQUEST_HEADERS = HOP_BY_HOP | {
 }
 """Request headers the proxy writes itself rather than copying."""
 
+CLIENT_BUFFER_BYTES = 256 * 1024
+"""Bytes a client socket may have queued before the backend is paused (Twisted's
+default, 64 KiB, pauses and resumes the backend several times for every 100 KiB
+response; each costs epoll calls). Bounds memory per client connection."""
+
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"})
 
 JSON_HEADERS = ((b"Content-Type", b"application/json"), (b"Cache-Control", b"no-store"))
@@ -683,6 +688,10 @@ class ProxyChannel(http.HTTPChannel):
 
     _peer = None
     _local = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.transport.bufferSize = CLIENT_BUFFER_BYTES
 
     def getPeer(self):
         """The peer address, read once per connection (Request asks on every request)."""
