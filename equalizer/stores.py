@@ -217,6 +217,19 @@ def validate_fields(capacity: int | None, tokens: float | None, refill_rate: flo
         raise InvalidBucket("refill_rate", "must be a finite number >= 0")
 
 
+def _new_bucket_problem(client_id: object, capacity: int, tokens: float,
+                        refill_rate: float) -> InvalidBucket | None:
+    """What is wrong with a bucket about to be created, or None."""
+    problem = _client_id_problem(client_id)
+    if problem is not None:
+        return problem
+    try:
+        validate_fields(capacity, tokens, refill_rate)
+    except InvalidBucket as error:
+        return error
+    return None
+
+
 def _tokens_above_capacity() -> InvalidBucket:
     return InvalidBucket("tokens", "must not exceed the capacity")
 
@@ -289,13 +302,9 @@ class MemoryStore:
         self, client_id: str, capacity: int, tokens: float, refill_rate: float
     ) -> Deferred[BucketRecord]:
         now = self._clock.seconds()
-        problem = _client_id_problem(client_id)
+        problem = _new_bucket_problem(client_id, capacity, tokens, refill_rate)
         if problem is not None:
             return fail(problem)
-        try:
-            validate_fields(capacity, tokens, refill_rate)
-        except InvalidBucket as e:
-            return fail(e)
         if client_id in self._buckets:
             return fail(BucketExists(client_id))
         bucket = Bucket(capacity, float(tokens), float(refill_rate), now)
@@ -836,13 +845,9 @@ class PostgresStore:
     def create(
         self, client_id: str, capacity: int, tokens: float, refill_rate: float
     ) -> Deferred[BucketRecord]:
-        problem = _client_id_problem(client_id)
+        problem = _new_bucket_problem(client_id, capacity, tokens, refill_rate)
         if problem is not None:
             return fail(problem)
-        try:
-            validate_fields(capacity, tokens, refill_rate)
-        except InvalidBucket as e:
-            return fail(e)
 
         def created(rows: list[tuple[Any, ...]]) -> BucketRecord:
             if not rows:

@@ -28,12 +28,13 @@ import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import psycopg2
 import psycopg2.extensions
 import pytest
 from attrs import define, field
+from txpostgres.txpostgres import Connection
 
 ENV_URL = "EQUALIZER_TEST_DATABASE_URL"
 _OS_USER = "postgres"
@@ -241,3 +242,19 @@ def postgres_server() -> Iterator[PostgresServer]:
         yield from _external(url)
     else:
         yield from _ephemeral()
+
+
+SQL_TIMEOUT = 30.0
+
+
+async def sql(dsn: str, query: str, params: Any = None, fetch: bool = False) -> Any:
+    """Run one statement on a connection of its own, without blocking the reactor."""
+    from twisted.internet import reactor
+
+    connection = Connection(reactor)
+    await connection.connect(dsn).addTimeout(SQL_TIMEOUT, reactor)
+    try:
+        run = connection.runQuery if fetch else connection.runOperation
+        return await run(query, params).addTimeout(SQL_TIMEOUT, reactor)
+    finally:
+        connection.close()

@@ -21,10 +21,10 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
-from txpostgres.txpostgres import Connection
 from zope.interface import implementer
 
 from tests.integration.harness import DEFAULT_TIMEOUT, RunningEqualizer, wait_until, within
+from tests.postgres import sql
 
 STORES = ("memory", "postgres")
 
@@ -93,17 +93,6 @@ def bucket_path(client_id: str) -> str:
     """The admin path of a bucket, its client id percent-encoded (``/`` included)."""
     return "/buckets/" + quote(client_id, safe="")
 
-
-async def sql(dsn: str, query: str, params: Any = None, fetch: bool = False) -> Any:
-    """Run one statement on a connection of its own, without blocking the reactor."""
-    connection = Connection(reactor)
-    await within(connection.connect(dsn))
-    try:
-        if fetch:
-            return await within(connection.runQuery(query, params))
-        return await within(connection.runOperation(query, params))
-    finally:
-        connection.close()
 
 
 def store_section(store_kind: str, dsn: str | None) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from equalizer.stores import (
     migrations,
 )
 from tests import postgres as _postgres
+from tests.postgres import sql
 
 TIMEOUT = 30.0
 
@@ -47,17 +48,6 @@ def within(d: Deferred[Any] | Awaitable[Any], seconds: float = TIMEOUT) -> Defer
 def sleep(seconds: float) -> Deferred[None]:
     return deferLater(reactor, seconds, lambda: None)
 
-
-async def sql(dsn: str, query: str, params: Any = None, fetch: bool = False) -> Any:
-    """Run one statement on a connection of its own (never blocking the reactor)."""
-    connection = Connection(reactor)
-    await within(connection.connect(dsn))
-    try:
-        if fetch:
-            return await within(connection.runQuery(query, params))
-        return await within(connection.runOperation(query, params))
-    finally:
-        connection.close()
 
 
 async def started(dsn: str, **kwargs: Any) -> PostgresStore:

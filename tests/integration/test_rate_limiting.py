@@ -30,11 +30,11 @@ from tests.integration.buckets_support import (
     bucket_path,
     call,
     client_from,
-    sql,
     store_ready,
     store_section,
 )
 from tests.integration.harness import equalizer_config, get_json, wait_until, within
+from tests.postgres import sql
 
 pytestmark = pytest.mark.usefixtures("no_logged_errors")
 
