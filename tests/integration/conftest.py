@@ -9,6 +9,7 @@ import pytest_twisted
 from treq.client import HTTPClient
 from twisted.logger import globalLogPublisher
 
+from tests.integration.buckets_support import STORES
 from tests.integration.harness import (
     BackendServer,
     EqualizerProcess,
@@ -101,3 +102,15 @@ async def twistd_process(tmp_path) -> AsyncIterator[Callable[[dict], object]]:
     for process in processes:
         output = await process.stop()
         assert "Traceback" not in output, output
+
+
+@pytest.fixture(params=STORES)
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """Each bucket store in turn: the tests that ask for it run once per store."""
+    return request.param
+
+
+@pytest.fixture()
+def dsn(store_kind: str, request: pytest.FixtureRequest) -> str | None:
+    """The test database's DSN for the postgres store (only then is PostgreSQL needed)."""
+    return request.getfixturevalue("postgres_dsn") if store_kind == "postgres" else None

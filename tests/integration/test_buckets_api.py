@@ -20,7 +20,6 @@ import pytest
 import pytest_twisted
 
 from tests.integration.buckets_support import (
-    STORES,
     Admin,
     bucket_path,
     store_ready,
@@ -33,17 +32,6 @@ pytestmark = pytest.mark.usefixtures("no_logged_errors")
 FIELDS = {"client_id", "capacity", "tokens", "refill_rate", "created_at", "updated_at"}
 DEFAULT_REFILL = 7.5
 CLIENT_IDS = ["plain", "a b/c", "zürich/ß?x=1&y#frag", "日本語 %2F 🙂", "127.0.0.1"]
-
-
-@pytest.fixture(params=STORES)
-def store_kind(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
-@pytest.fixture()
-def dsn(store_kind: str, request: pytest.FixtureRequest) -> str | None:
-    """The test database's DSN for the postgres store (only then is PostgreSQL needed)."""
-    return request.getfixturevalue("postgres_dsn") if store_kind == "postgres" else None
 
 
 async def start_admin(equalizer, backends, http, store_kind: str, dsn: str | None,

@@ -24,7 +24,6 @@ from twisted.web import server
 
 from tests import postgres as _postgres
 from tests.integration.buckets_support import (
-    STORES,
     Admin,
     Reply,
     bucket_path,
@@ -41,17 +40,6 @@ pytestmark = pytest.mark.usefixtures("no_logged_errors")
 DRAFT = ("RateLimit-Policy", "RateLimit")
 LEGACY = ("RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset")
 ALL_FIELDS = DRAFT + LEGACY
-
-
-@pytest.fixture(params=STORES)
-def store_kind(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
-@pytest.fixture()
-def dsn(store_kind: str, request: pytest.FixtureRequest) -> str | None:
-    """The test database's DSN for the postgres store (only then is PostgreSQL needed)."""
-    return request.getfixturevalue("postgres_dsn") if store_kind == "postgres" else None
 
 
 @pytest_twisted.async_yield_fixture()
