@@ -1,0 +1,81 @@
+"""GET /metrics read back with prometheus_client's own parser, while traffic flows."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+import treq
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.harness import equalizer_config, free_port, wait_until, within
+
+pytestmark = pytest.mark.usefixtures("no_logged_errors")
+
+
+async def scrape(http, admin_url: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of /metrics, keyed by (name, sorted labels)."""
+    response = await within(http.get(admin_url + "/metrics"))
+    assert response.code == 200
+    assert response.headers.getRawHeaders(b"content-type")[0].startswith(b"text/plain")
+    text = (await within(treq.content(response))).decode("utf-8")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def proxy_get(http, url: str) -> int:
+    response = await within(http.get(url))
+    await within(treq.content(response))
+    return response.code
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_parse_and_follow_the_traffic(http, backends, equalizer):
+    """Requests, durations, rate-limit decisions, health checks, retries and backend state
+    appear in /metrics and change as requests go through."""
+    good = backends("good")
+    dead_url = f"http://127.0.0.1:{free_port()}"
+    balancer = await equalizer(equalizer_config(
+        [good.url, dead_url],
+        proxy={"retries": 1},
+        health={"interval": "100ms", "timeout": "1s", "unhealthy_threshold": 5},
+        rate_limit={"enabled": True, "default": {"capacity": 3, "refill_rate": 0}},
+    ))
+    await wait_until(lambda: good.health_checks >= 1, message="a health check")
+    await wait_until(lambda: balancer.backend(dead_url).health_checks["failed"] >= 1,
+                     message="a failed health check of the dead backend")
+    before = await scrape(http, balancer.admin_url)
+    good_id = balancer.backend(good.url).id
+    dead_id = balancer.backend(dead_url).id
+
+    statuses = [await proxy_get(http, balancer.proxy_url + "/") for _ in range(5)]
+    assert statuses == [200, 200, 200, 429, 429]
+
+    after = await scrape(http, balancer.admin_url)
+
+    def grew(name: str, labels: dict, by: float) -> None:
+        key = (name, tuple(sorted(labels.items())))
+        assert after[key] - before.get(key, 0.0) == by, (name, labels)
+
+    grew("equalizer_requests_total", {"backend": good_id, "status_class": "2xx"}, 3)
+    grew("equalizer_requests_total", {"backend": "none", "status_class": "4xx"}, 2)
+    grew("equalizer_request_duration_seconds_count", {"backend": good_id}, 3)
+    grew("equalizer_rate_limit_decisions_total", {"outcome": "allowed"}, 3)
+    grew("equalizer_rate_limit_decisions_total", {"outcome": "limited"}, 2)
+    assert after[("equalizer_backend_up", (("backend", good_id), ("url", good.url)))] == 1
+    assert after[("equalizer_backend_in_flight", (("backend", good_id),))] == 0
+    assert after[("equalizer_store_up", ())] == 1
+    assert after[("equalizer_health_checks_total", (("backend", good_id), ("result", "ok")))] >= 1
+    dead_checks = ("equalizer_health_checks_total", (("backend", dead_id), ("result", "failed")))
+    assert after[dead_checks] >= 1
+    # Round robin sent some of the three admitted requests to the dead backend first:
+    # each was retried on the good one, and counted.
+    assert after[("equalizer_retries_total", ())] >= 1
+    assert after[("equalizer_backend_failures_total", (("backend", dead_id),))] >= 1
+    buckets = [v for (name, labels), v in after.items()
+               if name == "equalizer_request_duration_seconds_bucket"
+               and dict(labels) == {"backend": good_id, "le": "+Inf"}]
+    assert buckets == [after[("equalizer_request_duration_seconds_count",
+                              (("backend", good_id),))]]
