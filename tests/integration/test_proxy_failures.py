@@ -330,6 +330,23 @@ async def test_backend_dying_mid_response_cuts_client_off(backends, equalizer):
     assert balancer.backend(dying.url).in_flight == 0
 
 
+@pytest_twisted.ensureDeferred
+async def test_backend_idle_mid_response_is_cut_after_idle_timeout(backends, equalizer):
+    """A backend that stops sending halfway through its body is given up after
+    ``timeouts.idle``: the client's connection is cut and the backend's is dropped."""
+    stalled = backends("stalled", promise_more)
+    balancer = await equalizer(equalizer_config(
+        [stalled.url], proxy={"timeouts": {"idle": "500ms"}}))
+    client = await raw_connect(balancer.proxy_port)
+    client.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    await client.received_until(lambda data: data.endswith(b"h" * 10000))
+    raw = await within(client.wait_closed(), 5)
+    assert len(raw.partition(b"\r\n\r\n")[2]) == 10000
+    await wait_until(lambda: stalled.connections_lost >= 1, 5,
+                     message="the backend connection to be dropped")
+    assert balancer.backend(stalled.url).in_flight == 0
+
+
 MALFORMED = {
     "bad request line": b"THIS IS NOT HTTP\r\n\r\n",
     "missing version": b"GET /\r\nHost: h\r\n\r\n",
