@@ -24,6 +24,7 @@ from equalizer.admin import AdminAPI
 from equalizer.config import Config, ConfigError, apply_overrides, load_config, url_identity
 from equalizer.demo import demo_service, demo_urls
 from equalizer.health import HealthMonitor, HTTPHealthChecker
+from equalizer.leasing import LeasingStore
 from equalizer.limiter import RateLimiter
 from equalizer.logs import LogFileError, LoggingService, open_logging
 from equalizer.metrics import EqualizerCollector, metrics_registry
@@ -285,7 +286,7 @@ def restart_only_changes(old: Config, new: Config) -> list[tuple[str, object, ob
 def make_store(config: Config, reactor) -> IBucketStore:
     """The bucket store the configuration names; the bucket API uses it either way."""
     if config.rate_limit.store == "postgres":
-        return PostgresStore(config.rate_limit.database_url, reactor)
+        return LeasingStore(PostgresStore(config.rate_limit.database_url, reactor), reactor)
     return MemoryStore(reactor)
 
 

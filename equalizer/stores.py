@@ -808,6 +808,13 @@ class PostgresStore:
             return Failure(StoreUnavailable(f"PostgreSQL error: {error}".strip()))
         return failure
 
+    def query(self, sql: str, params: Any) -> Deferred[list[tuple[Any, ...]]]:
+        """Run one statement for code built on this store: its rows, or StoreUnavailable.
+
+        Bounded by the query timeout; connection failures reconnect, as for takes.
+        """
+        return self._query(sql, params)
+
     def _query(self, sql: str, params: Any) -> Deferred[list[tuple[Any, ...]]]:
         pool = self._pool
         if pool is None:

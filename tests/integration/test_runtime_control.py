@@ -12,7 +12,6 @@ import os
 import signal
 from collections import Counter
 
-import pytest
 import pytest_twisted
 import treq
 import yaml

@@ -1,0 +1,607 @@
+"""LeasingStore's own logic (leases, batching, expiry), over a fake database and a fake clock.
+
+The fake answers the settlement statement with the same arithmetic as its SQL
+(tests/integration/test_leasing.py runs the real statement), on top of a
+MemoryStore, which also serves the admin calls.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from zope.interface.verify import verifyObject
+
+from equalizer.config import BucketPolicy
+from equalizer.leasing import MAX_ATTEMPTS, LeasingStore
+from equalizer.ratelimit import Bucket, refill
+from equalizer.stores import IBucketStore, InvalidBucket, MemoryStore, StoreUnavailable
+from tests.helpers import result_of
+
+TTL = 0.5
+
+
+class FakeDatabase(MemoryStore):
+    """A MemoryStore that also answers settlements; held ones wait for ``answer``."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        self.hold = False
+        self.held: list[tuple[Any, Deferred[Any]]] = []
+        self.settlements: list[dict[str, tuple[int, int, int, int | None]]] = []
+        self.failing: Exception | None = None
+        self.hidden: set[str] = set()  # keys whose rows the statement does not see
+        self.stopped = False
+
+    def stop(self) -> Deferred[None]:
+        self.stopped = True
+        return succeed(None)
+
+    def query(self, sql: str, params: Any) -> Deferred[list[tuple[Any, ...]]]:
+        assert "equalizer_settle" in sql
+        rows = json.loads(params[0])
+        self.settlements.append({c: (w, e, b, d) for c, w, e, b, d, _ in rows})
+        if self.failing is not None:
+            return fail(self.failing)
+        if self.hold:
+            d: Deferred[list[tuple[Any, ...]]] = Deferred()
+            self.held.append((params, d))
+            return d
+        return succeed(self._apply(params))
+
+    def answer(self) -> None:
+        """Run and answer the oldest held settlement."""
+        params, d = self.held.pop(0)
+        d.callback(self._apply(params))
+
+    def tokens(self, client_id: str) -> float:
+        return result_of(self.get(client_id)).tokens
+
+    def _apply(self, params: Any) -> list[tuple[Any, ...]]:
+        now = self._clock.seconds()
+        rows = []
+        for client_id, want, extra, back, dcap, drate in json.loads(params[0]):
+            if client_id in self.hidden:
+                continue
+            entry = self._buckets.get(client_id)
+            if entry is not None:
+                stored, created = entry
+                bucket = refill(stored, now)
+                capacity = bucket.capacity
+                held = min(float(capacity), bucket.tokens + back)
+                granted = min(math.floor(held), want + min(extra, max(1, capacity // 10)))
+                tokens = held - granted
+                updated = max(now, stored.updated)
+                self._buckets[client_id] = (
+                    Bucket(capacity, tokens, bucket.refill_rate, updated), created)
+                rows.append((client_id, granted, tokens, capacity, bucket.refill_rate))
+            elif want > 0 and dcap is not None:
+                granted = min(dcap, want + min(extra, max(1, dcap // 10)))
+                tokens = float(dcap - granted)
+                self._buckets[client_id] = (Bucket(dcap, tokens, drate, now), now)
+                rows.append((client_id, granted, tokens, dcap, drate))
+        return rows
+
+
+@pytest.fixture
+def clock() -> Clock:
+    clock = Clock()
+    clock.advance(1_700_000_000)
+    return clock
+
+
+@pytest.fixture
+def db(clock: Clock) -> FakeDatabase:
+    return FakeDatabase(clock)
+
+
+@pytest.fixture
+def store(db: FakeDatabase, clock: Clock) -> LeasingStore:
+    """A store whose allowances last TTL from their lease, used or not, and that settles on
+    the next reactor turn."""
+    store = LeasingStore(
+        db, clock, ttl=TTL, max_age=TTL, remember=TTL, max_lease=64, max_batch=1000, linger=0)
+    result_of(store.start())
+    return store
+
+
+def taken(d: Deferred[Any]) -> list[Any]:
+    """Collect what ``d`` fires with (a result, or the failure)."""
+    out: list[Any] = []
+    d.addBoth(out.append)
+    return out
+
+
+def settle(clock: Clock) -> None:
+    """Let the scheduled settlement run (it is scheduled for the next reactor turn)."""
+    clock.advance(0)
+
+
+def seen(store: LeasingStore, clock: Clock, client_id: str, default: BucketPolicy | None) -> None:
+    """Take once and settle: the key is known from now on, so its next settlement leases."""
+    d = store.take(client_id, default)
+    settle(clock)
+    assert result_of(d).allowed
+
+
+def test_provides_the_interface(store, db):
+    """LeasingStore fully provides IBucketStore and reports the wrapped store's availability."""
+    assert verifyObject(IBucketStore, store)
+    assert store.available is True
+
+
+def test_first_take_waits_for_one_settlement_then_later_takes_are_local(store, db, clock):
+    """A new key costs a statement and leases nothing; seen again it leases, and takes within
+    the lease answer at once without SQL."""
+    first = store.take("a", BucketPolicy(1000, 0))
+    assert not first.called
+    settle(clock)
+    decision = result_of(first)
+    assert decision.allowed and decision.limit == 1000
+    assert db.settlements[0]["a"] == (1, 0, 0, 1000)  # 1 waiting, no lease yet
+    second = store.take("a", BucketPolicy(1000, 0))
+    settle(clock)
+    assert result_of(second).allowed
+    assert db.settlements[1]["a"] == (1, 2, 0, 1000)  # seen again: lease 2 more
+    for _ in range(2):
+        assert result_of(store.take("a", BucketPolicy(1000, 0))).allowed
+    assert store.statements == 2
+    assert db.tokens("a") == 996.0
+
+
+def test_remaining_counts_the_database_and_the_allowance(store, db, clock):
+    """remaining is the row's whole tokens after the grant plus the allowance left."""
+    seen(store, clock, "a", BucketPolicy(10, 0))
+    d = store.take("a", BucketPolicy(10, 0))
+    settle(clock)
+    assert result_of(d).remaining == 8  # granted 2 (1 + lease capped at 10 // 10): 7 + 1
+    assert result_of(store.take("a", None)).remaining == 7
+
+
+def test_requests_of_one_turn_share_one_statement_in_arrival_order(store, db, clock):
+    """Requests arriving together go in one statement; the first get the tokens, the rest a
+    refusal that says when to retry."""
+    db.create("small", 3, 3, 0.5)
+    results = [taken(store.take("small", None)) for _ in range(5)]
+    settle(clock)
+    assert store.statements == 1
+    decisions = [r[0] for r in results]
+    assert [d.allowed for d in decisions] == [True, True, True, False, False]
+    assert [d.remaining for d in decisions[:3]] == [2, 1, 0]
+    assert decisions[3].retry_after == 2  # one token at 0.5/s
+    assert db.tokens("small") == 0.0
+
+
+def test_one_statement_in_flight_and_demand_accumulates(store, db, clock):
+    """While a statement runs, new demand waits and goes out together in the next one."""
+    db.hold = True
+    first = taken(store.take("k0", BucketPolicy(100, 1)))
+    settle(clock)
+    later = [taken(store.take(f"k{i}", BucketPolicy(100, 1))) for i in range(1, 50)]
+    settle(clock)
+    assert len(db.held) == 1
+    db.answer()
+    assert first[0].allowed
+    assert not any(later_result for later_result in later)
+    settle(clock)
+    assert len(db.held) == 1
+    assert len(db.settlements[1]) == 49
+    db.answer()
+    assert all(r[0].allowed for r in later)
+    assert store.statements == 2
+
+
+def test_statements_carry_at_most_max_batch_keys(db, clock):
+    """More waiting keys than max_batch go out in several statements, none above the bound."""
+    store = LeasingStore(db, clock, ttl=TTL, max_batch=100, linger=0)
+    result_of(store.start())
+    results = [taken(store.take(f"k{i}", BucketPolicy(10, 1))) for i in range(250)]
+    for _ in range(3):
+        settle(clock)
+    assert [len(s) for s in db.settlements] == [100, 100, 50]
+    assert all(r[0].allowed for r in results)
+
+
+def test_lease_grows_with_demand_up_to_the_cap(store, db, clock):
+    """The lease is twice the demand since the last settlement, at most max_lease."""
+    policy = BucketPolicy(100_000, 0)
+    seen(store, clock, "hot", policy)
+    result_of_first = taken(store.take("hot", policy))
+    settle(clock)
+    assert result_of_first[0].allowed
+    extras = [db.settlements[-1]["hot"][1]]
+    for _ in range(6):
+        while True:  # use the allowance up, then one more request waits
+            d = store.take("hot", policy)
+            if not d.called:
+                break
+        settle(clock)
+        assert result_of(d).allowed
+        extras.append(db.settlements[-1]["hot"][1])
+    assert extras == [2, 6, 14, 30, 62, 64, 64]
+
+
+def test_lease_never_exceeds_a_tenth_of_the_bucket(store, db, clock):
+    """A bucket of 50 leases at most 5 tokens beyond the waiting requests (SQL caps it)."""
+    db.create("fifty", 50, 50, 0)
+    seen(store, clock, "fifty", None)
+    d = store.take("fifty", None)
+    for _ in range(40):
+        store.take("fifty", None)
+    settle(clock)
+    assert result_of(d).allowed
+    assert db.tokens("fifty") == 50 - 1 - 41 - 5
+
+
+def test_refusal_is_remembered_until_a_token_is_due(store, db, clock):
+    """An empty bucket refuses locally until its next token is due (at most the TTL)."""
+    db.create("empty", 5, 0, 8.0)  # a token every 0.125 s
+    first = taken(store.take("empty", None))
+    settle(clock)
+    assert not first[0].allowed
+    for _ in range(100):
+        refused = store.take("empty", None)
+        assert refused.called and not result_of(refused).allowed
+    assert store.statements == 1
+    clock.advance(0.125)
+    again = taken(store.take("empty", None))
+    settle(clock)
+    assert again[0].allowed
+    assert store.statements == 2
+
+
+def test_refusal_of_a_bucket_that_never_refills_lasts_one_ttl(store, db, clock):
+    """Without refill, the remembered refusal expires after the TTL and the database is asked."""
+    db.create("never", 5, 0, 0)
+    taken(store.take("never", None))
+    settle(clock)
+    clock.advance(TTL - 0.01)
+    assert store.take("never", None).called
+    clock.advance(0.01)
+    assert not store.take("never", None).called
+    settle(clock)
+    assert store.statements == 2
+
+
+def test_unknown_client_without_default_is_not_limited_and_remembered(store, db, clock):
+    """With no default and no bucket the answer is None, remembered for the TTL."""
+    first = taken(store.take("nobody", None))
+    second = taken(store.take("nobody", None))
+    settle(clock)
+    assert first == [None] and second == [None]
+    assert result_of(store.take("nobody", None)) is None
+    assert store.statements == 1
+    assert result_of(db.get("nobody")) is None
+
+
+def test_invalid_client_id_is_refused_at_once(store, db):
+    """A client id the database could not store fails with InvalidBucket, with no statement."""
+    with pytest.raises(InvalidBucket):
+        result_of(store.take("x" * 513, BucketPolicy(1, 1)))
+    with pytest.raises(InvalidBucket):
+        result_of(store.take("", BucketPolicy(1, 1)))
+    with pytest.raises(InvalidBucket):
+        result_of(store.take("bad\udc80", BucketPolicy(1, 1)))
+    assert store.statements == 0
+
+
+def test_unused_allowance_expires_and_is_given_back_in_one_statement(store, db, clock):
+    """After the TTL allowances are no longer used; the sweep gives them all back together."""
+    for i in range(20):
+        seen(store, clock, f"k{i}", BucketPolicy(1000, 0))
+    for i in range(20):
+        taken(store.take(f"k{i}", BucketPolicy(1000, 0)))
+    settle(clock)
+    assert db.tokens("k0") == 996.0
+    statements = store.statements
+    clock.advance(TTL)  # the sweep runs every TTL / 2
+    settle(clock)
+    assert store.statements == statements + 1
+    assert len(db.settlements[-1]) == 20
+    assert all(v == (0, 0, 2, None) for v in db.settlements[-1].values())
+    assert db.tokens("k0") == 998.0
+
+
+def test_expired_allowance_is_not_used(store, db, clock):
+    """A take after the TTL goes to the database, and the stale allowance goes back with it."""
+    clock.advance(0.1)  # out of step with the sweep, which would otherwise give it back first
+    seen(store, clock, "a", BucketPolicy(1000, 0))
+    taken(store.take("a", BucketPolicy(1000, 0)))
+    settle(clock)
+    clock.advance(0.4)  # both sweeps so far ran before the allowance expired
+    clock.advance(0.11)
+    d = store.take("a", BucketPolicy(1000, 0))
+    assert not d.called
+    settle(clock)
+    assert result_of(d).allowed
+    want, _, back, _ = db.settlements[-1]["a"]
+    assert (want, back) == (1, 2)
+
+
+def test_idle_keys_are_forgotten(store, db, clock):
+    """Keys not used for a while take no memory: after the sweep nothing is kept about them."""
+    for i in range(10_000):
+        taken(store.take(f"k{i}", BucketPolicy(10, 1)))
+    for _ in range(10):
+        settle(clock)
+    assert len(store._keys) == 10_000
+    for _ in range(4):  # kept for a TTL after their lease, to lease if they come back
+        clock.advance(TTL / 2)
+    assert not store._keys
+    assert not store._pending and not store._returns
+
+
+def test_requests_arriving_during_a_settlement_use_its_grant(store, db, clock):
+    """Requests that came while their key was settling are served from the new allowance."""
+    db.create("k", 1000, 1000, 0)
+    seen(store, clock, "k", None)
+    db.hold = True
+    first = taken(store.take("k", None))
+    settle(clock)
+    late = [taken(store.take("k", None)) for _ in range(2)]
+    settle(clock)
+    db.answer()
+    assert first[0].allowed and all(r[0].allowed for r in late)
+    settle(clock)
+    assert store.statements == 2
+
+
+def test_requests_arriving_during_a_refusal_are_refused_with_it(store, db, clock):
+    """Requests that came while their key was found empty are refused without another statement."""
+    db.hold = True
+    db.create("k", 2, 0, 0)
+    first = taken(store.take("k", None))
+    settle(clock)
+    late = taken(store.take("k", None))
+    db.answer()
+    assert not first[0].allowed and not late[0].allowed
+    settle(clock)
+    assert store.statements == 1
+
+
+def test_update_and_delete_drop_the_allowance(store, db, clock):
+    """An admin update or delete through the store stops the old allowance being used."""
+    taken(store.take("a", BucketPolicy(1000, 0)))
+    settle(clock)
+    result_of(store.update("a", tokens=0))
+    d = store.take("a", None)
+    assert not d.called
+    settle(clock)
+    assert not result_of(d).allowed
+    assert db.settlements[-1]["a"][2] == 0  # nothing given back onto the admin's value
+    result_of(store.delete("a"))
+    d = store.take("a", None)  # the remembered refusal went with the bucket
+    assert not d.called
+    settle(clock)
+    assert result_of(d) is None
+
+
+def test_update_during_a_settlement_leaves_no_allowance(store, db, clock):
+    """A grant from before an admin change answers its requests but leaves nothing to lease."""
+    db.hold = True
+    db.create("a", 1000, 1000, 0)
+    first = taken(store.take("a", None))
+    settle(clock)
+    store.update("a", tokens=500)
+    db.answer()
+    assert first[0].allowed
+    d = store.take("a", None)
+    assert not d.called
+
+
+def test_create_drops_a_remembered_not_limited(store, db, clock):
+    """Creating a bucket through the store ends the remembered "not limited" for its key."""
+    d = store.take("new", None)
+    settle(clock)
+    assert result_of(d) is None
+    result_of(store.create("new", 1, 0, 0))
+    d = store.take("new", None)
+    settle(clock)
+    assert not result_of(d).allowed
+
+
+def test_database_failure_fails_the_waiting_requests(store, db, clock):
+    """A failed statement fails all its requests with StoreUnavailable; the next one works."""
+    db.failing = StoreUnavailable("down")
+    results = [taken(store.take(f"k{i}", BucketPolicy(10, 1))) for i in range(5)]
+    settle(clock)
+    assert all(r[0].check(StoreUnavailable) for r in results)
+    db.failing = None
+    d = store.take("k0", BucketPolicy(10, 1))
+    settle(clock)
+    assert result_of(d).allowed
+
+
+def test_unexpected_errors_become_store_unavailable(store, db, clock):
+    """Any other error of the statement reaches the limiter as StoreUnavailable."""
+    db.failing = RuntimeError("boom")
+    result = taken(store.take("k", BucketPolicy(10, 1)))
+    settle(clock)
+    assert result[0].check(StoreUnavailable)
+
+
+def test_bucket_vanishing_under_the_statement_is_retried_then_given_up(store, db, clock):
+    """A key the statement neither found nor created is retried, and fails after a few tries."""
+    db.hidden.add("ghost")
+    result = taken(store.take("ghost", BucketPolicy(10, 1)))
+    for _ in range(MAX_ATTEMPTS + 1):
+        settle(clock)
+    assert result[0].check(StoreUnavailable)
+    assert store.statements == MAX_ATTEMPTS + 1
+    db.hidden.clear()
+    d = store.take("ghost", BucketPolicy(10, 1))
+    settle(clock)
+    assert result_of(d).allowed
+
+
+def test_stop_gives_allowances_back_and_stops_the_database(store, db, clock):
+    """stop() returns unused tokens, fails requests not yet sent, then stops the wrapped store."""
+    seen(store, clock, "a", BucketPolicy(1000, 0))
+    taken(store.take("a", BucketPolicy(1000, 0)))
+    settle(clock)
+    waiting = taken(store.take("b", BucketPolicy(1000, 0)))
+    result_of(store.stop())
+    assert waiting[0].check(StoreUnavailable)
+    assert db.tokens("a") == 998.0
+    assert db.stopped
+    with pytest.raises(StoreUnavailable):
+        result_of(store.take("a", BucketPolicy(1000, 0)))
+    assert not clock.getDelayedCalls()
+
+
+def test_stop_waits_a_bounded_time_for_a_hung_database(store, db, clock):
+    """stop() gives up giving tokens back after stop_timeout and stops anyway."""
+    seen(store, clock, "a", BucketPolicy(1000, 0))
+    taken(store.take("a", BucketPolicy(1000, 0)))
+    settle(clock)
+    db.hold = True
+    stopped = taken(store.stop())
+    assert not stopped
+    clock.advance(2.0)
+    assert stopped == [None]
+    assert db.stopped
+
+
+def test_stop_waits_for_the_settlement_in_flight(store, db, clock):
+    """stop() lets the running statement finish before giving the tokens back."""
+    seen(store, clock, "a", BucketPolicy(1000, 0))
+    db.hold = True
+    first = taken(store.take("a", BucketPolicy(1000, 0)))
+    settle(clock)
+    stopped = taken(store.stop())
+    db.answer()
+    assert first[0].allowed
+    assert not stopped  # now giving back the lease
+    db.answer()
+    assert stopped == [None]
+    assert db.tokens("a") == 998.0
+
+
+def test_busy_key_gets_its_next_lease_before_running_out(store, db, clock):
+    """Once half of a large enough allowance is used the next lease is asked for, so no request
+    of a busy key waits; what was left of the old lease goes back to the database."""
+    policy = BucketPolicy(100_000, 0)
+    seen(store, clock, "hot", policy)
+    taken(store.take("hot", policy))
+    settle(clock)  # granted 1 + 2
+    for _ in range(2):
+        assert store.take("hot", policy).called
+    d = store.take("hot", policy)  # waits: granted 1 + 6
+    settle(clock)
+    assert result_of(d).allowed
+    assert store.statements == 3
+    for _ in range(3):  # 6 -> 3: half used, the next lease is asked for
+        assert store.take("hot", policy).called
+    settle(clock)
+    assert store.statements == 4
+    assert db.settlements[-1]["hot"] == (0, 6, 0, None)  # nobody waiting, lease only
+    for _ in range(6):
+        assert store.take("hot", policy).called  # from the new lease, no waiting
+    settle(clock)
+    assert store.statements == 5
+    assert db.settlements[-1]["hot"] == (0, 12, 3, None)  # the old lease's 3 went back too
+    admitted = 1 + 1 + 2 + 1 + 3 + 6
+    assert db.tokens("hot") + store._keys["hot"].allowance == 100_000 - admitted
+
+
+def test_second_statement_in_flight_leaves_out_keys_already_settling(db, clock):
+    """With two statements allowed in flight, new keys go out at once; a key already in flight
+    waits for its answer instead of going out twice."""
+    store = LeasingStore(db, clock, ttl=TTL, max_in_flight=2, linger=0)
+    result_of(store.start())
+    seen(store, clock, "a", BucketPolicy(1000, 0))
+    db.hold = True
+    first = taken(store.take("a", BucketPolicy(1000, 0)))
+    settle(clock)
+    second = [taken(store.take(key, BucketPolicy(1000, 0))) for key in ("a", "b")]
+    settle(clock)
+    assert [sorted(s) for s in db.settlements[1:]] == [["a"], ["b"]]
+    third = taken(store.take("c", BucketPolicy(1000, 0)))
+    settle(clock)
+    assert len(db.held) == 2  # at most two in flight: "c" waits
+    db.answer()
+    assert first[0].allowed and second[0][0].allowed  # "a" late request used the new lease
+    settle(clock)
+    assert sorted(db.settlements[-1]) == ["c"]
+    db.answer()
+    db.answer()
+    assert second[1][0].allowed and third[0].allowed
+
+
+def test_settlements_start_at_most_once_per_linger(db, clock):
+    """A settlement starts no sooner than ``linger`` after the previous one, so demand gathers."""
+    store = LeasingStore(db, clock, ttl=TTL, linger=0.002)
+    result_of(store.start())
+    first = taken(store.take("k0", BucketPolicy(10, 1)))
+    settle(clock)
+    assert first and store.statements == 1
+    second = [taken(store.take(f"k{i}", BucketPolicy(10, 1))) for i in range(1, 4)]
+    settle(clock)
+    assert store.statements == 1 and not any(second)
+    clock.advance(0.002)
+    assert store.statements == 2 and all(second)
+    assert len(db.settlements[-1]) == 3
+
+
+def test_an_allowance_in_use_lives_on_until_max_age(db, clock):
+    """An allowance used at least once per ttl stays usable, up to max_age after its lease;
+    one left unused for ttl goes back."""
+    store = LeasingStore(db, clock, ttl=1.0, max_age=2.5, max_lease=3, linger=0)
+    result_of(store.start())
+    policy = BucketPolicy(1000, 0)
+    seen(store, clock, "busy", policy)
+    seen(store, clock, "idle", policy)
+    for key in ("busy", "idle"):
+        d = store.take(key, policy)
+        settle(clock)
+        assert result_of(d).allowed  # and 2 more leased for each
+    statements = store.statements
+    clock.advance(0.9)
+    assert store.take("busy", policy).called  # used: good for another second
+    clock.advance(0.9)
+    assert store.take("busy", policy).called
+    assert db.settlements[-1] == {"idle": (0, 0, 2, None)}  # given back by the sweep
+    assert store.statements == statements + 1
+    seen(store, clock, "busy", policy)  # allowance used up: leases 3 more (max_lease)
+    local = 0
+    while True:  # one request every 0.9 s: the allowance of 3 outlives max_age, 2.5 s
+        clock.advance(0.9)
+        d = store.take("busy", policy)
+        if not d.called:
+            break
+        local += 1
+    assert local == 2
+    settle(clock)
+    assert result_of(d).allowed
+    assert db.settlements[-1]["busy"][:2] == (1, 3)
+    assert sum(s["busy"][2] for s in db.settlements[-2:] if "busy" in s) == 1  # left, back
+
+
+def test_remembered_decisions_last_at_most_remember(db, clock):
+    """Refusals and "not limited" are repeated locally for ``remember`` seconds, however long
+    allowances last."""
+    store = LeasingStore(db, clock, ttl=5.0, remember=0.5, linger=0)
+    result_of(store.start())
+    db.create("empty", 5, 0, 0)
+    for key in ("empty", "nobody"):
+        taken(store.take(key, None))
+    settle(clock)
+    clock.advance(0.49)
+    assert store.take("empty", None).called and store.take("nobody", None).called
+    clock.advance(0.01)
+    assert not store.take("empty", None).called
+    assert not store.take("nobody", None).called
+
+
+def test_min_lease_sets_the_first_lease_of_a_key_seen_again(db, clock):
+    """A key seen a second time leases at least min_lease tokens beyond its waiting requests."""
+    store = LeasingStore(db, clock, ttl=TTL, min_lease=8, linger=0)
+    result_of(store.start())
+    seen(store, clock, "a", BucketPolicy(1000, 0))
+    seen(store, clock, "a", BucketPolicy(1000, 0))
+    assert db.settlements[-1]["a"][:2] == (1, 8)
+    assert store._keys["a"].allowance == 8
