@@ -102,8 +102,9 @@ meanwhile still answers its requests but leaves no allowance. Another instance
 admits at most the allowance it held when the change was made (see above) and
 sees the new settings at its next settlement for the key: when that allowance
 runs out, goes idle for ``ttl`` or reaches ``max_age``; its remembered decisions
-last at most ``remember``. ``get`` and ``list`` show the row, in which leased
-tokens count as taken.
+last at most ``remember``. ``get`` and ``list`` show the row plus this
+instance's unused allowance (capped at the capacity): exact with one instance;
+other instances' allowances count as taken.
 
 Failures and shutdown
 ---------------------
