@@ -7,6 +7,7 @@ down the listeners close first, then the health monitor, then the store.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -229,6 +230,11 @@ class EqualizerService(MultiService):
 
     def startService(self) -> None:
         super().startService()
+        # Everything built so far (modules, config, services) lives as long as the
+        # process: move it out of the cyclic collector's sight. Full collections then
+        # scan only what requests create; they were the 30-40 ms p99 stalls.
+        gc.collect()
+        gc.freeze()
         if self.reread is not None:
             self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
 
