@@ -63,8 +63,13 @@ class RateLimiter:
                 ready.addCallback(self._admit_when_ready, exchange)
                 return
             self._ready = None
-        self.store.take(self.client_key(exchange), self.config.default).addCallbacks(
-            self._decided, self._store_failed, (exchange,), None, (exchange,), None)
+        taken = self.store.take(self.client_key(exchange), self.config.default)
+        if taken.called and not isinstance(taken.result, Failure):
+            # Answered at once (memory store, a live lease): skip the callback chain.
+            self._decided(taken.result, exchange)
+            return
+        taken.addCallbacks(self._decided, self._store_failed, (exchange,), None,
+                           (exchange,), None)
 
     def _admit_when_ready(self, result: None, exchange: Exchange) -> None:
         self.admit(exchange)
