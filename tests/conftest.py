@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from twisted.internet.task import Clock
 
 from tests import postgres as _postgres
 
@@ -19,3 +20,11 @@ def postgres_server() -> Iterator[_postgres.PostgresServer]:
 def postgres_dsn(postgres_server: _postgres.PostgresServer) -> str:
     """A libpq DSN for a database of our own that lasts the whole test session."""
     return postgres_server.dsn
+
+
+@pytest.fixture
+def clock() -> Clock:
+    """A fake clock set to a realistic epoch time, for code that stamps wall time."""
+    clock = Clock()
+    clock.advance(1_700_000_000)
+    return clock

@@ -27,7 +27,9 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Any, NoReturn
 
 import psycopg2
@@ -258,3 +260,31 @@ async def sql(dsn: str, query: str, params: Any = None, fetch: bool = False) -> 
         return await run(query, params).addTimeout(SQL_TIMEOUT, reactor)
     finally:
         connection.close()
+
+
+@asynccontextmanager
+async def buckets_locked(dsn: str) -> AsyncIterator[None]:
+    """Hold an exclusive lock on the buckets table, as a stuck transaction would."""
+    from twisted.internet import reactor
+
+    blocker = Connection(reactor)
+    await blocker.connect(dsn).addTimeout(SQL_TIMEOUT, reactor)
+    try:
+        await blocker.runOperation("BEGIN").addTimeout(SQL_TIMEOUT, reactor)
+        await blocker.runOperation("LOCK TABLE buckets IN ACCESS EXCLUSIVE MODE").addTimeout(
+            SQL_TIMEOUT, reactor)
+        yield
+    finally:
+        await blocker.runOperation("ROLLBACK").addTimeout(SQL_TIMEOUT, reactor)
+        blocker.close()
+
+
+async def wait_available(store: object, seconds: float = 10.0) -> None:
+    """Poll until a store says it is available again, failing after ``seconds``."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    deadline = time.monotonic() + seconds
+    while not store.available:
+        assert time.monotonic() < deadline, f"store did not come back within {seconds:g} s"
+        await deferLater(reactor, 0.05, lambda: None)

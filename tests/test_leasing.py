@@ -88,13 +88,6 @@ class FakeDatabase(MemoryStore):
 
 
 @pytest.fixture
-def clock() -> Clock:
-    clock = Clock()
-    clock.advance(1_700_000_000)
-    return clock
-
-
-@pytest.fixture
 def db(clock: Clock) -> FakeDatabase:
     return FakeDatabase(clock)
 

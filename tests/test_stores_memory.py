@@ -24,13 +24,6 @@ DEFAULT = BucketPolicy(capacity=3, refill_rate=1.0)
 
 
 @pytest.fixture
-def clock() -> Clock:
-    clock = Clock()
-    clock.advance(1_700_000_000)
-    return clock
-
-
-@pytest.fixture
 def store(clock: Clock) -> MemoryStore:
     store = MemoryStore(clock)
     result_of(store.start())

@@ -22,7 +22,8 @@ from txpostgres.txpostgres import Connection
 from equalizer.config import BucketPolicy
 from equalizer.leasing import LeasingStore
 from equalizer.stores import PostgresStore, StoreUnavailable
-from tests.integration.test_postgres_store import sleep, sql, within
+from tests.integration.test_postgres_store import sleep, within
+from tests.postgres import buckets_locked, sql, wait_available
 
 TTL = 0.2
 
@@ -308,22 +309,12 @@ async def test_unreachable_database_fails_takes_without_hanging(leasing, postgre
     timeout; later takes fail at once, and the store serves again once it is free."""
     store = await leasing(query_timeout=0.5)
     await within(store.create("locked", 10, 10, 0))
-    blocker = Connection(reactor)
-    await within(blocker.connect(postgres_dsn))
-    try:
-        await within(blocker.runOperation("BEGIN"))
-        await within(blocker.runOperation("LOCK TABLE buckets IN ACCESS EXCLUSIVE MODE"))
+    async with buckets_locked(postgres_dsn):
         began = time.monotonic()
         with pytest.raises(StoreUnavailable):
             await within(store.take("locked", None))
         assert time.monotonic() - began < 2
         with pytest.raises(StoreUnavailable):
             await within(store.take("locked", None), 0.1)
-    finally:
-        await within(blocker.runOperation("ROLLBACK"))
-        blocker.close()
-    deadline = time.monotonic() + 10
-    while not store.available:
-        assert time.monotonic() < deadline, "store did not come back within 10 s"
-        await sleep(0.05)
+    await wait_available(store)
     assert (await within(store.take("locked", None))).allowed

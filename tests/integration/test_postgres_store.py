@@ -33,7 +33,7 @@ from equalizer.stores import (
     migrations,
 )
 from tests import postgres as _postgres
-from tests.postgres import sql
+from tests.postgres import buckets_locked, sql, wait_available
 
 TIMEOUT = 30.0
 
@@ -356,11 +356,7 @@ async def test_hung_query_times_out_and_the_store_recovers(stores, postgres_dsn)
     store = await stores(query_timeout=0.5)
     await sql(postgres_dsn, "TRUNCATE buckets")
     await within(store.create("locked", 10, 10, 0))
-    blocker = Connection(reactor)
-    await within(blocker.connect(postgres_dsn))
-    try:
-        await within(blocker.runOperation("BEGIN"))
-        await within(blocker.runOperation("LOCK TABLE buckets IN ACCESS EXCLUSIVE MODE"))
+    async with buckets_locked(postgres_dsn):
         began = time.monotonic()
         with pytest.raises(StoreUnavailable):
             await within(store.take("locked", None))
@@ -368,13 +364,7 @@ async def test_hung_query_times_out_and_the_store_recovers(stores, postgres_dsn)
         assert not store.available
         with pytest.raises(StoreUnavailable):  # fails fast meanwhile
             await within(store.take("locked", None), 0.1)
-    finally:
-        await within(blocker.runOperation("ROLLBACK"))
-        blocker.close()
-    deadline = time.monotonic() + 10
-    while not store.available:
-        assert time.monotonic() < deadline, "store did not come back within 10 s"
-        await sleep(0.05)
+    await wait_available(store)
     assert (await within(store.take("locked", None))).allowed
 
 
