@@ -168,6 +168,12 @@ def status_of(raw_response: bytes) -> int:
     return int(raw_response.split(b"\r\n", 1)[0].split(b" ")[1])
 
 
+def header_values(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
+    """Every value of header ``name`` (case-insensitive), in order."""
+    lowered = name.lower()
+    return [value for key, value in headers if key.lower() == lowered]
+
+
 @attrs.define
 class RawResponse:
     """One HTTP/1.x response as bytes on the wire: status, headers in order, decoded body."""
@@ -177,8 +183,7 @@ class RawResponse:
     body: bytes
 
     def header(self, name: bytes) -> list[bytes]:
-        lowered = name.lower()
-        return [value for key, value in self.headers if key.lower() == lowered]
+        return header_values(self.headers, name)
 
     def names(self) -> set[bytes]:
         return {key.lower() for key, _ in self.headers}
@@ -222,9 +227,7 @@ class RecordedRequest:
     body: bytes
 
     def header(self, name: bytes) -> list[bytes]:
-        """Every value of header ``name`` (case-insensitive), in order."""
-        lowered = name.lower()
-        return [value for key, value in self.headers if key.lower() == lowered]
+        return header_values(self.headers, name)
 
 
 Handler = Callable[["BackendServer", server.Request], bytes | int]
