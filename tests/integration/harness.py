@@ -455,11 +455,9 @@ def _listening_port(listener: StreamServerEndpointService) -> int:
     return ports[0].getHost().port
 
 
-@attrs.define
-class RunningEqualizer:
-    """An EqualizerService started in this process, and where to reach it."""
+class ListeningEqualizer:
+    """Where a balancer with ``proxy_port`` and ``admin_port`` on loopback answers."""
 
-    service: EqualizerService
     proxy_port: int
     admin_port: int
 
@@ -470,6 +468,15 @@ class RunningEqualizer:
     @property
     def admin_url(self) -> str:
         return f"http://{LOOPBACK}:{self.admin_port}"
+
+
+@attrs.define
+class RunningEqualizer(ListeningEqualizer):
+    """An EqualizerService started in this process, and where to reach it."""
+
+    service: EqualizerService
+    proxy_port: int
+    admin_port: int
 
     def backend(self, url: str):
         """The pool's Backend for ``url``."""
@@ -528,7 +535,7 @@ def reset_peak_rss(pid: int) -> bool:
     return True
 
 
-class EqualizerProcess:
+class EqualizerProcess(ListeningEqualizer):
     """``twistd -n equalizer --config FILE`` in a child process, with its output in a file."""
 
     def __init__(self, document: dict, directory: str) -> None:
@@ -543,14 +550,6 @@ class EqualizerProcess:
             yaml.safe_dump(document, f)
         self._output = tempfile.TemporaryFile(dir=directory)
         self.process: subprocess.Popen | None = None
-
-    @property
-    def proxy_url(self) -> str:
-        return f"http://{LOOPBACK}:{self.proxy_port}"
-
-    @property
-    def admin_url(self) -> str:
-        return f"http://{LOOPBACK}:{self.admin_port}"
 
     @property
     def pid(self) -> int:
