@@ -15,8 +15,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from equalizer.proxy import key_reader
-from equalizer.ratelimit import Decision, rate_limit_headers
+from equalizer.proxy import key_reader, stored_header_name
+from equalizer.ratelimit import FIELD_NAMES, Decision, header_renderer
 from equalizer.stores import StoreUnavailable
 
 if TYPE_CHECKING:
@@ -31,6 +31,8 @@ log = Logger()
 
 DECISIONS = ("allowed", "limited", "unlimited", "store_error")
 """Outcomes of the limiter, counted for /metrics and written in the access log."""
+
+_STORED_NAMES = {name: stored_header_name(name) for name in FIELD_NAMES}
 
 
 class RateLimiter:
@@ -48,6 +50,7 @@ class RateLimiter:
         """Take new settings (start-up and SIGHUP reload)."""
         self.config = config
         self.client_key = key_reader(config.key)
+        self._render = header_renderer(config.headers)
         self.deny_on_store_error = config.on_store_error == "deny"
 
     def admit(self, exchange: Exchange) -> None:
@@ -107,5 +110,8 @@ class RateLimiter:
         """Add the RateLimit fields (and Retry-After to a 429) to a limited response."""
         decision = exchange.decision
         if decision is not None:
-            for name, value in rate_limit_headers(decision, self.config.headers):
-                headers.setRawHeaders(name, [value])
+            # Names and values of our own making (tokens, digits, quotes): set straight
+            # into the Headers' dict, without its per-call checks (a fifth of the cost).
+            raw = headers._rawHeaders
+            for name, value in self._render(decision):
+                raw[_STORED_NAMES[name]] = [value]

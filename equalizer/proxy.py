@@ -736,6 +736,14 @@ class ProxySite(http.HTTPFactory):
         """Access lines are the proxy's own (``Proxy.exchange_done``), with its fields."""
 
 
+def stored_header_name(name: bytes) -> bytes:
+    """The spelling twisted.web's Headers keeps ``name`` under, found by asking it."""
+    probe = http.Headers()
+    probe.addRawHeader(name, b"")
+    stored, _ = next(iter(probe.getAllRawHeaders()))
+    return stored
+
+
 def key_reader(spec: str) -> Callable[[Exchange], str]:
     """How to read a client key (``ip``, ``header:NAME``, ``cookie:NAME``) off an exchange.
 

@@ -115,7 +115,7 @@ def settle(clock: Clock) -> None:
 
 
 def seen(store: LeasingStore, clock: Clock, client_id: str, default: BucketPolicy | None) -> None:
-    """Take once and settle: the key is known from now on, so its next settlement leases."""
+    """Take once and settle: that settlement serves the take and leases twice it (2 tokens)."""
     d = store.take(client_id, default)
     settle(clock)
     assert result_of(d).allowed
@@ -128,31 +128,30 @@ def test_provides_the_interface(store, db):
 
 
 def test_first_take_waits_for_one_settlement_then_later_takes_are_local(store, db, clock):
-    """A new key costs a statement and leases nothing; seen again it leases, and takes within
-    the lease answer at once without SQL."""
+    """A new key's first take costs a statement, which also leases twice the demand; takes
+    within the lease answer at once without SQL, and the next lease follows the demand."""
     first = store.take("a", BucketPolicy(1000, 0))
     assert not first.called
     settle(clock)
     decision = result_of(first)
     assert decision.allowed and decision.limit == 1000
-    assert db.settlements[0]["a"] == (1, 0, 0, 1000)  # 1 waiting, no lease yet
-    second = store.take("a", BucketPolicy(1000, 0))
-    settle(clock)
-    assert result_of(second).allowed
-    assert db.settlements[1]["a"] == (1, 2, 0, 1000)  # seen again: lease 2 more
+    assert db.settlements[0]["a"] == (1, 2, 0, 1000)  # 1 waiting, a lease of 2 more
     for _ in range(2):
         assert result_of(store.take("a", BucketPolicy(1000, 0))).allowed
-    assert store.statements == 2
-    assert db.tokens("a") == 996.0
+    assert store.statements == 1
+    assert db.tokens("a") == 997.0
+    again = store.take("a", BucketPolicy(1000, 0))
+    settle(clock)
+    assert result_of(again).allowed
+    assert db.settlements[1]["a"] == (1, 6, 0, 1000)  # demand 1 + 2 used: lease 6
 
 
 def test_remaining_counts_the_database_and_the_allowance(store, db, clock):
     """remaining is the row's whole tokens after the grant plus the allowance left."""
-    seen(store, clock, "a", BucketPolicy(10, 0))
     d = store.take("a", BucketPolicy(10, 0))
     settle(clock)
-    assert result_of(d).remaining == 8  # granted 2 (1 + lease capped at 10 // 10): 7 + 1
-    assert result_of(store.take("a", None)).remaining == 7
+    assert result_of(d).remaining == 9  # granted 2 (1 + lease capped at 10 // 10): 8 + 1
+    assert result_of(store.take("a", None)).remaining == 8
 
 
 def test_requests_of_one_turn_share_one_statement_in_arrival_order(store, db, clock):
@@ -203,9 +202,6 @@ def test_lease_grows_with_demand_up_to_the_cap(store, db, clock):
     """The lease is twice the demand since the last settlement, at most max_lease."""
     policy = BucketPolicy(100_000, 0)
     seen(store, clock, "hot", policy)
-    result_of_first = taken(store.take("hot", policy))
-    settle(clock)
-    assert result_of_first[0].allowed
     extras = [db.settlements[-1]["hot"][1]]
     for _ in range(6):
         while True:  # use the allowance up, then one more request waits
@@ -221,13 +217,13 @@ def test_lease_grows_with_demand_up_to_the_cap(store, db, clock):
 def test_lease_never_exceeds_a_tenth_of_the_bucket(store, db, clock):
     """A bucket of 50 leases at most 5 tokens beyond the waiting requests (SQL caps it)."""
     db.create("fifty", 50, 50, 0)
-    seen(store, clock, "fifty", None)
     d = store.take("fifty", None)
     for _ in range(40):
         store.take("fifty", None)
     settle(clock)
     assert result_of(d).allowed
-    assert db.tokens("fifty") == 50 - 1 - 41 - 5
+    assert db.settlements[0]["fifty"][:2] == (41, 64)  # twice the demand, max_lease: asked
+    assert db.tokens("fifty") == 50 - 41 - 5
 
 
 def test_refusal_is_remembered_until_a_token_is_due(store, db, clock):
@@ -285,17 +281,17 @@ def test_invalid_client_id_is_refused_at_once(store, db):
 def test_unused_allowance_expires_and_is_given_back_in_one_statement(store, db, clock):
     """After the TTL allowances are no longer used; the sweep gives them all back together."""
     for i in range(20):
-        seen(store, clock, f"k{i}", BucketPolicy(1000, 0))
-    for i in range(20):
         taken(store.take(f"k{i}", BucketPolicy(1000, 0)))
     settle(clock)
-    assert db.tokens("k0") == 996.0
+    for i in range(20):
+        assert store.take(f"k{i}", BucketPolicy(1000, 0)).called  # one of the 2 leased
+    assert db.tokens("k0") == 997.0
     statements = store.statements
     clock.advance(TTL)  # the sweep runs every TTL / 2
     settle(clock)
     assert store.statements == statements + 1
     assert len(db.settlements[-1]) == 20
-    assert all(v == (0, 0, 2, None) for v in db.settlements[-1].values())
+    assert all(v == (0, 0, 1, None) for v in db.settlements[-1].values())
     assert db.tokens("k0") == 998.0
 
 
@@ -303,8 +299,6 @@ def test_expired_allowance_is_not_used(store, db, clock):
     """A take after the TTL goes to the database, and the stale allowance goes back with it."""
     clock.advance(0.1)  # out of step with the sweep, which would otherwise give it back first
     seen(store, clock, "a", BucketPolicy(1000, 0))
-    taken(store.take("a", BucketPolicy(1000, 0)))
-    settle(clock)
     clock.advance(0.4)  # both sweeps so far ran before the allowance expired
     clock.advance(0.11)
     d = store.take("a", BucketPolicy(1000, 0))
@@ -331,7 +325,6 @@ def test_idle_keys_are_forgotten(store, db, clock):
 def test_requests_arriving_during_a_settlement_use_its_grant(store, db, clock):
     """Requests that came while their key was settling are served from the new allowance."""
     db.create("k", 1000, 1000, 0)
-    seen(store, clock, "k", None)
     db.hold = True
     first = taken(store.take("k", None))
     settle(clock)
@@ -340,7 +333,7 @@ def test_requests_arriving_during_a_settlement_use_its_grant(store, db, clock):
     db.answer()
     assert first[0].allowed and all(r[0].allowed for r in late)
     settle(clock)
-    assert store.statements == 2
+    assert store.statements == 1
 
 
 def test_requests_arriving_during_a_refusal_are_refused_with_it(store, db, clock):
@@ -434,12 +427,11 @@ def test_bucket_vanishing_under_the_statement_is_retried_then_given_up(store, db
 def test_stop_gives_allowances_back_and_stops_the_database(store, db, clock):
     """stop() returns unused tokens, fails requests not yet sent, then stops the wrapped store."""
     seen(store, clock, "a", BucketPolicy(1000, 0))
-    taken(store.take("a", BucketPolicy(1000, 0)))
-    settle(clock)
+    assert db.tokens("a") == 997.0
     waiting = taken(store.take("b", BucketPolicy(1000, 0)))
     result_of(store.stop())
     assert waiting[0].check(StoreUnavailable)
-    assert db.tokens("a") == 998.0
+    assert db.tokens("a") == 999.0
     assert db.stopped
     with pytest.raises(StoreUnavailable):
         result_of(store.take("a", BucketPolicy(1000, 0)))
@@ -449,8 +441,6 @@ def test_stop_gives_allowances_back_and_stops_the_database(store, db, clock):
 def test_stop_waits_a_bounded_time_for_a_hung_database(store, db, clock):
     """stop() gives up giving tokens back after stop_timeout and stops anyway."""
     seen(store, clock, "a", BucketPolicy(1000, 0))
-    taken(store.take("a", BucketPolicy(1000, 0)))
-    settle(clock)
     db.hold = True
     stopped = taken(store.stop())
     assert not stopped
@@ -461,7 +451,6 @@ def test_stop_waits_a_bounded_time_for_a_hung_database(store, db, clock):
 
 def test_stop_waits_for_the_settlement_in_flight(store, db, clock):
     """stop() lets the running statement finish before giving the tokens back."""
-    seen(store, clock, "a", BucketPolicy(1000, 0))
     db.hold = True
     first = taken(store.take("a", BucketPolicy(1000, 0)))
     settle(clock)
@@ -471,33 +460,31 @@ def test_stop_waits_for_the_settlement_in_flight(store, db, clock):
     assert not stopped  # now giving back the lease
     db.answer()
     assert stopped == [None]
-    assert db.tokens("a") == 998.0
+    assert db.tokens("a") == 999.0
 
 
 def test_busy_key_gets_its_next_lease_before_running_out(store, db, clock):
     """Once half of a large enough allowance is used the next lease is asked for, so no request
     of a busy key waits; what was left of the old lease goes back to the database."""
     policy = BucketPolicy(100_000, 0)
-    seen(store, clock, "hot", policy)
-    taken(store.take("hot", policy))
-    settle(clock)  # granted 1 + 2
+    seen(store, clock, "hot", policy)  # granted 1 + 2
     for _ in range(2):
         assert store.take("hot", policy).called
     d = store.take("hot", policy)  # waits: granted 1 + 6
     settle(clock)
     assert result_of(d).allowed
-    assert store.statements == 3
+    assert store.statements == 2
     for _ in range(3):  # 6 -> 3: half used, the next lease is asked for
         assert store.take("hot", policy).called
     settle(clock)
-    assert store.statements == 4
+    assert store.statements == 3
     assert db.settlements[-1]["hot"] == (0, 6, 0, None)  # nobody waiting, lease only
     for _ in range(6):
         assert store.take("hot", policy).called  # from the new lease, no waiting
     settle(clock)
-    assert store.statements == 5
+    assert store.statements == 4
     assert db.settlements[-1]["hot"] == (0, 12, 3, None)  # the old lease's 3 went back too
-    admitted = 1 + 1 + 2 + 1 + 3 + 6
+    admitted = 1 + 2 + 1 + 3 + 6
     assert db.tokens("hot") + store._keys["hot"].allowance == 100_000 - admitted
 
 
@@ -506,13 +493,12 @@ def test_second_statement_in_flight_leaves_out_keys_already_settling(db, clock):
     waits for its answer instead of going out twice."""
     store = LeasingStore(db, clock, ttl=TTL, max_in_flight=2, linger=0)
     result_of(store.start())
-    seen(store, clock, "a", BucketPolicy(1000, 0))
     db.hold = True
     first = taken(store.take("a", BucketPolicy(1000, 0)))
     settle(clock)
     second = [taken(store.take(key, BucketPolicy(1000, 0))) for key in ("a", "b")]
     settle(clock)
-    assert [sorted(s) for s in db.settlements[1:]] == [["a"], ["b"]]
+    assert [sorted(s) for s in db.settlements] == [["a"], ["b"]]
     third = taken(store.take("c", BucketPolicy(1000, 0)))
     settle(clock)
     assert len(db.held) == 2  # at most two in flight: "c" waits
@@ -546,12 +532,8 @@ def test_an_allowance_in_use_lives_on_until_max_age(db, clock):
     store = LeasingStore(db, clock, ttl=1.0, max_age=2.5, max_lease=3, linger=0)
     result_of(store.start())
     policy = BucketPolicy(1000, 0)
-    seen(store, clock, "busy", policy)
-    seen(store, clock, "idle", policy)
     for key in ("busy", "idle"):
-        d = store.take(key, policy)
-        settle(clock)
-        assert result_of(d).allowed  # and 2 more leased for each
+        seen(store, clock, key, policy)  # and 2 more leased for each
     statements = store.statements
     clock.advance(0.9)
     assert store.take("busy", policy).called  # used: good for another second
@@ -590,11 +572,10 @@ def test_remembered_decisions_last_at_most_remember(db, clock):
     assert not store.take("nobody", None).called
 
 
-def test_min_lease_sets_the_first_lease_of_a_key_seen_again(db, clock):
-    """A key seen a second time leases at least min_lease tokens beyond its waiting requests."""
+def test_min_lease_sets_the_least_lease_of_a_key(db, clock):
+    """A key leases at least min_lease tokens beyond its waiting requests, from its first take."""
     store = LeasingStore(db, clock, ttl=TTL, min_lease=8, linger=0)
     result_of(store.start())
-    seen(store, clock, "a", BucketPolicy(1000, 0))
     seen(store, clock, "a", BucketPolicy(1000, 0))
     assert db.settlements[-1]["a"][:2] == (1, 8)
     assert store._keys["a"].allowance == 8
