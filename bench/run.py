@@ -25,7 +25,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
+sys.path.insert(0, str(REPO_DIR))
+
+from tests.pg_cluster import ClusterUnavailable, free_port, start_cluster  # noqa: E402
+
 DEFAULT_OUTPUT = BENCH_DIR / "results" / "latest.json"
 
 PROXY_CPU = "0"  # the proxy under test has this core to itself
@@ -52,7 +55,6 @@ STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL
 EQUALIZER_ACCESS_LOG = True
 
 DATABASE_URL_ENV = "EQUALIZER_BENCH_DATABASE_URL"
-DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
 LOOPBACK_HOSTS = {"localhost", "::1", ""}
 
 CLIENT_HEADER = "X-Client"
@@ -172,13 +174,6 @@ def pinned(cpu: str, argv: list[str]) -> list[str]:
     return ["taskset", "-c", cpu, *argv]
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def log_tail(path: Path, lines: int = 12) -> str:
     """The last lines of a child's log, for error rows."""
     try:
@@ -272,6 +267,29 @@ def check_loopback_dsn(dsn: str) -> None:
     if host.startswith("/") or host.startswith("127.") or host in LOOPBACK_HOSTS:
         return
     raise SystemExit(f"bench: database host {host!r} is not loopback; refusing to load it")
+
+
+class OwnCluster:
+    """The default database: a throw-away cluster of the harness's own, pinned to
+    CLIENT_CPU with the load generator, so the proxy's core stays the proxy's alone
+    (the machine's own PostgreSQL service would run on either core)."""
+
+    def __init__(self) -> None:
+        self._cluster = None
+
+    def create(self) -> str:
+        """Start the cluster and return its URL."""
+        try:
+            self._cluster = start_cluster(launcher=tuple(pinned(CLIENT_CPU, [])))
+        except ClusterUnavailable as exc:
+            raise SystemExit(f"bench: {exc}; or name a server with --database-url") from exc
+        return self._cluster.url
+
+    def drop(self) -> None:
+        """Stop the cluster and delete it."""
+        if self._cluster is not None:
+            self._cluster.remove()
+            self._cluster = None
 
 
 class ScratchDatabase:
@@ -850,8 +868,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--database-url",
-        default=os.environ.get(DATABASE_URL_ENV, DEFAULT_DATABASE_URL),
-        help=f"PostgreSQL for the postgres-store scenarios (env {DATABASE_URL_ENV})",
+        default=os.environ.get(DATABASE_URL_ENV),
+        help="PostgreSQL server for the postgres-store scenarios (env "
+        f"{DATABASE_URL_ENV}); default: a cluster of the harness's own on CPU {CLIENT_CPU}",
     )
     parser.add_argument("--no-scratch-db", action="store_true",
                         help="use --database-url itself, not a throw-away database")  # fmt: skip
@@ -887,7 +906,7 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         raise SystemExit("bench: nothing to run for that choice of proxies and scenarios")
     needs_db = any(s.limiter == "postgres" for s in scenarios) and "equalizer" in proxies
-    if needs_db:
+    if needs_db and args.database_url:
         check_loopback_dsn(args.database_url)
 
     if not {int(PROXY_CPU), int(CLIENT_CPU)} <= os.sched_getaffinity(0):
@@ -912,15 +931,19 @@ def main(argv: list[str] | None = None) -> int:
     }
     records: list[dict] = []
     processes = ProcessGroup()
-    database = ScratchDatabase(args.database_url)
+    database = ScratchDatabase(args.database_url) if args.database_url else OwnCluster()
     previous = {
         sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)
     }
     interrupted = False
     try:
         with tempfile.TemporaryDirectory(prefix="equalizer-bench-") as tmp:
-            scratch = needs_db and not args.no_scratch_db
-            database_url = database.create() if scratch else args.database_url
+            if not needs_db:
+                database_url = ""
+            elif args.database_url and args.no_scratch_db:
+                database_url = args.database_url
+            else:
+                database_url = database.create()
             ctx = Context(Path(tmp), processes, args.duration, database_url)
             try:
                 start_backend(ctx)

@@ -479,13 +479,20 @@ class MaintenanceResult:
     deleted: tuple[str, ...] = ()
 
 
+GZIP_LEVEL = 6
+"""gzip's and logrotate's default: about half the CPU of level 9 on access logs, a few
+percent bigger files. The compressing thread shares the process's core with the
+reactor (and its GIL), so it is worth keeping short."""
+
+
 def gzip_file(path: str) -> str:
     """Compress ``path`` to ``path.gz`` (via a temporary name), keep its mtime, remove it."""
     target = path + ".gz"
     temporary = target + ".tmp"
     status = os.stat(path)
     with open(path, "rb") as source, open(temporary, "wb") as raw, gzip.GzipFile(
-        filename=os.path.basename(path), mode="wb", fileobj=raw, mtime=int(status.st_mtime)
+        filename=os.path.basename(path), mode="wb", fileobj=raw, mtime=int(status.st_mtime),
+        compresslevel=GZIP_LEVEL,
     ) as compressed:
         shutil.copyfileobj(source, compressed, 1024 * 1024)
     os.utime(temporary, (status.st_atime, status.st_mtime))

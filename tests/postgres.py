@@ -20,13 +20,7 @@ Which server the session uses:
 
 from __future__ import annotations
 
-import glob
 import os
-import pwd
-import shutil
-import socket
-import subprocess
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -38,8 +32,9 @@ import pytest
 from attrs import define, field
 from txpostgres.txpostgres import Connection
 
+from tests.pg_cluster import ClusterUnavailable, EphemeralCluster, start_cluster
+
 ENV_URL = "EQUALIZER_TEST_DATABASE_URL"
-_OS_USER = "postgres"
 
 
 def in_ci() -> bool:
@@ -83,136 +78,15 @@ class PostgresServer:
         self._cluster.start()
 
 
-def find_binary(name: str) -> str | None:
-    """``name`` (initdb, pg_ctl) from PATH, else from the newest /usr/lib/postgresql/*/bin."""
-    found = shutil.which(name)
-    if found:
-        return found
-    candidates = glob.glob(f"/usr/lib/postgresql/*/bin/{name}")
-    candidates.sort(key=lambda path: int(path.split("/")[4]) if path.split("/")[4].isdigit() else 0)
-    return candidates[-1] if candidates else None
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@define
-class EphemeralCluster:
-    """A throw-away cluster made by ``initdb`` in a temporary directory."""
-
-    initdb: str
-    pg_ctl: str
-    directory: str
-    port: int
-    as_user: str | None
-
-    @property
-    def data(self) -> str:
-        return os.path.join(self.directory, "data")
-
-    @property
-    def dsn(self) -> str:
-        return f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres"
-
-    def _run(self, *argv: str) -> None:
-        command = list(argv)
-        if self.as_user is not None:
-            command = ["runuser", "-u", self.as_user, "--", *command]
-        result = subprocess.run(
-            command, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120
-        )
-        if result.returncode != 0:
-            raise RuntimeError(
-                f"{' '.join(command)} exited with {result.returncode}:\n"
-                f"{result.stdout}{result.stderr}"
-            )
-
-    def init(self) -> None:
-        self._run(
-            self.initdb,
-            "-D",
-            self.data,
-            "-U",
-            "postgres",
-            "--auth=trust",
-            "--encoding=UTF8",
-            "--locale=C",
-            "--no-sync",
-        )
-
-    def start(self) -> None:
-        options = (
-            f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 "
-            "-c fsync=off -c full_page_writes=off -c max_connections=200"
-        )
-        self._run(
-            self.pg_ctl,
-            "start",
-            "-w",
-            "-t",
-            "60",
-            "-D",
-            self.data,
-            "-l",
-            os.path.join(self.directory, "server.log"),
-            "-o",
-            options,
-        )
-
-    def stop(self) -> None:
-        self._run(self.pg_ctl, "stop", "-w", "-t", "60", "-m", "fast", "-D", self.data)
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            with open(os.path.join(self.directory, "server.log")) as log:
-                return "".join(log.readlines()[-lines:])
-        except OSError:
-            return ""
-
-
 def _ephemeral() -> Iterator[PostgresServer]:
-    initdb, pg_ctl = find_binary("initdb"), find_binary("pg_ctl")
-    if initdb is None or pg_ctl is None:
-        unavailable(
-            f"no PostgreSQL server for the integration tests: set {ENV_URL}, or install "
-            "PostgreSQL so that initdb and pg_ctl are on PATH or in /usr/lib/postgresql/*/bin"
-        )
-    as_user = None
-    if os.geteuid() == 0:
-        try:
-            pwd.getpwnam(_OS_USER)
-        except KeyError:
-            unavailable(f"running as root and there is no {_OS_USER!r} OS user to run initdb as")
-        if shutil.which("runuser") is None:
-            unavailable("running as root and runuser is missing, so initdb cannot drop root")
-        as_user = _OS_USER
-    directory = tempfile.mkdtemp(prefix="equalizer-pg-")
-    if as_user is not None:
-        entry = pwd.getpwnam(as_user)
-        os.chown(directory, entry.pw_uid, entry.pw_gid)
-    cluster = EphemeralCluster(initdb, pg_ctl, directory, free_port(), as_user)
-    started = False
     try:
-        try:
-            cluster.init()
-            cluster.start()
-            started = True
-        except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
-            unavailable(
-                f"could not start an ephemeral PostgreSQL cluster: {e}\n{cluster.log_tail()}"
-            )
+        cluster = start_cluster()
+    except ClusterUnavailable as e:
+        unavailable(f"no PostgreSQL server for the integration tests: {e} (or set {ENV_URL})")
+    try:
         yield PostgresServer(cluster.dsn, cluster=cluster)
     finally:
-        if started:
-            try:
-                cluster.stop()
-            except (RuntimeError, subprocess.TimeoutExpired):
-                pass  # already stopped by a fault test that failed half-way, or wedged
-        shutil.rmtree(directory, ignore_errors=True)
+        cluster.remove()
 
 
 def _external(url: str) -> Iterator[PostgresServer]:

@@ -49,6 +49,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from equalizer.config import parse_config
 from equalizer.service import EqualizerService
+from tests.pg_cluster import free_port
 
 LOOPBACK = "127.0.0.1"
 HEALTH_CHECK_AGENT = b"equalizer-health-check"
@@ -57,13 +58,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 # -- waiting, always bounded ----------------------------------------------------------
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now (for child processes)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
 
 
 def sleep(seconds: float) -> Deferred[None]:

@@ -33,6 +33,7 @@ from equalizer.stores import (
     migrations,
 )
 from tests import postgres as _postgres
+from tests.pg_cluster import free_port
 from tests.postgres import buckets_locked, sql, wait_available
 
 TIMEOUT = 30.0
@@ -141,7 +142,7 @@ async def test_check_constraints_reject_bad_rows(store, postgres_dsn, values, co
 @pytest_twisted.ensureDeferred
 async def test_start_fails_fast_when_the_database_is_unreachable():
     """start() fails with StoreUnavailable, within the connect timeout, when nothing listens."""
-    dsn = f"host=127.0.0.1 port={_postgres.free_port()} user=postgres dbname=postgres"
+    dsn = f"host=127.0.0.1 port={free_port()} user=postgres dbname=postgres"
     store = PostgresStore(dsn, reactor, connect_timeout=2)
     began = time.monotonic()
     with pytest.raises(StoreUnavailable):
