@@ -45,7 +45,11 @@ that never comes back costs one more row, when its lease goes back.
 
 A busy key asks for its next lease when half of an allowance of at least
 :data:`PREFETCH_FROM` tokens is used, so its requests do not wait; what is left
-of the old allowance then goes back.
+of the old allowance then goes back. Smaller allowances are used up first: for
+a key that comes back every few seconds an early lease would cost a statement
+row for it and another for what goes back, for a wait it seldom has (measured
+with 10,000 keys in turn: about one row per request with prefetching from 4
+tokens, one row per key without).
 
 An allowance not used for ``ttl`` seconds (:data:`LEASE_TTL`, 5 s) is no longer
 used, nor any allowance ``max_age`` seconds (:data:`LEASE_MAX_AGE`, 10 s) after the
@@ -160,10 +164,10 @@ REMEMBER = 0.5
 MAX_LEASE = 256
 """Most tokens leased per key beyond the waiting requests, per settlement."""
 
-MIN_LEASE = 2
-"""Fewest tokens leased beyond the waiting requests for a key seen before."""
+MIN_LEASE = 4
+"""Fewest tokens leased beyond the waiting requests (a tenth of the bucket caps it)."""
 
-PREFETCH_FROM = 4
+PREFETCH_FROM = 8
 """An allowance of at least this many tokens asks for the next lease once half is used."""
 
 MAX_BATCH = 1000
@@ -235,7 +239,7 @@ class LeasingStore:
         max_age: seconds an allowance may be used at most (at least ``ttl``).
         remember: most seconds a refusal or "not limited" is repeated locally.
         max_lease: most tokens leased per key beyond the waiting requests.
-        min_lease: fewest tokens so leased for a key seen before.
+        min_lease: fewest tokens so leased.
         max_batch: most keys per settlement statement.
         max_in_flight: most settlement statements in flight at once.
         linger: least seconds between the starts of two settlements.

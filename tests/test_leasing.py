@@ -17,7 +17,7 @@ from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from equalizer.config import BucketPolicy
-from equalizer.leasing import MAX_ATTEMPTS, LeasingStore
+from equalizer.leasing import MAX_ATTEMPTS, PREFETCH_FROM, LeasingStore
 from equalizer.ratelimit import Bucket, refill
 from equalizer.stores import IBucketStore, InvalidBucket, MemoryStore, StoreUnavailable
 from tests.helpers import result_of
@@ -94,10 +94,10 @@ def db(clock: Clock) -> FakeDatabase:
 
 @pytest.fixture
 def store(db: FakeDatabase, clock: Clock) -> LeasingStore:
-    """A store whose allowances last TTL from their lease, used or not, and that settles on
-    the next reactor turn."""
-    store = LeasingStore(
-        db, clock, ttl=TTL, max_age=TTL, remember=TTL, max_lease=64, max_batch=1000, linger=0)
+    """A store whose allowances last TTL from their lease, used or not, that leases at least
+    2 tokens and settles on the next reactor turn."""
+    store = LeasingStore(db, clock, ttl=TTL, max_age=TTL, remember=TTL, min_lease=2,
+                         max_lease=64, max_batch=1000, linger=0)
     result_of(store.start())
     return store
 
@@ -464,27 +464,30 @@ def test_stop_waits_for_the_settlement_in_flight(store, db, clock):
 
 
 def test_busy_key_gets_its_next_lease_before_running_out(store, db, clock):
-    """Once half of a large enough allowance is used the next lease is asked for, so no request
-    of a busy key waits; what was left of the old lease goes back to the database."""
+    """Once half of a large enough allowance (PREFETCH_FROM) is used the next lease is asked
+    for, so no request of a busy key waits; what was left of the old lease goes back."""
+    assert PREFETCH_FROM == 8
     policy = BucketPolicy(100_000, 0)
     seen(store, clock, "hot", policy)  # granted 1 + 2
     for _ in range(2):
         assert store.take("hot", policy).called
-    d = store.take("hot", policy)  # waits: granted 1 + 6
-    settle(clock)
-    assert result_of(d).allowed
-    assert store.statements == 2
-    for _ in range(3):  # 6 -> 3: half used, the next lease is asked for
-        assert store.take("hot", policy).called
-    settle(clock)
+    for granted in (6, 14):  # small allowances are used up, then one request waits
+        d = store.take("hot", policy)
+        settle(clock)
+        assert result_of(d).allowed
+        assert db.settlements[-1]["hot"][:2] == (1, granted)
+        for _ in range(granted if granted < PREFETCH_FROM else granted // 2):
+            assert store.take("hot", policy).called
     assert store.statements == 3
-    assert db.settlements[-1]["hot"] == (0, 6, 0, None)  # nobody waiting, lease only
-    for _ in range(6):
+    settle(clock)  # 14 -> 7: half used, the next lease is asked for
+    assert store.statements == 4
+    assert db.settlements[-1]["hot"] == (0, 14, 0, None)  # nobody waiting, lease only
+    for _ in range(14):
         assert store.take("hot", policy).called  # from the new lease, no waiting
     settle(clock)
-    assert store.statements == 4
-    assert db.settlements[-1]["hot"] == (0, 12, 3, None)  # the old lease's 3 went back too
-    admitted = 1 + 2 + 1 + 3 + 6
+    assert store.statements == 5
+    assert db.settlements[-1]["hot"] == (0, 28, 7, None)  # the old lease's 7 went back too
+    admitted = 1 + 2 + 1 + 6 + 1 + 7 + 14
     assert db.tokens("hot") + store._keys["hot"].allowance == 100_000 - admitted
 
 
@@ -529,7 +532,7 @@ def test_settlements_start_at_most_once_per_linger(db, clock):
 def test_an_allowance_in_use_lives_on_until_max_age(db, clock):
     """An allowance used at least once per ttl stays usable, up to max_age after its lease;
     one left unused for ttl goes back."""
-    store = LeasingStore(db, clock, ttl=1.0, max_age=2.5, max_lease=3, linger=0)
+    store = LeasingStore(db, clock, ttl=1.0, max_age=2.5, min_lease=2, max_lease=3, linger=0)
     result_of(store.start())
     policy = BucketPolicy(1000, 0)
     for key in ("busy", "idle"):

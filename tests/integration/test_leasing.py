@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from txpostgres.txpostgres import Connection
 
 from equalizer.config import BucketPolicy
-from equalizer.leasing import LeasingStore
+from equalizer.leasing import MIN_LEASE, LeasingStore
 from equalizer.stores import PostgresStore, StoreUnavailable
 from tests.integration.test_postgres_store import sleep, within
 from tests.postgres import buckets_locked, sql, wait_available
@@ -285,7 +285,9 @@ async def test_update_and_delete_through_the_store_take_effect_at_once(leasing, 
     here, there = await leasing(), await leasing()
     await within(here.create("admin", 1000, 1000, 0))
     assert (await within(here.take("admin", None))).allowed
-    assert (await within(there.take("admin", None))).allowed  # leased 2 more
+    assert (await within(there.take("admin", None))).allowed  # and leased MIN_LEASE more
+    leased = there._keys["admin"].allowance
+    assert leased == MIN_LEASE
     await within(here.update("admin", tokens=0))
     assert not (await within(here.take("admin", None))).allowed
     late = 0
@@ -293,7 +295,7 @@ async def test_update_and_delete_through_the_store_take_effect_at_once(leasing, 
     while time.monotonic() - began < TTL * 3:
         late += (await within(there.take("admin", None))).allowed
         await sleep(0.01)
-    assert late <= 2
+    assert late <= leased
     assert not (await within(there.take("admin", None))).allowed
     await within(here.delete("admin"))
     assert await within(here.take("admin", None)) is None
