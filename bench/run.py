@@ -743,14 +743,27 @@ def run_case(ctx: Context, scenario: Scenario, proxy: str, rep: int) -> dict:
 
 
 def plan(scenarios: list[Scenario], proxies: list[str], reps: int) -> list[tuple]:
-    """(rep, scenario, proxy) in run order: every proxy once per scenario, per rep."""
-    return [
-        (rep, scenario, proxy)
-        for rep in range(1, reps + 1)
-        for scenario in scenarios
-        for proxy in proxies
-        if proxy in scenario.proxies
-    ]
+    """(rep, scenario, proxy) in run order: every proxy once per scenario, per rep.
+
+    A limiter scenario runs right after equalizer's run of its baseline scenario, so
+    the two are minutes closer than the scenario order would put them: the machine
+    drifts, and their ratio is what the limiter scenarios are about.
+    """
+    names = {s.name for s in scenarios}
+    followers = {
+        s.baseline: [f for f in scenarios if f.baseline == s.baseline] for s in scenarios
+        if s.baseline in names
+    }  # fmt: skip
+    order: list[tuple[Scenario, str]] = []
+    for scenario in scenarios:
+        if scenario.baseline in names:
+            continue  # placed after its baseline's equalizer run
+        for proxy in proxies:
+            if proxy in scenario.proxies:
+                order.append((scenario, proxy))
+                if proxy == "equalizer":
+                    order.extend((f, proxy) for f in followers.get(scenario.name, []))
+    return [(rep, scenario, proxy) for rep in range(1, reps + 1) for scenario, proxy in order]
 
 
 def run_all(ctx: Context, runs: list[tuple], records: list[dict]) -> None:
@@ -802,6 +815,11 @@ def summarize(records: list[dict], scenarios: list[Scenario], proxies: list[str]
             ]  # fmt: skip
             rps, stock_rps = median_of(ok, "rps"), median_of(stock, "rps")
             rss = median_of(ok, "peak_rss_kib")
+            baseline = {
+                r["rep"]: r["rps"] for r in records
+                if r["ok"] and r["scenario"] == scenario.baseline and r["proxy"] == proxy
+            }  # fmt: skip
+            paired = [r["rps"] / baseline[r["rep"]] for r in ok if r["rep"] in baseline]
             rows.append(
                 {
                     "scenario": scenario.name,
@@ -813,6 +831,7 @@ def summarize(records: list[dict], scenarios: list[Scenario], proxies: list[str]
                     "errors": sum(r["errors"] for r in ok),
                     "peak_rss_mib": None if rss is None else rss / 1024,
                     "vs_stock": rps / stock_rps if rps and stock_rps else None,
+                    "vs_limiter_off": statistics.median(paired) if paired else None,
                     "failure": next((r["error"] for r in mine if not r["ok"]), None),
                 }
             )
@@ -821,12 +840,13 @@ def summarize(records: list[dict], scenarios: list[Scenario], proxies: list[str]
 
 def markdown_table(rows: list[dict]) -> str:
     """The summary rows as a markdown table."""
-    header = ("scenario", "proxy", "req/s", "p50", "p99", "errors", "peak RSS", "vs stock", "runs")
+    header = ("scenario", "proxy", "req/s", "p50", "p99", "errors", "peak RSS", "vs stock",
+              "vs limiter off", "runs")  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         if row["rps"] is None:
             cells = [row["scenario"], row["proxy"], f"ERROR: {row['failure']}",
-                     "", "", "", "", "", row["runs"]]  # fmt: skip
+                     "", "", "", "", "", "", row["runs"]]  # fmt: skip
         else:
             cells = [
                 row["scenario"],
@@ -837,6 +857,7 @@ def markdown_table(rows: list[dict]) -> str:
                 str(row["errors"]),
                 "-" if row["peak_rss_mib"] is None else f"{row['peak_rss_mib']:.1f} MiB",
                 "-" if row["vs_stock"] is None else f"{row['vs_stock']:.2f}x",
+                "-" if row["vs_limiter_off"] is None else f"{row['vs_limiter_off']:.0%}",
                 row["runs"],
             ]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
