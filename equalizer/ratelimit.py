@@ -165,9 +165,6 @@ _RESET = b"RateLimit-Reset"
 _RETRY_AFTER = b"Retry-After"
 
 
-FIELD_NAMES = (_RATELIMIT_POLICY, _RATELIMIT, _LIMIT, _REMAINING, _RESET, _RETRY_AFTER)
-"""Every field name a renderer may use."""
-
 Fields = list[tuple[bytes, bytes]]
 
 

@@ -378,3 +378,35 @@ async def test_malformed_request_gets_4xx_and_proxy_keeps_serving(http, backends
     response, body = await get(http, balancer.proxy_url + "/after")
     assert (response.code, body) == (200, b"b1")
     assert [r.uri for r in backend.requests] == [b"/after"]
+
+
+def canned(head: bytes):
+    """A backend answering every request with ``head`` and a 2-byte body, written raw."""
+
+    def answer(backend, request: server.Request) -> int:
+        request.transport.write(head + b"Content-Length: 2\r\n\r\nok")
+        request.transport.loseConnection()
+        return server.NOT_DONE_YET
+
+    return answer
+
+
+@pytest.mark.parametrize("head", [
+    b"HTTP/1.1 200 OK\r\nX-A: b\nInjected: yes\r\n",
+    b"HTTP/1.1 200 OK\r\nX-A: b\rInjected: yes\r\n",
+    b"HTTP/1.1 200 OK\r\nX A: b\r\n",
+    b"HTTP/1.1 200 OK\r\nX-A: b\r\n folded: yes\r\n",
+    b"HTTP/1.1 200 OK\r\nX-A: \x00\r\n",
+], ids=["bare-lf", "bare-cr", "space-in-name", "obs-fold", "nul"])
+@pytest_twisted.ensureDeferred
+async def test_malformed_backend_header_is_a_502_never_relayed(backends, equalizer, head):
+    """A backend header line with control characters, a non-token name or an obsolete fold is
+    refused (502): nothing of it reaches the client, so it cannot smuggle in a field."""
+    backend = backends("bad", canned(head))
+    balancer = await equalizer(equalizer_config([backend.url], proxy={"retries": 0}))
+    raw = await raw_request(balancer.proxy_port,
+                            b"GET / HTTP/1.1\r\nHost: front\r\nConnection: close\r\n\r\n")
+    response = parse_response(raw)
+    assert response.status == 502
+    assert json.loads(response.body)["error"]["code"] == "bad_gateway"
+    assert b"injected" not in response.names() and b"Injected" not in raw

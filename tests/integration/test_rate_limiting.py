@@ -232,6 +232,28 @@ async def test_backend_errors_and_gateway_errors_carry_the_fields_too(limited, b
     assert set(limit_fields(gone)) == set(ALL_FIELDS)
 
 
+@pytest.mark.parametrize("mode", ["draft", "none"])
+@pytest_twisted.ensureDeferred
+async def test_a_backends_own_fields_give_way_to_the_limiters(limited, mode):
+    """Fields of the names the limiter sends replace the backend's; the backend's others pass
+    (with ``headers: none`` the limiter sends none, so all of the backend's pass)."""
+
+    def own_limits(backend, request: server.Request) -> bytes:
+        for name in ALL_FIELDS:
+            request.responseHeaders.addRawHeader(name, "backend")
+        return b"ok"
+
+    lb = await limited(default={"capacity": 10, "refill_rate": 0}, headers=mode)
+    lb.backend.handler = own_limits
+    fields = limit_fields(await lb.get())
+    if mode == "none":
+        assert fields == {name: ["backend"] for name in ALL_FIELDS}
+    else:
+        assert fields == {"RateLimit-Policy": ['"default";q=10;w=3600'],
+                          "RateLimit": ['"default";r=9;t=3600'],
+                          **{name: ["backend"] for name in LEGACY}}
+
+
 # -- the client address behind proxies ----------------------------------------------------------
 
 
