@@ -431,7 +431,6 @@ class LeasingStore:
             want = len(waiters)
             default = key.default
             back = returns.pop(client_id, 0) if returns else 0
-            # A lease only for keys seen again: one request in a while leases nothing.
             extra = min(max_lease, max(min_lease, 2 * (want + key.used)))
             if default is None or not want:
                 rows.append((client_id, want, extra, back, None, None))

@@ -20,7 +20,6 @@ from equalizer.ratelimit import Decision, Fields, header_renderer
 from equalizer.stores import StoreUnavailable
 
 if TYPE_CHECKING:
-
     from equalizer.config import RateLimitConfig
     from equalizer.proxy import Exchange
     from equalizer.stats import TrafficStats
@@ -48,10 +47,10 @@ class RateLimiter:
         self.config = config
         self.client_key = key_reader(config.key)
         self._render = header_renderer(config.headers)
+        # Lower-case names of the fields an admitted response gets: the backend's
+        # fields of those names give way to ours.
         self.owned_fields = frozenset(
             name.lower() for name, _ in self._render(Decision(True, 1, 1, 0, 1, 1)))
-        """Lower-case names of the fields an admitted response gets: the backend's
-        fields of those names give way to ours."""
         self.deny_on_store_error = config.on_store_error == "deny"
 
     def admit(self, exchange: Exchange) -> None:

@@ -179,42 +179,26 @@ def _limit(limit: int) -> tuple[bytes, bytes]:
 
 
 def _draft(decision: Decision) -> Fields:
-    fields = [
+    return [
         _policy(decision.limit, decision.window),
         (_RATELIMIT, b'"default";r=%d;t=%d' % (decision.remaining, decision.reset)),
     ]
-    if not decision.allowed:
-        fields.append(retry_after_header(decision))
-    return fields
 
 
 def _legacy(decision: Decision) -> Fields:
-    fields = [
+    return [
         _limit(decision.limit),
         (_REMAINING, b"%d" % decision.remaining),
         (_RESET, b"%d" % decision.reset),
     ]
-    if not decision.allowed:
-        fields.append(retry_after_header(decision))
-    return fields
 
 
 def _both(decision: Decision) -> Fields:
-    remaining, reset = decision.remaining, decision.reset
-    fields = [
-        _policy(decision.limit, decision.window),
-        (_RATELIMIT, b'"default";r=%d;t=%d' % (remaining, reset)),
-        _limit(decision.limit),
-        (_REMAINING, b"%d" % remaining),
-        (_RESET, b"%d" % reset),
-    ]
-    if not decision.allowed:
-        fields.append(retry_after_header(decision))
-    return fields
+    return _draft(decision) + _legacy(decision)
 
 
 def _none(decision: Decision) -> Fields:
-    return [] if decision.allowed else [retry_after_header(decision)]
+    return []
 
 
 _RENDERERS = {"both": _both, "draft": _draft, "legacy": _legacy, "none": _none}
@@ -226,12 +210,20 @@ def header_renderer(mode: str) -> Callable[[Decision], Fields]:
 
     Raises ``KeyError`` for an unknown mode (the configuration is validated first).
     """
-    return _RENDERERS[mode]
+    fields_of = _RENDERERS[mode]
+
+    def render(decision: Decision) -> Fields:
+        fields = fields_of(decision)
+        if not decision.allowed:
+            fields.append(retry_after_header(decision))
+        return fields
+
+    return render
 
 
 def rate_limit_headers(decision: Decision, mode: str) -> Fields:
     """The response header fields for ``decision`` in ``mode``; see :func:`header_renderer`."""
-    return _RENDERERS[mode](decision)
+    return header_renderer(mode)(decision)
 
 
 def retry_after_header(decision: Decision) -> tuple[bytes, bytes]:

@@ -75,9 +75,8 @@ class EphemeralCluster:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
     def _run(self, *argv: str) -> None:
-        command = [*self.launcher, *argv]
-        if self.as_user is not None:
-            command = [*self.launcher, "runuser", "-u", self.as_user, "--", *argv]
+        as_user = ("runuser", "-u", self.as_user, "--") if self.as_user is not None else ()
+        command = [*self.launcher, *as_user, *argv]
         result = subprocess.run(
             command, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120
         )
