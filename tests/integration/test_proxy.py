@@ -6,6 +6,9 @@ failures in test_proxy_failures.py and the 1 GiB memory checks in test_proxy_mem
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import pytest_twisted
 import treq
@@ -170,3 +173,31 @@ async def test_admin_health_and_stats_follow_traffic(http, backends, equalizer):
     assert stats["requests"]["errors"] == 0
     assert [b["requests"] for b in stats["backends"]] == [2, 2]
     assert stats["uptime_seconds"] >= 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_finished_requests_are_freed_without_the_cyclic_collector(http, backends,
+                                                                        equalizer):
+    """A request and its exchange hold no reference cycle once answered: reference counting
+    frees them, so the proxy leaves the cyclic collector nothing to sweep per request."""
+    backend = backends("b")
+    balancer = await equalizer(equalizer_config([backend.url]))
+    proxy = balancer.service.proxy
+    requests = []
+    exchange_done = proxy.exchange_done
+
+    def watch(exchange, *args):
+        requests.append(weakref.ref(exchange.request))
+        exchange_done(exchange, *args)
+
+    proxy.exchange_done = watch
+    gc.collect()
+    gc.disable()
+    try:
+        for path in ("/", "/a/b?x=1", "/c"):
+            await get_body(http, balancer.proxy_url + path)
+        await wait_until(lambda: len(requests) == 3, message="three exchanges done")
+        await wait_until(lambda: all(ref() is None for ref in requests),
+                         message="answered requests freed by reference counting")
+    finally:
+        gc.enable()
