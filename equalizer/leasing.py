@@ -285,6 +285,13 @@ class LeasingStore:
         """Settlement statements sent so far."""
         self.settled_keys = 0
         """Keys carried by those statements, in total."""
+        self.waits = 0
+        """Takes that found no allowance and waited for a settlement."""
+
+    @property
+    def key_count(self) -> int:
+        """Client keys held (allowance, remembered decision or waiting requests)."""
+        return len(self._keys)
 
     @property
     def available(self) -> bool:
@@ -373,6 +380,7 @@ class LeasingStore:
             if problem is not None:
                 return fail(problem)
             key = self._keys[client_id] = _Key()
+        self.waits += 1
         d: Deferred[Decision | None] = Deferred()
         key.waiters.append(d)
         key.default = default

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from equalizer.leasing import LeasingStore
 from equalizer.stats import DURATION_BUCKETS, STATUS_CLASSES, DurationHistogram
 
 if TYPE_CHECKING:
@@ -81,8 +82,23 @@ class EqualizerCollector(Collector):
                                   value=self._limiter.decisions["store_error"])
         yield GaugeMetricFamily("equalizer_store_up", "1 when the bucket store is reachable",
                                 value=1 if self._store.available else 0)
+        if isinstance(self._store, LeasingStore):
+            yield from lease_metrics(self._store)
         yield CounterMetricFamily("equalizer_retries", "Attempts retried on another backend",
                                   value=stats.retries)
+
+
+def lease_metrics(store: LeasingStore) -> Iterator:
+    """How the postgres limiter's leases fare: statements, keys per statement, waits."""
+    yield CounterMetricFamily("equalizer_lease_settlements",
+                              "Settlement statements sent to the database", value=store.statements)
+    yield CounterMetricFamily("equalizer_lease_settled_keys",
+                              "Keys carried by settlement statements", value=store.settled_keys)
+    yield CounterMetricFamily("equalizer_lease_waits",
+                              "Requests that waited for a settlement (no allowance for their key)",
+                              value=store.waits)
+    yield GaugeMetricFamily("equalizer_lease_keys", "Client keys this instance holds state for",
+                            value=store.key_count)
 
 
 def cumulative_buckets(histogram: DurationHistogram) -> list[tuple[str, int]]:

@@ -7,6 +7,7 @@ import pytest_twisted
 import treq
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.integration.buckets_support import store_ready
 from tests.integration.harness import equalizer_config, free_port, wait_until, within
 
 pytestmark = pytest.mark.usefixtures("no_logged_errors")
@@ -79,3 +80,36 @@ async def test_metrics_parse_and_follow_the_traffic(http, backends, equalizer):
                and dict(labels) == {"backend": good_id, "le": "+Inf"}]
     assert buckets == [after[("equalizer_request_duration_seconds_count",
                               (("backend", good_id),))]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_lease_metrics_of_the_postgres_limiter(http, backends, equalizer, postgres_dsn):
+    """With the postgres store, /metrics counts settlements, the keys they carried and the
+    requests that waited for one: a new client waits once, then uses its allowance."""
+    good = backends("good")
+    balancer = await store_ready(await equalizer(equalizer_config(
+        [good.url],
+        rate_limit={"enabled": True, "default": {"capacity": 100, "refill_rate": 0},
+                    "store": "postgres", "database_url": postgres_dsn},
+    )), postgres_dsn)
+    before = await scrape(http, balancer.admin_url)
+    assert before[("equalizer_lease_keys", ())] == 0
+
+    statuses = [await proxy_get(http, balancer.proxy_url + "/") for _ in range(3)]
+    assert statuses == [200, 200, 200]
+
+    after = await scrape(http, balancer.admin_url)
+    waits = ("equalizer_lease_waits_total", ())
+    assert after[waits] - before[waits] == 1
+    assert after[("equalizer_lease_settlements_total", ())] >= 1
+    assert after[("equalizer_lease_settled_keys_total", ())] >= 1
+    assert after[("equalizer_lease_keys", ())] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_lease_metrics_with_the_memory_store(http, backends, equalizer):
+    """The lease families belong to the postgres store only."""
+    balancer = await equalizer(equalizer_config(
+        [backends("good").url], rate_limit={"enabled": True, "default": None}))
+    samples = await scrape(http, balancer.admin_url)
+    assert not [name for name, _ in samples if name.startswith("equalizer_lease_")]
