@@ -57,7 +57,7 @@ def requests(port: int, path: str, count: int, keys: int, first: int = 0) -> Non
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
         for i in range(first, first + count):
-            headers = {CLIENT_HEADER: f"bench-client-{i % keys + 1}"} if keys else {}
+            headers = {CLIENT_HEADER: f"bench-client-{i % keys + 1}"} if keys > 1 else {}
             conn.request("GET", path, headers=headers)
             response = conn.getresponse()
             response.read()

@@ -81,7 +81,8 @@ class Scenario:
     connections: int
     proxies: tuple[str, ...] = PROXIES
     limiter: str | None = None  # None: rate limiting off; else the store name
-    keys: int = 0  # distinct X-Client values sent (0: no header)
+    keys: int = 0  # client keys: 1 is the client address (SPEC's default `ip`, no header);
+    # more are that many X-Client values (key `header:X-Client`)
     baseline: str | None = None  # scenario whose stock median is the ratio base
 
     @property
@@ -456,7 +457,7 @@ def equalizer_config(ctx: Context, server: Server, scenario: Scenario) -> Path:
     if scenario.limiter:
         rate_limit = {
             "enabled": True,
-            "key": f"header:{CLIENT_HEADER}",
+            "key": f"header:{CLIENT_HEADER}" if scenario.keys > 1 else "ip",
             "default": BIG_BUCKET,
             "store": scenario.limiter,
         }
@@ -633,9 +634,7 @@ def run_wrk(ctx: Context, port: int, scenario: Scenario, seconds: int) -> dict:
     """Run wrk on CLIENT_CPU against ``port`` for ``seconds``; return the parsed numbers."""
     argv = ["wrk", "-t1", f"-c{scenario.connections}", f"-d{seconds}s",
             "--latency", "--timeout", WRK_TIMEOUT]  # fmt: skip
-    if scenario.keys == 1:
-        argv += ["-H", f"{CLIENT_HEADER}: {CONSTANT_CLIENT}"]
-    elif scenario.keys > 1:
+    if scenario.keys > 1:
         argv += ["-s", str(wrk_script(ctx, scenario.keys))]
     argv.append(f"http://127.0.0.1:{port}{scenario.path}")
     out = ctx.new_dir("wrk") / "wrk.out"

@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from equalizer.proxy import key_reader
-from equalizer.ratelimit import Decision, Fields, header_renderer
+from equalizer.ratelimit import Decision, field_pairs, header_renderer
 from equalizer.stores import StoreUnavailable
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ class RateLimiter:
         # Lower-case names of the fields an admitted response gets: the backend's
         # fields of those names give way to ours.
         self.owned_fields = frozenset(
-            name.lower() for name, _ in self._render(Decision(True, 1, 1, 0, 1, 1)))
+            name.lower() for name, _ in field_pairs(self._render(Decision(True, 1, 1, 0, 1, 1))))
         self.deny_on_store_error = config.on_store_error == "deny"
 
     def admit(self, exchange: Exchange) -> None:
@@ -106,7 +106,8 @@ class RateLimiter:
         exchange.rate_limit = outcome
         self.decisions[outcome] += 1
 
-    def response_fields(self, exchange: Exchange) -> Fields:
-        """The RateLimit fields (and Retry-After for a 429) of the exchange's response."""
+    def response_lines(self, exchange: Exchange) -> bytes:
+        """The RateLimit fields (and Retry-After for a 429) of the exchange's response,
+        as header lines ending in CRLF."""
         decision = exchange.decision
-        return self._render(decision) if decision is not None else []
+        return self._render(decision) if decision is not None else b""

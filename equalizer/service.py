@@ -30,7 +30,7 @@ from equalizer.limiter import RateLimiter
 from equalizer.logs import LogFileError, LoggingService, open_logging
 from equalizer.metrics import EqualizerCollector, metrics_registry
 from equalizer.pool import BackendPool, DrainCancelled
-from equalizer.proxy import Exchange, Proxy, ProxySite, key_reader, no_fields
+from equalizer.proxy import Exchange, Proxy, ProxySite, key_reader, no_lines
 from equalizer.stats import TrafficStats
 from equalizer.stores import IBucketStore, MemoryStore, PostgresStore
 from equalizer.strategies import make_strategy
@@ -163,11 +163,11 @@ class EqualizerService(MultiService):
         self.limiter.configure(config.rate_limit)
         if config.rate_limit.enabled:
             self.proxy.admit = self.limiter.admit
-            self.proxy.response_fields = self.limiter.response_fields
+            self.proxy.response_lines = self.limiter.response_lines
             self.proxy.owned_fields = self.limiter.owned_fields
         else:
             self.proxy.admit = Exchange.dispatch
-            self.proxy.response_fields = no_fields
+            self.proxy.response_lines = no_lines
             self.proxy.owned_fields = frozenset()
         self.admin.default_policy = config.rate_limit.default
 

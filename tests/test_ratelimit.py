@@ -9,9 +9,9 @@ from equalizer.ratelimit import (
     Bucket,
     Decision,
     decide,
+    header_renderer,
     rate_limit_headers,
     refill,
-    retry_after_header,
     take,
     window,
 )
@@ -185,7 +185,6 @@ def test_refusal_carries_retry_after_in_every_mode(mode):
     """A refused decision always ends with Retry-After, whatever the header mode."""
     headers = rate_limit_headers(REFUSED, mode)
     assert headers[-1] == (b"Retry-After", b"7")
-    assert headers[-1] == retry_after_header(REFUSED)
     assert sum(1 for name, _ in headers if name == b"Retry-After") == 1
 
 
@@ -206,6 +205,15 @@ def test_headers_are_fresh_lists():
     first = rate_limit_headers(ALLOWED, "draft")
     first.append((b"X", b"y"))
     assert len(rate_limit_headers(ALLOWED, "draft")) == 2
+
+
+@pytest.mark.parametrize("mode", ["both", "draft", "legacy", "none"])
+@pytest.mark.parametrize("decision", [ALLOWED, REFUSED])
+def test_rendered_lines_are_the_fields_as_header_lines(mode, decision):
+    """header_renderer gives the same fields as ready header lines, each ending in CRLF."""
+    lines = header_renderer(mode)(decision)
+    fields = rate_limit_headers(decision, mode)
+    assert lines == b"".join(b"%s: %s\r\n" % field for field in fields)
 
 
 def test_unknown_mode_is_an_error():
