@@ -466,28 +466,28 @@ def test_stop_waits_for_the_settlement_in_flight(store, db, clock):
 def test_busy_key_gets_its_next_lease_before_running_out(store, db, clock):
     """Once half of a large enough allowance (PREFETCH_FROM) is used the next lease is asked
     for, so no request of a busy key waits; what was left of the old lease goes back."""
-    assert PREFETCH_FROM == 8
+    assert PREFETCH_FROM == 16
     policy = BucketPolicy(100_000, 0)
     seen(store, clock, "hot", policy)  # granted 1 + 2
     for _ in range(2):
         assert store.take("hot", policy).called
-    for granted in (6, 14):  # small allowances are used up, then one request waits
+    for granted in (6, 14, 30):  # small allowances are used up, then one request waits
         d = store.take("hot", policy)
         settle(clock)
         assert result_of(d).allowed
         assert db.settlements[-1]["hot"][:2] == (1, granted)
         for _ in range(granted if granted < PREFETCH_FROM else granted // 2):
             assert store.take("hot", policy).called
-    assert store.statements == 3
-    settle(clock)  # 14 -> 7: half used, the next lease is asked for
     assert store.statements == 4
-    assert db.settlements[-1]["hot"] == (0, 14, 0, None)  # nobody waiting, lease only
-    for _ in range(14):
+    settle(clock)  # 30 -> 15: half used, the next lease is asked for
+    assert store.statements == 5
+    assert db.settlements[-1]["hot"] == (0, 30, 0, None)  # nobody waiting, lease only
+    for _ in range(30):
         assert store.take("hot", policy).called  # from the new lease, no waiting
     settle(clock)
-    assert store.statements == 5
-    assert db.settlements[-1]["hot"] == (0, 28, 7, None)  # the old lease's 7 went back too
-    admitted = 1 + 2 + 1 + 6 + 1 + 7 + 14
+    assert store.statements == 6
+    assert db.settlements[-1]["hot"] == (0, 60, 15, None)  # the old lease's 15 went back too
+    admitted = 1 + 2 + 1 + 6 + 1 + 14 + 1 + 15 + 30
     assert db.tokens("hot") + store._keys["hot"].allowance == 100_000 - admitted
 
 
