@@ -19,9 +19,11 @@ from typing import TYPE_CHECKING, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import TimeoutError as ConnectTimeout
+from twisted.internet.interfaces import IProtocolNegotiationFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
+from zope.interface import implementer
 
 from equalizer.config import ProxyConfig
 from equalizer.logs import AccessLog
@@ -759,6 +761,7 @@ class ProxyChannel(http.HTTPChannel):
         return super().checkPersistence(request, version)
 
 
+@implementer(IProtocolNegotiationFactory)
 class ProxySite(http.HTTPFactory):
     """The listening side: twisted.web's HTTP/1.1 parser with our streaming request."""
 
@@ -777,6 +780,14 @@ class ProxySite(http.HTTPFactory):
         channel.site = self
         channel.totalHeadersSize = self.max_header_bytes
         return channel
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """What an ``ssl:`` listener offers over ALPN: HTTP/1.1 only.
+
+        Without an answer here Twisted's ALPN callback finds no protocol in common
+        with a client that offers one (every browser, curl) and the handshake fails.
+        """
+        return [b"http/1.1"]
 
     def log(self, request) -> None:
         """Access lines are the proxy's own (``Proxy.exchange_done``), with its fields."""
