@@ -27,7 +27,6 @@ from zope.interface import implementer
 
 from equalizer.config import ProxyConfig
 from equalizer.logs import AccessLog
-from equalizer.ratelimit import field_pairs
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -58,6 +57,9 @@ response; each costs epoll calls). Bounds memory per client connection."""
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"})
 
 JSON_HEADERS = ((b"Content-Type", b"application/json"), (b"Cache-Control", b"no-store"))
+
+OWN_REASONS = {429: b"Too Many Requests"}
+"""Reason phrases of statuses the proxy answers itself that twisted.web does not know."""
 
 
 def error_body(code: str, message: str) -> bytes:
@@ -529,16 +531,14 @@ class Exchange:
             self.proxy.stats.errors += 1
         self.status = status
         body = error_body(code, message)
-        request.setResponseCode(status)
-        headers = request.responseHeaders
-        for name, value in JSON_HEADERS + extra_headers:
-            headers.setRawHeaders(name, [value])
-        headers.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
-        headers.setRawHeaders(b"X-Request-ID", [self.request_id])
-        for name, value in field_pairs(self.proxy.response_lines(self)):
-            headers.setRawHeaders(name, [value])
-        self.bytes_sent = len(body)
-        request.write(body)
+        reason = http.RESPONSES.get(status) or OWN_REASONS[status]
+        request.setResponseCode(status, reason)
+        fields = [*JSON_HEADERS, *extra_headers, (b"Content-Length", b"%d" % len(body)),
+                  (b"Date", http.datetimeToString())]
+        self._write_head(status, reason, fields, False)
+        if self.method != b"HEAD":
+            self.bytes_sent = len(body)
+            request.channel.transport.write(body)
         self._complete()
 
     def _complete(self) -> None:

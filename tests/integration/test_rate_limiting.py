@@ -32,7 +32,15 @@ from tests.integration.buckets_support import (
     store_ready,
     store_section,
 )
-from tests.integration.harness import equalizer_config, get_json, wait_until, within
+from tests.integration.harness import (
+    equalizer_config,
+    get_json,
+    parse_response,
+    raw_request,
+    status_of,
+    wait_until,
+    within,
+)
 from tests.postgres import sql
 
 pytestmark = pytest.mark.usefixtures("no_logged_errors")
@@ -207,6 +215,24 @@ async def test_every_limited_response_carries_the_configured_fields(limited, mod
     assert refused.header("X-Request-ID")
     assert not replies[0].header("Retry-After") and not replies[1].header("Retry-After")
     assert len(lb.backend.requests) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_429_on_the_wire_reads_as_the_spec_writes_it(limited):
+    """The 429's status line says Too Many Requests and its fields are spelled byte for byte
+    as SPEC 5 writes them, with a Date, like the admitted responses; a HEAD gets no body."""
+    lb = await limited(default={"capacity": 1, "refill_rate": 0})
+    request = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    assert status_of(await raw_request(lb.balancer.proxy_port, request)) == 200
+    raw = await raw_request(lb.balancer.proxy_port, request)
+    assert raw.startswith(b"HTTP/1.1 429 Too Many Requests\r\n")
+    names = {name for name, _ in parse_response(raw).headers}
+    assert {name.encode() for name in ALL_FIELDS} | {b"Retry-After", b"X-Request-ID"} <= names
+    assert b"Date" in names
+    head = await raw_request(lb.balancer.proxy_port, request.replace(b"GET", b"HEAD"))
+    response = parse_response(head)
+    assert response.status == 429 and response.body == b""
+    assert int(response.header(b"content-length")[0]) > 0
 
 
 @pytest_twisted.ensureDeferred
