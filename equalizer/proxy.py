@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectError
 from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.internet.interfaces import IProtocolNegotiationFactory
 from twisted.logger import Logger
@@ -27,6 +28,7 @@ from zope.interface import implementer
 
 from equalizer.config import ProxyConfig
 from equalizer.logs import AccessLog
+from equalizer.upstream import UpstreamError
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -130,6 +132,7 @@ class Exchange:
         "connection", "pending", "body_chunks", "body_sent", "body_ended", "throttle", "timer",
         "progress", "bytes_sent", "status", "finished", "headers_block", "host", "chunked_body",
         "body_follows", "head_request", "rate_limit", "decision", "last_failure",
+        "several_hosts",
     )
 
     def __init__(self, proxy: Proxy, request: ProxyRequest) -> None:
@@ -154,6 +157,7 @@ class Exchange:
         self.rate_limit = "off"
         self.decision = None
         self.last_failure: Failure | None = None
+        self.several_hosts = False
         length = request.body_length
         self.chunked_body = length is None
         self.body_follows = length != 0
@@ -174,6 +178,7 @@ class Exchange:
             if lowered in REBUILT_REQUEST_HEADERS:
                 if lowered == b"host":
                     host = values[0]
+                    self.several_hosts = len(values) > 1
                 elif lowered == b"x-forwarded-for":
                     forwarded_for = values
                 elif lowered == b"x-request-id":
@@ -214,7 +219,23 @@ class Exchange:
     # -- choosing and connecting -----------------------------------------------------
 
     def start(self) -> None:
-        self.proxy.admit(self)
+        problem = self._malformed()
+        if problem is None:
+            self.proxy.admit(self)
+        else:
+            self.request.channel.persistent = False
+            self.respond_locally(400, "bad_request", problem)
+
+    def _malformed(self) -> str | None:
+        """What makes the request one a reverse proxy must refuse (RFC 9112 3.2), if anything."""
+        request = self.request
+        if self.method == b"CONNECT" or not request.uri.startswith(b"/"):
+            return "the request target must be a path"
+        if self.several_hosts:
+            return "a request carries one Host header only"
+        if self.host is None and request.clientproto == b"HTTP/1.1":
+            return "an HTTP/1.1 request must carry a Host header"
+        return None
 
     def dispatch(self) -> None:
         """Send the request to a backend not tried yet, or answer for the backends."""
@@ -272,11 +293,17 @@ class Exchange:
             self._gateway_failure()
 
     def _gateway_failure(self) -> None:
-        if self.last_failure is not None and self.last_failure.check(ConnectTimeout):
+        """502 or 504 for the last attempt's failure, in words that tell an operator which."""
+        failure = self.last_failure
+        if failure is not None and failure.check(ConnectTimeout):
             self.respond_locally(504, "gateway_timeout",
                                  "the backend did not accept the connection in time")
-        else:
+        elif failure is None or failure.check(ConnectError):
             self.respond_locally(502, "bad_gateway", "no backend could be reached")
+        elif failure.check(UpstreamError):
+            self.respond_locally(502, "bad_gateway", "the backend's response was not valid HTTP")
+        else:
+            self.respond_locally(502, "bad_gateway", "the backend failed before answering")
 
     def _send(self, connection: UpstreamConnection) -> None:
         self.connection = connection
@@ -410,7 +437,8 @@ class Exchange:
         """After a 101, join the two connections: bytes flow both ways until one closes.
 
         The 101 head goes to the client as the backend sent it (Connection and
-        Upgrade included: they are the point of it). The client channel's own
+        Upgrade included: they are the point of it), plus the request id and the
+        limiter's fields like every other response. The client channel's own
         parsing stops; what it had buffered after the request goes on first.
         """
         self._disarm()
@@ -419,6 +447,9 @@ class Exchange:
         client = channel.transport
         lines = [b"HTTP/1.1 101 %s\r\n" % reason]
         lines.extend(b"%s: %s\r\n" % (name, value) for name, value in headers)
+        if not any(name.lower() == b"x-request-id" for name, _ in headers):
+            lines.append(b"X-Request-ID: %s\r\n" % self.request_id)
+        lines.append(self.proxy.response_lines(self))
         lines.append(b"\r\n")
         client.writeSequence(lines)
         request.startedWriting = True
@@ -478,7 +509,7 @@ class Exchange:
         if self.method in IDEMPOTENT_METHODS and not self.body_sent:
             self._retry_or_fail()
         else:
-            self.respond_locally(502, "bad_gateway", "the backend failed before answering")
+            self._gateway_failure()
 
     # -- timeouts ----------------------------------------------------------------------
 
@@ -641,10 +672,6 @@ class ProxyRequest(http.Request):
         self.uri = path
         self.path = path.split(b"?", 1)[0]
         self.clientproto = version
-        if command == b"CONNECT" or not path.startswith(b"/"):
-            self.exchange = exchange = Exchange(self.channel.site.proxy, self)
-            exchange.respond_locally(400, "bad_request", "the request target must be a path")
-            return
         proxy = self.channel.site.proxy
         if proxy.stopping:
             self.channel.persistent = False
@@ -718,8 +745,16 @@ class Proxy:
             self.access_log.log(
                 exchange.client, request.method.decode("latin-1"),
                 request.uri.decode("latin-1"), status, exchange.bytes_sent,
-                round(seconds * 1000, 3), backend.id if backend is not None else "-",
+                round(seconds * 1000, 3), _backends_tried(exchange, backend),
                 exchange.request_id.decode("latin-1"), exchange.rate_limit)
+
+
+def _backends_tried(exchange: Exchange, backend: Backend | None) -> str:
+    """The access log's backend: the one that answered, else every one tried (as nginx's
+    ``$upstream_addr`` lists them), else ``-``."""
+    if backend is not None:
+        return backend.id
+    return ",".join(tried.id for tried in exchange.tried) or "-"
 
 
 def no_lines(exchange: Exchange) -> bytes:
@@ -752,6 +787,11 @@ class ProxyChannel(http.HTTPChannel):
             self._local = self.transport.getHost()
         return self._local
 
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """A request line or header line longer than ``max_header_bytes``: 400, as for
+        headers too large in all (LineReceiver would close without a word)."""
+        self._respondToBadRequestAndDisconnect()
+
     def checkPersistence(self, request, version):
         values = request.requestHeaders.getRawHeaders(b"connection") or ()
         tokens = {token.strip().lower() for value in values for token in value.split(b",")}
@@ -779,6 +819,7 @@ class ProxySite(http.HTTPFactory):
         channel.requestFactory = ProxyRequest
         channel.site = self
         channel.totalHeadersSize = self.max_header_bytes
+        channel.MAX_LENGTH = self.max_header_bytes
         return channel
 
     def acceptableProtocols(self) -> list[bytes]:

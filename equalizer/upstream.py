@@ -137,8 +137,8 @@ class UpstreamConnection(TwistedProtocol):
             if rest:
                 self._head(rest)
             return
-        self._response_started = True
         chunked, length, keep_alive = response_framing(version, headers)
+        self._response_started = True  # only now: a head we refuse is a 502, not a cut
         self._keep_alive = keep_alive
         if self._head_request or status in NO_BODY_STATUSES:
             length, chunked = 0, False

@@ -54,6 +54,7 @@ from tests.pg_cluster import free_port
 LOOPBACK = "127.0.0.1"
 HEALTH_CHECK_AGENT = b"equalizer-health-check"
 DEFAULT_TIMEOUT = 10.0
+BACKEND_MAX_HEAD = 1 << 20
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -276,6 +277,9 @@ class BackendSite(server.Site):
 
     def buildProtocol(self, addr):
         protocol = super().buildProtocol(addr)
+        # Heads as large as a test's balancer lets through (twisted.web's own limits are
+        # 16 KiB a line and 16 KiB in all).
+        protocol._channel.MAX_LENGTH = protocol._channel.totalHeadersSize = BACKEND_MAX_HEAD
         backend = self.backend
         backend.connections_made += 1
         make_connection, connection_lost = protocol.makeConnection, protocol.connectionLost

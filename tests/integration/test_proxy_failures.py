@@ -8,6 +8,7 @@ import pytest
 import pytest_twisted
 import treq
 from twisted.internet import reactor
+from twisted.logger import globalLogPublisher
 from twisted.web import server
 
 from tests.integration.harness import (
@@ -362,6 +363,9 @@ MALFORMED = {
     "negative content-length": b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: -5\r\n\r\nhello",
     "bad chunk size": (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
                        b"zz\r\nhello\r\n0\r\n\r\n"),
+    "request line over max_header_bytes": b"GET /" + b"a" * 3000 + b" HTTP/1.1\r\nHost: h\r\n\r\n",
+    "no Host in HTTP/1.1": b"GET / HTTP/1.1\r\n\r\n",
+    "two Host headers": b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
 }
 
 
@@ -378,6 +382,29 @@ async def test_malformed_request_gets_4xx_and_proxy_keeps_serving(http, backends
     response, body = await get(http, balancer.proxy_url + "/after")
     assert (response.code, body) == (200, b"b1")
     assert [r.uri for r in backend.requests] == [b"/after"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_header_line_may_be_as_long_as_max_header_bytes(backends, equalizer):
+    """``max_header_bytes`` above twisted.web's 16 KiB line limit lets a single header line of
+    that size through to the backend."""
+    backend = backends("b1")
+    balancer = await equalizer(equalizer_config([backend.url],
+                                                proxy={"max_header_bytes": 65536}))
+    big = b"a" * 40000
+    raw = await raw_request(balancer.proxy_port, b"GET / HTTP/1.1\r\nHost: h\r\nX-Big: " + big
+                            + b"\r\nConnection: close\r\n\r\n")
+    assert parse_response(raw).status == 200
+    assert backend.requests[-1].header(b"x-big") == [big]
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_1_0_without_host_is_served(backends, equalizer):
+    """An HTTP/1.0 request may leave out Host (RFC 9112 makes it mandatory from 1.1 on)."""
+    backend = backends("b1")
+    balancer = await equalizer(equalizer_config([backend.url]))
+    raw = await raw_request(balancer.proxy_port, b"GET / HTTP/1.0\r\n\r\n")
+    assert parse_response(raw).status == 200
 
 
 def canned(head: bytes):
@@ -397,7 +424,8 @@ def canned(head: bytes):
     b"HTTP/1.1 200 OK\r\nX A: b\r\n",
     b"HTTP/1.1 200 OK\r\nX-A: b\r\n folded: yes\r\n",
     b"HTTP/1.1 200 OK\r\nX-A: \x00\r\n",
-], ids=["bare-lf", "bare-cr", "space-in-name", "obs-fold", "nul"])
+    b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nInjected: yes\r\n",
+], ids=["bare-lf", "bare-cr", "space-in-name", "obs-fold", "nul", "conflicting-length"])
 @pytest_twisted.ensureDeferred
 async def test_malformed_backend_header_is_a_502_never_relayed(backends, equalizer, head):
     """A backend header line with control characters, a non-token name or an obsolete fold is
@@ -410,3 +438,27 @@ async def test_malformed_backend_header_is_a_502_never_relayed(backends, equaliz
     assert response.status == 502
     assert json.loads(response.body)["error"]["code"] == "bad_gateway"
     assert b"injected" not in response.names() and b"Injected" not in raw
+
+
+@pytest_twisted.ensureDeferred
+async def test_access_line_of_a_failed_response_names_the_backend(backends, equalizer):
+    """When a backend's answer is refused (502), the access line still names the backend that
+    was tried, with the status the client got."""
+    backend = backends("bad", canned(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n"))
+    balancer = await equalizer(equalizer_config([backend.url], proxy={"retries": 0},
+                                                logging={"access_log": True}))
+    lines: list[dict] = []
+
+    def observe(event: dict) -> None:
+        if event.get("log_namespace") == "equalizer.access":
+            lines.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        raw = await raw_request(balancer.proxy_port,
+                                b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert parse_response(raw).status == 502
+    assert [(line["status"], line["backend"]) for line in lines] == \
+        [(502, balancer.backend(backend.url).id)]

@@ -171,3 +171,18 @@ async def test_backend_close_handshake_reaches_the_client(echo_backend, equalize
     assert await within(client.closed) == (True, 1000)
     assert await within(server.closed) == (True, 1000)
     await wait_until(lambda: balancer.service.proxy.active == 0, message="exchange to end")
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_101_carries_the_request_id_and_rate_limit_fields(echo_backend, equalizer):
+    """The 101 that opens a tunnel went through the proxy and its limiter like any response,
+    so it carries X-Request-ID and the RateLimit fields."""
+    balancer = await equalizer(equalizer_config([echo_backend.url], rate_limit={
+        "enabled": True, "default": {"capacity": 10, "refill_rate": 0}}))
+    client = await connect_client(balancer.proxy_port)
+    headers = client.http_headers
+    assert len(headers["x-request-id"]) == 32
+    assert headers["ratelimit"] == '"default";r=9;t=3600'
+    assert headers["ratelimit-remaining"] == "9"
+    client.sendClose(1000)
+    await within(client.closed)
