@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from klein import Klein
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
@@ -22,7 +22,7 @@ from twisted.web.server import Request, Site
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from equalizer.config import url_identity, validate_backend_url, validate_weight
-from equalizer.metrics import exposition
+from equalizer.metrics import UptimeCollector, exposition
 from equalizer.openapi import MAX_CAPACITY, MAX_PAGE, openapi_document
 from equalizer.pool import DrainCancelled
 from equalizer.stores import MAX_CLIENT_ID_LENGTH, BucketExists, InvalidBucket, StoreUnavailable
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from equalizer.config import BucketPolicy
     from equalizer.pool import Backend, BackendPool
     from equalizer.stats import TrafficStats
-    from equalizer.stores import IBucketStore
+    from equalizer.stores import BucketRecord, IBucketStore
 
 MAX_BODY_BYTES = 65536
 """Admin request bodies are small JSON objects; anything larger is refused unread."""
@@ -43,6 +43,11 @@ MAX_QUERY_DIGITS = 100
 
 MAX_STORE_OFFSET = 2**63 - 1
 """The largest offset handed to a store; larger ones are past the end all the same."""
+
+SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS"})
+"""Methods that change nothing, so a cross-origin browser may send them."""
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 DASHBOARD_HTML = files("equalizer").joinpath("static/dashboard.html").read_bytes()
 """GET /dashboard: one self-contained page, read once at import."""
@@ -84,6 +89,15 @@ def backend_json(backend: Backend) -> dict[str, Any]:
     }
 
 
+def bucket_json(record: BucketRecord) -> dict[str, Any]:
+    """A bucket with ``tokens`` and ``refill_rate`` always JSON floats, whatever the store holds,
+    so a client never sees ``10`` from one answer and ``10.0`` from the next."""
+    body = record.to_json()
+    body["tokens"] = float(body["tokens"])
+    body["refill_rate"] = float(body["refill_rate"])
+    return body
+
+
 class AdminAPI:
     """The admin endpoints over the live pool, counters and store."""
 
@@ -95,6 +109,8 @@ class AdminAPI:
                  token: str | None = None) -> None:
         self.token = token
         self.metrics_registry = CollectorRegistry(auto_describe=False)
+        self._own_metrics = CollectorRegistry(auto_describe=False)
+        self._own_metrics.register(UptimeCollector(stats, clock))
         self._pool = pool
         self._forget_backend = forget_backend
         self._stats = stats
@@ -110,12 +126,17 @@ class AdminAPI:
         return site
 
     def allows(self, request: IRequest) -> bool:
-        """Everything but GET /health needs the bearer token, when one is set."""
-        if self.token is None or (request.method == b"GET" and request.path == b"/health"):
+        """Everything but GET and HEAD /health needs the bearer token, when one is set.
+
+        The scheme is case-insensitive and may be followed by several spaces (RFC 7235
+        section 2.1); the token is compared exactly, in constant time.
+        """
+        if self.token is None or (request.method in (b"GET", b"HEAD")
+                                  and request.path == b"/health"):
             return True
-        presented = request.getHeader(b"authorization") or b""
-        expected = b"Bearer " + self.token.encode("utf-8")
-        return hmac.compare_digest(presented, expected)
+        scheme, _, presented = (request.getHeader(b"authorization") or b"").partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(
+            presented.lstrip(b" "), self.token.encode("utf-8"))
 
     @app.handle_errors(ApiError)
     def _api_error(self, request: IRequest, failure: Any) -> bytes:
@@ -134,16 +155,23 @@ class AdminAPI:
 
     @app.route("/health", methods=["GET"])
     def health(self, request: IRequest) -> bytes:
-        """ok when every backend is healthy, degraded when some are, down (503) when none."""
+        """What the proxy can serve now: down (503) when no backend can take traffic.
+
+        ``healthy`` counts the pool's candidates (healthy, enabled, not draining), the
+        very list the strategies choose from. Degraded: a backend meant to serve (enabled,
+        not draining) is unhealthy, or the store is unreachable.
+        """
         backends = self._pool.backends
-        healthy = sum(1 for backend in backends if backend.healthy and backend.enabled)
+        healthy = len(self._pool.available)
+        meant_to_serve = sum(1 for backend in backends
+                             if backend.enabled and not backend.draining)
         store = "ok" if self._store.available else "unavailable"
         if healthy == 0:
             status = "down"
-        elif healthy == len(backends) and store == "ok":
-            status = "ok"
-        else:
+        elif healthy < meant_to_serve or store != "ok":
             status = "degraded"
+        else:
+            status = "ok"
         body = {"status": status, "backends": {"healthy": healthy, "total": len(backends)},
                 "store": store}
         return json_response(request, body, 503 if status == "down" else 200)
@@ -152,7 +180,7 @@ class AdminAPI:
     def metrics(self, request: IRequest) -> bytes:
         """Prometheus text exposition of the same figures as /stats."""
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
-        return exposition(self.metrics_registry)
+        return exposition(self.metrics_registry, self._own_metrics)
 
     @app.route("/openapi.json", methods=["GET"])
     def openapi(self, request: IRequest) -> bytes:
@@ -170,7 +198,7 @@ class AdminAPI:
     @app.route("/stats", methods=["GET"])
     def stats(self, request: IRequest) -> bytes:
         body = {
-            "uptime_seconds": round(self._clock.seconds() - self._stats.started, 3),
+            "uptime_seconds": self._stats.uptime(self._clock),
             "requests": self._stats.to_json(),
             "backends": [backend_json(backend) for backend in self._pool.backends],
         }
@@ -271,7 +299,7 @@ class AdminAPI:
         except InvalidBucket as error:
             raise bad_request(str(error)) from None
         request.setHeader(b"Location", bucket_location(client_id))
-        return json_response(request, record.to_json(), 201)
+        return json_response(request, bucket_json(record), 201)
 
     @app.route("/buckets", methods=["GET"])
     async def list_buckets(self, request: IRequest) -> bytes:
@@ -279,7 +307,7 @@ class AdminAPI:
         offset = query_integer(request, "offset", 0, 0, None)
         # Past the largest OFFSET PostgreSQL takes (bigint) every page is empty anyway.
         records, total = await self._store.list(limit, min(offset, MAX_STORE_OFFSET))
-        return json_response(request, {"items": [r.to_json() for r in records], "total": total,
+        return json_response(request, {"items": [bucket_json(r) for r in records], "total": total,
                                        "limit": limit, "offset": offset})
 
     @app.route("/buckets/<path:client_id>", methods=["GET"])
@@ -287,7 +315,7 @@ class AdminAPI:
         record = await self._store.get(storable(client_id))
         if record is None:
             raise no_bucket(client_id)
-        return json_response(request, record.to_json())
+        return json_response(request, bucket_json(record))
 
     @app.route("/buckets/<path:client_id>", methods=["PUT"])
     async def update_bucket(self, request: IRequest, client_id: str) -> bytes:
@@ -306,7 +334,7 @@ class AdminAPI:
             raise bad_request(str(error)) from None
         if record is None:
             raise no_bucket(client_id)
-        return json_response(request, record.to_json())
+        return json_response(request, bucket_json(record))
 
     @app.route("/buckets/<path:client_id>", methods=["DELETE"])
     async def delete_bucket(self, request: IRequest, client_id: str) -> bytes:
@@ -353,7 +381,7 @@ class BoundedRequest(Request):
 
 
 class _Guard(Resource):
-    """Checks the bearer token and the body size before any route runs."""
+    """Checks the origin, the bearer token, the body size and the path before any route runs."""
 
     isLeaf = True
 
@@ -363,6 +391,10 @@ class _Guard(Resource):
         self._inner = inner
 
     def render(self, request: BoundedRequest) -> bytes | int:
+        if request.method not in SAFE_METHODS and not same_origin(request):
+            return error_response(request, ApiError(
+                403, "forbidden_origin",
+                "a browser page of another origin may not change this API (Origin header)"))
         if not self._api.allows(request):
             request.setHeader(b"WWW-Authenticate", b'Bearer realm="equalizer"')
             return error_response(request, ApiError(
@@ -371,7 +403,55 @@ class _Guard(Resource):
             request.setHeader(b"Connection", b"close")
             return error_response(request, ApiError(
                 413, "payload_too_large", f"request body over {MAX_BODY_BYTES} bytes"))
+        if not decodable_url(request):
+            shown = request.path.decode("ascii", "backslashreplace")
+            return error_response(request, bad_request(
+                f"path: {shown[:200]!r} is not UTF-8 once percent-decoded"))
         return self._inner.render(request)
+
+
+def decodable_url(request: Request) -> bool:
+    """Whether Klein can decode the path and host as UTF-8 (else it logs a critical error)."""
+    try:
+        b"/".join(request.postpath).decode("utf-8")
+        request.getRequestHostname().decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def same_origin(request: IRequest) -> bool:
+    """No Origin header (not a browser, or same-origin), or every one names this API's own.
+
+    Browsers send Origin on cross-origin requests; a page elsewhere must not change
+    buckets or backends of an API that has no token by default (cross-site request
+    forgery). The request's own origin is its scheme and its Host header.
+    """
+    origins = request.requestHeaders.getRawHeaders(b"origin")
+    if not origins:
+        return True
+    host = request.getHeader(b"host")
+    if host is None:
+        return False
+    scheme = "https" if request.isSecure() else "http"
+    own = origin_tuple(f"{scheme}://{host.decode('latin-1')}")
+    return own is not None and all(
+        origin_tuple(origin.decode("latin-1")) == own for origin in origins)
+
+
+def origin_tuple(text: str) -> tuple[str, str, int] | None:
+    """``scheme://host[:port]`` as (scheme, host, port) to compare; None for anything else
+    (``null``, a path, a bad port)."""
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in DEFAULT_PORTS or not parts.hostname or parts.username is not None \
+            or parts.path or parts.query or parts.fragment:
+        return None
+    return scheme, parts.hostname, port or DEFAULT_PORTS[scheme]
 
 
 def bad_request(message: str) -> ApiError:
@@ -407,6 +487,8 @@ def read_json_object(request: IRequest) -> dict[str, Any]:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as error:
         raise bad_request(f"body: invalid JSON: {error}") from None
+    except RecursionError:
+        raise bad_request("body: invalid JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise bad_request("body: must be a JSON object")
     return body

@@ -18,8 +18,10 @@ from equalizer.leasing import LeasingStore
 from equalizer.stats import DURATION_BUCKETS, STATUS_CLASSES, DurationHistogram
 
 if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
+
     from equalizer.limiter import RateLimiter
-    from equalizer.pool import BackendPool
+    from equalizer.pool import Backend, BackendPool
     from equalizer.stats import TrafficStats
     from equalizer.stores import IBucketStore
 
@@ -72,6 +74,7 @@ class EqualizerCollector(Collector):
             for result, count in backend.health_checks.items():
                 checks.add_metric([backend.id, result], count)
         yield from (in_flight, up, checks, failures)
+        yield from backend_settings(backends)
         decisions = CounterMetricFamily("equalizer_rate_limit_decisions",
                                         "Rate-limiter outcomes", labels=["outcome"])
         for outcome, count in self._limiter.decisions.items():
@@ -86,6 +89,35 @@ class EqualizerCollector(Collector):
             yield from lease_metrics(self._store)
         yield CounterMetricFamily("equalizer_retries", "Attempts retried on another backend",
                                   value=stats.retries)
+
+
+def backend_settings(backends: list[Backend]) -> Iterator:
+    """What /stats shows of each backend besides its health: weight, enabled, draining."""
+    labels = ["backend", "url"]
+    weight = GaugeMetricFamily("equalizer_backend_weight", "The backend's weight",
+                               labels=labels)
+    enabled = GaugeMetricFamily("equalizer_backend_enabled", "1 when the backend is enabled",
+                                labels=labels)
+    draining = GaugeMetricFamily("equalizer_backend_draining",
+                                 "1 while the backend drains before removal", labels=labels)
+    for backend in backends:
+        names = [backend.id, backend.url]
+        weight.add_metric(names, backend.weight)
+        enabled.add_metric(names, 1 if backend.enabled else 0)
+        draining.add_metric(names, 1 if backend.draining else 0)
+    yield from (weight, enabled, draining)
+
+
+class UptimeCollector(Collector):
+    """Seconds since start on the admin API's clock, the figure /stats calls uptime_seconds."""
+
+    def __init__(self, stats: TrafficStats, clock: IReactorTime) -> None:
+        self._stats = stats
+        self._clock = clock
+
+    def collect(self) -> Iterator:
+        yield GaugeMetricFamily("equalizer_uptime_seconds", "Seconds since the service started",
+                                value=self._stats.uptime(self._clock))
 
 
 def lease_metrics(store: LeasingStore) -> Iterator:
@@ -118,5 +150,6 @@ def metrics_registry(collector: EqualizerCollector) -> CollectorRegistry:
     return registry
 
 
-def exposition(registry: CollectorRegistry) -> bytes:
-    return generate_latest(registry)
+def exposition(*registries: CollectorRegistry) -> bytes:
+    """The text format of every family of ``registries`` (no family name in two of them)."""
+    return b"".join(generate_latest(registry) for registry in registries)

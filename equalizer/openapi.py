@@ -245,12 +245,17 @@ _SCHEMAS: dict[str, Any] = {
 
 _RESPONSES: dict[str, Any] = {
     "BadRequest": _response("invalid JSON, an unknown field, a wrong type or an out-of-range "
-                            "value; the message names the field; nothing changed", "Error"),
+                            "value (the message names the field), or a path that is not UTF-8 "
+                            "once percent-decoded; nothing changed", "Error"),
     "Unauthorized": _response(
         "a token is configured and the request lacks 'Authorization: Bearer TOKEN'", "Error",
         {"WWW-Authenticate": {"schema": {"type": "string"}, "required": True}}),
     "NotFound": _response("no such resource", "Error"),
     "Conflict": _response("it exists already; nothing changed", "Error"),
+    "DrainCancelled": _response("a configuration reload listed the backend again while it "
+                                "drained: the file wins and the backend stays", "Error"),
+    "ForbiddenOrigin": _response("forbidden_origin: a browser request whose Origin is not this "
+                                 "API's own (scheme, Host); nothing changed", "Error"),
     "PayloadTooLarge": _response("request body over 64 KiB, refused unread", "Error"),
     "StoreUnavailable": _response("the bucket store is unreachable (store_unavailable)",
                                   "Error"),
@@ -285,15 +290,20 @@ _BACKEND_LINKS = {
 def _operation(operation_id: str, summary: str, responses: dict[str, Any], *,
                tags: list[str], body: str | None = None,
                parameters: list[dict[str, Any]] | None = None,
-               open_: bool = False) -> dict[str, Any]:
+               open_: bool = False, writes: bool = False) -> dict[str, Any]:
     """One operation, with the answers every operation can give added.
 
     The guard in front of the routes answers 401 (unless ``open_``) and 413 for
-    any request, so every operation lists them.
+    any request, 403 for a cross-origin one that ``writes``, and 400 for a path
+    that is not UTF-8, so the operations list them.
     """
     operation: dict[str, Any] = {"operationId": operation_id, "summary": summary, "tags": tags}
     if parameters:
         operation["parameters"] = parameters
+    if any(parameter["in"] == "path" for parameter in parameters or ()):
+        responses = {"400": _error("BadRequest"), **responses}
+    if writes:
+        responses = {**responses, "403": _error("ForbiddenOrigin")}
     if body is not None:
         operation["requestBody"] = {"required": True, **_json_body(body)}
         responses = {"400": _error("BadRequest"), **responses}
@@ -343,7 +353,7 @@ def _paths() -> dict[str, Any]:
                 "addBackend", "Add a backend; it takes traffic at once",
                 {"201": {**_response("added", "Backend", _LOCATION), "links": _BACKEND_LINKS},
                  "409": _error("Conflict")},
-                tags=backend_ops, body="BackendCreate"),
+                tags=backend_ops, body="BackendCreate", writes=True),
         },
         "/backends/{backend_id}": {
             "get": _operation("getBackend", "One backend",
@@ -353,12 +363,14 @@ def _paths() -> dict[str, Any]:
             "put": _operation("changeBackend", "Change a backend's weight or enabled flag",
                               {"200": _response("the backend as changed", "Backend"),
                                "404": _error("NotFound")},
-                              tags=backend_ops, parameters=[_BACKEND_ID], body="BackendUpdate"),
+                              tags=backend_ops, parameters=[_BACKEND_ID], body="BackendUpdate",
+                              writes=True),
             "delete": _operation(
                 "removeBackend",
                 "Drain, then remove: no new requests; answers once those in flight finished",
-                {"204": {"description": "removed"}, "404": _error("NotFound")},
-                tags=backend_ops, parameters=[_BACKEND_ID]),
+                {"204": {"description": "removed"}, "404": _error("NotFound"),
+                 "409": _error("DrainCancelled")},
+                tags=backend_ops, parameters=[_BACKEND_ID], writes=True),
         },
         "/buckets": {
             "get": _operation("listBuckets", "A page of buckets, ordered by client_id",
@@ -369,7 +381,7 @@ def _paths() -> dict[str, Any]:
                 "createBucket", "Create a client's bucket",
                 {"201": {**_response("created", "Bucket", _LOCATION), "links": _BUCKET_LINKS},
                  "409": _error("Conflict"), **store_down},
-                tags=bucket_ops, body="BucketCreate"),
+                tags=bucket_ops, body="BucketCreate", writes=True),
         },
         "/buckets/{client_id}": {
             "get": _operation("getBucket", "A client's bucket, tokens as of now",
@@ -379,11 +391,12 @@ def _paths() -> dict[str, Any]:
             "put": _operation("updateBucket", "Change some of capacity, tokens, refill_rate",
                               {"200": _response("the bucket as changed", "Bucket"),
                                "404": _error("NotFound"), **store_down},
-                              tags=bucket_ops, parameters=[_CLIENT_ID], body="BucketUpdate"),
+                              tags=bucket_ops, parameters=[_CLIENT_ID], body="BucketUpdate",
+                              writes=True),
             "delete": _operation("deleteBucket", "Delete a client's bucket",
                                  {"204": {"description": "deleted"}, "404": _error("NotFound"),
                                   **store_down},
-                                 tags=bucket_ops, parameters=[_CLIENT_ID]),
+                                 tags=bucket_ops, parameters=[_CLIENT_ID], writes=True),
         },
     }
 
@@ -404,9 +417,11 @@ _DOCUMENT: dict[str, Any] = {
             "Health, statistics, metrics, backends and rate-limit buckets of a running "
             "equalizer. JSON in and out; every error is "
             '`{"error": {"code", "message"}}`. When a token is configured, every operation '
-            "except `GET /health` needs `Authorization: Bearer TOKEN`. An unknown path is "
-            "404 and a method a path does not serve is 405 with `Allow`, both after the "
-            "token check."
+            "except `GET /health` (and HEAD) needs `Authorization: Bearer TOKEN` (the scheme "
+            "in any case). A request other than GET, HEAD or OPTIONS whose `Origin` header "
+            "names another origin than the request's own (scheme and `Host`) is 403 "
+            "`forbidden_origin`, before the token check. An unknown path is 404 and a method "
+            "a path does not serve is 405 with `Allow`, both after the token check."
         ),
         "license": {"name": "MIT"},
     },

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 from attrs import define, field
 
 if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
+
     from equalizer.pool import Backend
 
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
@@ -63,6 +65,10 @@ class TrafficStats:
         backend.by_status[kind] += 1
         backend.latencies.append(seconds)
         backend.durations.observe(seconds)
+
+    def uptime(self, clock: IReactorTime) -> float:
+        """Seconds since start, to the millisecond, for /stats and /metrics alike."""
+        return round(clock.seconds() - self.started, 3)
 
     def to_json(self) -> dict:
         return {

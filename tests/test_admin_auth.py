@@ -49,6 +49,7 @@ def operations() -> list[tuple[str, str, dict[str, Any]]]:
 
 GUARDED = [pytest.param(method, path, operation, id=f"{method} {path}")
            for method, path, operation in operations() if (method, path) != ("GET", "/health")]
+WRITES = [param for param in GUARDED if param.values[0] in {"POST", "PUT", "DELETE"}]
 
 
 class Admin:
@@ -59,12 +60,15 @@ class Admin:
         self.client = client
 
     async def call(self, method: str, path: str, authorization: str | None,
-                   body: dict[str, Any] | None = None) -> tuple[int, Any, Any]:
+                   body: dict[str, Any] | None = None,
+                   origin: str | None = None) -> tuple[int, Any, Any]:
         """Send one request; return (status, headers, body decoded as JSON when it is)."""
         url = self.balancer.admin_url + path.format(**PATH_VALUES)
         headers = {"Accept": "application/json"}
         if authorization is not None:
             headers["Authorization"] = authorization
+        if origin is not None:
+            headers["Origin"] = origin
         data = None
         if body is not None:
             headers["Content-Type"] = "application/json"
@@ -135,6 +139,38 @@ async def test_health_stays_open(admin: Admin, authorization: str | None) -> Non
     status, _, body = await admin.call("GET", "/health", authorization)
     assert status in (200, 503)
     assert set(body) == {"status", "backends", "store"}
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong-token"])
+@pytest_twisted.ensureDeferred
+async def test_head_health_stays_open(admin: Admin, authorization: str | None) -> None:
+    """HEAD /health is as open as GET /health: the same status, no 401."""
+    status, _, body = await admin.call("HEAD", "/health", authorization)
+    assert status == (await admin.call("GET", "/health", None))[0]
+    assert body == b""
+
+
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER", "bEaReR"])
+@pytest_twisted.ensureDeferred
+async def test_bearer_scheme_is_case_insensitive(admin: Admin, scheme: str) -> None:
+    """The auth scheme matches in any case, before one or more spaces (RFC 7235); the token
+    itself must still match exactly."""
+    assert (await admin.call("GET", "/stats", f"{scheme} {TOKEN}"))[0] == 200
+    assert (await admin.call("GET", "/stats", f"{scheme}   {TOKEN}"))[0] == 200
+    assert_unauthorized(*await admin.call("GET", "/stats", f"{scheme} {TOKEN.upper()}"))
+    assert_unauthorized(*await admin.call("GET", "/stats", f"{scheme}{TOKEN}"))
+
+
+@pytest.mark.parametrize(("method", "path", "operation"), WRITES)
+@pytest_twisted.ensureDeferred
+async def test_cross_origin_write_is_a_documented_403(admin: Admin, method: str, path: str,
+                                                      operation: dict[str, Any]) -> None:
+    """Every writing operation refuses another origin with 403 forbidden_origin, the token
+    notwithstanding, as its document says."""
+    status, _, body = await admin.call(method, path, f"Bearer {TOKEN}", body_for(operation),
+                                       origin="http://evil.example")
+    assert (status, body["error"]["code"]) == (403, "forbidden_origin")
+    assert status in documented_statuses(operation)
 
 
 @pytest_twisted.ensureDeferred

@@ -68,6 +68,22 @@ def test_every_operation_but_health_requires_the_bearer_token() -> None:
                 assert "401" in operation["responses"], (method, path)
 
 
+def test_guard_answers_are_documented() -> None:
+    """Writing operations list the 403 of the Origin check, operations with a path parameter
+    the 400 of a non-UTF-8 path, and removeBackend the 409 of a reload that keeps it."""
+    for path, item in openapi_document()["paths"].items():
+        for method, operation in item.items():
+            responses = operation["responses"]
+            writes = method in {"post", "put", "delete"}
+            assert ("403" in responses) is writes, (method, path)
+            if writes:
+                assert responses["403"] == {"$ref": "#/components/responses/ForbiddenOrigin"}
+            if "{" in path:
+                assert "400" in responses, (method, path)
+    removal = openapi_document()["paths"]["/backends/{backend_id}"]["delete"]["responses"]
+    assert removal["409"] == {"$ref": "#/components/responses/DrainCancelled"}
+
+
 def test_request_bodies_are_closed_and_constrained() -> None:
     """Request bodies refuse unknown fields and carry SPEC 6's ranges."""
     schemas = openapi_document()["components"]["schemas"]

@@ -32,6 +32,9 @@ pytestmark = pytest.mark.usefixtures("no_logged_errors")
 FIELDS = {"client_id", "capacity", "tokens", "refill_rate", "created_at", "updated_at"}
 DEFAULT_REFILL = 7.5
 CLIENT_IDS = ["plain", "a b/c", "zürich/ß?x=1&y#frag", "日本語 %2F 🙂", "127.0.0.1"]
+DEEP_ARRAY = b"[" * 60000 + b"]" * 5000
+"""Nested past the JSON parser's recursion limit, and well under the 64 KiB body limit."""
+DEEP_OBJECT = b'{"a":' * 12000
 
 
 async def start_admin(equalizer, backends, http, store_kind: str, dsn: str | None,
@@ -146,6 +149,8 @@ INVALID_CREATIONS = [
     pytest.param({"raw": b""}, "body", id="empty-body"),
     pytest.param({"raw": b'{"client_id": "new", "capacity": 5,}'}, "body", id="trailing-comma"),
     pytest.param({"raw": b"\xff\xfe{}"}, "body", id="not-utf8"),
+    pytest.param({"raw": DEEP_ARRAY}, "body", id="deeply-nested-array"),
+    pytest.param({"raw": DEEP_OBJECT}, "body", id="deeply-nested-object"),
     pytest.param({"json": []}, "body", id="array-body"),
     pytest.param({"json": "new"}, "body", id="string-body"),
     pytest.param({"json": 10}, "body", id="number-body"),
@@ -204,6 +209,37 @@ async def test_invalid_creation_is_a_400_naming_the_field_and_changes_nothing(
     assert listed["total"] == 1
     assert [values(item) for item in listed["items"]] == [values(seed)]
     assert (await admin.bucket("new")).status == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_deeply_nested_json_is_a_400_saying_invalid_json(admin):
+    """A body nested too deeply for the parser is refused like any invalid JSON."""
+    reply = await admin("POST", "/buckets", raw=DEEP_ARRAY)
+    assert (reply.status, reply.header("Content-Type")) == (400, ["application/json"])
+    assert reply.error == {"code": "bad_request",
+                           "message": "body: invalid JSON: nested too deeply"}
+
+
+def assert_floats(bucket: dict[str, Any]) -> None:
+    assert type(bucket["tokens"]) is float and type(bucket["refill_rate"]) is float, bucket
+
+
+@pytest_twisted.ensureDeferred
+async def test_tokens_and_refill_rate_are_always_json_floats(admin):
+    """Every bucket answer (create, get, update, list) writes tokens and refill_rate as JSON
+    floats (``10.0``), even when given as whole numbers or clamped to the capacity."""
+    created = await admin("POST", "/buckets", {"client_id": "whole", "capacity": 10,
+                                               "refill_rate": 1})
+    assert b'"tokens": 10.0' in created.body and b'"refill_rate": 1.0' in created.body
+    await sleep(0.01)  # a full bucket refilled past its capacity is clamped to it
+    got = await admin.bucket("whole")
+    assert b'"tokens": 10.0' in got.body, got.body
+    updated = await admin("PUT", bucket_path("whole"), {"tokens": 3, "refill_rate": 2})
+    listed = await admin.all()
+    for bucket in (created.json, got.json, updated.json, *listed["items"]):
+        assert_floats(bucket)
+    assert updated.json["refill_rate"] == 2.0
+    assert updated.json["tokens"] == pytest.approx(3, abs=0.1)
 
 
 # -- GET /buckets/{client_id} -------------------------------------------------------------
@@ -301,6 +337,7 @@ async def test_update_settles_the_refill_under_the_old_rate(admin):
 INVALID_UPDATES = [
     pytest.param({"raw": b"{"}, "body", id="invalid-json"),
     pytest.param({"raw": b""}, "body", id="empty-body"),
+    pytest.param({"raw": DEEP_ARRAY}, "body", id="deeply-nested-array"),
     pytest.param({"json": [1]}, "body", id="array-body"),
     pytest.param({"json": None}, "body", id="null-body"),
     pytest.param({"json": {"client_id": "other"}}, "client_id", id="client_id-not-changeable"),

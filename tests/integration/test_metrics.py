@@ -6,9 +6,10 @@ import pytest
 import pytest_twisted
 import treq
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.web import server
 
 from tests.integration.buckets_support import store_ready
-from tests.integration.harness import equalizer_config, free_port, wait_until, within
+from tests.integration.harness import equalizer_config, free_port, get_json, wait_until, within
 
 pytestmark = pytest.mark.usefixtures("no_logged_errors")
 
@@ -113,3 +114,50 @@ async def test_no_lease_metrics_with_the_memory_store(http, backends, equalizer)
         [backends("good").url], rate_limit={"enabled": True, "default": None}))
     samples = await scrape(http, balancer.admin_url)
     assert not [name for name, _ in samples if name.startswith("equalizer_lease_")]
+
+
+def hold(held: list):
+    """A handler that keeps every proxied request open, in ``held``, until the test ends it."""
+
+    def handler(backend, request: server.Request) -> int:
+        held.append((backend, request))
+        return server.NOT_DONE_YET
+
+    return handler
+
+
+@pytest_twisted.ensureDeferred
+async def test_backend_settings_and_uptime_as_in_stats(http, backends, equalizer):
+    """/metrics has /stats' uptime and each backend's weight, enabled and draining (1/0)
+    flags, labelled with backend and url."""
+    held: list = []
+    a, b, c = backends("a", hold(held)), backends("b"), backends("c", hold(held))
+    balancer = await equalizer(equalizer_config([a.url, b.url, c.url]))
+    admin = balancer.admin_url
+    ids = {backend.url: balancer.backend(backend.url).id for backend in (a, b, c)}
+    response = await within(http.put(f"{admin}/backends/{ids[b.url]}",
+                                     json={"weight": 5, "enabled": False}))
+    await within(treq.content(response))
+    assert response.code == 200
+    request = http.get(balancer.proxy_url + "/held")
+    await wait_until(lambda: held, message="the request to be held")
+    [(victim, held_request)] = held
+    delete = http.delete(f"{admin}/backends/{ids[victim.url]}")
+    await wait_until(lambda: balancer.backend(victim.url).draining, message="the drain")
+
+    first = await scrape(http, admin)
+    _, stats = await get_json(http, admin + "/stats")
+    last = await scrape(http, admin)
+    uptime = ("equalizer_uptime_seconds", ())
+    assert 0 <= first[uptime] <= stats["uptime_seconds"] <= last[uptime]
+    for backend in (a, b, c):
+        labels = (("backend", ids[backend.url]), ("url", backend.url))
+        settings = tuple(last[(name, labels)] for name in (
+            "equalizer_backend_weight", "equalizer_backend_enabled", "equalizer_backend_draining"))
+        expected = (5, 0, 0) if backend is b else (1, 1, 1 if backend is victim else 0)
+        assert settings == expected, backend.name
+
+    held_request.write(b"done")
+    held_request.finish()
+    assert (await within(request)).code == 200
+    assert (await within(delete)).code == 204
