@@ -21,8 +21,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
+import psycopg2
 import yaml
 from attrs import field, frozen
+from psycopg2.extensions import parse_dsn
 from twisted.internet.endpoints import _parse, _parseServer
 
 from equalizer.strategies import STRATEGIES
@@ -82,6 +84,18 @@ class HealthConfig:
 class BucketPolicy:
     capacity: int
     refill_rate: float
+
+
+MAX_CAPACITY = 2**31 - 1
+"""Largest bucket capacity (and token count): the PostgreSQL ``integer`` column."""
+
+MIN_REFILL_RATE = 1e-6
+"""Slowest refill other than 0: a token in 11.6 days. Slower rates are 0 in practice,
+and below about 5e-318 tokens/s a refill over a microsecond underflows in SQL."""
+
+MAX_REFILL_RATE = 1e9
+"""Fastest refill: rate times the longest span PostgreSQL times can hold (9.3e12 s)
+stays far from overflow, and it refills any bucket within about 2 s."""
 
 
 @frozen
@@ -226,10 +240,31 @@ def _at_least_zero(number: float) -> float:
     return float(number)
 
 
-def _non_negative_number(value: object) -> float:
+def validate_capacity(value: object) -> int:
+    """A bucket capacity: an integer from 1 to MAX_CAPACITY (what every store can hold)."""
+    return _integer(1, MAX_CAPACITY)(value)
+
+
+def _number(value: object) -> int | float:
     if not _is_number(value):
         raise ValueError(f"expected a number, got {_describe(value)}")
-    return _at_least_zero(value)
+    return value
+
+
+def validate_tokens(value: object) -> float:
+    """A token count from 0 to MAX_CAPACITY (the bucket's own capacity is checked apart)."""
+    if not 0 <= _number(value) <= MAX_CAPACITY:  # NaN, infinities and huge integers fail too
+        raise ValueError(f"must be between 0 and {MAX_CAPACITY}, got {value!r}")
+    return float(value)
+
+
+def validate_refill_rate(value: object) -> float:
+    """A refill rate, 0 (never refills) or MIN_REFILL_RATE..MAX_REFILL_RATE tokens a second,
+    so that every refill, in SQL and in Python, stays a finite float that does not underflow."""
+    if not (_number(value) == 0 or MIN_REFILL_RATE <= value <= MAX_REFILL_RATE):
+        raise ValueError(f"must be 0 or from {MIN_REFILL_RATE:.6f} to {MAX_REFILL_RATE:.0f} "
+                         f"tokens a second, got {value!r}")
+    return float(value)
 
 
 def _choice(*options: str) -> _Check:
@@ -376,6 +411,40 @@ def _reason(error: Exception) -> str:
     if isinstance(error, TypeError):  # e.g. "_parseTCP() got an unexpected keyword argument"
         return re.sub(r"^\w+\(\) ", "", str(error)) + r" (escape ':' in values as '\:')"
     return str(error)
+
+
+# Where a DSN keeps its password: a URI's user info or query, or a key=value pair.
+_URI = re.compile(r"\s*postgres(?:ql)?://")
+_URI_PASSWORDS = (re.compile(r"^(\s*postgres(?:ql)?://[^:@/?#]*:)([^@/?#]*)(?=@)"),
+                  re.compile(r"([?&]password=)([^&]*)"))
+_KEYWORD_PASSWORD = (re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'?|[^\s']*)"),)
+
+
+def _without_password(dsn: str) -> str:
+    """The DSN with every password in it replaced by ``***``, to be quoted in messages."""
+    for pattern in _URI_PASSWORDS if _URI.match(dsn) else _KEYWORD_PASSWORD:
+        dsn = pattern.sub(r"\1***", dsn)
+    return dsn
+
+
+def validate_database_url(value: object) -> str:
+    """A libpq DSN (``key=value ...``) or ``postgresql://`` URI, checked by libpq's own
+    parser without connecting; messages never show the password."""
+    text = _string(value)
+    try:
+        options = parse_dsn(text)
+    except psycopg2.ProgrammingError:
+        try:
+            parse_dsn(_without_password(text))
+        except psycopg2.ProgrammingError as e:
+            reason = str(e).strip().removeprefix("invalid dsn: ")
+            raise ValueError(f"not a valid PostgreSQL DSN or URL: {reason}") from None
+        raise ValueError("not a valid PostgreSQL DSN or URL: the password cannot be "
+                         "read (not shown)") from None
+    for port in options.get("port", "").split(","):
+        if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+            raise ValueError(f"not a valid PostgreSQL DSN or URL: invalid port {port!r}")
+    return text
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -553,11 +622,11 @@ _SCHEMA = _record(Config(), {
         "enabled": _boolean,
         "key": _client_key("header"),
         "default": _optional(_record(RateLimitConfig().default, {
-            "capacity": _integer(1),
-            "refill_rate": _non_negative_number,
+            "capacity": validate_capacity,
+            "refill_rate": validate_refill_rate,
         })),
         "store": _choice("memory", "postgres"),
-        "database_url": _optional(_string),
+        "database_url": _optional(validate_database_url),
         "on_store_error": _choice("allow", "deny"),
         "headers": _choice("both", "draft", "legacy", "none"),
     }),
@@ -593,8 +662,21 @@ def parse_config(data: object) -> Config:
     raise ConfigError([f"{_format_path(path)}: {message}" for path, message in problems])
 
 
+class _DuplicateKey(yaml.MarkedYAMLError):
+    """A key written twice in one mapping, at ``path`` (its second occurrence)."""
+
+    def __init__(self, path: _KeyPath, mark: yaml.Mark) -> None:
+        super().__init__(problem="duplicate key", problem_mark=mark)
+        self.path = path
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """A SafeLoader that refuses duplicate keys, which PyYAML would silently let win."""
+    """A SafeLoader that refuses duplicate keys, which PyYAML would silently let win,
+    naming the key path of the second one."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._paths = _node_paths(node)
+        return super().construct_document(node)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen = set()
@@ -602,11 +684,28 @@ class _StrictLoader(yaml.SafeLoader):
             if isinstance(key_node, yaml.ScalarNode):
                 key = self.construct_object(key_node)
                 if key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {key!r}", key_node.start_mark
-                    )
+                    path = (*self._paths.get(id(node), ()), str(key))
+                    raise _DuplicateKey(path, key_node.start_mark)
                 seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+def _node_paths(root: yaml.Node) -> dict[int, _KeyPath]:
+    """The key path of every collection node in a document, by ``id`` (first path seen,
+    for a node an alias reaches twice)."""
+    paths: dict[int, _KeyPath] = {}
+    pending: list[tuple[yaml.Node, _KeyPath]] = [(root, ())]
+    while pending:
+        node, path = pending.pop()
+        if id(node) in paths or isinstance(node, yaml.ScalarNode):
+            continue
+        paths[id(node)] = path
+        if isinstance(node, yaml.MappingNode):
+            pending += [(value, (*path, str(key.value))) for key, value in node.value
+                        if isinstance(key, yaml.ScalarNode)]
+        else:
+            pending += [(item, (*path, index)) for index, item in enumerate(node.value)]
+    return paths
 
 
 def _read_yaml(path: str) -> object:
@@ -618,13 +717,20 @@ def _read_yaml(path: str) -> object:
         raise ConfigError([f"config: cannot read {path!r}: {e.strerror}"]) from None
     except UnicodeDecodeError as e:
         raise ConfigError([f"config: cannot read {path!r}: not UTF-8 text ({e.reason})"]) from None
+    except _DuplicateKey as e:
+        raise ConfigError([f"{_format_path(e.path)}: duplicate key in {path!r}{_where(e)}"]) \
+            from None
     except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = " ".join(str(e.problem).split())
-        raise ConfigError([f"config: YAML syntax error in {path!r}{where}: {problem}"]) from None
+        raise ConfigError([f"config: YAML syntax error in {path!r}{_where(e)}: {problem}"]) \
+            from None
     except yaml.YAMLError as e:
         raise ConfigError([f"config: YAML error in {path!r}: {' '.join(str(e).split())}"]) from None
+
+
+def _where(error: yaml.MarkedYAMLError) -> str:
+    mark = error.problem_mark
+    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
 
 
 def load_config(path: str | None = None) -> Config:
@@ -691,11 +797,12 @@ def apply_overrides(
     if urls:
         balancer = attrs.evolve(balancer, backends=_flag_backends(problems, urls))
     if database_url is not None:
-        database_url = _check_flag(problems, "--database-url", _string, database_url)
+        database_url = _check_flag(problems, "--database-url", validate_database_url, database_url)
+    elif env.get(ENV_DATABASE_URL):
+        database_url = _check_flag(problems, ENV_DATABASE_URL, validate_database_url,
+                                   env[ENV_DATABASE_URL])
     rate_limit = attrs.evolve(
-        config.rate_limit,
-        database_url=database_url or env.get(ENV_DATABASE_URL) or config.rate_limit.database_url,
-    )
+        config.rate_limit, database_url=database_url or config.rate_limit.database_url)
     if rate_limit.store == "postgres" and rate_limit.database_url is None:
         problems.append(
             "rate_limit.database_url: required when rate_limit.store is postgres "

@@ -144,12 +144,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from equalizer.ratelimit import Decision, decide
-from equalizer.stores import (
-    IBucketStore,
-    InvalidBucket,
-    StoreUnavailable,
-    _client_id_problem,
-)
+from equalizer.stores import IBucketStore, StoreUnavailable, take_elsewhere
 
 if TYPE_CHECKING:
     from equalizer.config import BucketPolicy
@@ -195,15 +190,6 @@ and created again by others while the statement ran), before they fail."""
 # default refill rate]: json.dumps builds it in C, where psycopg2 would quote
 # array elements one by one in Python (about 2 us each).
 _SETTLE = "SELECT * FROM equalizer_settle(%s::json)"
-
-
-def _unencodable(client_id: str) -> InvalidBucket | None:
-    """A client id PostgreSQL could not store: it would fail the whole settlement."""
-    try:
-        client_id.encode("utf-8")
-    except UnicodeEncodeError:
-        return InvalidBucket("client_id", "must be valid Unicode text")
-    return None
 
 
 class _Key:
@@ -381,9 +367,10 @@ class LeasingStore:
         elif not self._running:
             return fail(StoreUnavailable("the store is not running"))
         else:
-            problem = _client_id_problem(client_id) or _unencodable(client_id)
-            if problem is not None:
-                return fail(problem)
+            # A client id no row can have (it would fail the whole settlement) goes by its digest.
+            elsewhere = take_elsewhere(self, client_id, default)
+            if elsewhere is not None:
+                return elsewhere
             key = self._keys[client_id] = _Key()
         self.waits += 1
         d: Deferred[Decision | None] = Deferred()

@@ -13,11 +13,13 @@ import signal
 import sys
 from collections.abc import Callable
 
+import attrs
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -140,8 +142,8 @@ class EqualizerService(MultiService):
         self.admin.metrics_registry = metrics_registry(
             EqualizerCollector(self.pool, self.stats, self.limiter, self.store))
         self._apply_settings(config)
-        self.proxy_listener = self._listen(config.proxy.listen, self.proxy_site)
-        self.admin_listener = self._listen(config.admin.listen, self.admin.site())
+        self.proxy_listener = self._listen("proxy.listen", config.proxy.listen, self.proxy_site)
+        self.admin_listener = self._listen("admin.listen", config.admin.listen, self.admin.site())
         self._previous_sighup = None
 
     def setServiceParent(self, parent) -> None:
@@ -187,10 +189,14 @@ class EqualizerService(MultiService):
         return True
 
     def apply(self, config: Config) -> None:
-        """Switch a running balancer to ``config`` without dropping a connection."""
-        for key, before, after in restart_only_changes(self.config, config):
-            log.warn("{key} changes only on restart; keeping {before!r} (file says {after!r})",
-                     key=key, before=before, after=after)
+        """Switch a running balancer to ``config`` without dropping a connection.
+
+        Settings that change only on restart keep their running values, in
+        ``self.config`` too: it always says what is in effect.
+        """
+        for key in restart_only_changes(self.config, config):
+            _warn_restart_only(key, setting(self.config, key), setting(config, key))
+        config = with_running_settings(config, self.config)
         self._apply_backends(config)
         if config.balancer.strategy != self.config.balancer.strategy:
             self.pool.strategy = make_strategy(config.balancer.strategy)
@@ -266,29 +272,95 @@ class EqualizerService(MultiService):
             if child not in listeners:
                 await maybeDeferred(child.stopService)
 
-    def _listen(self, description: str, factory) -> StreamServerEndpointService:
-        """A listener child; bad endpoints were refused by config validation."""
+    def _listen(self, key: str, description: str, factory) -> Listener:
+        """A listener child; bad endpoint strings were refused by config validation."""
         endpoint = serverFromString(self.reactor, description)
-        listener = StreamServerEndpointService(endpoint, factory)
-        listener._raiseSynchronously = True
+        listener = Listener(endpoint, factory, key, description)
         listener.setServiceParent(self)
         return listener
 
 
-RESTART_ONLY = (
-    ("proxy.listen", lambda c: c.proxy.listen),
-    ("admin.listen", lambda c: c.admin.listen),
-    ("admin.token", lambda c: c.admin.token),
-    ("rate_limit.store", lambda c: c.rate_limit.store),
-    ("rate_limit.database_url", lambda c: c.rate_limit.database_url),
-    ("logging.file", lambda c: c.logging.file),
-    ("logging.rotate", lambda c: c.logging.rotate),
-)
+class ListenFailed(SystemExit, Exception):
+    """An endpoint could not be bound: exit status 1, without a traceback.
+
+    A SystemExit, so the interpreter exits quietly; an Exception too, so that
+    twistd removes its pidfile and, daemonized, hands the message to its parent.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(1)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class Listener(StreamServerEndpointService):
+    """A listener whose failure to bind (port in use, no such directory) is one line
+    on stderr and ListenFailed: a user's mistake, not a traceback.
+
+    twistd binds in ``privilegedStartService``, before the reactor runs.
+    """
+
+    _raiseSynchronously = True
+
+    def __init__(self, endpoint, factory, key: str, description: str) -> None:
+        super().__init__(endpoint, factory)
+        self.key = key
+        self.description = description
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except (CannotListenError, OSError) as error:
+            message = f"cannot listen on {self.key} {self.description!r}: {_reason(error)}"
+            log.error("{message}; exiting", message=message)  # a daemon's record of why
+            if sys.__stderr__ is not None:
+                print(f"error: {message}", file=sys.__stderr__, flush=True)
+            raise ListenFailed(message) from None
+
+
+def _reason(error: Exception) -> str:
+    cause = error.socketError if isinstance(error, CannotListenError) else error
+    return getattr(cause, "strerror", None) or str(cause)
+
+
+RESTART_ONLY = ("proxy.listen", "admin.listen", "admin.token", "rate_limit.store",
+                "rate_limit.database_url", "logging.file", "logging.rotate")
 """Settings a reload cannot change: sockets, the store and the log are opened once."""
 
+SECRETS = {"admin.token": "token", "rate_limit.database_url": "database URL"}
+"""Restart-only settings whose values are never logged, and what to call them instead."""
 
-def restart_only_changes(old: Config, new: Config) -> list[tuple[str, object, object]]:
-    return [(key, read(old), read(new)) for key, read in RESTART_ONLY if read(old) != read(new)]
+
+def setting(config: Config, key: str) -> object:
+    """The value at a ``section.name`` key path."""
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)
+
+
+def restart_only_changes(running: Config, new: Config) -> list[str]:
+    """The restart-only keys whose value in ``new`` is not the running one."""
+    return [key for key in RESTART_ONLY if setting(running, key) != setting(new, key)]
+
+
+def with_running_settings(new: Config, running: Config) -> Config:
+    """``new`` with the running value of every restart-only setting: what is in effect."""
+    sections: dict[str, dict[str, object]] = {}
+    for key in RESTART_ONLY:
+        section, name = key.split(".")
+        sections.setdefault(section, {})[name] = setting(running, key)
+    return attrs.evolve(new, **{section: attrs.evolve(getattr(new, section), **values)
+                                for section, values in sections.items()})
+
+
+def _warn_restart_only(key: str, running: object, wanted: object) -> None:
+    if key in SECRETS:
+        log.warn("{key} changes only on restart; the running {what} is kept",
+                 key=key, what=SECRETS[key])
+    else:
+        log.warn("{key} changes only on restart; keeping {running!r} (file says {wanted!r})",
+                 key=key, running=running, wanted=wanted)
 
 
 def make_store(config: Config, reactor) -> IBucketStore:

@@ -38,7 +38,9 @@ Schema migrations run at :meth:`PostgresStore.start`.
     transaction that holds an advisory lock, so instances starting together
     neither race nor half-apply; applied versions are recorded in
     ``schema_migrations``. CHECK constraints in the schema enforce the bucket
-    invariants (capacity > 0, 0 <= tokens <= capacity, refill_rate >= 0).
+    invariants (capacity > 0, 0 <= tokens <= capacity, refill_rate 0 or within
+    the bounds of :func:`equalizer.config.validate_refill_rate`, so every refill
+    can be computed).
 
 Failures are bounded and recovered from.
     Each query has a timeout (``query_timeout``, 5 s); a call that hits it fails
@@ -51,12 +53,15 @@ Failures are bounded and recovered from.
     from 0.5 s up to 2 s, until it works. Meanwhile every call fails at once with
     :class:`StoreUnavailable`, so a dead database never holds a request up. The
     store also notices the server hanging up on idle connections, before any
-    query does. Nothing is lost: the buckets live in the database.
+    query does. Nothing is lost: the buckets live in the database. A statement
+    the server refuses over the values it computes (a data exception, SQLSTATE
+    class 22) fails that call with :class:`StoreDataError` and one log line; the
+    store stays available.
 """
 
 from __future__ import annotations
 
-import math
+import hashlib
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -73,7 +78,12 @@ from twisted.python.failure import Failure
 from txpostgres.txpostgres import Connection, ConnectionPool, Cursor
 from zope.interface import Attribute, Interface, implementer
 
-from equalizer.config import BucketPolicy
+from equalizer.config import (
+    BucketPolicy,
+    validate_capacity,
+    validate_refill_rate,
+    validate_tokens,
+)
 from equalizer.ratelimit import Bucket, Decision, decide, refill
 from equalizer.ratelimit import take as take_token
 
@@ -85,6 +95,11 @@ MAX_CLIENT_ID_LENGTH = 512
 
 class StoreUnavailable(Exception):
     """The store cannot answer now (database unreachable, timed out); it recovers by itself."""
+
+
+class StoreDataError(StoreUnavailable):
+    """The database refused to compute a statement over the stored values (a data
+    exception, such as a numeric overflow): this call fails, but the store is up."""
 
 
 class BucketExists(Exception):
@@ -149,8 +164,9 @@ class IBucketStore(Interface):
         """Take one token from the client's bucket, atomically.
 
         A client without a bucket gets one from ``default``, full, on first sight;
-        with ``default`` None it is not limited and the result is None. Fails
-        with InvalidBucket for an unusable client id.
+        with ``default`` None it is not limited and the result is None. A client id
+        no bucket can have (control characters, not UTF-8, too long) takes from the
+        bucket of its digest (:func:`take_key`); an empty one fails with InvalidBucket.
         """
 
     def create(
@@ -159,7 +175,7 @@ class IBucketStore(Interface):
         """Create a bucket; fails with BucketExists or InvalidBucket."""
 
     def get(client_id: str) -> Deferred[BucketRecord | None]:
-        """The bucket, tokens as of now, or None."""
+        """The bucket, tokens as of now, or None (also for a client id no bucket can have)."""
 
     def list(limit: int, offset: int) -> Deferred[tuple[list[BucketRecord], int]]:
         """A page of buckets ordered by client id (code-point order), and the total count."""
@@ -184,37 +200,80 @@ class IBucketStore(Interface):
 # --- validation, shared by both stores ---------------------------------------------
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
 def _client_id_problem(client_id: object) -> InvalidBucket | None:
+    """Why no bucket can have this client id, or None.
+
+    Control characters could not travel in a URL path the admin API routes (LF,
+    for one), and text that is not UTF-8 (lone surrogates) PostgreSQL cannot hold.
+    """
     if not isinstance(client_id, str) or not client_id:
         return InvalidBucket("client_id", "must be a non-empty string")
     if len(client_id) > MAX_CLIENT_ID_LENGTH:
         return InvalidBucket("client_id", f"must be at most {MAX_CLIENT_ID_LENGTH} characters")
-    if "\x00" in client_id:
-        return InvalidBucket("client_id", "must not contain NUL characters")
+    if _CONTROL.search(client_id):
+        return InvalidBucket("client_id", "must not contain control characters "
+                             "(such as NUL, TAB, CR, LF or DEL)")
+    if not client_id.isascii():
+        try:
+            client_id.encode("utf-8")
+        except UnicodeEncodeError:
+            return InvalidBucket("client_id", "must be valid Unicode text (no lone surrogates)")
     return None
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+def take_key(client_id: str) -> str:
+    """The bucket key a take uses for ``client_id``: itself, or ``sha256:<hex>`` of its
+    UTF-8 bytes when no bucket can have it, so such a value is limited like any other.
+
+    Raises:
+        InvalidBucket: for an empty client id (the proxy never sends one).
+    """
+    problem = _client_id_problem(client_id)
+    if problem is None:
+        return client_id
+    if not client_id:
+        raise problem
+    digest = hashlib.sha256(client_id.encode("utf-8", "surrogatepass")).hexdigest()
+    return "sha256:" + digest
+
+
+def take_elsewhere(store: IBucketStore, client_id: str,
+                   default: BucketPolicy | None) -> Deferred[Decision | None] | None:
+    """For a take: None when ``client_id`` is its own take key; else the take under its
+    digest, or the InvalidBucket failure of an empty id. Only first sights pay for it."""
+    try:
+        key = take_key(client_id)
+    except InvalidBucket as error:
+        return fail(error)
+    return None if key == client_id else store.take(key, default)
+
+
+def _field(name: str, check: Callable[[object], Any], value: object) -> None:
+    try:
+        check(value)
+    except ValueError as error:
+        raise InvalidBucket(name, str(error)) from None
 
 
 def validate_fields(capacity: int | None, tokens: float | None, refill_rate: float | None) -> None:
     """Check the fields that are given (not None); raise InvalidBucket for the first bad one.
 
-    ``tokens`` is checked against ``capacity`` only when both are given; against
-    a stored capacity it is the store's job (the schema's CHECK, for Postgres).
+    The bounds are config's, the same for ``rate_limit.default``: every value they
+    let in refills without overflow or underflow, in SQL and in Python. ``tokens``
+    is checked against ``capacity`` only when both are given; against a stored
+    capacity it is the store's job (the schema's CHECK, for Postgres).
     """
-    if capacity is not None and (
-        not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1
-    ):
-        raise InvalidBucket("capacity", "must be an integer >= 1")
+    if capacity is not None:
+        _field("capacity", validate_capacity, capacity)
     if tokens is not None:
-        if not _is_number(tokens) or tokens < 0:
-            raise InvalidBucket("tokens", "must be a number >= 0")
+        _field("tokens", validate_tokens, tokens)
         if capacity is not None and tokens > capacity:
             raise InvalidBucket("tokens", f"must not exceed the capacity ({capacity})")
-    if refill_rate is not None and (not _is_number(refill_rate) or refill_rate < 0):
-        raise InvalidBucket("refill_rate", "must be a finite number >= 0")
+    if refill_rate is not None:
+        _field("refill_rate", validate_refill_rate, refill_rate)
 
 
 def _new_bucket_problem(client_id: object, capacity: int, tokens: float,
@@ -262,9 +321,9 @@ class MemoryStore:
         now = self._clock.seconds()
         entry = self._buckets.get(client_id)
         if entry is None:
-            problem = _client_id_problem(client_id)
-            if problem is not None:
-                return fail(problem)
+            elsewhere = take_elsewhere(self, client_id, default)
+            if elsewhere is not None:
+                return elsewhere
             if default is None:
                 return succeed(None)
             bucket = Bucket(default.capacity, float(default.capacity), default.refill_rate, now)
@@ -803,6 +862,12 @@ class PostgresStore:
             if pool is not None:
                 self._lost(pool, str(error).strip() or type(error).__name__)
             return Failure(StoreUnavailable(f"PostgreSQL unreachable: {error}".strip()))
+        if isinstance(error, psycopg2.DataError):
+            # A value the statement cannot compute: this call fails, the store stays up.
+            message = " ".join(str(error).split())
+            log.error("PostgreSQL refused a statement ({code}): {error}; the store stays "
+                      "available", code=error.pgcode, error=message)
+            return Failure(StoreDataError(f"PostgreSQL could not compute it: {message}"))
         if isinstance(error, psycopg2.Error):
             log.failure("PostgreSQL query failed", failure)
             return Failure(StoreUnavailable(f"PostgreSQL error: {error}".strip()))
@@ -839,9 +904,9 @@ class PostgresStore:
     # IBucketStore ----------------------------------------------------------------------
 
     def take(self, client_id: str, default: BucketPolicy | None) -> Deferred[Decision | None]:
-        problem = _client_id_problem(client_id)
-        if problem is not None:
-            return fail(problem)
+        elsewhere = take_elsewhere(self, client_id, default)
+        if elsewhere is not None:
+            return elsewhere
         if default is None:
             d = self._query(self._take_existing, {"p1": client_id})
         else:
@@ -865,6 +930,8 @@ class PostgresStore:
         return d.addCallbacks(created, _invalid)
 
     def get(self, client_id: str) -> Deferred[BucketRecord | None]:
+        if _client_id_problem(client_id) is not None:
+            return succeed(None)  # no bucket has it (and PostgreSQL could not be sent it)
         return self._query(_GET, (client_id,)).addCallback(_record_or_none)
 
     def list(self, limit: int, offset: int) -> Deferred[tuple[list[BucketRecord], int]]:
@@ -888,6 +955,8 @@ class PostgresStore:
             validate_fields(capacity, tokens, refill_rate)
         except InvalidBucket as e:
             return fail(e)
+        if _client_id_problem(client_id) is not None:
+            return succeed(None)
         params = {
             "client_id": client_id,
             "capacity": capacity,
@@ -897,6 +966,8 @@ class PostgresStore:
         return self._query(_UPDATE, params).addCallbacks(_record_or_none, _invalid)
 
     def delete(self, client_id: str) -> Deferred[bool]:
+        if _client_id_problem(client_id) is not None:
+            return succeed(False)
         return self._query(_DELETE, (client_id,)).addCallback(bool)
 
 

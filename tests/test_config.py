@@ -10,6 +10,9 @@ import pytest
 import yaml
 
 from equalizer.config import (
+    MAX_CAPACITY,
+    MAX_REFILL_RATE,
+    MIN_REFILL_RATE,
     BackendConfig,
     BucketPolicy,
     Config,
@@ -491,9 +494,36 @@ def test_duplicate_backends() -> None:
 def test_bad_default_bucket() -> None:
     """The default bucket needs capacity at least 1 and refill_rate at least 0."""
     assert problems(section("rate_limit", default={"capacity": 0, "refill_rate": -1})) == [
-        "rate_limit.default.capacity: must be at least 1, got 0",
-        "rate_limit.default.refill_rate: must be a number from 0 up, got -1",
+        "rate_limit.default.capacity: must be between 1 and 2147483647, got 0",
+        "rate_limit.default.refill_rate: must be 0 or from 0.000001 to 1000000000 tokens a "
+        "second, got -1",
     ]
+
+
+@pytest.mark.parametrize(
+    ("default", "key"),
+    [
+        ({"capacity": 2**31, "refill_rate": 1}, "capacity"),
+        ({"capacity": 10**400, "refill_rate": 1}, "capacity"),
+        ({"capacity": 10, "refill_rate": 1e308}, "refill_rate"),
+        ({"capacity": 10, "refill_rate": 5e-324}, "refill_rate"),
+        ({"capacity": 10, "refill_rate": 1e-7}, "refill_rate"),
+        ({"capacity": 10, "refill_rate": 10**400}, "refill_rate"),
+        ({"capacity": 10, "refill_rate": float("nan")}, "refill_rate"),
+    ],
+)
+def test_default_bucket_outside_the_computable_bounds(default: dict, key: str) -> None:
+    """A default bucket no store could refill without overflow or underflow is refused."""
+    (problem,) = problems(section("rate_limit", default=default))
+    assert problem.startswith(f"rate_limit.default.{key}: must be ")
+
+
+@pytest.mark.parametrize("rate", [0, MIN_REFILL_RATE, 1, 1e9, MAX_REFILL_RATE])
+def test_default_bucket_bounds_are_inclusive(rate: float) -> None:
+    """Refill rates of 0 and from the minimum to the maximum, and capacity 2^31 - 1, are fine."""
+    config = parse_config(section("rate_limit", default={"capacity": MAX_CAPACITY,
+                                                         "refill_rate": rate}))
+    assert config.rate_limit.default == BucketPolicy(MAX_CAPACITY, rate)
 
 
 def test_empty_token() -> None:
@@ -554,15 +584,36 @@ def test_yaml_syntax_error_names_line_and_column(tmp_path: Path) -> None:
     ]
 
 
-def test_duplicate_yaml_key(tmp_path: Path) -> None:
-    """A key written twice in one mapping is refused instead of the last one silently winning."""
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("proxy:\n  retries: 1\n  retries: 2\n", "proxy.retries: duplicate key in {path} at "
+         "line 3, column 3"),
+        ("balancer: {}\nbalancer: {}\n", "balancer: duplicate key in {path} at line 2, column 1"),
+        ("proxy:\n  timeouts:\n    connect: 1s\n    connect: 2s\n",
+         "proxy.timeouts.connect: duplicate key in {path} at line 4, column 5"),
+        ("balancer:\n  backends:\n    - url: http://a\n      url: http://b\n",
+         "balancer.backends[0].url: duplicate key in {path} at line 4, column 7"),
+    ],
+)
+def test_duplicate_yaml_key(tmp_path: Path, text: str, where: str) -> None:
+    """A key written twice in one mapping is refused, named by its key path, instead of the
+    last one silently winning."""
     path = tmp_path / "dup.yml"
-    path.write_text("proxy:\n  retries: 1\n  retries: 2\n")
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path))
+    assert caught.value.problems == [where.format(path=repr(str(path)))]
+
+
+def test_duplicate_key_under_an_alias(tmp_path: Path) -> None:
+    """A document with aliases (even one that refers to itself) still names the duplicate."""
+    path = tmp_path / "alias.yml"
+    path.write_text("x: &a [*a]\nproxy: {retries: 1, retries: 2}\n")
     with pytest.raises(ConfigError) as caught:
         load_config(str(path))
     assert caught.value.problems == [
-        f"config: YAML syntax error in {str(path)!r} at line 3, column 3: duplicate key 'retries'"
-    ]
+        f"proxy.retries: duplicate key in {str(path)!r} at line 2, column 21"]
 
 
 def test_file_problems_use_key_paths(tmp_path: Path) -> None:
@@ -685,3 +736,55 @@ def test_bad_overrides_name_their_flags() -> None:
         "--backend: duplicate backend URL 'http://a/'",
         "--database-url: must not be empty",
     ]
+
+
+# -- database URLs --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    ["dbname=test", "host=127.0.0.1 port=5432 user=postgres password='a b'",
+     "postgresql://u:secret@db.example:5432/eq?sslmode=require", "postgres://h1:5432,h2:5433/eq"],
+)
+def test_valid_database_urls(dsn: str) -> None:
+    """libpq key=value DSNs and postgresql:// URIs, multi-host ones included, are accepted."""
+    config = parse_config(section("rate_limit", store="postgres", database_url=dsn))
+    assert config.rate_limit.database_url == dsn
+
+
+@pytest.mark.parametrize(
+    ("dsn", "reason"),
+    [
+        ("http://x", 'missing "=" after "http://x" in connection info string'),
+        ("host=x bogus=1", 'invalid connection option "bogus"'),
+        ("postgresql://h/db?bogus=1", 'invalid URI query parameter: "bogus"'),
+        ("host=x port=abc", "invalid port 'abc'"),
+        ("postgresql://u:secret@h:99999/db", "invalid port '99999'"),
+    ],
+)
+def test_malformed_database_url_is_a_config_error(dsn: str, reason: str) -> None:
+    """A DSN libpq cannot parse is refused at start-up, without connecting, with libpq's reason."""
+    assert problems(section("rate_limit", store="postgres", database_url=dsn)) == [
+        f"rate_limit.database_url: not a valid PostgreSQL DSN or URL: {reason}"]
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    ["postgresql://u:s3cret@[::1/db", "postgresql://u:s3%zz@h/db", "host=x password='s3cret",
+     "postgresql://h/db?password=s3cret&bogus=1", "password=s3cret bogus=1"],
+)
+def test_database_url_problems_never_show_the_password(dsn: str) -> None:
+    """Whatever is wrong with a DSN, the message about it does not contain its password."""
+    (problem,) = problems(section("rate_limit", database_url=dsn))
+    assert problem.startswith("rate_limit.database_url: not a valid PostgreSQL DSN or URL: ")
+    assert "s3" not in problem
+
+
+def test_database_url_flag_and_environment_are_checked() -> None:
+    """A malformed --database-url or EQUALIZER_DATABASE_URL is reported under its own name."""
+    assert override_problems(Config(), database_url="http://x") == [
+        "--database-url: not a valid PostgreSQL DSN or URL: "
+        'missing "=" after "http://x" in connection info string']
+    assert override_problems(Config(), env={"EQUALIZER_DATABASE_URL": "http://x"}) == [
+        "EQUALIZER_DATABASE_URL: not a valid PostgreSQL DSN or URL: "
+        'missing "=" after "http://x" in connection info string']

@@ -19,7 +19,13 @@ from zope.interface.verify import verifyObject
 from equalizer.config import BucketPolicy
 from equalizer.leasing import MAX_ATTEMPTS, PREFETCH_FROM, LeasingStore
 from equalizer.ratelimit import Bucket, refill
-from equalizer.stores import IBucketStore, InvalidBucket, MemoryStore, StoreUnavailable
+from equalizer.stores import (
+    IBucketStore,
+    InvalidBucket,
+    MemoryStore,
+    StoreUnavailable,
+    take_key,
+)
 from tests.helpers import result_of
 
 TTL = 0.5
@@ -267,15 +273,24 @@ def test_unknown_client_without_default_is_not_limited_and_remembered(store, db,
     assert result_of(db.get("nobody")) is None
 
 
-def test_invalid_client_id_is_refused_at_once(store, db):
-    """A client id the database could not store fails with InvalidBucket, with no statement."""
-    with pytest.raises(InvalidBucket):
-        result_of(store.take("x" * 513, BucketPolicy(1, 1)))
+def test_empty_client_id_is_refused_at_once(store, db):
+    """An empty client id fails with InvalidBucket, with no statement."""
     with pytest.raises(InvalidBucket):
         result_of(store.take("", BucketPolicy(1, 1)))
-    with pytest.raises(InvalidBucket):
-        result_of(store.take("bad\udc80", BucketPolicy(1, 1)))
     assert store.statements == 0
+
+
+@pytest.mark.parametrize("client_id", ["x" * 513, "bad\udc80", "tab\there", "\x85\x01"])
+def test_unstorable_client_id_is_settled_under_its_digest(store, db, clock, client_id):
+    """A client id no row can have is leased and limited under its digest, never sent as it is."""
+    d = store.take(client_id, BucketPolicy(2, 0))
+    settle(clock)
+    assert result_of(d).allowed
+    assert list(db.settlements[0]) == [take_key(client_id)]
+    assert result_of(store.take(client_id, BucketPolicy(2, 0))).allowed  # from the lease
+    refused = store.take(client_id, BucketPolicy(2, 0))
+    settle(clock)
+    assert not result_of(refused).allowed
 
 
 def test_unused_allowance_expires_and_is_given_back_in_one_statement(store, db, clock):

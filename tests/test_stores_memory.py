@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 
 import pytest
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
-from equalizer.config import BucketPolicy
+from equalizer.config import MAX_CAPACITY, MAX_REFILL_RATE, MIN_REFILL_RATE, BucketPolicy
 from equalizer.ratelimit import NO_REFILL_SECONDS
 from equalizer.stores import (
     MAX_CLIENT_ID_LENGTH,
@@ -17,6 +18,7 @@ from equalizer.stores import (
     IBucketStore,
     InvalidBucket,
     MemoryStore,
+    take_key,
 )
 from tests.helpers import result_of
 
@@ -120,6 +122,13 @@ def test_create_twice_fails(store):
         ({"capacity": 5, "tokens": float("nan"), "refill_rate": 1}, "tokens"),
         ({"capacity": 5, "tokens": 5, "refill_rate": -0.1}, "refill_rate"),
         ({"capacity": 5, "tokens": 5, "refill_rate": float("inf")}, "refill_rate"),
+        ({"capacity": 2**31, "tokens": 0, "refill_rate": 1}, "capacity"),
+        ({"capacity": 5, "tokens": 5, "refill_rate": 1e308}, "refill_rate"),
+        ({"capacity": 5, "tokens": 5, "refill_rate": 1e9 * 1.0000001}, "refill_rate"),
+        ({"capacity": 5, "tokens": 5, "refill_rate": 5e-324}, "refill_rate"),
+        ({"capacity": 5, "tokens": 5, "refill_rate": 9.99e-7}, "refill_rate"),
+        ({"capacity": 5, "tokens": 5, "refill_rate": 10**400}, "refill_rate"),
+        ({"capacity": 5, "tokens": 10**400, "refill_rate": 1}, "tokens"),
     ],
 )
 def test_create_rejects_invalid_values(store, fields, field):
@@ -130,13 +139,65 @@ def test_create_rejects_invalid_values(store, fields, field):
     assert result_of(store.get("bad")) is None
 
 
-@pytest.mark.parametrize("client_id", ["", "x" * (MAX_CLIENT_ID_LENGTH + 1), "a\x00b"])
+@pytest.mark.parametrize("rate", [0, MIN_REFILL_RATE, MAX_REFILL_RATE])
+def test_bucket_bounds_stay_computable(store, clock, rate):
+    """The extreme accepted values refill, take and report finite durations, years later."""
+    record = result_of(store.create("edge", capacity=MAX_CAPACITY, tokens=0, refill_rate=rate))
+    assert record.refill_rate == rate
+    clock.advance(10 * 365 * 86400)
+    decision = result_of(store.take("edge", None))
+    assert decision.window >= 1 and decision.reset >= 0
+    assert 0 <= result_of(store.get("edge")).tokens <= MAX_CAPACITY
+
+
+def test_update_rejects_values_outside_the_bounds(store):
+    """update refuses the same out-of-bounds values as create and changes nothing."""
+    result_of(store.create("a", capacity=5, tokens=5, refill_rate=1))
+    for fields, field in [({"refill_rate": 1e308}, "refill_rate"),
+                          ({"refill_rate": 5e-324}, "refill_rate"),
+                          ({"capacity": 2**31}, "capacity")]:
+        with pytest.raises(InvalidBucket) as caught:
+            result_of(store.update("a", **fields))
+        assert caught.value.field == field
+    assert (result_of(store.get("a")).capacity, result_of(store.get("a")).refill_rate) == (5, 1)
+
+
+UNUSABLE_CLIENT_IDS = ["x" * (MAX_CLIENT_ID_LENGTH + 1), "a\x00b", "line\nfeed", "cr\rhere",
+                       "tab\there", "del\x7f", "\x1b[31m", "\ud800", "lone\udc80surrogate"]
+
+
+@pytest.mark.parametrize("client_id", ["", *UNUSABLE_CLIENT_IDS])
 def test_unusable_client_ids_are_refused(store, client_id):
-    """Empty, over-long or NUL-containing client ids fail with InvalidBucket."""
-    with pytest.raises(InvalidBucket):
+    """Empty, over-long, non-UTF-8 or control-character client ids cannot be created, and
+    nothing is."""
+    with pytest.raises(InvalidBucket) as caught:
         result_of(store.create(client_id, capacity=1, tokens=1, refill_rate=1))
+    assert caught.value.field == "client_id"
+    assert result_of(store.list(10, 0)) == ([], 0)
+
+
+def test_empty_client_id_cannot_take(store):
+    """A take for the empty client id fails with InvalidBucket (the proxy never sends one)."""
     with pytest.raises(InvalidBucket):
-        result_of(store.take(client_id, DEFAULT))
+        result_of(store.take("", DEFAULT))
+
+
+@pytest.mark.parametrize("client_id", UNUSABLE_CLIENT_IDS)
+def test_unusable_client_ids_take_from_their_digest(store, client_id):
+    """A take for a client id no bucket can have is limited by the bucket of its digest."""
+    key = take_key(client_id)
+    assert key == "sha256:" + hashlib.sha256(
+        client_id.encode("utf-8", "surrogatepass")).hexdigest()
+    decisions = [result_of(store.take(client_id, DEFAULT)) for _ in range(4)]
+    assert [d.allowed for d in decisions] == [True, True, True, False]
+    assert result_of(store.get(key)).tokens == 0
+    assert result_of(store.get(client_id)) is None
+
+
+def test_usable_client_ids_are_their_own_take_key():
+    """Printable text, non-ASCII included, keys its own bucket."""
+    for client_id in ["10.0.0.1", "::1", "ä ö", "sp ace", "\u2028", "x" * MAX_CLIENT_ID_LENGTH]:
+        assert take_key(client_id) == client_id
 
 
 def test_list_is_ordered_by_client_id_and_paged(store):

@@ -19,7 +19,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from txpostgres.txpostgres import Connection
 
-from equalizer.config import BucketPolicy
+from equalizer.config import MAX_CAPACITY, MAX_REFILL_RATE, MIN_REFILL_RATE, BucketPolicy
 from equalizer.leasing import MIN_LEASE, LeasingStore
 from equalizer.stores import PostgresStore, StoreUnavailable
 from tests.integration.test_postgres_store import sleep, within
@@ -320,3 +320,17 @@ async def test_unreachable_database_fails_takes_without_hanging(leasing, postgre
             await within(store.take("locked", None), 0.1)
     await wait_available(store)
     assert (await within(store.take("locked", None))).allowed
+
+
+@pytest.mark.parametrize("rate", [MIN_REFILL_RATE, MAX_REFILL_RATE])
+@pytest_twisted.ensureDeferred
+async def test_settlement_computes_buckets_at_the_bounds(leasing, postgres_dsn, rate):
+    """The settlement function refills and leases from buckets at the bounds (capacity
+    2^31 - 1, slowest and fastest refill) a century old, and creates them from such a default."""
+    store = await leasing()
+    await within(store.create("edge", MAX_CAPACITY, 0, rate))
+    await sql(postgres_dsn, "UPDATE buckets SET updated_at = updated_at - interval '100 years'")
+    default = BucketPolicy(MAX_CAPACITY, rate)
+    decisions = await take_all([store.take("edge", default), store.take("new", default)])
+    assert all(d.allowed and d.limit == MAX_CAPACITY for d in decisions)
+    assert store.available

@@ -20,17 +20,20 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.logger import LogLevel, globalLogPublisher
 from txpostgres.txpostgres import Connection
 from zope.interface.verify import verifyObject
 
-from equalizer.config import BucketPolicy
+from equalizer.config import MAX_CAPACITY, MAX_REFILL_RATE, MIN_REFILL_RATE, BucketPolicy
 from equalizer.stores import (
     BucketExists,
     IBucketStore,
     InvalidBucket,
     PostgresStore,
+    StoreDataError,
     StoreUnavailable,
     migrations,
+    take_key,
 )
 from tests import postgres as _postgres
 from tests.pg_cluster import free_port
@@ -123,6 +126,8 @@ async def test_migrations_are_idempotent_and_race_free(postgres_dsn, stores):
         (("c", 5, 1.0, -1.0), "buckets_refill_rate_check"),
         (("c", 5, 1.0, float("nan")), "buckets_refill_rate_check"),
         (("c", 5, 1.0, float("inf")), "buckets_refill_rate_check"),
+        (("c", 5, 1.0, 1e308), "buckets_refill_rate_check"),
+        (("c", 5, 1.0, 5e-324), "buckets_refill_rate_check"),
         (("", 5, 1.0, 1.0), "buckets_client_id_check"),
     ],
 )
@@ -291,13 +296,95 @@ async def test_refused_take_reports_when_to_retry(store):
     assert refused.retry_after == 4
 
 
+UNSTORABLE = ["x" * 513, "a\x00b", "\ud800", "line\nfeed", "tab\there", "del\x7f"]
+
+
+@pytest.mark.parametrize("client_id", UNSTORABLE)
 @pytest_twisted.ensureDeferred
-async def test_invalid_client_id_is_refused(store):
-    """A client id PostgreSQL could not index or store fails with InvalidBucket."""
-    with pytest.raises(InvalidBucket):
-        await within(store.take("x" * 513, BucketPolicy(1, 1)))
-    with pytest.raises(InvalidBucket):
-        await within(store.take("a\x00b", BucketPolicy(1, 1)))
+async def test_unstorable_client_id_takes_from_its_digest(store, client_id):
+    """A take for a client id no row can have is limited under its digest, not refused."""
+    decisions = await take_many([store], client_id, 3, BucketPolicy(2, 0))
+    assert sorted(d.allowed for d in decisions) == [False, True, True]
+    assert (await within(store.get(take_key(client_id)))).tokens == 0.0
+
+
+@pytest.mark.parametrize("client_id", UNSTORABLE)
+@pytest_twisted.ensureDeferred
+async def test_unstorable_client_id_cannot_be_created_or_found(store, client_id):
+    """create refuses such a client id naming client_id, writing nothing; get, update and
+    delete find no bucket, without an error."""
+    with pytest.raises(InvalidBucket) as caught:
+        await within(store.create(client_id, 3, 3, 1))
+    assert caught.value.field == "client_id"
+    assert await within(store.list(10, 0)) == ([], 0)
+    assert await within(store.get(client_id)) is None
+    assert await within(store.update(client_id, capacity=1)) is None
+    assert await within(store.delete(client_id)) is False
+
+
+@pytest.mark.parametrize("rate", [0, MIN_REFILL_RATE, 1, MAX_REFILL_RATE])
+@pytest_twisted.ensureDeferred
+async def test_extreme_accepted_values_stay_computable(store, postgres_dsn, rate):
+    """A bucket at the bounds (capacity 2^31 - 1, the slowest and fastest refill) can be read,
+    taken from and updated after a century, in SQL."""
+    await within(store.create("edge", MAX_CAPACITY, 0, rate))
+    await sql(postgres_dsn, "UPDATE buckets SET updated_at = updated_at - interval '100 years'")
+    assert 0 <= (await within(store.get("edge"))).tokens <= MAX_CAPACITY
+    decision = await within(store.take("edge", BucketPolicy(MAX_CAPACITY, rate)))
+    assert decision.limit == MAX_CAPACITY and decision.window >= 1
+    await within(store.update("edge", refill_rate=rate))
+    assert store.available
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [((10, 0, 1e308), "refill_rate"), ((10, 0, 5e-324), "refill_rate"),
+     ((10, 0, 1e-7), "refill_rate"), ((2**31, 0, 1), "capacity")],
+)
+@pytest_twisted.ensureDeferred
+async def test_values_outside_the_bounds_are_refused(store, fields, field):
+    """Values whose refill would overflow or underflow (or a capacity over the column) are
+    InvalidBucket naming the field, and nothing is written."""
+    with pytest.raises(InvalidBucket) as caught:
+        await within(store.create("huge", *fields))
+    assert caught.value.field == field
+    assert await within(store.get("huge")) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_statement_the_server_cannot_compute_leaves_the_store_available(store):
+    """A data exception (here a float overflow) fails that call with StoreDataError and
+    one error line, no traceback; the store stays available and keeps serving."""
+    logged = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        with pytest.raises(StoreDataError):
+            await within(store.query("SELECT %s::float8 * 10", (1e308,)))
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    assert store.available
+    assert [e.get("log_failure") for e in logged if e.get("log_level") == LogLevel.error] == [None]
+    assert (await within(store.take("after", BucketPolicy(1, 1)))).allowed
+
+
+@pytest_twisted.ensureDeferred
+async def test_migration_repairs_refill_rates_outside_the_bounds(postgres_dsn, stores):
+    """Rows stored before the bounds with rates that overflow or underflow get the nearest
+    bound when the store migrates, and can be read again; in-bound rows are untouched."""
+    await sql(postgres_dsn, "DROP TABLE IF EXISTS buckets, schema_migrations")
+    await sql(postgres_dsn, "CREATE TABLE schema_migrations (version integer PRIMARY KEY, "
+              "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT clock_timestamp())")
+    for version, name, script in migrations()[:2]:
+        await sql(postgres_dsn, script)
+        await sql(postgres_dsn, "INSERT INTO schema_migrations VALUES (%s, %s)", (version, name))
+    for client_id, rate in [("fast", 1e308), ("slow", 5e-324), ("slowish", 1e-10), ("ok", 2.5)]:
+        await sql(postgres_dsn, "INSERT INTO buckets (client_id, capacity, tokens, refill_rate, "
+                  "updated_at) VALUES (%s, 10, 0, %s, clock_timestamp() - interval '1 day')",
+                  (client_id, rate))
+    store = await stores()
+    rates = {r.client_id: r.refill_rate for r in (await within(store.list(10, 0)))[0]}
+    assert rates == {"fast": 1e9, "slow": 1e-6, "slowish": 1e-6, "ok": 2.5}
+    assert (await within(store.get("fast"))).tokens == 10
 
 
 @pytest_twisted.ensureDeferred
