@@ -15,15 +15,21 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 from klein import Klein
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
-from equalizer.config import url_identity, validate_backend_url, validate_weight
-from equalizer.metrics import UptimeCollector, exposition
-from equalizer.openapi import MAX_CAPACITY, MAX_PAGE, openapi_document
+from equalizer.config import (
+    MAX_CAPACITY,
+    MAX_REFILL_RATE,
+    url_identity,
+    validate_backend_url,
+    validate_refill_rate,
+    validate_weight,
+)
+from equalizer.openapi import MAX_PAGE, openapi_document
 from equalizer.pool import DrainCancelled
 from equalizer.stores import MAX_CLIENT_ID_LENGTH, BucketExists, InvalidBucket, StoreUnavailable
 
@@ -109,8 +115,6 @@ class AdminAPI:
                  token: str | None = None) -> None:
         self.token = token
         self.metrics_registry = CollectorRegistry(auto_describe=False)
-        self._own_metrics = CollectorRegistry(auto_describe=False)
-        self._own_metrics.register(UptimeCollector(stats, clock))
         self._pool = pool
         self._forget_backend = forget_backend
         self._stats = stats
@@ -180,7 +184,7 @@ class AdminAPI:
     def metrics(self, request: IRequest) -> bytes:
         """Prometheus text exposition of the same figures as /stats."""
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
-        return exposition(self.metrics_registry, self._own_metrics)
+        return generate_latest(self.metrics_registry)
 
     @app.route("/openapi.json", methods=["GET"])
     def openapi(self, request: IRequest) -> bytes:
@@ -287,7 +291,7 @@ class AdminAPI:
         capacity = integer_field(body, "capacity", 1, MAX_CAPACITY)
         tokens = number_field(body, "tokens", 0, capacity) if "tokens" in body else capacity
         if "refill_rate" in body:
-            refill_rate = number_field(body, "refill_rate", 0)
+            refill_rate = refill_rate_field(body)
         elif self.default_policy is not None:
             refill_rate = self.default_policy.refill_rate
         else:
@@ -325,9 +329,10 @@ class AdminAPI:
         if "capacity" in body:
             changes["capacity"] = integer_field(body, "capacity", 1, MAX_CAPACITY)
         if "tokens" in body:
-            changes["tokens"] = number_field(body, "tokens", 0, changes.get("capacity"))
+            changes["tokens"] = number_field(body, "tokens", 0,
+                                             changes.get("capacity", MAX_CAPACITY))
         if "refill_rate" in body:
-            changes["refill_rate"] = number_field(body, "refill_rate", 0)
+            changes["refill_rate"] = refill_rate_field(body)
         try:
             record = await self._store.update(storable(client_id), **changes)
         except ValueError as error:
@@ -520,6 +525,15 @@ def number_field(body: dict[str, Any], name: str, minimum: float,
     if value < minimum or (maximum is not None and value > maximum):
         raise bad_request(f"{name}: must be {describe_range(minimum, maximum)}, got {value}")
     return float(value)
+
+
+def refill_rate_field(body: dict[str, Any]) -> float:
+    """``refill_rate`` within the bounds every store can compute with (equalizer.config)."""
+    value = number_field(body, "refill_rate", 0, MAX_REFILL_RATE)
+    try:
+        return validate_refill_rate(value)
+    except ValueError as error:
+        raise bad_request(f"refill_rate: {error}") from None
 
 
 def describe_range(minimum: float, maximum: float | None) -> str:

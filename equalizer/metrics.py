@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
@@ -33,15 +33,18 @@ class EqualizerCollector(Collector):
     """Reads the live pool, traffic counters, limiter and store on every scrape."""
 
     def __init__(self, pool: BackendPool, stats: TrafficStats, limiter: RateLimiter,
-                 store: IBucketStore) -> None:
+                 store: IBucketStore, clock: IReactorTime) -> None:
         self._pool = pool
         self._stats = stats
         self._limiter = limiter
         self._store = store
+        self._clock = clock
 
     def collect(self) -> Iterator:
         backends = self._pool.backends
         stats = self._stats
+        yield GaugeMetricFamily("equalizer_uptime_seconds", "Seconds since the service started",
+                                value=stats.uptime(self._clock))
         requests = CounterMetricFamily(
             "equalizer_requests", "Requests answered, by backend and status class",
             labels=["backend", "status_class"])
@@ -108,18 +111,6 @@ def backend_settings(backends: list[Backend]) -> Iterator:
     yield from (weight, enabled, draining)
 
 
-class UptimeCollector(Collector):
-    """Seconds since start on the admin API's clock, the figure /stats calls uptime_seconds."""
-
-    def __init__(self, stats: TrafficStats, clock: IReactorTime) -> None:
-        self._stats = stats
-        self._clock = clock
-
-    def collect(self) -> Iterator:
-        yield GaugeMetricFamily("equalizer_uptime_seconds", "Seconds since the service started",
-                                value=self._stats.uptime(self._clock))
-
-
 def lease_metrics(store: LeasingStore) -> Iterator:
     """How the postgres limiter's leases fare: statements, keys per statement, waits."""
     yield CounterMetricFamily("equalizer_lease_settlements",
@@ -149,7 +140,3 @@ def metrics_registry(collector: EqualizerCollector) -> CollectorRegistry:
     registry.register(collector)
     return registry
 
-
-def exposition(*registries: CollectorRegistry) -> bytes:
-    """The text format of every family of ``registries`` (no family name in two of them)."""
-    return b"".join(generate_latest(registry) for registry in registries)

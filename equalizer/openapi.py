@@ -17,14 +17,18 @@ import copy
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from equalizer.config import MAX_WEIGHT
+from equalizer.config import MAX_CAPACITY, MAX_REFILL_RATE, MAX_WEIGHT, MIN_REFILL_RATE
 from equalizer.stores import MAX_CLIENT_ID_LENGTH
 
 MAX_PAGE = 1000
 """Largest page ``GET /buckets`` serves."""
 
-MAX_CAPACITY = 2**31 - 1
-"""Largest bucket capacity: what every store can hold (PostgreSQL ``integer``)."""
+
+_REFILL_RATE = {
+    "type": "number", "minimum": 0, "maximum": MAX_REFILL_RATE,
+    "description": f"tokens per second: 0 (never refills) or from {MIN_REFILL_RATE:g} "
+                   f"to {MAX_REFILL_RATE:g}",
+}
 
 URL_PATTERN = '^[Hh][Tt][Tt][Pp][Ss]?://[!-"$-.0->@-~]+(/[!-"$->@-~]*)?$'
 """What a backend URL looks like: printable ASCII, http(s), a host, a path at most.
@@ -195,8 +199,7 @@ _SCHEMAS: dict[str, Any] = {
             "capacity": {"type": "integer", "minimum": 1, "maximum": MAX_CAPACITY},
             "tokens": {"type": "number", "minimum": 0, "maximum": MAX_CAPACITY,
                        "description": "as of this answer; at most capacity"},
-            "refill_rate": {"type": "number", "minimum": 0,
-                            "description": "tokens per second"},
+            "refill_rate": _REFILL_RATE,
             "created_at": {"type": "string", "format": "date-time"},
             "updated_at": {"type": "string", "format": "date-time"},
         },
@@ -218,14 +221,15 @@ _SCHEMAS: dict[str, Any] = {
         "required": ["client_id", "capacity"],
         "properties": {
             "client_id": {"type": "string", "minLength": 1, "maxLength": MAX_CLIENT_ID_LENGTH,
-                          "pattern": "^[^\\u0000]*$",
-                          "description": "the rate-limit key's value (no NUL characters)"},
+                          "pattern": "^[^\\u0000-\\u001f\\u007f]*$",
+                          "description": "the rate-limit key's value: UTF-8 text without "
+                                         "control characters"},
             "capacity": {"type": "integer", "minimum": 1, "maximum": MAX_CAPACITY},
             "tokens": {"type": "number", "minimum": 0, "maximum": MAX_CAPACITY,
                        "description": "at most capacity (else 400); default: capacity"},
-            "refill_rate": {"type": "number", "minimum": 0,
-                            "description": "tokens per second; default: rate_limit.default's "
-                                           "(400 when no default is configured)"},
+            "refill_rate": {**_REFILL_RATE,
+                            "description": _REFILL_RATE["description"] + "; default: "
+                            "rate_limit.default's (400 when no default is configured)"},
         },
     },
     "BucketUpdate": {
@@ -238,7 +242,7 @@ _SCHEMAS: dict[str, Any] = {
             "capacity": {"type": "integer", "minimum": 1, "maximum": MAX_CAPACITY},
             "tokens": {"type": "number", "minimum": 0, "maximum": MAX_CAPACITY,
                        "description": "at most the capacity (the new one when given, else 400)"},
-            "refill_rate": {"type": "number", "minimum": 0},
+            "refill_rate": _REFILL_RATE,
         },
     },
 }

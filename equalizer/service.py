@@ -140,7 +140,7 @@ class EqualizerService(MultiService):
         self.admin = AdminAPI(self.pool, self.stats, reactor, self.store,
                               config.rate_limit.default, self.forget_backend, config.admin.token)
         self.admin.metrics_registry = metrics_registry(
-            EqualizerCollector(self.pool, self.stats, self.limiter, self.store))
+            EqualizerCollector(self.pool, self.stats, self.limiter, self.store, reactor))
         self._apply_settings(config)
         self.proxy_listener = self._listen("proxy.listen", config.proxy.listen, self.proxy_site)
         self.admin_listener = self._listen("admin.listen", config.admin.listen, self.admin.site())

@@ -62,6 +62,25 @@ async def test_values_that_cannot_be_computed_are_400(limited, http, fields, fie
     assert (await admin.bucket("huge")).status == 404
 
 
+@pytest.mark.parametrize(("method", "path", "text"), [
+    ("POST", "/buckets", '{"client_id": "big", "capacity": 5, "refill_rate": 1%s}'),
+    ("PUT", "/buckets/big", '{"refill_rate": 1%s}'),
+    ("PUT", "/buckets/big", '{"tokens": 1%s}'),
+])
+@pytest_twisted.ensureDeferred
+async def test_integers_too_large_for_a_float_are_400(limited, http, method, path, text):
+    """A JSON integer with hundreds of digits (no float can hold it) is 400 naming the field,
+    never a 500, and the bucket stays as it was."""
+    admin = Admin(http, limited.admin_url)
+    if method == "PUT":
+        await admin.create("big", 5, refill_rate=1)
+    reply = await admin(method, path, raw=(text % ("0" * 400)).encode())
+    assert reply.status == 400, reply.body
+    assert reply.error["message"].split(":")[0] in ("refill_rate", "tokens")
+    if method == "PUT":
+        assert (await admin.bucket("big")).json["refill_rate"] == 1.0
+
+
 @pytest_twisted.ensureDeferred
 async def test_largest_bucket_stays_readable(limited, http):
     """The largest capacity with the fastest refill is created, refilled and read back."""
