@@ -31,7 +31,7 @@ from equalizer.config import (
 )
 from equalizer.openapi import MAX_PAGE, openapi_document
 from equalizer.pool import DrainCancelled
-from equalizer.stores import MAX_CLIENT_ID_LENGTH, BucketExists, InvalidBucket, StoreUnavailable
+from equalizer.stores import BucketExists, InvalidBucket, StoreUnavailable
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
@@ -316,7 +316,7 @@ class AdminAPI:
 
     @app.route("/buckets/<path:client_id>", methods=["GET"])
     async def get_bucket(self, request: IRequest, client_id: str) -> bytes:
-        record = await self._store.get(storable(client_id))
+        record = await self._store.get(client_id)
         if record is None:
             raise no_bucket(client_id)
         return json_response(request, bucket_json(record))
@@ -334,7 +334,7 @@ class AdminAPI:
         if "refill_rate" in body:
             changes["refill_rate"] = refill_rate_field(body)
         try:
-            record = await self._store.update(storable(client_id), **changes)
+            record = await self._store.update(client_id, **changes)
         except ValueError as error:
             raise bad_request(str(error)) from None
         if record is None:
@@ -343,7 +343,7 @@ class AdminAPI:
 
     @app.route("/buckets/<path:client_id>", methods=["DELETE"])
     async def delete_bucket(self, request: IRequest, client_id: str) -> bytes:
-        if not await self._store.delete(storable(client_id)):
+        if not await self._store.delete(client_id):
             raise no_bucket(client_id)
         request.setResponseCode(204)
         return b""
@@ -465,13 +465,6 @@ def bad_request(message: str) -> ApiError:
 
 def no_bucket(client_id: str) -> ApiError:
     return ApiError(404, "not_found", f"no bucket for client {client_id!r}")
-
-
-def storable(client_id: str) -> str:
-    """``client_id`` from a path, or 404 for one no store can hold (so no store sees it)."""
-    if "\x00" in client_id or len(client_id) > MAX_CLIENT_ID_LENGTH:
-        raise no_bucket(client_id)
-    return client_id
 
 
 def checked_weight(body: dict[str, Any]) -> int:

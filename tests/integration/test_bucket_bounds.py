@@ -111,3 +111,16 @@ async def test_header_key_with_control_characters_is_limited_under_its_digest(
     assert reply.status == 200, reply.body
     assert reply.json["capacity"] == 2
     assert limited.service.limiter.decisions["store_error"] == 0
+
+
+@pytest.mark.parametrize("client_id", ["nul\x00", "line\nfeed", "x" * 513])
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
+@pytest_twisted.ensureDeferred
+async def test_a_path_no_bucket_can_have_is_404(limited, http, method, client_id):
+    """A bucket path naming a client id no store can hold is a plain 404 on either store: the
+    store answers that no bucket has it, without a statement PostgreSQL would refuse."""
+    admin = Admin(http, limited.admin_url)
+    body = ({"capacity": 1},) if method == "PUT" else ()
+    reply = await admin(method, bucket_path(client_id), *body)
+    assert reply.status == 404, reply.body
+    assert reply.error["code"] == "not_found"
