@@ -115,9 +115,20 @@ meanwhile still answers its requests but leaves no allowance. Another instance
 admits at most the allowance it held when the change was made (see above) and
 sees the new settings at its next settlement for the key: when that allowance
 runs out, goes idle for ``ttl`` or reaches ``max_age``; its remembered decisions
-last at most ``remember``. ``get`` and ``list`` show the row plus this
-instance's unused allowance (capped at the capacity): exact with one instance;
-other instances' allowances count as taken.
+last at most ``remember``. ``get`` and ``list`` show the row plus what
+this instance took out of it and did not use (its allowance, expired or not,
+and tokens waiting to go back; capped at the capacity). A read is made while
+no settlement for its key is in flight: it waits for one to land, and holds
+the key's next one back until it is answered (a list does so for every key),
+so each leased token is counted once, in the row or here: exact with one
+instance; other instances' allowances count as taken.
+
+Keys held
+---------
+At most ``max_buckets`` keys (``rate_limit.max_buckets``) are held; a new key
+beyond them is refused (429, ``Retry-After`` twice ``ttl``, when idle keys are
+forgotten) and leaves no state. The rows themselves are swept by the wrapped
+store once full again (:meth:`~equalizer.stores.PostgresStore.sweep`).
 
 Failures and shutdown
 ---------------------

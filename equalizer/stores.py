@@ -42,6 +42,16 @@ Schema migrations run at :meth:`PostgresStore.start`.
     the bounds of :func:`equalizer.config.validate_refill_rate`, so every refill
     can be computed).
 
+Full default rows are swept.
+    A row made from the default policy (``from_default``, migration 0004) that
+    has refilled to its capacity holds no information and is deleted by a sweep
+    every :func:`sweep_interval` seconds (:meth:`PostgresStore.sweep`): batches
+    of :data:`SWEEP_BATCH` rows in client id order over a partial index, each
+    its own statement and transaction, locking with ``SKIP LOCKED`` and only
+    when it gets a transaction-level advisory try-lock, so it never waits on a
+    take and one instance sweeps at a time. Rows made or changed through the
+    admin API are never swept.
+
 Failures are bounded and recovered from.
     Each query has a timeout (``query_timeout``, 5 s); a call that hits it fails
     with :class:`StoreUnavailable` (its statement may still be applied later).
