@@ -404,6 +404,7 @@ class MemoryStore:
         try:
             if self._pass is None:
                 self._pass = list(self._buckets)
+                self._peak = max(self._peak, len(self._pass))
             self.swept += self._forget_full(self._pass, self._clock.seconds())
         except Exception:
             log.failure("sweeping buckets failed")
@@ -439,8 +440,6 @@ class MemoryStore:
         if held < self._peak // 4:
             self._buckets = dict(self._buckets)
             self._peak = held
-        else:
-            self._peak = max(self._peak, held)
 
     _peak = 0
     _cap_logged = False

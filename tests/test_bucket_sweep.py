@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 from twisted.internet.task import Clock
 
 from equalizer.config import BucketPolicy, RateLimitConfig
 from equalizer.ratelimit import Bucket, is_full
+from equalizer.stats import bucket_counts
 from equalizer.stores import (
     MAX_SWEEP_INTERVAL,
     SWEEP_CHUNK,
@@ -175,3 +177,25 @@ def test_stop_ends_the_sweep(clock):
     take(store, "a")
     result_of(store.stop())
     assert clock.getDelayedCalls() == []
+
+
+def test_a_large_sweep_gives_the_dict_room_back(clock):
+    """After a sweep that forgets most buckets, the store's dict is rebuilt at its new size
+    (a dict never shrinks on deletion)."""
+    store = make_store(clock)
+    for i in range(50_000):
+        store.take(f"k{i}", POLICY)
+    grown = sys.getsizeof(store._buckets)
+    clock.advance(4)
+    assert store.bucket_count == 0
+    assert sys.getsizeof(store._buckets) < grown // 100
+
+
+def test_bucket_counts_for_stats(clock):
+    """/stats reports buckets held, swept and refused at the cap, from the store."""
+    store = make_store(clock, max_buckets=1)
+    take(store, "a")
+    take(store, "b")
+    assert bucket_counts(store) == {"held": 1, "swept": 0, "over_cap": 1}
+    clock.advance(4)
+    assert bucket_counts(store) == {"held": 0, "swept": 1, "over_cap": 1}
