@@ -59,7 +59,8 @@ tokens, one row per key without). Hence :data:`PREFETCH_FROM` is twice
 An allowance not used for ``ttl`` seconds (:data:`LEASE_TTL`, 5 s) is no longer
 used, nor any allowance ``max_age`` seconds (:data:`LEASE_MAX_AGE`, 10 s) after the
 statement that leased it was sent. A sweep (one ``LoopingCall`` for the whole
-store, every ``ttl / 2``) gives expired allowances back, all in the next
+store, every ``ttl / 2``, :data:`SWEEP_CHUNK` keys per reactor turn) gives
+expired allowances back, all in the next
 settlement (``T = min(C, T + returned)``), and forgets keys idle for another
 ``ttl``, so memory follows the keys active in the last few seconds. The idle
 time is what makes a key that comes back every few seconds find its allowance:
@@ -186,6 +187,9 @@ PREFETCH_FROM = 16
 MAX_BATCH = 1000
 """Most keys in one settlement statement."""
 
+SWEEP_CHUNK = 2000
+"""Keys the lease sweep looks at per reactor turn."""
+
 MAX_IN_FLIGHT = 1
 """Most settlement statements in flight at once."""
 
@@ -284,6 +288,7 @@ class LeasingStore:
         self._in_flight = 0  # settlements sent and not answered yet
         self._idle: list[Deferred[None]] = []  # fired when no settlement is in flight
         self._sweeper: LoopingCall | None = None
+        self._sweeping: list[str] | None = None  # keys the sweep under way has yet to see
         self._running = False
         self._giving: dict[str, int] = {}  # tokens given back by settlements in flight, by key
         self._reading: dict[str, int] = {}  # bucket reads in flight, by key: not settled now
@@ -638,12 +643,28 @@ class LeasingStore:
                 d.errback(StoreUnavailable(message))
 
     def _sweep(self) -> None:
-        """Give expired allowances back and forget idle keys (the LoopingCall's tick)."""
+        """Give expired allowances back and forget idle keys (the LoopingCall's tick):
+        :data:`SWEEP_CHUNK` keys per reactor turn, so a million keys never stall it."""
+        if self._sweeping is not None:
+            return  # the last one is still under way
         self._cap_logged = False
+        self._sweeping = list(self._keys)
+        self._sweep_chunk()
+
+    def _sweep_chunk(self) -> None:
+        ids = self._sweeping
+        if ids is None or not self._running:
+            self._sweeping = None
+            return
         try:
+            chunk = ids[-SWEEP_CHUNK:]
+            del ids[-SWEEP_CHUNK:]
             now = self._clock.seconds()
             keys = self._keys
-            for client_id, key in list(keys.items()):
+            for client_id in chunk:
+                key = keys.get(client_id)
+                if key is None:
+                    continue
                 if key.allowance:
                     if now < key.expires:
                         continue
@@ -655,11 +676,16 @@ class LeasingStore:
                     and now >= key.expires + self._ttl  # remembered a while, to lease if seen again
                 ):
                     del keys[client_id]
+            if ids:
+                self._clock.callLater(0, self._sweep_chunk)
+                return
+            self._sweeping = None
             if self._returns:
                 self._returning = True
                 if self._scheduled is None:
                     self._schedule()
         except Exception:
+            self._sweeping = None
             log.failure("sweeping leases failed")
 
     # admin -------------------------------------------------------------------------------

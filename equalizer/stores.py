@@ -316,8 +316,8 @@ def _tokens_above_capacity() -> InvalidBucket:
 # --- memory ----------------------------------------------------------------------------
 
 
-SWEEP_CHUNK = 10_000
-"""Buckets the memory store's sweep looks at per reactor turn (a few milliseconds)."""
+SWEEP_CHUNK = 2_000
+"""Buckets the memory store's sweep looks at per reactor turn (1 to 3 ms)."""
 
 MIN_SWEEP_INTERVAL = 1.0
 MAX_SWEEP_INTERVAL = 60.0

@@ -18,6 +18,7 @@ from zope.interface.verify import verifyObject
 
 from equalizer.config import BucketPolicy, RateLimitConfig
 from equalizer.leasing import MAX_ATTEMPTS, PREFETCH_FROM, LeasingStore
+from equalizer.leasing import SWEEP_CHUNK as LEASE_SWEEP_CHUNK
 from equalizer.ratelimit import Bucket, refill
 from equalizer.stores import (
     IBucketStore,
@@ -704,3 +705,28 @@ def test_new_key_at_the_cap_is_refused_without_state(db, clock):
     assert store.over_cap == 2
     assert store.key_count == 1
     assert result_of(store.take("a", NO_REFILL)).allowed
+
+
+def test_the_lease_sweep_looks_at_one_chunk_of_keys_per_reactor_turn(db, clock):
+    """The lease sweep goes through SWEEP_CHUNK keys per reactor turn, and still gives every
+    expired allowance back and forgets every idle key."""
+    store = LeasingStore(db, clock, ttl=1.0, max_age=1.0, min_lease=2, linger=0)
+    result_of(store.start())
+    count = 2 * LEASE_SWEEP_CHUNK + 7
+    takes = [store.take(f"k{i}", NO_REFILL) for i in range(count)]
+    while not all(d.called for d in takes):
+        settle(clock)
+    turns: list[int] = []
+    chunk = store._sweep_chunk
+
+    def turn() -> None:
+        turns.append(len(store._sweeping or ()))
+        chunk()
+
+    store._sweep_chunk = turn  # what each turn has left to look at
+    clock.advance(1.0)  # expired: given back
+    clock.advance(0.5)
+    clock.advance(0.5)  # idle for another ttl: forgotten
+    assert turns[:3] == [count, count - LEASE_SWEEP_CHUNK, count - 2 * LEASE_SWEEP_CHUNK]
+    assert store.key_count == 0
+    assert all(db.tokens(f"k{i}") == 99 for i in range(count))
