@@ -31,6 +31,7 @@ from equalizer.config import (
 )
 from equalizer.openapi import MAX_PAGE, openapi_document
 from equalizer.pool import DrainCancelled
+from equalizer.stats import bucket_counts
 from equalizer.stores import BucketExists, InvalidBucket, StoreUnavailable
 
 if TYPE_CHECKING:
@@ -205,6 +206,7 @@ class AdminAPI:
             "uptime_seconds": self._stats.uptime(self._clock),
             "requests": self._stats.to_json(),
             "backends": [backend_json(backend) for backend in self._pool.backends],
+            "buckets": bucket_counts(self._store),
         }
         return json_response(request, body)
 

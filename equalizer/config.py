@@ -93,6 +93,12 @@ MIN_REFILL_RATE = 1e-6
 """Slowest refill other than 0: a token in 11.6 days. Slower rates are 0 in practice,
 and below about 5e-318 tokens/s a refill over a microsecond underflows in SQL."""
 
+DEFAULT_MAX_BUCKETS = 1_000_000
+"""Most buckets a process holds for clients (``rate_limit.max_buckets``), by default."""
+
+MAX_MAX_BUCKETS = 1_000_000_000
+"""Largest ``rate_limit.max_buckets`` accepted: past that the cap would bound nothing."""
+
 MAX_REFILL_RATE = 1e9
 """Fastest refill: rate times the longest span PostgreSQL times can hold (9.3e12 s)
 stays far from overflow, and it refills any bucket within about 2 s."""
@@ -107,6 +113,7 @@ class RateLimitConfig:
     database_url: str | None = None
     on_store_error: str = "allow"
     headers: str = "both"
+    max_buckets: int = DEFAULT_MAX_BUCKETS
 
 
 @frozen
@@ -629,6 +636,7 @@ _SCHEMA = _record(Config(), {
         "database_url": _optional(validate_database_url),
         "on_store_error": _choice("allow", "deny"),
         "headers": _choice("both", "draft", "legacy", "none"),
+        "max_buckets": _integer(1, MAX_MAX_BUCKETS),
     }),
     "logging": _record(LoggingConfig(), {
         "level": _choice("debug", "info", "warn", "error"),

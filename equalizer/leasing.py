@@ -59,7 +59,8 @@ tokens, one row per key without). Hence :data:`PREFETCH_FROM` is twice
 An allowance not used for ``ttl`` seconds (:data:`LEASE_TTL`, 5 s) is no longer
 used, nor any allowance ``max_age`` seconds (:data:`LEASE_MAX_AGE`, 10 s) after the
 statement that leased it was sent. A sweep (one ``LoopingCall`` for the whole
-store, every ``ttl / 2``) gives expired allowances back, all in the next
+store, every ``ttl / 2``, :data:`SWEEP_CHUNK` keys per reactor turn) gives
+expired allowances back, all in the next
 settlement (``T = min(C, T + returned)``), and forgets keys idle for another
 ``ttl``, so memory follows the keys active in the last few seconds. The idle
 time is what makes a key that comes back every few seconds find its allowance:
@@ -115,9 +116,20 @@ meanwhile still answers its requests but leaves no allowance. Another instance
 admits at most the allowance it held when the change was made (see above) and
 sees the new settings at its next settlement for the key: when that allowance
 runs out, goes idle for ``ttl`` or reaches ``max_age``; its remembered decisions
-last at most ``remember``. ``get`` and ``list`` show the row plus this
-instance's unused allowance (capped at the capacity): exact with one instance;
-other instances' allowances count as taken.
+last at most ``remember``. ``get`` and ``list`` show the row plus what
+this instance took out of it and did not use (its allowance, expired or not,
+and tokens waiting to go back; capped at the capacity). A read is made while
+no settlement for its key is in flight: it waits for one to land, and holds
+the key's next one back until it is answered (a list does so for every key),
+so each leased token is counted once, in the row or here: exact with one
+instance; other instances' allowances count as taken.
+
+Keys held
+---------
+At most ``max_buckets`` keys (``rate_limit.max_buckets``) are held; a new key
+beyond them is refused (429, ``Retry-After`` twice ``ttl``, when idle keys are
+forgotten) and leaves no state. The rows themselves are swept by the wrapped
+store once full again (:meth:`~equalizer.stores.PostgresStore.sweep`).
 
 Failures and shutdown
 ---------------------
@@ -133,6 +145,7 @@ requests not yet sent, gives every allowance back in one last settlement
 from __future__ import annotations
 
 import json
+import math
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -143,11 +156,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from equalizer.ratelimit import Decision, decide
+from equalizer.config import DEFAULT_MAX_BUCKETS
+from equalizer.ratelimit import Decision, decide, window
 from equalizer.stores import IBucketStore, StoreUnavailable, take_elsewhere
 
 if TYPE_CHECKING:
-    from equalizer.config import BucketPolicy
+    from equalizer.config import BucketPolicy, RateLimitConfig
     from equalizer.stores import BucketRecord, PostgresStore
 
 log = Logger()
@@ -172,6 +186,9 @@ PREFETCH_FROM = 16
 
 MAX_BATCH = 1000
 """Most keys in one settlement statement."""
+
+SWEEP_CHUNK = 2000
+"""Keys the lease sweep looks at per reactor turn."""
 
 MAX_IN_FLIGHT = 1
 """Most settlement statements in flight at once."""
@@ -271,7 +288,16 @@ class LeasingStore:
         self._in_flight = 0  # settlements sent and not answered yet
         self._idle: list[Deferred[None]] = []  # fired when no settlement is in flight
         self._sweeper: LoopingCall | None = None
+        self._sweeping: list[str] | None = None  # keys the sweep under way has yet to see
         self._running = False
+        self._giving: dict[str, int] = {}  # tokens given back by settlements in flight, by key
+        self._reading: dict[str, int] = {}  # bucket reads in flight, by key: not settled now
+        self._listing = 0  # bucket lists in flight: nothing is settled meanwhile
+        self._landed: list[Deferred[None]] = []  # fired when a settlement is answered
+        self.max_buckets = DEFAULT_MAX_BUCKETS
+        self.over_cap = 0
+        """New keys refused because ``max_buckets`` keys were held."""
+        self._cap_logged = False
         self.statements = 0
         """Settlement statements sent so far."""
         self.settled_keys = 0
@@ -287,6 +313,20 @@ class LeasingStore:
     @property
     def available(self) -> bool:
         return self._store.available
+
+    @property
+    def bucket_count(self) -> int | None:
+        """Rows in the buckets table as of the wrapped store's last sweep."""
+        return self._store.bucket_count
+
+    @property
+    def swept(self) -> int:
+        return self._store.swept
+
+    def configure(self, config: RateLimitConfig) -> None:
+        """The cap on keys held (``max_buckets``); the sweep's interval goes to the store."""
+        self.max_buckets = config.max_buckets
+        self._store.configure(config)
 
     # life cycle ----------------------------------------------------------------------
 
@@ -307,6 +347,8 @@ class LeasingStore:
 
     async def _stop(self) -> None:
         self._running = False
+        self._reading.clear()  # give everything back now: reads in flight may be off
+        self._listing = 0
         if self._sweeper is not None:
             self._sweeper.stop()
             self._sweeper = None
@@ -371,6 +413,8 @@ class LeasingStore:
             elsewhere = take_elsewhere(self, client_id, default)
             if elsewhere is not None:
                 return elsewhere
+            if len(self._keys) >= self.max_buckets:
+                return self._at_cap(default)
             key = self._keys[client_id] = _Key()
         self.waits += 1
         d: Deferred[Decision | None] = Deferred()
@@ -380,6 +424,22 @@ class LeasingStore:
         if self._scheduled is None:
             self._schedule()
         return d
+
+    def _at_cap(self, default: BucketPolicy | None) -> Deferred[Decision | None]:
+        """A new key while ``max_buckets`` keys are held: refused (429), so memory stays
+        bounded and no client goes unlimited; idle keys are forgotten within
+        ``2 * ttl``, which is when to come back. Without a default there is no
+        policy to refuse by: the store is as good as unavailable for it."""
+        if not self._cap_logged:
+            self._cap_logged = True  # again after the next sweep, if still at the cap
+            log.warn("rate_limit.max_buckets ({cap}) client keys held: new clients are "
+                     "refused until idle keys are forgotten", cap=self.max_buckets)
+        self.over_cap += 1
+        if default is None:
+            return fail(StoreUnavailable("rate_limit.max_buckets client keys held"))
+        retry = max(1, math.ceil(2 * self._ttl))
+        return succeed(Decision(False, default.capacity, 0, retry, retry,
+                                window(default.capacity, default.refill_rate)))
 
     def _prefetch(self, client_id: str, key: _Key) -> None:
         """Lease more for a busy key before its allowance runs out, so nobody waits."""
@@ -401,20 +461,32 @@ class LeasingStore:
             self._scheduled = self._clock.callLater(delay if delay > 0 else 0, self._settle)
 
     def _settle(self) -> None:
-        """Send one statement for the waiting keys and the tokens to give back."""
+        """Send one statement for the waiting keys and the tokens to give back, but
+        for the keys a bucket read is looking at (none while a list is)."""
         self._scheduled = None
         if self._in_flight >= self._max_in_flight or not (self._pending or self._returns):
             return
+        if self._listing:
+            return  # the list's end schedules the next settlement
+        reading = self._reading
+        held = {k: self._returns.pop(k) for k in reading if k in self._returns}
+        try:
+            self._send()
+        finally:
+            self._returns.update(held)
+
+    def _send(self) -> None:
+        """Build and send the statement (``_settle`` has set aside what must wait)."""
         room = self._max_batch
         pending = self._pending
-        if len(pending) <= room and not self._in_flight:
+        if len(pending) <= room and not self._in_flight and not self._reading:
             items = list(pending.items())
             self._pending = {}
         else:  # keys in a statement in flight wait for its answer
             items = []
             kept = {}
             for client_id, key in pending.items():
-                if key.settling or len(items) >= room:
+                if key.settling or len(items) >= room or client_id in self._reading:
                     kept[client_id] = key
                 else:
                     items.append((client_id, key))
@@ -444,6 +516,10 @@ class LeasingStore:
             rows.append((client_id, 0, 0, back, None, None))
         if not returns:
             self._returning = False
+        given = [(row[0], row[3]) for row in rows if row[3]]
+        giving = self._giving
+        for client_id, back in given:
+            giving[client_id] = giving.get(client_id, 0) + back
         sent = self._last_sent = self._clock.seconds()
         self.statements += 1
         self.settled_keys += len(rows)
@@ -451,10 +527,18 @@ class LeasingStore:
         d = self._store.query(_SETTLE, (json.dumps(rows, ensure_ascii=False),))
         d.addCallbacks(self._settled, self._failed, (batch, sent), None, (batch,), None)
         d.addErrback(lambda f: log.failure("settling leased tokens failed", f))
-        d.addBoth(self._next)
+        d.addBoth(self._next, given)
 
-    def _next(self, result: object) -> None:
+    def _next(self, result: object, given: list[tuple[str, int]]) -> None:
         self._in_flight -= 1
+        giving = self._giving
+        for client_id, back in given:  # in the row now, or lost with the statement
+            left = giving.pop(client_id, 0) - back
+            if left > 0:
+                giving[client_id] = left
+        landed, self._landed = self._landed, []
+        for d in landed:
+            d.callback(None)
         if not self._in_flight:
             idle, self._idle = self._idle, []
             for d in idle:
@@ -559,11 +643,28 @@ class LeasingStore:
                 d.errback(StoreUnavailable(message))
 
     def _sweep(self) -> None:
-        """Give expired allowances back and forget idle keys (the LoopingCall's tick)."""
+        """Give expired allowances back and forget idle keys (the LoopingCall's tick):
+        :data:`SWEEP_CHUNK` keys per reactor turn, so a million keys never stall it."""
+        if self._sweeping is not None:
+            return  # the last one is still under way
+        self._cap_logged = False
+        self._sweeping = list(self._keys)
+        self._sweep_chunk()
+
+    def _sweep_chunk(self) -> None:
+        ids = self._sweeping
+        if ids is None or not self._running:
+            self._sweeping = None
+            return
         try:
+            chunk = ids[-SWEEP_CHUNK:]
+            del ids[-SWEEP_CHUNK:]
             now = self._clock.seconds()
             keys = self._keys
-            for client_id, key in list(keys.items()):
+            for client_id in chunk:
+                key = keys.get(client_id)
+                if key is None:
+                    continue
                 if key.allowance:
                     if now < key.expires:
                         continue
@@ -575,11 +676,16 @@ class LeasingStore:
                     and now >= key.expires + self._ttl  # remembered a while, to lease if seen again
                 ):
                     del keys[client_id]
+            if ids:
+                self._clock.callLater(0, self._sweep_chunk)
+                return
+            self._sweeping = None
             if self._returns:
                 self._returning = True
                 if self._scheduled is None:
                     self._schedule()
         except Exception:
+            self._sweeping = None
             log.failure("sweeping leases failed")
 
     # admin -------------------------------------------------------------------------------
@@ -606,20 +712,68 @@ class LeasingStore:
         return d.addBoth(self._dropping, client_id)
 
     def get(self, client_id: str) -> Deferred[BucketRecord | None]:
-        return self._store.get(client_id).addCallback(self._with_allowance)
+        return Deferred.fromCoroutine(self._get(client_id))
+
+    async def _get(self, client_id: str) -> BucketRecord | None:
+        """The row plus what this instance holds of it, read while no settlement
+        for the key is in flight (it waits for one to land, and holds the next
+        back), so every leased token is counted once: in the row or here."""
+        while self._settling(client_id):
+            await self._landing()
+        self._reading[client_id] = self._reading.get(client_id, 0) + 1
+        try:
+            return self._with_leased(await self._store.get(client_id))
+        finally:
+            count = self._reading.pop(client_id, 0) - 1
+            if count > 0:
+                self._reading[client_id] = count
+            self._resume()
 
     def list(self, limit: int, offset: int) -> Deferred[tuple[list[BucketRecord], int]]:
-        return self._store.list(limit, offset).addCallback(
-            lambda page: ([self._with_allowance(record) for record in page[0]], page[1]))
+        return Deferred.fromCoroutine(self._list(limit, offset))
 
-    def _with_allowance(self, record: BucketRecord | None) -> BucketRecord | None:
-        """Count this instance's unused lease as tokens: leased tokens left the row,
-        but until they are used they are still the client's (exact on one instance)."""
-        key = self._keys.get(record.client_id) if record is not None else None
-        if key is None or not key.allowance or self._clock.seconds() >= key.expires:
+    async def _list(self, limit: int, offset: int) -> tuple[list[BucketRecord], int]:
+        """A page of rows plus what this instance holds of them, read while no
+        settlement is in flight (as ``get``, for every key)."""
+        while self._in_flight:
+            await self._landing()
+        self._listing += 1
+        try:
+            records, total = await self._store.list(limit, offset)
+            return [self._with_leased(record) for record in records], total
+        finally:
+            self._listing = max(0, self._listing - 1)
+            self._resume()
+
+    def _settling(self, client_id: str) -> bool:
+        """Whether a settlement in flight carries the key (its row is about to change)."""
+        key = self._keys.get(client_id)
+        return (key is not None and key.settling) or client_id in self._giving
+
+    def _landing(self) -> Deferred[None]:
+        """Fires when the next settlement in flight is answered (or fails: it is bounded
+        by the store's query timeout)."""
+        d: Deferred[None] = Deferred()
+        self._landed.append(d)
+        return d
+
+    def _resume(self) -> None:
+        """After a read: settle what waited for it."""
+        if self._running and self._scheduled is None and (self._pending or self._returns):
+            self._schedule()
+
+    def _with_leased(self, record: BucketRecord | None) -> BucketRecord | None:
+        """Count the tokens this instance took out of the row and did not use as the
+        client's: its allowance, live or expired, and tokens waiting to go back.
+        Exact with one instance; other instances' leases count as taken."""
+        if record is None:
+            return None
+        client_id = record.client_id
+        key = self._keys.get(client_id)
+        leased = self._returns.get(client_id, 0) + (key.allowance if key is not None else 0)
+        if not leased:
             return record
-        tokens = min(record.capacity, record.tokens + key.allowance)
-        return attrs.evolve(record, tokens=tokens)
+        return attrs.evolve(record, tokens=min(record.capacity, record.tokens + leased))
 
     def update(
         self,

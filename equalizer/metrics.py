@@ -88,6 +88,7 @@ class EqualizerCollector(Collector):
                                   value=self._limiter.decisions["store_error"])
         yield GaugeMetricFamily("equalizer_store_up", "1 when the bucket store is reachable",
                                 value=1 if self._store.available else 0)
+        yield from bucket_metrics(self._store)
         if isinstance(self._store, LeasingStore):
             yield from lease_metrics(self._store)
         yield CounterMetricFamily("equalizer_retries", "Attempts retried on another backend",
@@ -109,6 +110,19 @@ def backend_settings(backends: list[Backend]) -> Iterator:
         enabled.add_metric(names, 1 if backend.enabled else 0)
         draining.add_metric(names, 1 if backend.draining else 0)
     yield from (weight, enabled, draining)
+
+
+def bucket_metrics(store: IBucketStore) -> Iterator:
+    """Buckets held (once known), swept, and new clients over ``max_buckets``."""
+    if store.bucket_count is not None:
+        yield GaugeMetricFamily("equalizer_buckets", "Buckets held (postgres: rows in the table "
+                                "as of the last sweep)", value=store.bucket_count)
+    yield CounterMetricFamily("equalizer_buckets_swept",
+                              "Full default buckets forgotten by this process's sweeps",
+                              value=store.swept)
+    yield CounterMetricFamily("equalizer_buckets_over_cap",
+                              "New clients refused because rate_limit.max_buckets were held",
+                              value=store.over_cap)
 
 
 def lease_metrics(store: LeasingStore) -> Iterator:

@@ -188,6 +188,17 @@ _SCHEMAS: dict[str, Any] = {
                 },
             },
             "backends": {"type": "array", "items": _ref("Backend")},
+            "buckets": {
+                "type": "object",
+                "description": "buckets held (postgres: rows in the table as of the last "
+                               "sweep, null before it), full default buckets forgotten by "
+                               "sweeps, new clients refused at rate_limit.max_buckets",
+                "properties": {
+                    "held": {"type": "integer", "minimum": 0, "nullable": True},
+                    "swept": {"type": "integer", "minimum": 0},
+                    "over_cap": {"type": "integer", "minimum": 0},
+                },
+            },
         },
     },
     "Bucket": {

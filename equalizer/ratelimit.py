@@ -112,6 +112,15 @@ def refill(bucket: Bucket, now: float) -> Bucket:
     return Bucket(capacity, capacity if tokens > capacity else tokens, bucket.refill_rate, now)
 
 
+def is_full(bucket: Bucket, now: float) -> bool:
+    """Whether the bucket has refilled to its capacity by ``now``.
+
+    A full bucket holds no information: it is what a client without a bucket
+    would be given, so a store may forget it (when it was made from the default).
+    """
+    return refill(bucket, now).tokens >= bucket.capacity
+
+
 def decide(allowed: bool, capacity: int, tokens: float, refill_rate: float) -> Decision:
     """The :class:`Decision` for a request, given the bucket's state after it.
 

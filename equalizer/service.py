@@ -163,6 +163,7 @@ class EqualizerService(MultiService):
         self.upstreams.configure(connect_timeout=config.proxy.timeouts.connect,
                                  idle_timeout=config.proxy.timeouts.idle)
         self.limiter.configure(config.rate_limit)
+        self.store.configure(config.rate_limit)
         if config.rate_limit.enabled:
             self.proxy.admit = self.limiter.admit
             self.proxy.response_lines = self.limiter.response_lines

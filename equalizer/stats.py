@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
 
     from equalizer.pool import Backend
+    from equalizer.stores import IBucketStore
 
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
@@ -77,3 +78,10 @@ class TrafficStats:
             "rate_limited": self.rate_limited,
             "errors": self.errors,
         }
+
+
+def bucket_counts(store: IBucketStore) -> dict[str, int | None]:
+    """What /stats shows of the bucket store: buckets held (null until the postgres
+    store's first sweep has counted its rows), forgotten by sweeps, and new clients
+    that found ``rate_limit.max_buckets`` reached."""
+    return {"held": store.bucket_count, "swept": store.swept, "over_cap": store.over_cap}

@@ -42,6 +42,16 @@ Schema migrations run at :meth:`PostgresStore.start`.
     the bounds of :func:`equalizer.config.validate_refill_rate`, so every refill
     can be computed).
 
+Full default rows are swept.
+    A row made from the default policy (``from_default``, migration 0004) that
+    has refilled to its capacity holds no information and is deleted by a sweep
+    every :func:`sweep_interval` seconds (:meth:`PostgresStore.sweep`): batches
+    of :data:`SWEEP_BATCH` rows in client id order over a partial index, each
+    its own statement and transaction, locking with ``SKIP LOCKED`` and only
+    when it gets a transaction-level advisory try-lock, so it never waits on a
+    take and one instance sweeps at a time. Rows made or changed through the
+    admin API are never swept.
+
 Failures are bounded and recovered from.
     Each query has a timeout (``query_timeout``, 5 s); a call that hits it fails
     with :class:`StoreUnavailable` (its statement may still be applied later).
@@ -62,6 +72,7 @@ Failures are bounded and recovered from.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -79,12 +90,14 @@ from txpostgres.txpostgres import Connection, ConnectionPool, Cursor
 from zope.interface import Attribute, Interface, implementer
 
 from equalizer.config import (
+    DEFAULT_MAX_BUCKETS,
     BucketPolicy,
+    RateLimitConfig,
     validate_capacity,
     validate_refill_rate,
     validate_tokens,
 )
-from equalizer.ratelimit import Bucket, Decision, decide, refill
+from equalizer.ratelimit import Bucket, Decision, decide, is_full, refill, window
 from equalizer.ratelimit import take as take_token
 
 log = Logger()
@@ -153,6 +166,13 @@ class IBucketStore(Interface):
         "bool: False while the backing database is unreachable (for /health). "
         "Calls fail with StoreUnavailable meanwhile."
     )
+
+    bucket_count = Attribute("int | None: buckets held (for /stats); None while unknown.")
+    swept = Attribute("int: full default buckets forgotten by this process's sweeps.")
+    over_cap = Attribute("int: new clients that found rate_limit.max_buckets reached.")
+
+    def configure(config: RateLimitConfig) -> None:
+        """Take the settings of ``config`` the store uses (sweep interval, cap)."""
 
     def start() -> Deferred[None]:
         """Connect and migrate; fires once the store can serve."""
@@ -296,26 +316,157 @@ def _tokens_above_capacity() -> InvalidBucket:
 # --- memory ----------------------------------------------------------------------------
 
 
+SWEEP_CHUNK = 2_000
+"""Buckets the memory store's sweep looks at per reactor turn (1 to 3 ms)."""
+
+MIN_SWEEP_INTERVAL = 1.0
+MAX_SWEEP_INTERVAL = 60.0
+
+
+def sweep_interval(default: BucketPolicy | None) -> float:
+    """Seconds between sweeps of full default buckets: the default's refill window
+    ``ceil(C/R)`` (a bucket emptied just after one sweep is full by the next), within
+    1 to 60 s; 60 s without a default or with refill rate 0."""
+    if default is None:
+        return MAX_SWEEP_INTERVAL
+    seconds = window(default.capacity, default.refill_rate)
+    return float(min(MAX_SWEEP_INTERVAL, max(MIN_SWEEP_INTERVAL, seconds)))
+
+
+
 def _moment(seconds: float) -> datetime:
     return datetime.fromtimestamp(seconds, UTC)
 
 
 @implementer(IBucketStore)
 class MemoryStore:
-    """Buckets in a dict: one process, lost on restart. Answers synchronously."""
+    """Buckets in a dict: one process, lost on restart. Answers synchronously.
+
+    Buckets made from the default policy are forgotten once full again (they hold
+    no information), by a sweep every :func:`sweep_interval` seconds that looks
+    at :data:`SWEEP_CHUNK` buckets per reactor turn, so memory follows the
+    clients active within about one refill window. Buckets created or changed
+    through the admin API are kept until deleted. ``max_buckets`` caps the
+    buckets held: a new client arriving at the cap is refused (429) and a sweep
+    starts at once; clients with a bucket are served as ever.
+    """
 
     available = True
 
-    def __init__(self, clock: IReactorTime) -> None:
+    def __init__(self, clock: IReactorTime, max_buckets: int = DEFAULT_MAX_BUCKETS) -> None:
         self._clock = clock
         # client id -> (bucket, created at, in clock seconds)
         self._buckets: dict[str, tuple[Bucket, float]] = {}
+        self._kept: set[str] = set()  # made or changed through the admin API: never swept
+        self.max_buckets = max_buckets
+        self.interval = MAX_SWEEP_INTERVAL
+        self.swept = 0
+        """Default buckets forgotten because they were full again."""
+        self.over_cap = 0
+        """New clients refused because ``max_buckets`` buckets were held."""
+        self._running = False
+        self._timer: IDelayedCall | None = None
+        self._pass: list[str] | None = None  # client ids the sweep under way has yet to see
+
+    @property
+    def bucket_count(self) -> int:
+        """Buckets held now."""
+        return len(self._buckets)
+
+    def configure(self, config: RateLimitConfig) -> None:
+        """Take the cap and the sweep interval of ``config`` (start-up and reload)."""
+        self.max_buckets = config.max_buckets
+        self.interval = sweep_interval(config.default)
+        timer = self._timer
+        if self._pass is None and timer is not None and timer.active():
+            timer.reset(min(self.interval, max(0.0, timer.getTime() - self._clock.seconds())))
 
     def start(self) -> Deferred[None]:
+        """Start sweeping (takes work without it; tests drive the sweep with a Clock)."""
+        if not self._running:
+            self._running = True
+            self._timer = self._clock.callLater(self.interval, self._sweep)
         return succeed(None)
 
     def stop(self) -> Deferred[None]:
+        self._running = False
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._pass = None
         return succeed(None)
+
+    def _sweep(self) -> None:
+        """One step of a sweep: forget the full default buckets among the next
+        SWEEP_CHUNK client ids, then come back on the next reactor turn, or after
+        the interval once every bucket held when the sweep began has been seen."""
+        self._timer = None
+        try:
+            if self._pass is None:
+                self._pass = list(self._buckets)
+                self._peak = max(self._peak, len(self._pass))
+            self.swept += self._forget_full(self._pass, self._clock.seconds())
+        except Exception:
+            log.failure("sweeping buckets failed")
+            self._pass = None
+        if self._pass:
+            self._timer = self._clock.callLater(0, self._sweep)
+            return
+        self._pass = None
+        self._cap_logged = False
+        self._compact()
+        if self._running:
+            self._timer = self._clock.callLater(self.interval, self._sweep)
+
+    def _forget_full(self, ids: list[str], now: float) -> int:
+        """Drop the full default buckets among the last SWEEP_CHUNK of ``ids`` (which
+        are consumed); how many went."""
+        chunk = ids[-SWEEP_CHUNK:]
+        del ids[-SWEEP_CHUNK:]
+        buckets = self._buckets
+        kept = self._kept
+        gone = 0
+        for client_id in chunk:
+            entry = buckets.get(client_id)
+            if entry is not None and client_id not in kept and is_full(entry[0], now):
+                del buckets[client_id]
+                gone += 1
+        return gone
+
+    def _compact(self) -> None:
+        """Give back the dict's room once it holds far fewer buckets than it has room
+        for: a dict never shrinks when keys are deleted, only when copied."""
+        held = len(self._buckets)
+        if held < self._peak // 4:
+            self._buckets = dict(self._buckets)
+            self._peak = held
+
+    _peak = 0
+    _cap_logged = False
+
+    def _sweep_soon(self) -> None:
+        """Start a sweep on the next reactor turn unless one is under way (cap reached)."""
+        if self._running and self._pass is None:
+            if self._timer is not None and self._timer.active():
+                self._timer.cancel()
+            self._timer = self._clock.callLater(0, self._sweep)
+
+    def _at_cap(self, default: BucketPolicy) -> Decision:
+        """The refusal of a new client while ``max_buckets`` buckets are held.
+
+        Refusing, not evicting: every bucket held is either kept on purpose (admin
+        API) or not yet full (its client spent tokens), and forgetting one would
+        hand that client fresh tokens. Full ones go in the sweep this starts.
+        """
+        if not self._cap_logged:
+            self._cap_logged = True  # again after the next sweep, if still at the cap
+            log.warn("rate_limit.max_buckets ({cap}) buckets held: new clients are refused "
+                     "until the sweep frees room", cap=self.max_buckets)
+        self.over_cap += 1
+        self._sweep_soon()
+        retry = max(1, math.ceil(self.interval))
+        return Decision(False, default.capacity, 0, retry, retry,
+                        window(default.capacity, default.refill_rate))
 
     def take(self, client_id: str, default: BucketPolicy | None) -> Deferred[Decision | None]:
         now = self._clock.seconds()
@@ -326,6 +477,8 @@ class MemoryStore:
                 return elsewhere
             if default is None:
                 return succeed(None)
+            if len(self._buckets) >= self.max_buckets:
+                return succeed(self._at_cap(default))
             bucket = Bucket(default.capacity, float(default.capacity), default.refill_rate, now)
             created = now
         else:
@@ -368,6 +521,7 @@ class MemoryStore:
             return fail(BucketExists(client_id))
         bucket = Bucket(capacity, float(tokens), float(refill_rate), now)
         self._buckets[client_id] = (bucket, now)
+        self._kept.add(client_id)
         return succeed(self._record(client_id, bucket, now))
 
     def get(self, client_id: str) -> Deferred[BucketRecord | None]:
@@ -412,9 +566,11 @@ class MemoryStore:
         new_rate = current.refill_rate if refill_rate is None else float(refill_rate)
         updated = Bucket(new_capacity, new_tokens, new_rate, max(now, bucket.updated))
         self._buckets[client_id] = (updated, created)
+        self._kept.add(client_id)
         return succeed(self._record(client_id, updated, created))
 
     def delete(self, client_id: str) -> Deferred[bool]:
+        self._kept.discard(client_id)
         return succeed(self._buckets.pop(client_id, None) is not None)
 
 
@@ -450,9 +606,9 @@ _RECORD_RETURNING = (
 # on first sight, full, minus this request; without one only an existing bucket is
 # touched. $1 is the client id.
 _TAKE_OR_CREATE = (
-    "INSERT INTO buckets AS b"
-    " (client_id, capacity, tokens, refill_rate, last_allowed, created_at, updated_at)"
-    f" SELECT $1, $2, $2::float8 - 1, $3, true, n.now, n.now FROM {_NOW}"
+    "INSERT INTO buckets AS b (client_id, capacity, tokens, refill_rate, last_allowed,"
+    " created_at, updated_at, from_default)"
+    f" SELECT $1, $2, $2::float8 - 1, $3, true, n.now, n.now, true FROM {_NOW}"
     f" ON CONFLICT (client_id) DO UPDATE SET {_taking('EXCLUDED.updated_at')}" + _TAKE_RETURNING
 )
 _TAKE_EXISTING = (
@@ -501,10 +657,42 @@ _UPDATE = (
     " refill_rate = coalesce(%(refill_rate)s::float8, b.refill_rate),"
     " tokens = coalesce(%(tokens)s::float8,"
     f" least(coalesce(%(capacity)s::integer, b.capacity)::float8, {_REFILLED_NOW})),"
-    " updated_at = greatest(b.updated_at, n.now)"
+    " updated_at = greatest(b.updated_at, n.now), from_default = false"
     f" FROM {_NOW} WHERE b.client_id = %(client_id)s" + _RECORD_RETURNING
 )
 _DELETE = _DURABLY + "DELETE FROM buckets WHERE client_id = %s RETURNING 1"
+
+SWEEP_BATCH = 1000
+"""Default rows one sweep statement looks at (deleting the full ones among them)."""
+
+SWEEP_MAX_BATCHES = 100
+"""Sweep statements per run at most; the next run goes on from where this one stopped."""
+
+_SWEEP_LOCK = _MIGRATION_LOCK + 1  # held by a sweep statement, so instances take turns
+
+# Full as of now, on the database clock, for the row "b".
+_FULL = _REFILLED.format(now="clock_timestamp()") + " >= b.capacity"
+
+# One sweep batch: look at the next SWEEP_BATCH default rows after %(after)s in
+# client id order (the partial index), lock the full ones that nobody holds
+# (SKIP LOCKED: a take or settlement in progress wins; FOR UPDATE checks fullness
+# again on the row's latest version) and delete them. Answers whether this
+# instance got the sweep lock, the rows looked at, the last client id looked at
+# and the rows deleted.
+_SWEEP = (
+    "WITH sweeper AS (SELECT pg_try_advisory_xact_lock(%(lock)s) AS got),"
+    f" examined AS (SELECT b.client_id, {_FULL} AS is_full FROM buckets AS b, sweeper"
+    " WHERE sweeper.got AND b.from_default AND b.client_id > %(after)s"
+    " ORDER BY b.client_id LIMIT %(batch)s),"
+    " doomed AS (SELECT b.client_id FROM buckets AS b"
+    " WHERE b.client_id IN (SELECT e.client_id FROM examined AS e WHERE e.is_full)"
+    f" AND b.from_default AND {_FULL} FOR UPDATE SKIP LOCKED),"
+    " gone AS (DELETE FROM buckets AS b USING doomed AS d"
+    " WHERE b.client_id = d.client_id RETURNING 1)"
+    " SELECT (SELECT got FROM sweeper), (SELECT count(*) FROM examined),"
+    " (SELECT max(e.client_id) FROM examined AS e), (SELECT count(*) FROM gone)"
+)
+_COUNT = "SELECT count(*) FROM buckets"
 
 _CONSTRAINT_FIELDS = {
     "buckets_client_id_check": "client_id",
@@ -668,6 +856,8 @@ class PostgresStore:
         min_backoff, max_backoff: reconnect delays, doubling from one to the other.
     """
 
+    over_cap = 0  # no cap of its own: the table is bounded by the sweep
+
     def __init__(
         self,
         dsn: str,
@@ -698,6 +888,13 @@ class PostgresStore:
             self._take_existing = _inline(_TAKE_EXISTING)
         self.available = False
         self._running = False
+        self.interval = MAX_SWEEP_INTERVAL
+        self.bucket_count: int | None = None
+        """Rows in the table (every instance's) as of the last sweep; None before it."""
+        self.swept = 0
+        """Full default rows this instance's sweeps deleted."""
+        self._sweep_after = ""  # the last client id the sweep looked at
+        self._sweep_call: IDelayedCall | None = None
         self._pool: _Pool | None = None
         # How to abort the connections being made (start-up, reconnection) on stop().
         self._aborts: set[Callable[[], None]] = set()
@@ -728,6 +925,7 @@ class PostgresStore:
             pool.shut()
             raise StoreUnavailable("stopped while starting")
         self._install(pool)
+        self._schedule_sweep(self.interval)
 
     def stop(self) -> Deferred[None]:
         """Close every connection and cancel the reconnect loop."""
@@ -736,6 +934,9 @@ class PostgresStore:
         if self._reconnect_call is not None and self._reconnect_call.active():
             self._reconnect_call.cancel()
         self._reconnect_call = None
+        if self._sweep_call is not None and self._sweep_call.active():
+            self._sweep_call.cancel()
+        self._sweep_call = None
         for abort in list(self._aborts):
             abort()
         self._aborts.clear()
@@ -900,6 +1101,55 @@ class PostgresStore:
         """
         if self._reactor.seconds() - pool.last_answer >= self._query_timeout:
             self._lost(pool, f"no answer for {self._query_timeout:g}s")
+
+    # the sweep ---------------------------------------------------------------------------
+
+    def configure(self, config: RateLimitConfig) -> None:
+        """Sweep every :func:`sweep_interval` of the default policy (start-up and reload)."""
+        self.interval = sweep_interval(config.default)
+        call = self._sweep_call
+        if call is not None and call.active():
+            call.reset(min(self.interval, max(0.0, call.getTime() - self._reactor.seconds())))
+
+    def _schedule_sweep(self, delay: float) -> None:
+        if self._running and self._sweep_call is None:
+            self._sweep_call = self._reactor.callLater(delay, self._sweep_tick)
+
+    def _sweep_tick(self) -> None:
+        def failed(failure: Failure) -> None:
+            if failure.check(StoreUnavailable):
+                log.debug("bucket sweep skipped: {error}", error=failure.value)
+            else:
+                log.failure("sweeping buckets failed", failure)
+
+        def again(_: object) -> None:
+            self._sweep_call = None
+            self._schedule_sweep(self.interval)
+
+        Deferred.fromCoroutine(self.sweep()).addErrback(failed).addBoth(again)
+
+    async def sweep(self) -> int:
+        """Delete full default rows: one run of the periodic sweep; how many went.
+
+        At most SWEEP_MAX_BATCHES statements of SWEEP_BATCH rows each, one at a
+        time, each its own short transaction; a run goes on from where the last
+        stopped, and wraps around at the end. A statement that finds another
+        instance's sweep statement running ends the run. Then counts the rows.
+        """
+        gone = 0
+        for _ in range(SWEEP_MAX_BATCHES):
+            params = {"lock": _SWEEP_LOCK, "after": self._sweep_after, "batch": SWEEP_BATCH}
+            got, examined, last, deleted = (await self._query(_SWEEP, params))[0]
+            if not got:
+                break
+            gone += deleted
+            self.swept += deleted
+            if examined < SWEEP_BATCH:
+                self._sweep_after = ""
+                break
+            self._sweep_after = last
+        self.bucket_count = (await self._query(_COUNT, None))[0][0]
+        return gone
 
     # IBucketStore ----------------------------------------------------------------------
 

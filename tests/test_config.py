@@ -788,3 +788,15 @@ def test_database_url_flag_and_environment_are_checked() -> None:
     assert override_problems(Config(), env={"EQUALIZER_DATABASE_URL": "http://x"}) == [
         "EQUALIZER_DATABASE_URL: not a valid PostgreSQL DSN or URL: "
         'missing "=" after "http://x" in connection info string']
+
+
+def test_max_buckets_defaults_to_a_million_and_is_bounded() -> None:
+    """rate_limit.max_buckets is 1,000,000 unless set; it must be an integer from 1 to 10^9."""
+    assert parse_config({}).rate_limit.max_buckets == 1_000_000
+    assert parse_config(section("rate_limit", max_buckets=5)).rate_limit.max_buckets == 5
+    assert problems(section("rate_limit", max_buckets=0)) == [
+        "rate_limit.max_buckets: must be between 1 and 1000000000, got 0"]
+    assert problems(section("rate_limit", max_buckets=10**10)) == [
+        "rate_limit.max_buckets: must be between 1 and 1000000000, got 10000000000"]
+    assert problems(section("rate_limit", max_buckets=True)) == [
+        "rate_limit.max_buckets: expected an integer, got a boolean (true)"]

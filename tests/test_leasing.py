@@ -16,8 +16,9 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
-from equalizer.config import BucketPolicy
+from equalizer.config import BucketPolicy, RateLimitConfig
 from equalizer.leasing import MAX_ATTEMPTS, PREFETCH_FROM, LeasingStore
+from equalizer.leasing import SWEEP_CHUNK as LEASE_SWEEP_CHUNK
 from equalizer.ratelimit import Bucket, refill
 from equalizer.stores import (
     IBucketStore,
@@ -45,7 +46,7 @@ class FakeDatabase(MemoryStore):
 
     def stop(self) -> Deferred[None]:
         self.stopped = True
-        return succeed(None)
+        return super().stop()
 
     def query(self, sql: str, params: Any) -> Deferred[list[tuple[Any, ...]]]:
         assert "equalizer_settle" in sql
@@ -597,3 +598,135 @@ def test_min_lease_sets_the_least_lease_of_a_key(db, clock):
     seen(store, clock, "a", BucketPolicy(1000, 0))
     assert db.settlements[-1]["a"][:2] == (1, 8)
     assert store._keys["a"].allowance == 8
+
+
+# -- exact reads around the give-back window -----------------------------------------------
+
+NO_REFILL = BucketPolicy(100, 0)
+
+
+class SlowReads(FakeDatabase):
+    """A fake database whose bucket reads are answered by ``read_done``."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        self.reads: list[Deferred[Any]] = []
+
+    def get(self, client_id: str) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        # answered with the row as of the answer, as a database would
+        d.answer = lambda: d.callback(result_of(MemoryStore.get(self, client_id)))  # type: ignore[attr-defined]
+        self.reads.append(d)
+        return d
+
+
+def test_read_counts_an_expired_allowance_not_yet_given_back(db, clock):
+    """A read between an allowance's expiry and the sweep that gives it back shows the
+    leased tokens as the client's, as before the expiry and after the give-back."""
+    store = LeasingStore(db, clock, ttl=1.0, max_age=1.0, min_lease=2, linger=0)
+    result_of(store.start())
+    clock.advance(0.1)
+    seen(store, clock, "a", NO_REFILL)  # 1 used, 2 leased: 97 in the row
+    assert db.tokens("a") == 97
+    assert result_of(store.get("a")).tokens == 99
+    clock.advance(0.9)  # the sweeps at 0.5 and 1.0 s find it live
+    clock.advance(0.15)  # expired at 1.1 s; the next sweep is at 1.5 s
+    assert db.tokens("a") == 97
+    assert result_of(store.get("a")).tokens == 99
+    records, _ = result_of(store.list(10, 0))
+    assert [r.tokens for r in records] == [99]
+    clock.advance(0.4)  # the sweep gives them back
+    assert db.tokens("a") == 99
+    assert result_of(store.get("a")).tokens == 99
+
+
+def test_read_counts_tokens_waiting_to_go_back(db, clock):
+    """Tokens the sweep set aside to give back, not yet sent, still count as the client's."""
+    store = LeasingStore(db, clock, ttl=1.0, max_age=1.0, min_lease=2, linger=10.0)
+    result_of(store.start())
+    seen(store, clock, "a", NO_REFILL)
+    clock.advance(1.5)  # given back by the sweep, but the next settlement is due at 10 s
+    assert db.tokens("a") == 97
+    assert result_of(store.get("a")).tokens == 99
+    clock.advance(10)
+    assert db.tokens("a") == 99
+    assert result_of(store.get("a")).tokens == 99
+
+
+def test_read_waits_for_the_give_back_in_flight(db, clock):
+    """A read while the statement giving a key's tokens back is in flight waits for it to
+    land, then counts them once (in the row), never as spent."""
+    store = LeasingStore(db, clock, ttl=1.0, max_age=1.0, min_lease=2, linger=0)
+    result_of(store.start())
+    seen(store, clock, "a", NO_REFILL)
+    db.hold = True
+    clock.advance(1.0)  # expired and given back: the statement is held
+    assert len(db.held) == 1
+    read = taken(store.get("a"))
+    listed = taken(store.list(10, 0))
+    assert read == [] and listed == []
+    db.answer()
+    assert read[0].tokens == 99
+    assert [r.tokens for r in listed[0][0]] == [99]
+
+
+def test_a_read_holds_back_settlements_of_its_key(clock):
+    """While a bucket read is in flight the key's next settlement waits for it, so the row
+    read and the allowance counted are of the same moment; then requests are served."""
+    db = SlowReads(clock)
+    store = LeasingStore(db, clock, ttl=TTL, max_age=TTL, remember=TTL, min_lease=2,
+                         linger=0)
+    result_of(store.start())
+    seen(store, clock, "a", NO_REFILL)  # 97 in the row, 2 leased
+    read = taken(store.get("a"))
+    takes = [taken(store.take("a", NO_REFILL)) for _ in range(3)]  # the third waits
+    statements = len(db.settlements)
+    settle(clock)
+    assert len(db.settlements) == statements
+    assert takes[2] == []
+    db.reads[0].answer()
+    assert read[0].tokens == 97  # 3 used, none leased
+    settle(clock)
+    assert len(db.settlements) == statements + 1
+    assert takes[2][0].allowed
+
+
+def test_new_key_at_the_cap_is_refused_without_state(db, clock):
+    """At max_buckets keys held a new key is refused (Retry-After twice the ttl) and leaves
+    no state; without a default it is a store error; known keys are served."""
+    store = LeasingStore(db, clock, ttl=1.0, max_age=1.0, min_lease=2, linger=0)
+    store.configure(RateLimitConfig(default=NO_REFILL, max_buckets=1))
+    result_of(store.start())
+    seen(store, clock, "a", NO_REFILL)
+    refused = result_of(store.take("b", NO_REFILL))
+    assert (refused.allowed, refused.retry_after, refused.limit) == (False, 2, 100)
+    with pytest.raises(StoreUnavailable):
+        result_of(store.take("c", None))
+    assert store.over_cap == 2
+    assert store.key_count == 1
+    assert result_of(store.take("a", NO_REFILL)).allowed
+
+
+def test_the_lease_sweep_looks_at_one_chunk_of_keys_per_reactor_turn(db, clock):
+    """The lease sweep goes through SWEEP_CHUNK keys per reactor turn, and still gives every
+    expired allowance back and forgets every idle key."""
+    store = LeasingStore(db, clock, ttl=1.0, max_age=1.0, min_lease=2, linger=0)
+    result_of(store.start())
+    count = 2 * LEASE_SWEEP_CHUNK + 7
+    takes = [store.take(f"k{i}", NO_REFILL) for i in range(count)]
+    while not all(d.called for d in takes):
+        settle(clock)
+    turns: list[int] = []
+    chunk = store._sweep_chunk
+
+    def turn() -> None:
+        turns.append(len(store._sweeping or ()))
+        chunk()
+
+    store._sweep_chunk = turn  # what each turn has left to look at
+    clock.advance(1.0)  # expired: given back
+    clock.advance(0.5)
+    clock.advance(0.5)  # idle for another ttl: forgotten
+    assert turns[:3] == [count, count - LEASE_SWEEP_CHUNK, count - 2 * LEASE_SWEEP_CHUNK]
+    assert store.key_count == 0
+    assert all(db.tokens(f"k{i}") == 99 for i in range(count))

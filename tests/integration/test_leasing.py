@@ -334,3 +334,23 @@ async def test_settlement_computes_buckets_at_the_bounds(leasing, postgres_dsn, 
     decisions = await take_all([store.take("edge", default), store.take("new", default)])
     assert all(d.allowed and d.limit == MAX_CAPACITY for d in decisions)
     assert store.available
+
+
+@pytest_twisted.ensureDeferred
+async def test_reads_with_one_instance_stay_exact_through_expiry_and_give_back(
+        leasing, postgres_dsn):
+    """With one instance and refill 0, reads of a bucket and of the list show the same tokens
+    while its lease is live, expired, being given back and back in the row."""
+    store = await leasing()
+    policy = BucketPolicy(100, 0)
+    for _ in range(3):
+        assert (await within(store.take("exact", policy))).allowed
+    assert await tokens(postgres_dsn, "exact") < 97.0  # a lease is out
+    seen: list[float] = []
+    deadline = time.monotonic() + 10
+    while await tokens(postgres_dsn, "exact") != 97.0 or len(seen) < 50:
+        assert time.monotonic() < deadline, seen
+        record = await within(store.get("exact"))
+        page, _ = await within(store.list(10, 0))
+        seen += [record.tokens, page[0].tokens]
+    assert set(seen) == {97.0}
