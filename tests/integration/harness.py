@@ -494,6 +494,8 @@ async def start_equalizer(document: dict) -> RunningEqualizer:
     """Build and start an EqualizerService from a config document, on the global reactor."""
     service = EqualizerService(parse_config(document), global_reactor)
     service.startService()
+    # The proxy listens once the store's first connection attempt is over (SPEC 4.5).
+    await within(service.readiness.wait(), 15)
     ports = {}
     for child in service:
         if isinstance(child, StreamServerEndpointService):
