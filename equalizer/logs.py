@@ -337,13 +337,15 @@ class RotatingFile:
                 raise
             self._on_error(f"cannot reopen {self.path!r}: {error.strerror or error}")
             return
-        if self._file is not None:
-            self._file.close()
-        self._file = new
         status = os.fstat(new.fileno())
+        if self._file is not None:
+            before = os.fstat(self._file.fileno())
+            same = (before.st_dev, before.st_ino) == (status.st_dev, status.st_ino)
+            self._file.close()
+            if not same and status.st_size:
+                self._day = _day(status.st_mtime)  # another file: its lines' day
+        self._file = new
         self._size = status.st_size
-        if self._size:
-            self._day = _day(status.st_mtime)
 
     def rotated_name(self, day: str) -> str:
         """The next free ``NAME.DAY.N`` for ``day`` (compressed or not, N is never reused)."""

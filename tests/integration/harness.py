@@ -558,8 +558,8 @@ class EqualizerProcess(ListeningEqualizer):
     def rss_kib(self) -> int:
         return vm_rss_kib(self.pid)
 
-    async def start(self, client: HTTPClient, timeout: float = 20.0) -> None:
-        """Start twistd and wait until the admin ``/health`` answers (any status)."""
+    def launch(self) -> None:
+        """Start twistd without waiting for anything."""
         env = dict(os.environ, PYTHONPATH=REPO)
         env.pop("EQUALIZER_DATABASE_URL", None)
         env.pop("EQUALIZER_ADMIN_TOKEN", None)
@@ -568,6 +568,10 @@ class EqualizerProcess(ListeningEqualizer):
             cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=self._output,
             stderr=subprocess.STDOUT,
         )
+
+    async def start(self, client: HTTPClient, timeout: float = 20.0) -> None:
+        """Start twistd and wait until the admin ``/health`` answers (any status)."""
+        self.launch()
 
         async def answers() -> bool:
             if self.process.poll() is not None:
