@@ -731,7 +731,7 @@ class LoggingService(Service):
         sink = self.writer.sink
         if isinstance(sink, RotatingFile):
             sink.request_reopen()
-            log.info("SIGUSR1: log file {path} reopened", path=sink.path)
+            log.info("SIGUSR1: reopening log file {path}", path=sink.path)
         else:
             log.info("SIGUSR1: logging to standard output; nothing to reopen")
 

@@ -20,7 +20,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import CannotListenError
+from twisted.internet.error import CannotListenError, ReactorNotRunning
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -110,7 +110,10 @@ def stop_twistd(reactor, status: int) -> None:
     set at interpreter exit, after twistd has removed its pidfile and stopped logging.
     """
     atexit.register(_exit_now, status)
-    reactor.stop()
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        pass  # already stopping
 
 
 def _exit_now(status: int) -> None:
@@ -543,6 +546,7 @@ class BucketService(Service):
     def stopService(self):
         super().stopService()
         self._cancel_ready_timer()
+        self.readiness.set()  # bucket calls still waiting get their answer (503) now
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         return self.store.stop()

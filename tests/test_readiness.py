@@ -245,6 +245,19 @@ def test_stopping_before_ready_never_opens_the_proxy() -> None:
     assert listening(reactor) == [ADMIN_PORT]
 
 
+def test_bucket_call_waiting_when_the_service_stops_is_answered() -> None:
+    """Stopping while a bucket call waits for readiness answers it (503 store_unavailable)
+    instead of leaving it hanging, and still opens no proxy port."""
+    reactor = MemoryReactorClock()
+    store = FirstAttemptStore(reactor)
+    store.get = lambda client_id: fail(StoreUnavailable("stopped"))
+    service = started(reactor, store)
+    waiting = admin_call(service, "GET", "/buckets/somebody")
+    result_of(service.stopService())
+    assert status_of(waiting) == 503
+    assert listening(reactor) == [ADMIN_PORT]
+
+
 class PortTakenReactor(MemoryReactorClock):
     """Binding the proxy port fails: another process took it while we waited."""
 

@@ -69,13 +69,13 @@ async def test_sigusr1_reopens_the_log_file_of_a_daemon(tmp_path, http, backends
                          message="the daemon's start-up lines")
         log_file.rename(moved)
         os.kill(pid, signal.SIGUSR1)
-        await wait_until(lambda: log_file.exists() and "reopened" in log_file.read_text(),
+        await wait_until(lambda: log_file.exists() and "reopening" in log_file.read_text(),
                          message="a new log file after SIGUSR1")
         assert alive(pid)
         status, body = await get_json(http, admin + "/health")
         assert status == 200 and body["status"] == "ok"
-        assert f"SIGUSR1: log file {log_file} reopened" in log_file.read_text()
-        assert "reopened" not in moved.read_text()
+        assert f"SIGUSR1: reopening log file {log_file}" in log_file.read_text()
+        assert "reopening" not in moved.read_text()
         os.kill(pid, signal.SIGHUP)  # anything that logs: it goes to the new file
         await wait_until(lambda: "configuration reloaded" in log_file.read_text(),
                          message="a later line in the new file")
