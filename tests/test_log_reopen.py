@@ -4,13 +4,19 @@ relies on. Driven without threads: before ``startService`` the writer writes syn
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, globalLogPublisher
 
 from equalizer.config import LoggingConfig
 from equalizer.logs import LoggingService, RotatingFile
+from equalizer.service import EqualizerService
+from tests.helpers import result_of
 from tests.test_logs import FakeReactor, emit, file_config, lines_of
+from tests.test_readiness import config as readiness_config
 
 
 def test_reopen_after_a_move_writes_a_new_file(tmp_path: Path) -> None:
@@ -68,3 +74,37 @@ def test_reopen_is_logged_and_harmless_without_a_file() -> None:
         globalLogPublisher.removeObserver(events.append)
     assert [(event["log_level"], event["log_format"]) for event in events] == [
         (LogLevel.info, "SIGUSR1: logging to standard output; nothing to reopen")]
+
+
+class ThreadlessReactor(MemoryReactorClock):
+    """A MemoryReactorClock whose callFromThread runs the call at once."""
+
+    def callFromThread(self, f, *args, **kwargs) -> None:
+        f(*args, **kwargs)
+
+
+def test_sigusr1_reopens_and_the_previous_handler_comes_back(tmp_path: Path) -> None:
+    """A started service answers a real SIGUSR1 by reopening its log file (the process
+    lives on), and stopping it puts back the handler that was there before."""
+    reactor = ThreadlessReactor()
+    path = tmp_path / "eq.log"
+    logging_service = LoggingService(file_config(path), reactor)
+    service = EqualizerService(readiness_config(), reactor, reread=readiness_config)
+    service.logging_service = logging_service  # not a child: its writer stays synchronous
+    before = signal.getsignal(signal.SIGUSR1)
+    previous: list[int] = []
+    signal.signal(signal.SIGUSR1, lambda signum, frame: previous.append(signum))
+    try:
+        service.privilegedStartService()
+        service.startService()
+        path.rename(tmp_path / "eq.log.1")
+        os.kill(os.getpid(), signal.SIGUSR1)  # handled in this thread before kill returns
+        emit(logging_service, reactor, "after the signal")
+        assert "after the signal" in path.read_text()
+        assert "after the signal" not in (tmp_path / "eq.log.1").read_text()
+        result_of(service.stopService())
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert previous == [signal.SIGUSR1]
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+        logging_service.close()
