@@ -505,6 +505,7 @@ class BucketService(Service):
         self._retry = None
         self._ready_timer = None
         self._ready_timeout = ready_timeout
+        self._late = False  # serving without the store: say when it comes
         self.readiness = Readiness(ready=not needs_connection)
 
     def startService(self) -> None:
@@ -515,7 +516,12 @@ class BucketService(Service):
 
     def _start(self) -> None:
         self._retry = None
-        self.store.start().addCallbacks(self._attempted, self._failed)
+        self.store.start().addCallbacks(self._connected, self._failed)
+
+    def _connected(self, result: object = None) -> None:
+        if self._late:
+            log.info("bucket store available")
+        self._attempted()
 
     def _attempted(self, result: object = None) -> None:
         self._cancel_ready_timer()
@@ -525,6 +531,7 @@ class BucketService(Service):
         """The first attempt is taking too long (a database that accepts and never answers):
         serve anyway, under ``on_store_error``, and let the attempt go on."""
         self._ready_timer = None
+        self._late = True
         log.warn("bucket store: no answer to its first connection attempt after {seconds}s; "
                  "serving now, on_store_error applies until it connects",
                  seconds=self._ready_timeout)
@@ -536,6 +543,7 @@ class BucketService(Service):
         self._ready_timer = None
 
     def _failed(self, failure) -> None:
+        self._late = True
         self._attempted()
         if not self.running:
             return

@@ -138,11 +138,12 @@ def test_proxy_opens_only_after_the_first_attempt(events: list[dict]) -> None:
     assert len(opened) == 1
     assert opened[0]["waited"] == pytest.approx(0.25)
     assert opened[0]["store"] == "available"
+    assert not any(event.get("log_format") == "bucket store available" for event in events)
 
 
-def test_failed_first_attempt_opens_the_proxy_and_retries() -> None:
+def test_failed_first_attempt_opens_the_proxy_and_retries(events: list[dict]) -> None:
     """A first attempt that fails opens the proxy at once (on_store_error decides from then
-    on) and the store is tried again in the background."""
+    on) and the store is tried again in the background, which is logged when it succeeds."""
     reactor = MemoryReactorClock()
     store = FirstAttemptStore(reactor)
     started(reactor, store)
@@ -152,6 +153,7 @@ def test_failed_first_attempt_opens_the_proxy_and_retries() -> None:
     assert len(store.attempts) == 2
     store.attempts[1].callback(None)
     assert store.available
+    assert events[-1]["log_format"] == "bucket store available"
 
 
 def test_readiness_is_bounded_by_ten_seconds(events: list[dict]) -> None:
@@ -172,6 +174,7 @@ def test_readiness_is_bounded_by_ten_seconds(events: list[dict]) -> None:
     assert listening(reactor) == [ADMIN_PORT, PROXY_PORT]
     assert store.available
     assert service.proxy_listener.running
+    assert events[-1]["log_format"] == "bucket store available"
 
 
 def test_health_says_starting_until_ready() -> None:

@@ -203,6 +203,8 @@ async def test_first_attempt_held_past_ten_seconds_serves_under_on_store_error(
     await wait_until(lambda: health_store_ok(http, process), 20, interval=0.1,
                      message="the store to connect")
     assert await proxied(await raw_connect(process.proxy_port), "admitted") == 200
+    await wait_until(lambda: "bucket store available" in process.output(),
+                     message="the line saying the store came")
 
 
 async def health_store_ok(http, process: EqualizerProcess) -> bool:
