@@ -11,8 +11,10 @@ import atexit
 import gc
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 import attrs
 from twisted.application.internet import StreamServerEndpointService
@@ -394,6 +396,10 @@ class Listener(StreamServerEndpointService):
     def privilegedStartService(self) -> None:
         if self._readiness is not None and not self._readiness.ready:
             Service.privilegedStartService(self)  # bind later, in startService's wait
+            try:
+                probe_address(self.endpoint)
+            except OSError as error:
+                self._fail(error)
             return
         self._bind()
 
@@ -411,12 +417,15 @@ class Listener(StreamServerEndpointService):
         try:
             super().privilegedStartService()
         except (CannotListenError, OSError) as error:
-            message = f"cannot listen on {self.key} {self.description!r}: {_reason(error)}"
-            log.error("{message}; exiting", message=message)  # a daemon's record of why
-            if sys.__stderr__ is not None:
-                print(f"error: {message}", file=sys.__stderr__, flush=True)
-            raise ListenFailed(message) from None
+            self._fail(error)
         self._on_open()
+
+    def _fail(self, error: Exception) -> NoReturn:
+        message = f"cannot listen on {self.key} {self.description!r}: {_reason(error)}"
+        log.error("{message}; exiting", message=message)  # a daemon's record of why
+        if sys.__stderr__ is not None:
+            print(f"error: {message}", file=sys.__stderr__, flush=True)
+        raise ListenFailed(message) from None
 
     def _bind_late(self, result: None) -> None:
         self._pending = None
@@ -436,6 +445,24 @@ class Listener(StreamServerEndpointService):
             Service.stopService(self)
             return defer.succeed(None)
         return super().stopService()
+
+
+def probe_address(endpoint) -> None:
+    """Bind, without listening, the address a TCP or SSL endpoint will listen on, and let
+    it go at once; OSError if it cannot be bound (taken, not this host's).
+
+    A listener that opens only later (SPEC 4.5) so still finds a port already in use
+    while twistd starts: one line and exit 1 before it daemonizes, not a daemon that
+    reports success and then exits. Nothing accepts on the probe, so no client ever
+    connects to it. Ephemeral ports (0) and other endpoints (``unix:``) are not probed.
+    """
+    port, interface = getattr(endpoint, "_port", None), getattr(endpoint, "_interface", None)
+    if not isinstance(port, int) or not port or not isinstance(interface, str):
+        return
+    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as listenTCP does
+        probe.bind((interface, port))
 
 
 def _reason(error: Exception) -> str:

@@ -20,12 +20,15 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
 from equalizer.config import parse_config
+from equalizer.proxy import ProxySite
 from equalizer.readiness import READY_TIMEOUT, Readiness
 from equalizer.service import BucketService, EqualizerService
 from equalizer.stores import MemoryStore, StoreUnavailable
 from tests.helpers import result_of
 
-PROXY_PORT, ADMIN_PORT = 8080, 8081
+PROXY, ADMIN = "proxy", "admin"
+LISTEN = "tcp:0:interface=127.0.0.1"
+"""Port 0: the memory reactor never binds, and the service's probe leaves port 0 alone."""
 
 
 class FirstAttemptStore:
@@ -56,8 +59,8 @@ class FirstAttemptStore:
 
 def config() -> Any:
     return parse_config({
-        "proxy": {"listen": f"tcp:{PROXY_PORT}:interface=127.0.0.1"},
-        "admin": {"listen": f"tcp:{ADMIN_PORT}:interface=127.0.0.1"},
+        "proxy": {"listen": LISTEN},
+        "admin": {"listen": LISTEN},
         "balancer": {"backends": [{"url": "http://127.0.0.1:9"}]},
         "health": {"interval": 0},
         "rate_limit": {"enabled": True, "default": {"capacity": 5, "refill_rate": 1}},
@@ -65,9 +68,10 @@ def config() -> Any:
     })
 
 
-def listening(reactor: MemoryReactorClock) -> list[int]:
-    """The ports the service has listened on, in order."""
-    return [port for port, *_ in reactor.tcpServers]
+def listening(reactor: MemoryReactorClock) -> list[str]:
+    """Which of the service's sites listen, in the order they began to."""
+    return [PROXY if isinstance(factory, ProxySite) else ADMIN
+            for _, factory, *_ in reactor.tcpServers]
 
 
 @pytest.fixture()
@@ -120,7 +124,7 @@ def test_memory_store_listens_at_once() -> None:
     reactor = MemoryReactorClock()
     service = EqualizerService(config(), reactor)
     service.privilegedStartService()
-    assert listening(reactor) == [PROXY_PORT, ADMIN_PORT]
+    assert listening(reactor) == [PROXY, ADMIN]
     assert service.readiness.ready
 
 
@@ -130,10 +134,10 @@ def test_proxy_opens_only_after_the_first_attempt(events: list[dict]) -> None:
     reactor = MemoryReactorClock()
     store = FirstAttemptStore(reactor)
     started(reactor, store)
-    assert listening(reactor) == [ADMIN_PORT]
+    assert listening(reactor) == [ADMIN]
     reactor.advance(0.25)
     store.attempts[0].callback(None)
-    assert listening(reactor) == [ADMIN_PORT, PROXY_PORT]
+    assert listening(reactor) == [ADMIN, PROXY]
     opened = [event for event in events if "proxy listening" in event.get("log_format", "")]
     assert len(opened) == 1
     assert opened[0]["waited"] == pytest.approx(0.25)
@@ -148,7 +152,7 @@ def test_failed_first_attempt_opens_the_proxy_and_retries(events: list[dict]) ->
     store = FirstAttemptStore(reactor)
     started(reactor, store)
     store.attempts[0].errback(StoreUnavailable("connection refused"))
-    assert listening(reactor) == [ADMIN_PORT, PROXY_PORT]
+    assert listening(reactor) == [ADMIN, PROXY]
     reactor.advance(2.0)
     assert len(store.attempts) == 2
     store.attempts[1].callback(None)
@@ -164,14 +168,14 @@ def test_readiness_is_bounded_by_ten_seconds(events: list[dict]) -> None:
     store = FirstAttemptStore(reactor)
     service = started(reactor, store)
     reactor.advance(READY_TIMEOUT - 0.001)
-    assert listening(reactor) == [ADMIN_PORT]
+    assert listening(reactor) == [ADMIN]
     assert not service.readiness.ready
     reactor.advance(0.001)
-    assert listening(reactor) == [ADMIN_PORT, PROXY_PORT]
+    assert listening(reactor) == [ADMIN, PROXY]
     assert any("no answer to its first connection attempt" in event.get("log_format", "")
                for event in events)
     store.attempts[0].callback(None)
-    assert listening(reactor) == [ADMIN_PORT, PROXY_PORT]
+    assert listening(reactor) == [ADMIN, PROXY]
     assert store.available
     assert service.proxy_listener.running
     assert events[-1]["log_format"] == "bucket store available"
@@ -245,7 +249,7 @@ def test_stopping_before_ready_never_opens_the_proxy() -> None:
     result_of(service.stopService())
     store.attempts[0].callback(None)
     reactor.advance(READY_TIMEOUT)
-    assert listening(reactor) == [ADMIN_PORT]
+    assert listening(reactor) == [ADMIN]
 
 
 def test_bucket_call_waiting_when_the_service_stops_is_answered() -> None:
@@ -258,14 +262,14 @@ def test_bucket_call_waiting_when_the_service_stops_is_answered() -> None:
     waiting = admin_call(service, "GET", "/buckets/somebody")
     result_of(service.stopService())
     assert status_of(waiting) == 503
-    assert listening(reactor) == [ADMIN_PORT]
+    assert listening(reactor) == [ADMIN]
 
 
 class PortTakenReactor(MemoryReactorClock):
     """Binding the proxy port fails: another process took it while we waited."""
 
     def listenTCP(self, port, factory, backlog=50, interface=""):
-        if port == PROXY_PORT:
+        if isinstance(factory, ProxySite):
             raise CannotListenError(interface, port, OSError(98, "Address already in use"))
         return super().listenTCP(port, factory, backlog, interface)
 
@@ -284,7 +288,7 @@ def test_port_taken_by_the_time_of_readiness_stops_with_status_1(capfd) -> None:
     assert stops == [1]
     assert service.exit_status == 1
     assert capfd.readouterr().err == (
-        f"error: cannot listen on proxy.listen 'tcp:{PROXY_PORT}:interface=127.0.0.1': "
+        f"error: cannot listen on proxy.listen '{LISTEN}': "
         "Address already in use\n")
     result_of(service.stopService())
 

@@ -19,12 +19,15 @@ from collections.abc import AsyncIterator
 import psycopg2.extensions
 import pytest
 import pytest_twisted
+import yaml
 from twisted.internet import reactor
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ConnectError
 from twisted.protocols.portforward import ProxyFactory
 from txpostgres.txpostgres import Connection
 
 from equalizer.readiness import READY_TIMEOUT
+from equalizer.service import probe_address
 from equalizer.stores import _MIGRATION_LOCK
 from tests.integration.buckets_support import call
 from tests.integration.harness import (
@@ -279,3 +282,56 @@ async def test_proxy_port_taken_while_starting_is_one_line_and_exit_1(
                       f"'tcp:{process.proxy_port}:interface={LOOPBACK}': Address already in use\n")
     assert "Traceback" not in (tmp_path / "out").read_text()
     assert not pidfile.exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_proxy_port_taken_at_start_is_found_before_the_store(tmp_path, postgres_dsn):
+    """On the PostgreSQL store a proxy port taken before start-up is still one line and exit
+    status 1 at once, without waiting for the store (held back here) and before twistd
+    would daemonize."""
+    holder = socket.socket()
+    holder.bind((LOOPBACK, 0))
+    holder.listen()
+    taken = f"tcp:{holder.getsockname()[1]}:interface={LOOPBACK}"
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith("EQUALIZER_")}
+    env["PYTHONPATH"] = REPO
+    config = tmp_path / "equalizer.yml"
+    config.write_text(yaml.safe_dump(limited_config(f"http://{LOOPBACK}:9", postgres_dsn)))
+    lock = await held_migration_lock(postgres_dsn)
+    try:
+        # Blocks this reactor, harmlessly: the lock is held by the server meanwhile.
+        outcome = subprocess.run(
+            [*twistd_command(), "-n", f"--pidfile={tmp_path / 'twistd.pid'}", "equalizer",
+             "--config", str(config), "--listen", taken],
+            cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+            timeout=60)
+    finally:
+        lock.close()
+        holder.close()
+    assert outcome.returncode == 1, (outcome.stdout, outcome.stderr)
+    assert outcome.stderr == (f"error: cannot listen on proxy.listen {taken!r}: "
+                              "Address already in use\n")
+    assert "no answer to its first connection attempt" not in outcome.stdout
+    assert "Traceback" not in outcome.stdout
+    assert not (tmp_path / "twistd.pid").exists()
+
+
+def test_probe_finds_a_taken_port_and_binds_nothing() -> None:
+    """The start-up probe fails on a port in use, leaves a free port free (nothing listens
+    there afterwards), and skips port 0 and unix sockets."""
+    holder = socket.socket()
+    holder.bind((LOOPBACK, 0))
+    holder.listen()
+    try:
+        with pytest.raises(OSError):
+            probe_address(serverFromString(reactor, f"tcp:{holder.getsockname()[1]}:"
+                                                    f"interface={LOOPBACK}"))
+    finally:
+        holder.close()
+    port = free_port()
+    probe_address(serverFromString(reactor, f"tcp:{port}:interface={LOOPBACK}"))
+    with pytest.raises(ConnectionRefusedError), socket.create_connection((LOOPBACK, port), 5):
+        pass
+    probe_address(serverFromString(reactor, f"tcp:0:interface={LOOPBACK}"))
+    probe_address(serverFromString(reactor, "unix:/nonexistent/dir/s.sock"))
