@@ -110,6 +110,21 @@ async def held_migration_lock(dsn: str) -> Connection:
     return holder
 
 
+async def process_admin_up(http, process: EqualizerProcess) -> None:
+    """Wait until the child's admin port answers /health (with any status)."""
+
+    async def answers() -> bool:
+        if process.process.poll() is not None:
+            raise AssertionError(f"twistd exited:\n{process.output()}")
+        try:
+            await within(http.get(process.admin_url + "/health"), 2)
+        except Exception:
+            return False
+        return True
+
+    await wait_until(answers, 30, interval=0.005, message="the admin port")
+
+
 @pytest_twisted.ensureDeferred
 async def test_first_request_at_the_first_accept_is_limited_for_real(
         tmp_path, http, backends, postgres_dsn, processes):
@@ -119,14 +134,7 @@ async def test_first_request_at_the_first_accept_is_limited_for_real(
     backend = backends("b1")
     key = f"first-{uuid.uuid4().hex}"
     process = launch(limited_config(backend.url, postgres_dsn), tmp_path, processes)
-
-    async def admin_answers() -> bool:
-        try:
-            return (await call(http, "GET", process.admin_url + "/health", timeout=2)) is not None
-        except Exception:
-            return False
-
-    await wait_until(admin_answers, 30, interval=0.005, message="the admin port")
+    await process_admin_up(http, process)
     created = await call(http, "POST", process.admin_url + "/buckets",
                          {"client_id": f"early-{key}", "capacity": 3, "refill_rate": 1})
     assert created.status == 201, created.body
@@ -165,21 +173,6 @@ async def test_health_says_starting_until_the_first_attempt_is_over(
     assert (status, body["status"]) == (200, "ok")
     client = await first_connection(process, timeout=5)
     assert await proxied(client, f"after-{uuid.uuid4().hex}") == 200
-
-
-async def process_admin_up(http, process: EqualizerProcess) -> None:
-    """Wait until the child's admin port answers /health (with any status)."""
-
-    async def answers() -> bool:
-        if process.process.poll() is not None:
-            raise AssertionError(f"twistd exited:\n{process.output()}")
-        try:
-            await within(http.get(process.admin_url + "/health"), 2)
-        except Exception:
-            return False
-        return True
-
-    await wait_until(answers, 30, interval=0.01, message="the admin port")
 
 
 @pytest_twisted.ensureDeferred
