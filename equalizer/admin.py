@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 from klein import Klein
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -31,6 +31,7 @@ from equalizer.config import (
 )
 from equalizer.openapi import MAX_PAGE, openapi_document
 from equalizer.pool import DrainCancelled
+from equalizer.readiness import Readiness
 from equalizer.stats import bucket_counts
 from equalizer.stores import BucketExists, InvalidBucket, StoreUnavailable
 
@@ -122,6 +123,7 @@ class AdminAPI:
         self._clock = clock
         self._store = store
         self.default_policy = default_policy
+        self.readiness = Readiness(ready=True)
 
     def site(self) -> Site:
         """The admin site: bearer-token guard, bounded bodies, then the Klein routes."""
@@ -160,7 +162,8 @@ class AdminAPI:
 
     @app.route("/health", methods=["GET"])
     def health(self, request: IRequest) -> bytes:
-        """What the proxy can serve now: down (503) when no backend can take traffic.
+        """What the proxy can serve now: starting (503) until start-up is over (SPEC 4.5),
+        then down (503) when no backend can take traffic.
 
         ``healthy`` counts the pool's candidates (healthy, enabled, not draining), the
         very list the strategies choose from. Degraded: a backend meant to serve (enabled,
@@ -171,7 +174,9 @@ class AdminAPI:
         meant_to_serve = sum(1 for backend in backends
                              if backend.enabled and not backend.draining)
         store = "ok" if self._store.available else "unavailable"
-        if healthy == 0:
+        if not self.readiness.ready:
+            status = "starting"
+        elif healthy == 0:
             status = "down"
         elif healthy < meant_to_serve or store != "ok":
             status = "degraded"
@@ -179,7 +184,7 @@ class AdminAPI:
             status = "ok"
         body = {"status": status, "backends": {"healthy": healthy, "total": len(backends)},
                 "store": store}
-        return json_response(request, body, 503 if status == "down" else 200)
+        return json_response(request, body, 503 if status in ("down", "starting") else 200)
 
     @app.route("/metrics", methods=["GET"])
     def metrics(self, request: IRequest) -> bytes:
@@ -298,6 +303,7 @@ class AdminAPI:
             refill_rate = self.default_policy.refill_rate
         else:
             raise bad_request("refill_rate: required (no default bucket policy is configured)")
+        await self.readiness.wait()
         try:
             record = await self._store.create(client_id, capacity, tokens, refill_rate)
         except BucketExists:
@@ -311,6 +317,7 @@ class AdminAPI:
     async def list_buckets(self, request: IRequest) -> bytes:
         limit = query_integer(request, "limit", 50, 1, MAX_PAGE)
         offset = query_integer(request, "offset", 0, 0, None)
+        await self.readiness.wait()
         # Past the largest OFFSET PostgreSQL takes (bigint) every page is empty anyway.
         records, total = await self._store.list(limit, min(offset, MAX_STORE_OFFSET))
         return json_response(request, {"items": [bucket_json(r) for r in records], "total": total,
@@ -318,6 +325,7 @@ class AdminAPI:
 
     @app.route("/buckets/<path:client_id>", methods=["GET"])
     async def get_bucket(self, request: IRequest, client_id: str) -> bytes:
+        await self.readiness.wait()
         record = await self._store.get(client_id)
         if record is None:
             raise no_bucket(client_id)
@@ -335,6 +343,7 @@ class AdminAPI:
                                              changes.get("capacity", MAX_CAPACITY))
         if "refill_rate" in body:
             changes["refill_rate"] = refill_rate_field(body)
+        await self.readiness.wait()
         try:
             record = await self._store.update(client_id, **changes)
         except ValueError as error:
@@ -345,6 +354,7 @@ class AdminAPI:
 
     @app.route("/buckets/<path:client_id>", methods=["DELETE"])
     async def delete_bucket(self, request: IRequest, client_id: str) -> bytes:
+        await self.readiness.wait()
         if not await self._store.delete(client_id):
             raise no_bucket(client_id)
         request.setResponseCode(204)
@@ -414,6 +424,9 @@ class _Guard(Resource):
             shown = request.path.decode("ascii", "backslashreplace")
             return error_response(request, bad_request(
                 f"path: {shown[:200]!r} is not UTF-8 once percent-decoded"))
+        if has_dot_segment(request.path):
+            return error_response(request, bad_request(
+                "path: dot segments ('.' or '..', also percent-encoded) are not allowed"))
         return self._inner.render(request)
 
 
@@ -425,6 +438,17 @@ def decodable_url(request: Request) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+def has_dot_segment(path: bytes) -> bool:
+    """Whether a segment of ``path`` is ``.`` or ``..``, percent-encoded or not.
+
+    RFC 3986 5.2.4 would resolve them away (``/buckets/../stats`` is ``/stats``);
+    routing would instead read them as part of an id (a bucket named ``../stats``).
+    Neither is what the client meant to ask for, so such paths are refused.
+    """
+    return any(segment and unquote_to_bytes(segment) in (b".", b"..")
+               for segment in path.split(b"/") if b"." in segment or b"%" in segment)
 
 
 def same_origin(request: IRequest) -> bool:
@@ -484,13 +508,39 @@ def read_json_object(request: IRequest) -> dict[str, Any]:
     """The request body (bounded by BoundedRequest) as a JSON object, or 400."""
     raw = request.content.read()
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, object_pairs_hook=unique_keys)
+    except DuplicateKey as error:
+        raise bad_request(f"body: duplicate key {error.key[:100]!r}") from None
     except (ValueError, UnicodeDecodeError) as error:
         raise bad_request(f"body: invalid JSON: {error}") from None
     except RecursionError:
         raise bad_request("body: invalid JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise bad_request("body: must be a JSON object")
+    return body
+
+
+class DuplicateKey(ValueError):
+    """A JSON object names the same key twice."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict, refusing a key given twice (at any depth).
+
+    Python's json keeps the last of them silently, other parsers the first: a body
+    two readers understand differently is refused instead.
+    """
+    body = dict(pairs)
+    if len(body) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DuplicateKey(key)
+            seen.add(key)
     return body
 
 

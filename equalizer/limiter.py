@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -34,11 +33,9 @@ DECISIONS = ("allowed", "limited", "unlimited", "store_error")
 class RateLimiter:
     """Admits or refuses each exchange by its client's token bucket."""
 
-    def __init__(self, store: IBucketStore, config: RateLimitConfig, stats: TrafficStats,
-                 ready: Deferred[None] | None = None) -> None:
+    def __init__(self, store: IBucketStore, config: RateLimitConfig, stats: TrafficStats) -> None:
         self.store = store
         self.stats = stats
-        self._ready = ready
         self.decisions = dict.fromkeys(DECISIONS, 0)
         self.configure(config)
 
@@ -56,16 +53,11 @@ class RateLimiter:
     def admit(self, exchange: Exchange) -> None:
         """The proxy's admission hook: dispatch the exchange, or answer it here.
 
-        Requests that arrive while the store makes its first connection wait
-        for that attempt, so a fresh instance never lets traffic through unlimited
-        merely because it is young.
+        No request arrives while the store makes its first connection: the proxy
+        listener opens only once that attempt is over (SPEC 4.5, equalizer.readiness),
+        so a fresh instance never lets traffic through unlimited merely because it
+        is young.
         """
-        ready = self._ready
-        if ready is not None:
-            if not ready.called:
-                ready.addCallback(self._admit_when_ready, exchange)
-                return
-            self._ready = None
         taken = self.store.take(self.client_key(exchange), self.config.default)
         if taken.called and not isinstance(taken.result, Failure):
             # Answered at once (memory store, a live lease): skip the callback chain.
@@ -73,9 +65,6 @@ class RateLimiter:
             return
         taken.addCallbacks(self._decided, self._store_failed, (exchange,), None,
                            (exchange,), None)
-
-    def _admit_when_ready(self, result: None, exchange: Exchange) -> None:
-        self.admit(exchange)
 
     def _decided(self, decision: Decision | None, exchange: Exchange) -> None:
         if decision is None:

@@ -286,6 +286,7 @@ class RotatingFile:
         self._on_rotate = on_rotate
         self._on_error = on_error
         self._retry_at = 0.0
+        self._reopen_wanted = False
         self._day_number = -1
         self._today = ""
         self._file = open(self.path, "ab")
@@ -294,7 +295,7 @@ class RotatingFile:
         self._day = _day(status.st_mtime) if self._size else _day(now())
 
     def write(self, line: str) -> None:
-        if self._file is None:
+        if self._file is None or self._reopen_wanted:
             self._reopen()
         data = line.encode("utf-8", "backslashreplace")
         now = self._now()
@@ -320,9 +321,31 @@ class RotatingFile:
             self._file.close()
             self._file = None
 
+    def request_reopen(self) -> None:
+        """Open the path again before the next line (SIGUSR1, from any thread): once
+        logrotate has moved the file away, lines go to a new file of the same name."""
+        self._reopen_wanted = True
+
     def _reopen(self) -> None:
-        self._file = open(self.path, "ab")
-        self._size = os.fstat(self._file.fileno()).st_size
+        """Open the path again: after close(), or on request. A file that cannot be opened
+        leaves the old one in use (reported through ``on_error``)."""
+        self._reopen_wanted = False
+        try:
+            new = open(self.path, "ab")
+        except OSError as error:
+            if self._file is None:
+                raise
+            self._on_error(f"cannot reopen {self.path!r}: {error.strerror or error}")
+            return
+        status = os.fstat(new.fileno())
+        if self._file is not None:
+            before = os.fstat(self._file.fileno())
+            same = (before.st_dev, before.st_ino) == (status.st_dev, status.st_ino)
+            self._file.close()
+            if not same and status.st_size:
+                self._day = _day(status.st_mtime)  # another file: its lines' day
+        self._file = new
+        self._size = status.st_size
 
     def rotated_name(self, day: str) -> str:
         """The next free ``NAME.DAY.N`` for ``day`` (compressed or not, N is never reused)."""
@@ -701,6 +724,16 @@ class LoggingService(Service):
     def close(self) -> None:
         """Close the file (a later line reopens it); for use after stopService."""
         self.writer.sink.close()
+
+    def reopen(self) -> None:
+        """SIGUSR1: the file is opened again under its name before the next line, which
+        says so; without a file (standard output) there is nothing to reopen."""
+        sink = self.writer.sink
+        if isinstance(sink, RotatingFile):
+            sink.request_reopen()
+            log.info("SIGUSR1: reopening log file {path}", path=sink.path)
+        else:
+            log.info("SIGUSR1: logging to standard output; nothing to reopen")
 
     def _rotated(self) -> None:
         if self.maintenance is not None:

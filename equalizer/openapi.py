@@ -86,7 +86,7 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["status", "backends", "store"],
         "properties": {
-            "status": {"type": "string", "enum": ["ok", "degraded", "down"]},
+            "status": {"type": "string", "enum": ["ok", "degraded", "down", "starting"]},
             "backends": {
                 "type": "object",
                 "required": ["healthy", "total"],
@@ -233,8 +233,9 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "client_id": {"type": "string", "minLength": 1, "maxLength": MAX_CLIENT_ID_LENGTH,
                           "pattern": "^[^\\u0000-\\u001f\\u007f]*$",
+                          "not": {"enum": [".", ".."]},
                           "description": "the rate-limit key's value: UTF-8 text without "
-                                         "control characters"},
+                                         "control characters, not '.' or '..'"},
             "capacity": {"type": "integer", "minimum": 1, "maximum": MAX_CAPACITY},
             "tokens": {"type": "number", "minimum": 0, "maximum": MAX_CAPACITY,
                        "description": "at most capacity (else 400); default: capacity"},
@@ -310,7 +311,7 @@ def _operation(operation_id: str, summary: str, responses: dict[str, Any], *,
 
     The guard in front of the routes answers 401 (unless ``open_``) and 413 for
     any request, 403 for a cross-origin one that ``writes``, and 400 for a path
-    that is not UTF-8, so the operations list them.
+    that is not UTF-8 or has a dot segment, so the operations list them.
     """
     operation: dict[str, Any] = {"operationId": operation_id, "summary": summary, "tags": tags}
     if parameters:
@@ -340,7 +341,8 @@ def _paths() -> dict[str, Any]:
         "/health": {"get": _operation(
             "health", "Liveness and readiness; open even when a token is configured",
             {"200": _response("ok or degraded", "Health"),
-             "503": _response("down: no backend is healthy", "Health")},
+             "503": _response("down: no backend is healthy; starting: the store's first "
+                              "connection attempt is not over yet (at most 10 s)", "Health")},
             tags=observe, open_=True)},
         "/stats": {"get": _operation(
             "stats", "Traffic counters and every backend's state",
@@ -436,7 +438,10 @@ _DOCUMENT: dict[str, Any] = {
             "in any case). A request other than GET, HEAD or OPTIONS whose `Origin` header "
             "names another origin than the request's own (scheme and `Host`) is 403 "
             "`forbidden_origin`, before the token check. An unknown path is 404 and a method "
-            "a path does not serve is 405 with `Allow`, both after the token check."
+            "a path does not serve is 405 with `Allow`, both after the token check. A path "
+            "with a `.` or `..` segment (percent-encoded or not) is 400, and so is a JSON "
+            "body naming a key twice. Bucket operations made while the service is starting "
+            "wait (at most 10 s) for the store's first connection attempt."
         ),
         "license": {"name": "MIT"},
     },

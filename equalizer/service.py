@@ -7,11 +7,14 @@ down the listeners close first, then the health monitor, then the store.
 
 from __future__ import annotations
 
+import atexit
 import gc
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 import attrs
 from twisted.application.internet import StreamServerEndpointService
@@ -19,7 +22,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import CannotListenError
+from twisted.internet.error import CannotListenError, ReactorNotRunning
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -33,6 +36,7 @@ from equalizer.logs import LogFileError, LoggingService, open_logging
 from equalizer.metrics import EqualizerCollector, metrics_registry
 from equalizer.pool import BackendPool, DrainCancelled
 from equalizer.proxy import Exchange, Proxy, ProxySite, key_reader, no_lines
+from equalizer.readiness import READY_TIMEOUT, Readiness
 from equalizer.stats import TrafficStats
 from equalizer.stores import IBucketStore, MemoryStore, PostgresStore
 from equalizer.strategies import make_strategy
@@ -94,9 +98,34 @@ def makeService(options: Options, reactor=None) -> MultiService:
     except LogFileError as error:
         print(f"config error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
-    return EqualizerService(config, reactor, demo=options["demo"],
-                            reread=lambda: read_config(options, os.environ),
-                            logging_service=logging_service)
+    service = EqualizerService(config, reactor, demo=options["demo"],
+                               reread=lambda: read_config(options, os.environ),
+                               logging_service=logging_service)
+    service.stop_process = lambda status: stop_twistd(reactor, status)
+    return service
+
+
+def stop_twistd(reactor, status: int) -> None:
+    """Stop the reactor (services stop in order) and have the process exit with ``status``.
+
+    twistd exits 0 whenever its reactor stops, whatever the reason; so the status is
+    set at interpreter exit, after twistd has removed its pidfile and stopped logging.
+    """
+    atexit.register(_exit_now, status)
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        pass  # already stopping
+
+
+def _exit_now(status: int) -> None:
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
 
 
 class EqualizerService(MultiService):
@@ -108,7 +137,8 @@ class EqualizerService(MultiService):
 
     def __init__(self, config: Config, reactor, *, demo: bool = False,
                  reread: Callable[[], Config] | None = None,
-                 logging_service: LoggingService | None = None) -> None:
+                 logging_service: LoggingService | None = None,
+                 store: IBucketStore | None = None) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
@@ -120,9 +150,11 @@ class EqualizerService(MultiService):
         self.pool = BackendPool(config.balancer.backends, config.balancer.strategy)
         if demo:
             demo_service(reactor).setServiceParent(self)
-        self.store = make_store(config, reactor)
-        buckets = BucketService(self.store, reactor)
+        self.store = make_store(config, reactor) if store is None else store
+        buckets = BucketService(self.store, reactor,
+                                needs_connection=not isinstance(self.store, MemoryStore))
         buckets.setServiceParent(self)
+        self.readiness = buckets.readiness
         self.health = HealthMonitor(self.pool, config.health, HTTPHealthChecker(reactor), reactor)
         self.health.setServiceParent(self)
         timeouts = config.proxy.timeouts
@@ -134,17 +166,22 @@ class EqualizerService(MultiService):
             scheme=b"https" if config.proxy.listen.startswith("ssl:") else b"http",
         )
         self.proxy.access_log.attach(logging_service)
-        self.limiter = RateLimiter(self.store, config.rate_limit, self.stats,
-                                   ready=buckets.first_attempt)
+        self.limiter = RateLimiter(self.store, config.rate_limit, self.stats)
         self.proxy_site = ProxySite(self.proxy, config.proxy, reactor)
         self.admin = AdminAPI(self.pool, self.stats, reactor, self.store,
                               config.rate_limit.default, self.forget_backend, config.admin.token)
         self.admin.metrics_registry = metrics_registry(
             EqualizerCollector(self.pool, self.stats, self.limiter, self.store, reactor))
+        self.admin.readiness = self.readiness
         self._apply_settings(config)
         self.proxy_listener = self._listen("proxy.listen", config.proxy.listen, self.proxy_site)
+        self.proxy_listener.gate(self.readiness, self._proxy_listening, self._cannot_listen_late)
         self.admin_listener = self._listen("admin.listen", config.admin.listen, self.admin.site())
         self._previous_sighup = None
+        self._previous_sigusr1 = None
+        self._starting_since = reactor.seconds()
+        self.exit_status = 0
+        self.stop_process: Callable[[int], None] | None = None
 
     def setServiceParent(self, parent) -> None:
         """twistd hands us its Application here: our log observer replaces its own."""
@@ -235,6 +272,36 @@ class EqualizerService(MultiService):
     def _on_sighup(self, signum, frame) -> None:
         self.reactor.callFromThread(self.reload)
 
+    # -- SIGUSR1: reopen the log file -----------------------------------------------------
+
+    def reopen_logs(self) -> None:
+        """Open the log file again under its name, as ``logrotate ... postrotate kill -USR1``
+        and twistd expect: after the old file was moved away, new lines go to a new one."""
+        if self.logging_service is None:
+            log.info("SIGUSR1: twistd's own logging (--syslog, --logger) is in use; "
+                     "nothing to reopen")
+            return
+        self.logging_service.reopen()
+
+    def _on_sigusr1(self, signum, frame) -> None:
+        self.reactor.callFromThread(self.reopen_logs)
+
+    # -- readiness (SPEC 4.5) ---------------------------------------------------------------
+
+    def _proxy_listening(self) -> None:
+        """The proxy listener is open: say so, and how long start-up took."""
+        log.info("proxy listening on {endpoint}, {waited:.3f}s after start-up began "
+                 "(bucket store {store})", endpoint=self.config.proxy.listen,
+                 waited=self.reactor.seconds() - self._starting_since,
+                 store="available" if self.store.available else "unavailable")
+
+    def _cannot_listen_late(self, error: ListenFailed) -> None:
+        """The proxy port could not be bound once ready (it was taken meanwhile): there is
+        nothing to serve, so stop with status 1 (the Listener logged the line)."""
+        self.exit_status = 1
+        if self.stop_process is not None:
+            self.stop_process(1)
+
     # -- start and graceful stop ----------------------------------------------------------
 
     def startService(self) -> None:
@@ -246,12 +313,16 @@ class EqualizerService(MultiService):
         gc.freeze()
         if self.reread is not None:
             self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
+            self._previous_sigusr1 = signal.signal(signal.SIGUSR1, self._on_sigusr1)
 
     def stopService(self) -> Deferred[None]:
         """Stop accepting, let requests in flight finish (bounded), then stop the rest."""
         if self._previous_sighup is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sighup = None
+        if self._previous_sigusr1 is not None:
+            signal.signal(signal.SIGUSR1, self._previous_sigusr1)
+            self._previous_sigusr1 = None
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
@@ -300,7 +371,9 @@ class Listener(StreamServerEndpointService):
     """A listener whose failure to bind (port in use, no such directory) is one line
     on stderr and ListenFailed: a user's mistake, not a traceback.
 
-    twistd binds in ``privilegedStartService``, before the reactor runs.
+    twistd binds in ``privilegedStartService``, before the reactor runs. A gated
+    listener (:meth:`gate`) that is not ready by then binds once it is, and reports
+    a failure to bind to ``on_failure`` instead of raising.
     """
 
     _raiseSynchronously = True
@@ -309,16 +382,88 @@ class Listener(StreamServerEndpointService):
         super().__init__(endpoint, factory)
         self.key = key
         self.description = description
+        self._readiness: Readiness | None = None
+        self._on_open: Callable[[], None] = lambda: None
+        self._on_failure: Callable[[ListenFailed], None] = lambda error: None
+        self._pending: Deferred[None] | None = None
+
+    def gate(self, readiness: Readiness, on_open: Callable[[], None],
+             on_failure: Callable[[ListenFailed], None]) -> None:
+        """Listen only once ``readiness`` is set (SPEC 4.5); ``on_open`` once listening."""
+        self._readiness = readiness
+        self._on_open = on_open
+        self._on_failure = on_failure
 
     def privilegedStartService(self) -> None:
+        if self._readiness is not None and not self._readiness.ready:
+            Service.privilegedStartService(self)  # bind later, in startService's wait
+            try:
+                probe_address(self.endpoint)
+            except OSError as error:
+                self._fail(error)
+            return
+        self._bind()
+
+    def startService(self) -> None:
+        Service.startService(self)
+        if self._waitingForPort is not None or self._pending is not None:
+            return
+        if self._readiness is None:
+            self._bind()
+        else:
+            self._pending = self._readiness.wait()
+            self._pending.addCallback(self._bind_late)
+
+    def _bind(self) -> None:
         try:
             super().privilegedStartService()
         except (CannotListenError, OSError) as error:
-            message = f"cannot listen on {self.key} {self.description!r}: {_reason(error)}"
-            log.error("{message}; exiting", message=message)  # a daemon's record of why
-            if sys.__stderr__ is not None:
-                print(f"error: {message}", file=sys.__stderr__, flush=True)
-            raise ListenFailed(message) from None
+            self._fail(error)
+        self._on_open()
+
+    def _fail(self, error: Exception) -> NoReturn:
+        message = f"cannot listen on {self.key} {self.description!r}: {_reason(error)}"
+        log.error("{message}; exiting", message=message)  # a daemon's record of why
+        if sys.__stderr__ is not None:
+            print(f"error: {message}", file=sys.__stderr__, flush=True)
+        raise ListenFailed(message) from None
+
+    def _bind_late(self, result: None) -> None:
+        self._pending = None
+        try:
+            self._bind()
+        except ListenFailed as error:
+            self._waitingForPort = None
+            self._on_failure(error)
+
+    def stopService(self) -> Deferred[None]:
+        """Stop listening, or stop waiting to."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.cancel()
+            pending.addErrback(lambda failure: failure.trap(defer.CancelledError))
+        if self._waitingForPort is None:
+            Service.stopService(self)
+            return defer.succeed(None)
+        return super().stopService()
+
+
+def probe_address(endpoint) -> None:
+    """Bind, without listening, the address a TCP or SSL endpoint will listen on, and let
+    it go at once; OSError if it cannot be bound (taken, not this host's).
+
+    A listener that opens only later (SPEC 4.5) so still finds a port already in use
+    while twistd starts: one line and exit 1 before it daemonizes, not a daemon that
+    reports success and then exits. Nothing accepts on the probe, so no client ever
+    connects to it. Ephemeral ports (0) and other endpoints (``unix:``) are not probed.
+    """
+    port, interface = getattr(endpoint, "_port", None), getattr(endpoint, "_interface", None)
+    if not isinstance(port, int) or not port or not isinstance(interface, str):
+        return
+    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as listenTCP does
+        probe.bind((interface, port))
 
 
 def _reason(error: Exception) -> str:
@@ -374,29 +519,59 @@ def make_store(config: Config, reactor) -> IBucketStore:
 class BucketService(Service):
     """Starts the bucket store and stops it last; a database down at start-up is retried.
 
-    Until the store is up, ``on_store_error`` decides for proxied requests and
-    the bucket API answers 503, exactly as when the database goes away later.
+    ``readiness`` is set once the store's first connection attempt has finished
+    (connected and migrated, or failed) or READY_TIMEOUT has passed (SPEC 4.5);
+    a store that needs no connection (memory) is ready from the start. Once ready,
+    while the store is down, ``on_store_error`` decides for proxied requests and the
+    bucket API answers 503, exactly as when the database goes away later.
     """
 
-    def __init__(self, store: IBucketStore, clock) -> None:
+    def __init__(self, store: IBucketStore, clock, *, needs_connection: bool = True,
+                 ready_timeout: float = READY_TIMEOUT) -> None:
         self.store = store
         self._clock = clock
         self._retry = None
-        self.first_attempt: Deferred[None] = Deferred()
+        self._ready_timer = None
+        self._ready_timeout = ready_timeout
+        self._late = False  # serving without the store: say when it comes
+        self.readiness = Readiness(ready=not needs_connection)
 
     def startService(self) -> None:
         super().startService()
+        if not self.readiness.ready:
+            self._ready_timer = self._clock.callLater(self._ready_timeout, self._time_up)
         self._start()
 
     def _start(self) -> None:
         self._retry = None
-        self.store.start().addCallbacks(self._attempted, self._failed)
+        self.store.start().addCallbacks(self._connected, self._failed)
+
+    def _connected(self, result: object = None) -> None:
+        if self._late:
+            log.info("bucket store available")
+        self._attempted()
 
     def _attempted(self, result: object = None) -> None:
-        if not self.first_attempt.called:
-            self.first_attempt.callback(None)
+        self._cancel_ready_timer()
+        self.readiness.set()
+
+    def _time_up(self) -> None:
+        """The first attempt is taking too long (a database that accepts and never answers):
+        serve anyway, under ``on_store_error``, and let the attempt go on."""
+        self._ready_timer = None
+        self._late = True
+        log.warn("bucket store: no answer to its first connection attempt after {seconds}s; "
+                 "serving now, on_store_error applies until it connects",
+                 seconds=self._ready_timeout)
+        self.readiness.set()
+
+    def _cancel_ready_timer(self) -> None:
+        if self._ready_timer is not None and self._ready_timer.active():
+            self._ready_timer.cancel()
+        self._ready_timer = None
 
     def _failed(self, failure) -> None:
+        self._late = True
         self._attempted()
         if not self.running:
             return
@@ -406,6 +581,8 @@ class BucketService(Service):
 
     def stopService(self):
         super().stopService()
+        self._cancel_ready_timer()
+        self.readiness.set()  # bucket calls still waiting get their answer (503) now
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         return self.store.stop()

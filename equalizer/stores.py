@@ -233,6 +233,8 @@ def _client_id_problem(client_id: object) -> InvalidBucket | None:
         return InvalidBucket("client_id", "must be a non-empty string")
     if len(client_id) > MAX_CLIENT_ID_LENGTH:
         return InvalidBucket("client_id", f"must be at most {MAX_CLIENT_ID_LENGTH} characters")
+    if client_id in (".", ".."):
+        return InvalidBucket("client_id", "must not be '.' or '..' (no URL path can name it)")
     if _CONTROL.search(client_id):
         return InvalidBucket("client_id", "must not contain control characters "
                              "(such as NUL, TAB, CR, LF or DEL)")

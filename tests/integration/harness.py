@@ -494,6 +494,8 @@ async def start_equalizer(document: dict) -> RunningEqualizer:
     """Build and start an EqualizerService from a config document, on the global reactor."""
     service = EqualizerService(parse_config(document), global_reactor)
     service.startService()
+    # The proxy listens once the store's first connection attempt is over (SPEC 4.5).
+    await within(service.readiness.wait(), 15)
     ports = {}
     for child in service:
         if isinstance(child, StreamServerEndpointService):
@@ -556,8 +558,8 @@ class EqualizerProcess(ListeningEqualizer):
     def rss_kib(self) -> int:
         return vm_rss_kib(self.pid)
 
-    async def start(self, client: HTTPClient, timeout: float = 20.0) -> None:
-        """Start twistd and wait until the admin ``/health`` answers (any status)."""
+    def launch(self) -> None:
+        """Start twistd without waiting for anything."""
         env = dict(os.environ, PYTHONPATH=REPO)
         env.pop("EQUALIZER_DATABASE_URL", None)
         env.pop("EQUALIZER_ADMIN_TOKEN", None)
@@ -566,6 +568,10 @@ class EqualizerProcess(ListeningEqualizer):
             cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=self._output,
             stderr=subprocess.STDOUT,
         )
+
+    async def start(self, client: HTTPClient, timeout: float = 20.0) -> None:
+        """Start twistd and wait until the admin ``/health`` answers (any status)."""
+        self.launch()
 
         async def answers() -> bool:
             if self.process.poll() is not None:
