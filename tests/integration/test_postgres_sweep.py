@@ -130,6 +130,9 @@ async def test_one_instance_sweeps_at_a_time(store, postgres_dsn):
         await within(holder.runQuery("SELECT pg_advisory_lock(%s)", (_SWEEP_LOCK,)))
         assert await within(store.sweep(), 5) == 0
         assert len(await ids(postgres_dsn)) == 3
+        # Unlock in the session itself: a closed connection's locks go only once the
+        # server has noticed the close, which the next sweep could beat.
+        await within(holder.runQuery("SELECT pg_advisory_unlock(%s)", (_SWEEP_LOCK,)))
     finally:
         holder.close()
     assert await within(store.sweep()) == 3
