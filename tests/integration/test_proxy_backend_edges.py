@@ -237,28 +237,33 @@ async def test_running_out_of_file_descriptors_does_not_take_backends_out(
                 "path": "/_health"})
     process = await twistd_process(document, http)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    spare = 24
-    resource.prlimit(process.pid, resource.RLIMIT_NOFILE, (open_fds(process.pid) + spare, hard))
-    flood = []
+    limit = open_fds(process.pid) + 24
+    resource.prlimit(process.pid, resource.RLIMIT_NOFILE, (limit, hard))
+    clients = []
     try:
-        for _ in range(spare * 2):
-            try:
-                client = await raw_connect(process.proxy_port)
-            except Exception:
-                continue
-            client.send(b"GET /flood HTTP/1.1\r\nHost: h\r\n\r\n")
-            flood.append(client)
-        await wait_until(lambda: sum(b"proxy_overloaded" in c.received for c in flood) > 0,
+        # A few requests that reach the backend and stay there, holding descriptors...
+        for _ in range(3):
+            clients.append(await raw_connect(process.proxy_port))
+            clients[-1].send(b"GET /flood HTTP/1.1\r\nHost: h\r\n\r\n")
+        await wait_until(lambda: len(held) == 3, message="the held requests")
+        # ...then a flood of connections that takes every descriptor left...
+        flood = [await raw_connect(process.proxy_port) for _ in range(40)]
+        clients += flood
+        await wait_until(lambda: open_fds(process.pid) >= limit, message="descriptors to run out")
+        # ...so that what the flood asks for cannot be sent to the backend.
+        for client in flood:
+            if client.transport.connected:
+                client.send(b"GET /flood HTTP/1.1\r\nHost: h\r\n\r\n")
+        await wait_until(lambda: any(b"proxy_overloaded" in c.received for c in flood),
                          message="a 503 proxy_overloaded")
         overloaded = [c for c in flood if b"proxy_overloaded" in c.received]
         assert all(parse_response(bytes(c.received)).status == 503 for c in overloaded)
-        assert held, "no request reached the backend"
     finally:
         for request in held:
             if not request.finished and request.channel is not None:
                 request.write(b"done")
                 request.finish()
-        for client in flood:
+        for client in clients:
             client.transport.abortConnection()
     resource.prlimit(process.pid, resource.RLIMIT_NOFILE, (soft, hard))
     response = await within(http.get(process.proxy_url + "/after"))
