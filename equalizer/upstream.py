@@ -352,16 +352,20 @@ characters (so no CR or LF: nothing a client could read as another field). Check
 in one pass over the head, so the proxy can copy the fields to its client as they are."""
 
 
+_REASON = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+"""A reason phrase as RFC 9112 4 allows it: HTAB, SP, visible and obs-text bytes."""
+
+
 def parse_response_head(head: bytes) -> tuple[bytes, int, bytes, list[tuple[bytes, bytes]]]:
     """Split a response head into (version, status, reason, [(name, value), ...])."""
     lines = head.split(b"\r\n")
     parts = lines[0].split(b" ", 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or len(parts[1]) != 3 \
+            or not parts[1].isdigit() or (len(parts) == 3 and _REASON.fullmatch(parts[2]) is None):
+        # Three digits (int() would take "+20" or "2_0"); a reason without control
+        # characters, since it is copied to the client: a bare LF there splits a response.
         raise UpstreamError(f"bad status line {lines[0][:80]!r}")
-    try:
-        status = int(parts[1])
-    except ValueError:
-        raise UpstreamError(f"bad status line {lines[0][:80]!r}") from None
+    status = int(parts[1])
     if not 100 <= status <= 999:
         raise UpstreamError(f"bad status code {status}")
     headers = []

@@ -120,6 +120,20 @@ def test_101_is_not_informational():
     assert bytes(recorder.body) == b"hi"
 
 
+@pytest.mark.parametrize("status_line", [
+    b"HTTP/1.1 200 OK\nInjected: yes", b"HTTP/1.1 200 O\rK", b"HTTP/1.1 +20 OK",
+    b"HTTP/1.1 2_0 OK", b"HTTP/1.1 0200 OK", b"HTTP/1.1 20 OK", b"HTTP/1.1 200 \x00",
+], ids=["bare-lf", "bare-cr", "sign", "underscore", "four-digits", "two-digits", "nul"])
+def test_bad_status_lines_fail_the_exchange(status_line):
+    """A status line whose code is not three digits, or whose reason (copied to the client)
+    holds a control character, is refused before anything reaches the client."""
+    connection, recorder = connected()
+    connection.dataReceived(status_line + b"\r\nContent-Length: 0\r\n\r\n")
+    assert recorder.heads == [] and recorder.informational == []
+    [(failure, started)] = recorder.failures
+    assert failure.check(UpstreamError) and started is False
+
+
 # -- framing -------------------------------------------------------------------------------
 
 
