@@ -86,6 +86,26 @@ async def test_early_hints_reach_http_1_1_clients_only(scripted, equalizer):
 
 
 @pytest_twisted.ensureDeferred
+async def test_one_100_continue_for_a_client_that_expects_it(scripted, equalizer):
+    """A client sending ``Expect: 100-continue`` gets one 100 Continue (twisted.web's, before
+    its body), not a second one when the backend sends its own, then the final answer."""
+    backend = scripted(always(b"HTTP/1.1 100 Continue\r\n\r\n" + OK))
+    balancer = await equalizer(equalizer_config([backend.url]))
+    client = await raw_connect(balancer.proxy_port)
+    try:
+        client.send(b"PUT /x HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\n"
+                    b"Content-Length: 4\r\n\r\n")
+        await client.received_until(lambda data: b"100 Continue\r\n\r\n" in data)
+        client.send(b"body")
+        await client.received_until(lambda data: data.endswith(b"ok"))
+    finally:
+        client.transport.abortConnection()
+    received = bytes(client.received)
+    assert received.count(b"100 Continue") == 1 and received.count(b"HTTP/1.1 200 OK") == 1
+    assert backend.requests[0].endswith(b"\r\n\r\nbody")
+
+
+@pytest_twisted.ensureDeferred
 async def test_endless_1xx_is_a_502(scripted, equalizer):
     """A backend that sends 1xx after 1xx and never a final answer gets the client a 502
     after a bounded number of them."""
