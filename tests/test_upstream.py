@@ -1,5 +1,5 @@
 """Tests for equalizer.upstream: the backend connection's response parsing and its pool,
-driven through StringTransport (no sockets, except one socketpair for the peek).
+driven through StringTransport (no network: the sockets under the peek are never connected).
 
 A recording handler stands in for the proxy's exchange, so each test sees exactly
 what the connection reports: 1xx heads, the final head, body pieces, the end.
@@ -185,7 +185,8 @@ def test_gzip_chunked_body_is_dechunked_with_its_coding_reported():
 
 
 class FakeSocket(socket.socket):
-    """A real (unconnected) socket object whose ``recv`` says what the test wants."""
+    """A socket object, never connected (no traffic), whose ``recv`` says what the test
+    wants; the real peek on a real socket is in the integration tests."""
 
     def __init__(self, result: bytes | Exception) -> None:
         super().__init__(socket.AF_INET, socket.SOCK_STREAM)
@@ -223,20 +224,6 @@ def test_peer_closed_peeks_at_the_socket(result, closed):
         assert connection.peer_closed() is closed
     finally:
         sock.close()
-
-
-def test_peer_closed_sees_a_real_fin():
-    """On a real socket pair, the peek sees the other side's close before any read."""
-    ours, theirs = socket.socketpair()
-    try:
-        ours.setblocking(False)
-        connection = UpstreamConnection(make_pool(), Backend.from_url("b1", "http://h:1"))
-        connection.makeConnection(HandleTransport(ours))
-        assert connection.peer_closed() is False
-        theirs.close()
-        assert connection.peer_closed() is True
-    finally:
-        ours.close()
 
 
 def test_pool_drops_idle_connections_the_backend_closed():

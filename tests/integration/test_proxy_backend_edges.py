@@ -11,13 +11,17 @@ import gzip
 import json
 import os
 import resource
+import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 import pytest_twisted
+from twisted.internet.testing import StringTransport
 from twisted.web import server
 
+from equalizer.pool import Backend
+from equalizer.upstream import UpstreamConnection
 from tests.integration.harness import (
     ScriptedBackend,
     ScriptedConnection,
@@ -196,6 +200,31 @@ async def test_posts_to_a_backend_that_closes_after_each_answer_all_succeed(scri
     assert [request.split(b" ")[1] for request in backend.requests] == \
         [b"/p%d" % n for n in range(20)]
     assert balancer.backend(backend.url).failures == 0
+
+
+def test_peer_closed_sees_a_real_fin():
+    """On a real socket pair, the pool's peek sees the other side's close before any read."""
+    ours, theirs = socket.socketpair()
+    try:
+        ours.setblocking(False)
+        connection = UpstreamConnection(None, Backend.from_url("b1", "http://h:1"))
+        connection.makeConnection(SocketTransport(ours))
+        assert connection.peer_closed() is False
+        theirs.close()
+        assert connection.peer_closed() is True
+    finally:
+        ours.close()
+
+
+class SocketTransport(StringTransport):
+    """A StringTransport that hands out a real socket as its handle."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self.sock = sock
+
+    def getHandle(self) -> socket.socket:
+        return self.sock
 
 
 def close_on_reuse(connection: ScriptedConnection, request: bytes) -> None:
