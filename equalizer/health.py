@@ -28,6 +28,7 @@ from zope.interface import Interface, implementer
 
 from equalizer.config import HealthConfig
 from equalizer.pool import Backend, BackendPool
+from equalizer.upstream import is_local_resource_error
 
 log = Logger()
 
@@ -328,6 +329,11 @@ class HealthMonitor(Service):
         now = self._clock.seconds()
         status: int | None = None
         error: str | None = None
+        if isinstance(result, Failure) and is_local_resource_error(result):
+            # The proxy could not create a socket: says nothing about the backend.
+            log.debug("health check of {backend_id} not made: {error}",
+                      backend_id=backend.id, error=describe(result))
+            return
         if isinstance(result, Failure):
             error = describe(result)
             if result.check(TimeoutError):

@@ -755,11 +755,12 @@ class LoggingService(Service):
 
 ACCESS_FORMAT = (
     '{client} "{method} {path}" {status} {bytes} {duration_ms}ms'
-    " backend={backend} request_id={request_id} rate_limit={rate_limit}"
+    ' upstream_addr="{upstream_addr}" backend={backend} request_id={request_id}'
+    " rate_limit={rate_limit}"
 )
 _ACCESS_TEXT = (
     '%s [info] [equalizer.access] %s "%s %s" %d %d %sms'
-    " backend=%s request_id=%s rate_limit=%s\n"
+    ' upstream_addr="%s" backend=%s request_id=%s rate_limit=%s\n'
 )
 
 
@@ -784,12 +785,16 @@ class AccessLog:
         self._service = service
 
     def log(self, client: str, method: str, path: str, status: int, size: int,
-            duration_ms: float, backend: str, request_id: str, rate_limit: str) -> None:
+            duration_ms: float, backend: str, request_id: str, rate_limit: str,
+            upstream_addr: str = "-") -> None:
+        """``upstream_addr``: the ``host:port`` of every backend tried, as nginx's
+        ``$upstream_addr`` (``a:1, b:2``; ``-`` for none); ``backend``: their ids."""
         service = self._service
         if service is None:
             self._logger.info(ACCESS_FORMAT, client=client, method=method, path=path,
                               status=status, bytes=size, duration_ms=duration_ms,
-                              backend=backend, request_id=request_id, rate_limit=rate_limit)
+                              upstream_addr=upstream_addr, backend=backend,
+                              request_id=request_id, rate_limit=rate_limit)
             return
         now = time.time()
         if service.config.format == "json":
@@ -797,15 +802,15 @@ class AccessLog:
                 "time": self._timestamp(now), "level": "info", "namespace": ACCESS_NAMESPACE,
                 "message": ACCESS_FORMAT.format(
                     client=client, method=method, path=path, status=status, bytes=size,
-                    duration_ms=duration_ms, backend=backend, request_id=request_id,
-                    rate_limit=rate_limit),
+                    duration_ms=duration_ms, upstream_addr=upstream_addr, backend=backend,
+                    request_id=request_id, rate_limit=rate_limit),
                 "client": client, "method": method, "path": path, "status": status,
-                "bytes": size, "duration_ms": duration_ms, "backend": backend,
-                "request_id": request_id, "rate_limit": rate_limit,
+                "bytes": size, "duration_ms": duration_ms, "upstream_addr": upstream_addr,
+                "backend": backend, "request_id": request_id, "rate_limit": rate_limit,
             }) + "\n"
         else:
             line = _ACCESS_TEXT % (self._timestamp(now), client, method, path, status, size,
-                                   duration_ms, backend, request_id, rate_limit)
+                                   duration_ms, upstream_addr, backend, request_id, rate_limit)
         service.writer.write(line)
 
     def _timestamp(self, now: float) -> str:

@@ -41,6 +41,7 @@ class Backend:
     port: int
     prefix: bytes
     host_header: bytes
+    address: str = ""
     enabled: bool = True
     draining: bool = False
     healthy: bool = True
@@ -68,6 +69,7 @@ class Backend:
             port=port,
             prefix=prefix,
             host_header=parts.netloc.rsplit("@", 1)[-1].encode("ascii"),
+            address=_address(parts.hostname or "", port),
         )
 
     @property
@@ -83,6 +85,12 @@ class Backend:
             "p50": round(_percentile(ordered, 0.50) * 1000, 3),
             "p99": round(_percentile(ordered, 0.99) * 1000, 3),
         }
+
+
+def _address(host: str, port: int) -> str:
+    """``host:port`` as the access log names a backend (nginx's ``$upstream_addr``);
+    an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _percentile(ordered: list[float], share: float) -> float:

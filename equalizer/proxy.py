@@ -28,7 +28,7 @@ from zope.interface import implementer
 
 from equalizer.config import ProxyConfig
 from equalizer.logs import AccessLog
-from equalizer.upstream import UpstreamError
+from equalizer.upstream import UpstreamError, is_local_resource_error
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -57,6 +57,18 @@ default, 64 KiB, pauses and resumes the backend several times for every 100 KiB
 response; each costs epoll calls). Bounds memory per client connection."""
 
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"})
+
+RESEND_BODY_BYTES = 64 * 1024
+"""Request body bytes kept, per request sent on a reused backend connection, until the
+first response byte, so that an idempotent request can go again on a fresh connection
+if the backend had closed the reused one; a longer body is not kept (nor resent)."""
+
+INFORMATIONAL_DROPPED = HOP_BY_HOP | {b"content-length"}
+"""Fields of a backend's 1xx that do not go on: they describe its connection, or a body
+a 1xx never has (RFC 9110 8.6)."""
+
+RESOURCE_WARNING_SECONDS = 10.0
+"""At most one warning this often while the proxy cannot open sockets (EMFILE)."""
 
 JSON_HEADERS = ((b"Content-Type", b"application/json"), (b"Cache-Control", b"no-store"))
 
@@ -129,6 +141,7 @@ class Exchange:
 
     __slots__ = (
         "proxy", "request", "client", "method", "request_id", "started", "backend", "tried",
+        "resend_chunks", "resend_bytes", "fresh_only",
         "connection", "pending", "body_chunks", "body_sent", "body_ended", "throttle", "timer",
         "progress", "bytes_sent", "status", "finished", "headers_block", "host", "chunked_body",
         "body_follows", "head_request", "rate_limit", "decision", "last_failure",
@@ -158,6 +171,9 @@ class Exchange:
         self.decision = None
         self.last_failure: Failure | None = None
         self.several_hosts = False
+        self.resend_chunks: list[bytes] | None = None
+        self.resend_bytes = 0
+        self.fresh_only = False
         length = request.body_length
         self.chunked_body = length is None
         self.body_follows = length != 0
@@ -255,7 +271,7 @@ class Exchange:
         self.backend = backend
         self.tried.append(backend)
         backend.in_flight += 1
-        connection = proxy.upstreams.get_idle(backend)
+        connection = None if self.fresh_only else proxy.upstreams.get_idle(backend)
         if connection is not None:
             self._send(connection)
             return
@@ -278,12 +294,25 @@ class Exchange:
             return  # cancelled by client_lost, which has left the backend already
         backend = self.backend
         self._leave_backend()
+        if is_local_resource_error(reason):
+            self._out_of_resources(backend, reason)
+            return
         self.last_failure = reason
         # Counted in backend.failures by the health monitor, with the passive check.
         self.proxy.passive.record_connect_failure(backend, reason.getErrorMessage())
         log.debug("connect to {url} failed: {error}", url=backend.url,
                   error=reason.getErrorMessage())
         self._retry_or_fail()
+
+    def _out_of_resources(self, backend: Backend, reason: Failure) -> None:
+        """The proxy could not even create a socket (EMFILE and the like): its own shortage,
+        not the backend's failure, and no other backend would fare better. 503 with
+        Retry-After, no attempt recorded, and a warning at most every few seconds."""
+        self.tried.remove(backend)
+        self.proxy.resource_warning.report(reason.getErrorMessage())
+        self.respond_locally(503, "proxy_overloaded",
+                             "the proxy is out of connections (file descriptors); retry shortly",
+                             ((b"Retry-After", b"1"),))
 
     def _retry_or_fail(self) -> None:
         if len(self.tried) <= self.proxy.config.retries:
@@ -311,12 +340,16 @@ class Exchange:
                              head_request=self.head_request, chunked_body=self.chunked_body,
                              body_follows=self.body_follows)
         if self.body_follows:
+            if connection.reused and self.method in IDEMPOTENT_METHODS:
+                self.resend_chunks, self.resend_bytes = [], 0
             self.throttle = _UploadThrottle(self.request.channel.transport)
             connection.transport.registerProducer(self.throttle, True)
             if self.body_chunks:
                 self.body_sent = True
                 for chunk in self.body_chunks:
                     connection.send_body(chunk)
+                    if self.resend_chunks is not None:
+                        self._keep_for_resend(chunk)
                 self.body_chunks = None
             self._resume_client()
             if self.body_ended:
@@ -333,6 +366,8 @@ class Exchange:
         if connection is not None:
             self.body_sent = True
             connection.send_body(data)
+            if self.resend_chunks is not None:
+                self._keep_for_resend(data)
             if self.throttle is not None and self.throttle.paused:
                 self.request.channel.transport.pauseProducing()
         else:
@@ -340,6 +375,15 @@ class Exchange:
                 self.body_chunks = []
             self.body_chunks.append(data)
             self._pause_client()
+
+    def _keep_for_resend(self, data: bytes) -> None:
+        """Keep a body chunk sent on a reused connection until the response begins, up to
+        ``RESEND_BODY_BYTES``; past it the request can no longer be sent again."""
+        self.resend_bytes += len(data)
+        if self.resend_bytes > RESEND_BODY_BYTES:
+            self.resend_chunks = None
+        else:
+            self.resend_chunks.append(data)
 
     def body_end(self) -> None:
         self.body_ended = True
@@ -367,20 +411,58 @@ class Exchange:
 
     # -- response (ResponseHandler) ----------------------------------------------------
 
+    def response_informational(self, status: int, reason: bytes,
+                               headers: list[tuple[bytes, bytes]]) -> None:
+        """Relay a backend's 1xx (not 101) ahead of its final response.
+
+        RFC 9110 15.2: a proxy MUST forward 1xx responses, but never to an HTTP/1.0
+        client. A 100 Continue is not repeated when twisted.web already sent its own
+        for the client's ``Expect: 100-continue``.
+        """
+        self.resend_chunks = None
+        request = self.request
+        if self.finished or request.channel is None or request.clientproto != b"HTTP/1.1" \
+                or request.startedWriting:
+            return
+        if status == 100 and _expects_continue(request):
+            return
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+        lines += [b"%s: %s\r\n" % (name, value) for name, value in headers
+                  if name.lower() not in INFORMATIONAL_DROPPED]
+        lines.append(b"\r\n")
+        request.channel.transport.write(b"".join(lines))
+
     def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
-                      chunked: bool) -> None:
+                      chunked: bool, codings: bytes) -> None:
         self.status = status
+        self.resend_chunks = None
         if status == 101:
             self._start_tunnel(reason, headers)
             return
-        self._arm(self.proxy.config.timeouts.idle)
         request = self.request
+        if codings and request.clientproto != b"HTTP/1.1" and not self.head_request \
+                and status not in http.NO_BODY_CODES:
+            self._refuse_codings()
+            return
+        self._arm(self.proxy.config.timeouts.idle)
         request.setResponseCode(status, reason)
-        self._write_head(status, reason, headers, chunked)
+        self._write_head(status, reason, headers, chunked, codings)
         request.registerProducer(self.connection, True)
 
+    def _refuse_codings(self) -> None:
+        """502 for a body in a transfer coding (``gzip``) an HTTP/1.0 client cannot be sent:
+        RFC 9112 6.1 forbids Transfer-Encoding towards it, and passing the bytes as the
+        content would corrupt it. The backend did nothing wrong: not counted against it."""
+        self._disarm()
+        connection = self.connection
+        self.connection = None
+        connection.abort()
+        self._leave_backend()
+        self.respond_locally(502, "bad_gateway", "the backend's response uses a transfer "
+                             "coding that cannot be sent to an HTTP/1.0 client")
+
     def _write_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
-                    chunked: bool) -> None:
+                    chunked: bool, codings: bytes = b"") -> None:
         """Send the response head to the client, as twisted.web's first ``write`` would.
 
         Written here rather than through ``request.responseHeaders``: the backend's
@@ -390,7 +472,9 @@ class Exchange:
         proxied request. What twisted.web decides on the first write is decided the
         same way: ``Transfer-Encoding: chunked`` to an HTTP/1.1 client when the
         length is unknown, and fields already set on the request (``Connection:
-        close``) go out too.
+        close``) go out too. Transfer codings other than chunked (``codings``) stay
+        in that field, ahead of chunked; a 204 never carries Content-Length (RFC
+        9110 8.6).
         """
         request = self.request
         own = self.proxy.response_lines(self)
@@ -405,7 +489,7 @@ class Exchange:
                     named = {t.strip().lower() for t in value.split(b",")}
                 continue
             if lowered == b"content-length":
-                if chunked:
+                if chunked or codings or status == 204:
                     continue
                 length_known = True
             elif lowered == b"x-request-id":
@@ -423,7 +507,7 @@ class Exchange:
         version = request.clientproto
         if (version == b"HTTP/1.1" and not length_known and request.method != b"HEAD"
                 and status not in http.NO_BODY_CODES):
-            fields.append((b"Transfer-Encoding", b"chunked"))
+            fields.append((b"Transfer-Encoding", codings + b", chunked" if codings else b"chunked"))
             request.chunked = 1
         lines = [b"%s %d %s" % (version, status, reason)]
         lines += [b"%s: %s" % field for field in fields]
@@ -491,25 +575,41 @@ class Exchange:
         self._leave_backend()
         if self.finished:
             return
-        backend.failures += 1
         self.last_failure = reason
         if response_started:
+            backend.failures += 1
             log.warn("backend {url} broke off its response: {error}", url=backend.url,
                      error=reason.getErrorMessage())
             self.request.unregisterProducer()
             self._abort_client()
             return
-        if connection is not None and connection.reused and not self.body_sent \
-                and self.method in IDEMPOTENT_METHODS:
-            # A kept-alive connection the backend had closed: try once more, afresh.
-            self.tried.remove(backend)
-            backend.failures -= 1
-            self.dispatch()
+        if connection is not None and self._resend_afresh(connection, backend):
             return
+        backend.failures += 1
         if self.method in IDEMPOTENT_METHODS and not self.body_sent:
             self._retry_or_fail()
         else:
             self._gateway_failure()
+
+    def _resend_afresh(self, connection: UpstreamConnection, backend: Backend) -> bool:
+        """Send the request again on a fresh connection if its reused one died before any
+        response byte: most likely the backend closed it as the request went out (the
+        keep-alive race; connections it had closed before are never used, see
+        ``UpstreamPool.get_idle``). Only for idempotent methods (RFC 9112 9.3.1.1: the
+        backend may have read it), with the body kept for it; not a backend failure."""
+        if not connection.reused or connection.received_any or self.fresh_only \
+                or self.method not in IDEMPOTENT_METHODS:
+            return False
+        kept = self.resend_chunks
+        if self.body_sent and kept is None:
+            return False  # the body outgrew RESEND_BODY_BYTES: it cannot go again
+        self.resend_chunks = None
+        self.body_chunks = kept or None
+        self.body_sent = False
+        self.fresh_only = True
+        self.tried.remove(backend)
+        self.dispatch()
+        return True
 
     # -- timeouts ----------------------------------------------------------------------
 
@@ -558,7 +658,7 @@ class Exchange:
             return
         if self.finished or request.startedWriting or request.channel is None:
             return
-        if status >= 500 and status != 503 or code == "no_healthy_backend":
+        if status >= 500 and status != 503 or code in ("no_healthy_backend", "proxy_overloaded"):
             self.proxy.stats.errors += 1
         self.status = status
         body = error_body(code, message)
@@ -715,6 +815,7 @@ class Proxy:
         self.admit: Callable[[Exchange], None] = Exchange.dispatch
         self.response_lines: Callable[[Exchange], bytes] = no_lines
         self.owned_fields: frozenset[bytes] = frozenset()
+        self.resource_warning = ThrottledWarning(clock, RESOURCE_WARNING_SECONDS)
 
     def backend_released(self, backend: Backend) -> None:
         """A backend has one request fewer in flight; a draining one may be done."""
@@ -742,19 +843,52 @@ class Proxy:
         self.stats.record(status, backend, seconds)
         if self.log_access:
             request = exchange.request
+            addresses, ids = upstreams_tried(exchange.tried)
             self.access_log.log(
                 exchange.client, request.method.decode("latin-1"),
                 request.uri.decode("latin-1"), status, exchange.bytes_sent,
-                round(seconds * 1000, 3), _backends_tried(exchange, backend),
-                exchange.request_id.decode("latin-1"), exchange.rate_limit)
+                round(seconds * 1000, 3), ids,
+                exchange.request_id.decode("latin-1"), exchange.rate_limit, addresses)
 
 
-def _backends_tried(exchange: Exchange, backend: Backend | None) -> str:
-    """The access log's backend: the one that answered, else every one tried (as nginx's
-    ``$upstream_addr`` lists them), else ``-``."""
-    if backend is not None:
-        return backend.id
-    return ",".join(tried.id for tried in exchange.tried) or "-"
+def upstreams_tried(tried: list[Backend]) -> tuple[str, str]:
+    """The access log's backends, as nginx's ``$upstream_addr``: every backend the request
+    went to, in order, by ``host:port`` (``a:1, b:2``, the last one answered if any did),
+    and their ids the same way; ``-`` when the proxy answered without one (429, 503)."""
+    if not tried:
+        return "-", "-"
+    if len(tried) == 1:
+        return tried[0].address, tried[0].id
+    return ", ".join(b.address for b in tried), ",".join(b.id for b in tried)
+
+
+def _expects_continue(request: http.Request) -> bool:
+    """Whether twisted.web answered this request's ``Expect: 100-continue`` itself (it does
+    for every HTTP/1.1 request that asks, as soon as the head is read)."""
+    expect = request.requestHeaders.getRawHeaders(b"expect")
+    return bool(expect) and expect[0].lower() == b"100-continue"
+
+
+class ThrottledWarning:
+    """A warning logged at most once per ``interval`` seconds, with how many were held back:
+    a flood of one local error (EMFILE on every request) must not flood the log too."""
+
+    def __init__(self, clock: IReactorTime, interval: float) -> None:
+        self._clock = clock
+        self._interval = interval
+        self._next = 0.0
+        self.held_back = 0
+
+    def report(self, error: str) -> None:
+        now = self._clock.seconds()
+        if now < self._next:
+            self.held_back += 1
+            return
+        log.warn("the proxy cannot open connections to backends: {error}"
+                 " ({held_back} more since the last warning); backends are not blamed",
+                 error=error, held_back=self.held_back)
+        self.held_back = 0
+        self._next = now + self._interval
 
 
 def no_lines(exchange: Exchange) -> bytes:

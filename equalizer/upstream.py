@@ -11,8 +11,10 @@ alive between requests.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import re
+import socket
 from typing import TYPE_CHECKING, Protocol
 
 from twisted.application.service import Service
@@ -23,6 +25,7 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
+from twisted.internet.error import ConnectError
 from twisted.internet.protocol import ClientFactory, connectionDone
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.internet.ssl import optionsForClientTLS
@@ -39,6 +42,16 @@ MAX_RESPONSE_HEAD = 65536
 
 NO_BODY_STATUSES = frozenset({204, 304})
 
+MAX_INFORMATIONAL = 32
+"""1xx responses a backend may send before its final one; more is a broken (or hostile)
+backend looping to keep the exchange alive, and the exchange fails (502)."""
+
+LOCAL_RESOURCE_ERRNOS = frozenset({
+    errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL,
+})
+"""Connect errors that are the proxy's own shortage (descriptors, buffers, memory, local
+ports), not anything the backend did."""
+
 
 class UpstreamError(Exception):
     """The backend broke HTTP: a response we cannot parse or relay."""
@@ -47,8 +60,11 @@ class UpstreamError(Exception):
 class ResponseHandler(Protocol):
     """What an exchange hears from its backend connection."""
 
+    def response_informational(self, status: int, reason: bytes,
+                               headers: list[tuple[bytes, bytes]]) -> None: ...
+
     def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
-                      chunked: bool) -> None: ...
+                      chunked: bool, codings: bytes) -> None: ...
 
     def response_body(self, data: bytes) -> None: ...
 
@@ -81,7 +97,13 @@ class UpstreamConnection(TwistedProtocol):
         self._response_started = False
         self._keep_alive = True
         self._head_request = False
+        self._informational = 0
+        self.received_any = False
         self.connected_lost = False
+        self._socket: socket.socket | None = None
+
+    def connectionMade(self) -> None:
+        self._socket = _socket_of(self.transport)  # once: peer_closed runs on every reuse
 
     # -- sending ---------------------------------------------------------------
 
@@ -92,6 +114,8 @@ class UpstreamConnection(TwistedProtocol):
         self._buffer = b""
         self._receive = self._head
         self._response_started = False
+        self._informational = 0
+        self.received_any = False
         self._keep_alive = True
         self._head_request = head_request
         self._chunked_request = chunked_body
@@ -123,6 +147,7 @@ class UpstreamConnection(TwistedProtocol):
         self.transport.loseConnection()
 
     def _head(self, data: bytes) -> None:
+        self.received_any = True
         buffer = self._buffer + data if self._buffer else data
         end = buffer.find(b"\r\n\r\n")
         if end < 0:
@@ -134,15 +159,14 @@ class UpstreamConnection(TwistedProtocol):
         rest = buffer[end + 4:]
         version, status, reason, headers = parse_response_head(buffer[:end])
         if 100 <= status < 200 and status != 101:
-            if rest:
-                self._head(rest)
+            self._informational_head(status, reason, headers, rest)
             return
-        chunked, length, keep_alive = response_framing(version, headers)
+        chunked, length, keep_alive, codings = response_framing(version, headers)
         self._response_started = True  # only now: a head we refuse is a 502, not a cut
         self._keep_alive = keep_alive
         if self._head_request or status in NO_BODY_STATUSES:
             length, chunked = 0, False
-        self.handler.response_head(status, reason, headers, chunked)
+        self.handler.response_head(status, reason, headers, chunked, codings)
         if self.handler is None:
             return
         if status == 101:
@@ -165,6 +189,17 @@ class UpstreamConnection(TwistedProtocol):
             self._receive = self._body_until_close
         if rest:
             self._receive(rest)
+
+    def _informational_head(self, status: int, reason: bytes,
+                            headers: list[tuple[bytes, bytes]], rest: bytes) -> None:
+        """A 1xx (not 101) goes to the exchange and the final head is still due; such a
+        head has no body whatever its fields say (RFC 9112 6.3). Bounded in number."""
+        self._informational += 1
+        if self._informational > MAX_INFORMATIONAL:
+            raise UpstreamError(f"more than {MAX_INFORMATIONAL} 1xx responses")
+        self.handler.response_informational(status, reason, headers)
+        if rest and self.handler is not None:
+            self._head(rest)
 
     def _body_length(self, data: bytes) -> None:
         remaining = self._remaining
@@ -258,6 +293,27 @@ class UpstreamConnection(TwistedProtocol):
         else:
             self._fail(reason)
 
+    def peer_closed(self) -> bool:
+        """Whether the backend closed this idle connection (or wrote to it unasked) in a way
+        the reactor has not processed yet: one non-blocking peek at the socket.
+
+        A backend that answers and closes without ``Connection: close`` leaves its FIN in
+        the kernel while the reactor may already hand the connection to the next request;
+        writing there would send a request nobody reads. True is proof that nothing of
+        the next request can have reached the backend on this connection. Costs one
+        system call per reuse (about 1 µs; 2% of a request's user-space instructions).
+        """
+        sock = self._socket
+        if sock is None:
+            return self.connected_lost
+        try:
+            sock.recv(1, socket.MSG_PEEK)  # data unasked or b"" (the FIN): unusable either way
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+        return True
+
     def abort(self) -> None:
         """Drop the connection and its exchange without telling the exchange."""
         self.handler = None
@@ -276,6 +332,24 @@ class UpstreamConnection(TwistedProtocol):
         self.abort()
 
 
+def _socket_of(transport: object) -> socket.socket | None:
+    """The TCP socket under a transport (under TLS too), or None (a test's transport)."""
+    for candidate in (transport, getattr(transport, "transport", None)):
+        handle = getattr(candidate, "getHandle", None)
+        if handle is not None:
+            sock = handle()
+            if isinstance(sock, socket.socket):
+                return sock
+    return None
+
+
+def is_local_resource_error(reason: Failure) -> bool:
+    """Whether a failed connect is the proxy's own shortage (EMFILE: no socket could even be
+    created), which says nothing about the backend and must not count against it."""
+    return reason.check(ConnectError) is not None and \
+        getattr(reason.value, "osError", None) in LOCAL_RESOURCE_ERRNOS
+
+
 _FIELD_LINE = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*"
 _FIELD_LINES = re.compile(_FIELD_LINE + rb"(?:\r\n" + _FIELD_LINE + rb")*")
 """Header lines as RFC 9110 allows them: a token, a colon, a value without control
@@ -283,16 +357,20 @@ characters (so no CR or LF: nothing a client could read as another field). Check
 in one pass over the head, so the proxy can copy the fields to its client as they are."""
 
 
+_REASON = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+"""A reason phrase as RFC 9112 4 allows it: HTAB, SP, visible and obs-text bytes."""
+
+
 def parse_response_head(head: bytes) -> tuple[bytes, int, bytes, list[tuple[bytes, bytes]]]:
     """Split a response head into (version, status, reason, [(name, value), ...])."""
     lines = head.split(b"\r\n")
     parts = lines[0].split(b" ", 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or len(parts[1]) != 3 \
+            or not parts[1].isdigit() or (len(parts) == 3 and _REASON.fullmatch(parts[2]) is None):
+        # Three digits (int() would take "+20" or "2_0"); a reason without control
+        # characters, since it is copied to the client: a bare LF there splits a response.
         raise UpstreamError(f"bad status line {lines[0][:80]!r}")
-    try:
-        status = int(parts[1])
-    except ValueError:
-        raise UpstreamError(f"bad status line {lines[0][:80]!r}") from None
+    status = int(parts[1])
     if not 100 <= status <= 999:
         raise UpstreamError(f"bad status code {status}")
     headers = []
@@ -307,11 +385,18 @@ def parse_response_head(head: bytes) -> tuple[bytes, int, bytes, list[tuple[byte
 
 
 def response_framing(version: bytes, headers: list[tuple[bytes, bytes]]
-                     ) -> tuple[bool, int | None, bool]:
-    """(chunked, content length or None, keep-alive) from a response's headers."""
-    chunked = False
+                     ) -> tuple[bool, int | None, bool, bytes]:
+    """(chunked, content length or None, keep-alive, transfer codings other than chunked)
+    from a response's headers.
+
+    Transfer-Encoding overrides Content-Length (RFC 9112 6.3); a response carrying both
+    may be a smuggling attempt, so its connection is not reused. Codings before the
+    final ``chunked`` (``gzip, chunked``) are returned, as sent, for the exchange to
+    keep: dropping them would hand the client gzip bytes as if they were the content.
+    """
     length = None
     keep_alive = version == b"HTTP/1.1"
+    transfer_codings = None
     for name, value in headers:
         lowered = name.lower()
         if lowered == b"content-length":
@@ -319,18 +404,32 @@ def response_framing(version: bytes, headers: list[tuple[bytes, bytes]]
                 raise UpstreamError("bad Content-Length")
             length = int(value)
         elif lowered == b"transfer-encoding":
-            chunked = value.lower().rsplit(b",", 1)[-1].strip() == b"chunked"
-            if not chunked:
-                keep_alive = False
+            if transfer_codings is None:
+                transfer_codings = []
+            transfer_codings += [c.strip() for c in value.split(b",") if c.strip()]
         elif lowered == b"connection":
             tokens = value.lower()
             if b"close" in tokens:
                 keep_alive = False
             elif b"keep-alive" in tokens:
                 keep_alive = True
-    if chunked:
-        length = None
-    return chunked, length, keep_alive
+    if transfer_codings is None:
+        return False, length, keep_alive, b""
+    return _transfer_framing(transfer_codings, length, keep_alive)
+
+
+def _transfer_framing(codings: list[bytes], length: int | None, keep_alive: bool
+                      ) -> tuple[bool, int | None, bool, bytes]:
+    """The framing of a response with Transfer-Encoding: chunked if it is the final coding
+    (applied once only, RFC 9112 7), else the body runs until the connection closes."""
+    names = [coding.split(b";", 1)[0].strip().lower() for coding in codings]
+    if b"chunked" in names[:-1]:
+        raise UpstreamError("chunked is not the final transfer coding")
+    chunked = bool(names) and names[-1] == b"chunked"
+    others = b", ".join(codings[:-1] if chunked else codings)
+    if length is not None or not chunked:
+        keep_alive = False
+    return chunked, None, keep_alive, others
 
 
 class _ConnectionFactory(ClientFactory):
@@ -365,6 +464,7 @@ class UpstreamPool(Service):
         self._sweeper = LoopingCall(self._sweep)
         self._sweeper.clock = clock
         self.connections_made = 0
+        self.stale_dropped = 0
 
     def configure(self, *, connect_timeout: float, idle_timeout: float) -> None:
         """New timeouts (reload): endpoints are rebuilt with the new connect timeout."""
@@ -388,9 +488,18 @@ class UpstreamPool(Service):
         self._idle.clear()
 
     def get_idle(self, backend: Backend) -> UpstreamConnection | None:
+        """The most recently used idle connection the backend has not closed, if any.
+
+        Connections the backend closed (or wrote to unasked) are dropped here, before
+        a request goes out on them: see ``UpstreamConnection.peer_closed``.
+        """
         connections = self._idle.get(backend)
-        if connections:
+        while connections:
             connection = connections.pop()
+            if connection.peer_closed():
+                self.stale_dropped += 1
+                connection.transport.abortConnection()
+                continue
             connection.reused = True
             return connection
         return None

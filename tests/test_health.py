@@ -7,11 +7,13 @@ hang, fail or time out at a chosen moment.
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 import pytest_twisted
 from attrs import define, field
 from twisted.internet.defer import Deferred, TimeoutError, succeed
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectBindError, ConnectionRefusedError
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
@@ -270,6 +272,21 @@ def test_connection_error_is_a_failure() -> None:
     h.checker.answer(h.b1, ConnectionRefusedError())
     assert h.b1.last_check["ok"] is False
     assert h.b1.last_check["error"].startswith("ConnectionRefusedError")
+
+
+def test_proxy_out_of_descriptors_is_not_a_failed_check() -> None:
+    """A check that could not even create its socket (EMFILE: the proxy's own shortage) counts
+    neither as a failure nor as a success, however often it happens."""
+    h = make()
+    h.round(200)
+    before = dict(h.b1.last_check)
+    for _ in range(5):
+        h.round(ConnectBindError(errno.EMFILE, "Too many open files"))
+    assert h.b1.healthy and h.b1.health_checks == {"ok": 1, "failed": 0}
+    assert h.b1.last_check == before
+    for _ in range(3):
+        h.round(500)
+    assert not h.b1.healthy  # real failures still count
 
 
 def test_describe_unwraps_reasons() -> None:

@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 
 from equalizer.config import LoggingConfig, RotateConfig
 from equalizer.logs import (
+    AccessLog,
     LogFileError,
     LoggingService,
     QueuedWriter,
@@ -239,6 +240,49 @@ def test_access_event_line_carries_request_fields(tmp_path: Path) -> None:
         "rate_limit": "allowed"}
     assert record["message"] == ('10.0.0.7 "GET /items?x=1" 200 512 12.5ms backend=b1'
                                  " request_id=req-42 rate_limit=allowed")
+
+
+ACCESS_FIELDS = dict(client="10.0.0.7", method="POST", path="/a", status=502, size=0,
+                     duration_ms=3.25, backend="b1,b2", request_id="r1",
+                     rate_limit="allowed", upstream_addr="127.0.0.1:9001, [::1]:9002")
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_access_line_names_every_upstream_address(tmp_path: Path, fmt: str) -> None:
+    """An access line names every backend tried by host:port, in order and as nginx's
+    $upstream_addr prints them, then their ids; the fast path writes exactly what the
+    twisted.logger path would."""
+    service = LoggingService(file_config(tmp_path / "eq.log", format=fmt), FakeReactor())
+    fast = AccessLog()
+    fast.attach(service)
+    fast.log(**ACCESS_FIELDS)
+    slow = AccessLog()
+    slow._logger = Logger(namespace="equalizer.access", observer=service.observer)
+    slow.log(**ACCESS_FIELDS)
+    service.close()
+    fast_line, slow_line = lines_of(tmp_path / "eq.log")
+    if fmt == "text":
+        assert fast_line.split(" ", 1)[1] == slow_line.split(" ", 1)[1]
+        assert fast_line.endswith(' 3.25ms upstream_addr="127.0.0.1:9001, [::1]:9002"'
+                                  " backend=b1,b2 request_id=r1 rate_limit=allowed")
+    else:
+        fast_record, slow_record = json.loads(fast_line), json.loads(slow_line)
+        del fast_record["time"], slow_record["time"]
+        assert fast_record == slow_record
+        assert fast_record["upstream_addr"] == "127.0.0.1:9001, [::1]:9002"
+        assert fast_record["backend"] == "b1,b2"
+
+
+def test_access_line_without_backend_is_dash(tmp_path: Path) -> None:
+    """A request answered by the proxy itself (a 429) logs ``-`` for address and id."""
+    service = LoggingService(file_config(tmp_path / "eq.log"), FakeReactor())
+    access = AccessLog()
+    access.attach(service)
+    access.log("10.0.0.7", "GET", "/", 429, 80, 0.5, "-", "r2", "limited", "-")
+    service.close()
+    [line] = lines_of(tmp_path / "eq.log")
+    assert line.endswith(' 429 80 0.5ms upstream_addr="-" backend=- request_id=r2'
+                         " rate_limit=limited")
 
 
 def test_stdout_without_file() -> None:

@@ -14,6 +14,7 @@ drives, so each test is an ``async def`` that awaits network events:
   memory (``VmRSS``) can be read on its own.
 * `RawClient` / `raw_request`: byte-level HTTP for malformed requests and for
   controlling exactly when a client sends or disconnects.
+* `ScriptedBackend`: a raw backend whose script writes exact response bytes.
 
 Every wait is bounded: `wait_until` polls with a deadline and `within` puts a
 timeout on a Deferred, so a broken proxy fails a test instead of hanging it.
@@ -408,6 +409,94 @@ class UnresponsiveListener:
     def close(self) -> None:
         for sock in [*self._fillers, self._server]:
             sock.close()
+
+
+Script = Callable[["ScriptedConnection", bytes], None]
+
+
+class ScriptedConnection(Protocol):
+    """One connection to a `ScriptedBackend`: splits what arrives into requests (a head,
+    then a Content-Length or chunked body) and hands each, as raw bytes, to the script."""
+
+    def __init__(self, backend: ScriptedBackend) -> None:
+        self.backend = backend
+        self.buffer = b""
+        self.requests = 0  # answered on this connection so far
+
+    def connectionMade(self) -> None:
+        self.backend.connections_made += 1
+        self.backend.open_connections.add(self)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.backend.open_connections.discard(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            end = _request_end(self.buffer)
+            if end is None:
+                return
+            request, self.buffer = self.buffer[:end], self.buffer[end:]
+            self.backend.requests.append(request)
+            self.backend.script(self, request)
+            self.requests += 1
+            if not self.transport.connected or self.transport.disconnecting:
+                return
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def close(self) -> None:
+        self.transport.loseConnection()
+
+
+def _request_end(buffer: bytes) -> int | None:
+    """Where the first complete request in ``buffer`` ends, if it is all there."""
+    head_end = buffer.find(b"\r\n\r\n")
+    if head_end < 0:
+        return None
+    body_start = head_end + 4
+    head = buffer[:head_end].lower()
+    if b"\r\ntransfer-encoding:" in head:
+        end = buffer.find(b"\r\n0\r\n\r\n", body_start - 2)
+        return None if end < 0 else end + 7
+    for line in head.split(b"\r\n"):
+        if line.startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+            return body_start + length if len(buffer) >= body_start + length else None
+    return body_start
+
+
+class ScriptedBackend:
+    """A raw loopback backend that writes exact bytes, for the bugs that live on the
+    backend's side of the wire: ``script(connection, request)`` is called for every
+    complete request and answers with ``connection.write`` (anything at all: 1xx,
+    odd framing, a close without a word). Health checks are scripted like the rest."""
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.requests: list[bytes] = []
+        self.connections_made = 0
+        self.open_connections: set[ScriptedConnection] = set()
+        self.port: IListeningPort | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port.getHost().port}"
+
+    def start(self) -> ScriptedBackend:
+        factory = Factory.forProtocol(lambda: ScriptedConnection(self))
+        factory.noisy = False
+        self.port = global_reactor.listenTCP(0, factory, interface=LOOPBACK)
+        return self
+
+    async def close(self) -> None:
+        if self.port is not None:
+            port, self.port = self.port, None
+            await within(port.stopListening())
+        for connection in list(self.open_connections):
+            connection.transport.abortConnection()
+        await wait_until(lambda: not self.open_connections, message="scripted backend to close")
 
 
 # -- the balancer, in process --------------------------------------------------------------

@@ -1,0 +1,267 @@
+"""Tests for equalizer.upstream: the backend connection's response parsing and its pool,
+driven through StringTransport (no network: the sockets under the peek are never connected).
+
+A recording handler stands in for the proxy's exchange, so each test sees exactly
+what the connection reports: 1xx heads, the final head, body pieces, the end.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+import pytest
+from attrs import define, field
+from twisted.internet.error import ConnectBindError, ConnectError, ConnectionRefusedError
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+
+from equalizer.pool import Backend
+from equalizer.upstream import (
+    MAX_INFORMATIONAL,
+    UpstreamConnection,
+    UpstreamError,
+    UpstreamPool,
+    is_local_resource_error,
+    response_framing,
+)
+
+
+@define
+class Recorder:
+    """A ResponseHandler that writes down everything it hears."""
+
+    informational: list[tuple[int, bytes, list]] = field(factory=list)
+    heads: list[tuple[int, bool, bytes]] = field(factory=list)
+    body: bytearray = field(factory=bytearray)
+    done: int = 0
+    failures: list[tuple[Failure, bool]] = field(factory=list)
+
+    def response_informational(self, status, reason, headers) -> None:
+        self.informational.append((status, reason, headers))
+
+    def response_head(self, status, reason, headers, chunked, codings) -> None:
+        self.heads.append((status, chunked, codings))
+
+    def response_body(self, data: bytes) -> None:
+        self.body += data
+
+    def response_done(self) -> None:
+        self.done += 1
+
+    def response_failed(self, reason: Failure, response_started: bool) -> None:
+        self.failures.append((reason, response_started))
+
+
+def make_pool() -> UpstreamPool:
+    clock = MemoryReactorClock()
+    return UpstreamPool(clock, clock, connect_timeout=1.0, idle_timeout=10.0)
+
+
+def connected(pool: UpstreamPool | None = None) -> tuple[UpstreamConnection, Recorder]:
+    """A connection on a StringTransport with a GET already sent."""
+    pool = pool or make_pool()
+    connection = UpstreamConnection(pool, Backend.from_url("b1", "http://127.0.0.1:9001"))
+    connection.makeConnection(StringTransport())
+    recorder = Recorder()
+    connection.send_head(b"GET / HTTP/1.1\r\nHost: b\r\n\r\n", recorder, head_request=False,
+                         chunked_body=False, body_follows=False)
+    return connection, recorder
+
+
+# -- 1xx ---------------------------------------------------------------------------------
+
+
+def test_1xx_heads_are_reported_before_the_final_response():
+    """A 103 and a 100 are each handed to the exchange, then the final response as usual."""
+    connection, recorder = connected()
+    connection.dataReceived(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n"
+                            b"HTTP/1.1 100 Continue\r\n\r\n"
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert [(s, r) for s, r, _ in recorder.informational] == [(103, b"Early Hints"),
+                                                              (100, b"Continue")]
+    assert recorder.informational[0][2] == [(b"Link", b"</s.css>; rel=preload")]
+    assert recorder.heads == [(200, False, b"")] and bytes(recorder.body) == b"ok"
+    assert recorder.done == 1
+
+
+def test_1xx_head_split_across_reads_is_reported_once():
+    """A 1xx head arriving in pieces is reported once, when complete."""
+    connection, recorder = connected()
+    for piece in (b"HTTP/1.1 10", b"2 Processing\r\n", b"\r\nHTTP/1.1 204 No", b" Content\r\n\r\n"):
+        connection.dataReceived(piece)
+    assert [s for s, _, _ in recorder.informational] == [102]
+    assert recorder.heads == [(204, False, b"")] and recorder.done == 1
+
+
+def test_1xx_with_framing_fields_has_no_body():
+    """A 1xx ends after its head whatever Content-Length says (RFC 9112 6.3)."""
+    connection, recorder = connected()
+    connection.dataReceived(b"HTTP/1.1 103 Early Hints\r\nContent-Length: 5\r\n\r\n"
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx")
+    assert recorder.heads == [(200, False, b"")] and bytes(recorder.body) == b"x"
+
+
+def test_too_many_1xx_fail_the_exchange():
+    """A backend that sends 1xx after 1xx, never a final answer, fails the exchange (502)."""
+    connection, recorder = connected()
+    connection.dataReceived(b"HTTP/1.1 103 Early Hints\r\n\r\n" * (MAX_INFORMATIONAL + 1))
+    assert len(recorder.informational) == MAX_INFORMATIONAL
+    [(failure, started)] = recorder.failures
+    assert failure.check(UpstreamError) and started is False
+    assert connection.transport.disconnecting or connection.transport.disconnected
+
+
+def test_101_is_not_informational():
+    """A 101 is the final response of an upgrade, not a 1xx to relay and wait past."""
+    connection, recorder = connected()
+    connection.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\nhi")
+    assert recorder.informational == [] and recorder.heads == [(101, False, b"")]
+    assert bytes(recorder.body) == b"hi"
+
+
+@pytest.mark.parametrize("status_line", [
+    b"HTTP/1.1 200 OK\nInjected: yes", b"HTTP/1.1 200 O\rK", b"HTTP/1.1 +20 OK",
+    b"HTTP/1.1 2_0 OK", b"HTTP/1.1 0200 OK", b"HTTP/1.1 20 OK", b"HTTP/1.1 200 \x00",
+], ids=["bare-lf", "bare-cr", "sign", "underscore", "four-digits", "two-digits", "nul"])
+def test_bad_status_lines_fail_the_exchange(status_line):
+    """A status line whose code is not three digits, or whose reason (copied to the client)
+    holds a control character, is refused before anything reaches the client."""
+    connection, recorder = connected()
+    connection.dataReceived(status_line + b"\r\nContent-Length: 0\r\n\r\n")
+    assert recorder.heads == [] and recorder.informational == []
+    [(failure, started)] = recorder.failures
+    assert failure.check(UpstreamError) and started is False
+
+
+# -- framing -------------------------------------------------------------------------------
+
+
+def test_204_with_content_length_ends_after_its_head():
+    """A 204 with Content-Length: 5 ends after its head; the stray bytes close the connection."""
+    connection, recorder = connected()
+    connection.dataReceived(b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\nhello")
+    assert recorder.heads == [(204, False, b"")] and recorder.done == 1
+    assert bytes(recorder.body) == b""
+    assert connection.transport.disconnecting
+
+
+@pytest.mark.parametrize(("fields", "expected"), [
+    ([(b"Transfer-Encoding", b"chunked")], (True, None, True, b"")),
+    ([(b"Transfer-Encoding", b"gzip, chunked")], (True, None, True, b"gzip")),
+    ([(b"Transfer-Encoding", b"gzip"), (b"Transfer-Encoding", b"chunked")],
+     (True, None, True, b"gzip")),
+    ([(b"Transfer-Encoding", b"x-custom;q=1 ,  deflate, CHUNKED")],
+     (True, None, True, b"x-custom;q=1, deflate")),
+    ([(b"Transfer-Encoding", b"gzip")], (False, None, False, b"gzip")),
+    ([(b"Transfer-Encoding", b"chunked"), (b"Content-Length", b"5")], (True, None, False, b"")),
+    ([(b"Content-Length", b"5")], (False, 5, True, b"")),
+], ids=["chunked", "gzip-chunked", "two-fields", "params-and-case", "gzip-until-close",
+        "te-and-cl", "length"])
+def test_response_framing(fields, expected):
+    """Transfer codings other than chunked are returned as sent; Transfer-Encoding overrides
+    Content-Length, and a response carrying both is not reused."""
+    assert response_framing(b"HTTP/1.1", fields) == expected
+
+
+@pytest.mark.parametrize("value", [b"chunked, gzip", b"chunked, chunked"])
+def test_chunked_not_final_or_twice_is_refused(value):
+    """chunked applied before another coding, or twice, is not HTTP (RFC 9112 7): refused."""
+    with pytest.raises(UpstreamError):
+        response_framing(b"HTTP/1.1", [(b"Transfer-Encoding", value)])
+
+
+def test_gzip_chunked_body_is_dechunked_with_its_coding_reported():
+    """A ``gzip, chunked`` body is decoded from its chunks only; the gzip bytes pass as they
+    are and the coding is reported with the head."""
+    connection, recorder = connected()
+    connection.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+                            b"3\r\n\x1f\x8b\x08\r\n0\r\n\r\n")
+    assert recorder.heads == [(200, True, b"gzip")]
+    assert bytes(recorder.body) == b"\x1f\x8b\x08" and recorder.done == 1
+
+
+# -- stale pooled connections ------------------------------------------------------------------
+
+
+class FakeSocket(socket.socket):
+    """A socket object, never connected (no traffic), whose ``recv`` says what the test
+    wants; the real peek on a real socket is in the integration tests."""
+
+    def __init__(self, result: bytes | Exception) -> None:
+        super().__init__(socket.AF_INET, socket.SOCK_STREAM)
+        self.result = result
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        assert flags & socket.MSG_PEEK
+        if isinstance(self.result, Exception):
+            raise self.result
+        return self.result
+
+
+class HandleTransport(StringTransport):
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self.sock = sock
+
+    def getHandle(self) -> socket.socket:
+        return self.sock
+
+
+@pytest.mark.parametrize(("result", "closed"), [
+    (BlockingIOError(errno.EAGAIN, "again"), False),
+    (b"", True),
+    (b"H", True),
+    (ConnectionResetError(errno.ECONNRESET, "reset"), True),
+], ids=["open", "fin", "unasked-bytes", "reset"])
+def test_peer_closed_peeks_at_the_socket(result, closed):
+    """An idle connection whose socket has a pending FIN, bytes nobody asked for or an error
+    is closed; one with nothing to read is usable."""
+    sock = FakeSocket(result)
+    try:
+        connection = UpstreamConnection(make_pool(), Backend.from_url("b1", "http://h:1"))
+        connection.makeConnection(HandleTransport(sock))
+        assert connection.peer_closed() is closed
+    finally:
+        sock.close()
+
+
+def test_pool_drops_idle_connections_the_backend_closed():
+    """get_idle skips (and aborts) idle connections whose backend closed them, and hands out
+    the next usable one."""
+    pool = make_pool()
+    backend = Backend.from_url("b1", "http://127.0.0.1:9001")
+    good_sock = FakeSocket(BlockingIOError(errno.EAGAIN, "again"))
+    stale_sock = FakeSocket(b"")
+    try:
+        good = UpstreamConnection(pool, backend)
+        good.makeConnection(HandleTransport(good_sock))
+        stale = UpstreamConnection(pool, backend)
+        stale.makeConnection(HandleTransport(stale_sock))
+        pool.release(good)
+        pool.release(stale)  # most recently used: offered first
+        assert pool.get_idle(backend) is good
+        assert good.reused and not stale.reused
+        assert stale.transport.disconnecting and pool.stale_dropped == 1
+        assert pool.get_idle(backend) is None
+    finally:
+        good_sock.close()
+        stale_sock.close()
+
+
+# -- local resource errors ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("error", "local"), [
+    (ConnectBindError(errno.EMFILE, "Too many open files"), True),
+    (ConnectBindError(errno.ENFILE, "File table overflow"), True),
+    (ConnectBindError(errno.ENOBUFS, "No buffer space"), True),
+    (ConnectError(errno.EADDRNOTAVAIL, "Cannot assign requested address"), True),
+    (ConnectionRefusedError(errno.ECONNREFUSED, "refused"), False),
+    (ConnectError(string="no route"), False),
+    (ValueError("x"), False),
+], ids=["emfile", "enfile", "enobufs", "eaddrnotavail", "refused", "other", "not-connect"])
+def test_local_resource_errors(error, local):
+    """EMFILE and its kin (the proxy's own shortage) are told apart from backend failures."""
+    assert is_local_resource_error(Failure(error)) is local
+
