@@ -14,16 +14,16 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from equalizer.leasing import LeasingStore
-from equalizer.stats import DURATION_BUCKETS, STATUS_CLASSES, DurationHistogram
+from equalizer.balancer.stats import DURATION_BUCKETS, STATUS_CLASSES, DurationHistogram
+from equalizer.buckets.leasing import LeasingStore
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
 
-    from equalizer.limiter import RateLimiter
-    from equalizer.pool import Backend, BackendPool
-    from equalizer.stats import TrafficStats
-    from equalizer.stores import IBucketStore
+    from equalizer.balancer.pool import Backend, BackendPool
+    from equalizer.balancer.stats import TrafficStats
+    from equalizer.buckets.stores import IBucketStore
+    from equalizer.proxy.admission import RateLimiter
 
 UNPROXIED = "none"
 """The ``backend`` label of requests the proxy answered itself (429, 502, 503, 504)."""

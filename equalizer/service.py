@@ -26,21 +26,21 @@ from twisted.internet.error import CannotListenError, ReactorNotRunning
 from twisted.logger import Logger
 from twisted.python import usage
 
-from equalizer.admin import AdminAPI
-from equalizer.config import Config, ConfigError, apply_overrides, load_config, url_identity
+from equalizer.admin.api import AdminAPI
+from equalizer.balancer.health import HealthMonitor, HTTPHealthChecker
+from equalizer.balancer.pool import BackendPool, DrainCancelled
+from equalizer.balancer.stats import TrafficStats
+from equalizer.balancer.strategies import make_strategy
+from equalizer.buckets.leasing import LeasingStore
+from equalizer.buckets.stores import IBucketStore, MemoryStore, PostgresStore
+from equalizer.config.loader import Config, ConfigError, apply_overrides, load_config, url_identity
 from equalizer.demo import demo_service, demo_urls
-from equalizer.health import HealthMonitor, HTTPHealthChecker
-from equalizer.leasing import LeasingStore
-from equalizer.limiter import RateLimiter
-from equalizer.logs import LogFileError, LoggingService, open_logging
+from equalizer.logs.service import LogFileError, LoggingService, open_logging
 from equalizer.metrics import EqualizerCollector, metrics_registry
-from equalizer.pool import BackendPool, DrainCancelled
-from equalizer.proxy import Exchange, Proxy, ProxySite, key_reader, no_lines
+from equalizer.proxy.admission import RateLimiter
+from equalizer.proxy.exchange import Exchange, Proxy, ProxySite, key_reader, no_lines
+from equalizer.proxy.upstream import UpstreamPool
 from equalizer.readiness import READY_TIMEOUT, Readiness
-from equalizer.stats import TrafficStats
-from equalizer.stores import IBucketStore, MemoryStore, PostgresStore
-from equalizer.strategies import make_strategy
-from equalizer.upstream import UpstreamPool
 
 log = Logger()
 

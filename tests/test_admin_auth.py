@@ -15,7 +15,7 @@ import pytest_twisted
 import treq
 from treq.client import HTTPClient
 
-from equalizer.openapi import openapi_document
+from equalizer.admin.schema import openapi_document
 from tests.integration.harness import (
     RunningEqualizer,
     equalizer_config,

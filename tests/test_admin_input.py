@@ -13,11 +13,11 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from equalizer.admin import AdminAPI, has_dot_segment
-from equalizer.config import BackendConfig
-from equalizer.pool import BackendPool
-from equalizer.stats import TrafficStats
-from equalizer.stores import MemoryStore, take_key
+from equalizer.admin.api import AdminAPI, has_dot_segment
+from equalizer.balancer.pool import BackendPool
+from equalizer.balancer.stats import TrafficStats
+from equalizer.buckets.stores import MemoryStore, take_key
+from equalizer.config.loader import BackendConfig
 from tests.helpers import result_of
 
 

@@ -9,11 +9,11 @@ from openapi_spec_validator import validate
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
 
-from equalizer.admin import AdminAPI
-from equalizer.openapi import openapi_document
-from equalizer.pool import BackendPool
-from equalizer.stats import TrafficStats
-from equalizer.stores import MemoryStore
+from equalizer.admin.api import AdminAPI
+from equalizer.admin.schema import openapi_document
+from equalizer.balancer.pool import BackendPool
+from equalizer.balancer.stats import TrafficStats
+from equalizer.buckets.stores import MemoryStore
 from tests.helpers import result_of
 
 ADDED_BY_WERKZEUG = {"HEAD", "OPTIONS"}

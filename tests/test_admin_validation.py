@@ -13,11 +13,11 @@ import pytest
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
 
-from equalizer.admin import AdminAPI
-from equalizer.openapi import MAX_CAPACITY
-from equalizer.pool import BackendPool
-from equalizer.stats import TrafficStats
-from equalizer.stores import MAX_CLIENT_ID_LENGTH, MemoryStore
+from equalizer.admin.api import AdminAPI
+from equalizer.admin.schema import MAX_CAPACITY
+from equalizer.balancer.pool import BackendPool
+from equalizer.balancer.stats import TrafficStats
+from equalizer.buckets.stores import MAX_CLIENT_ID_LENGTH, MemoryStore
 from tests.helpers import result_of
 
 UNSTORABLE = ["nul\x00inside", "x" * (MAX_CLIENT_ID_LENGTH + 1)]

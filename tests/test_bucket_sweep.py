@@ -8,15 +8,15 @@ import sys
 import pytest
 from twisted.internet.task import Clock
 
-from equalizer.config import BucketPolicy, RateLimitConfig
-from equalizer.ratelimit import Bucket, is_full
-from equalizer.stats import bucket_counts
-from equalizer.stores import (
+from equalizer.balancer.stats import bucket_counts
+from equalizer.buckets.maths import Bucket, is_full
+from equalizer.buckets.stores import (
     MAX_SWEEP_INTERVAL,
     SWEEP_CHUNK,
     MemoryStore,
     sweep_interval,
 )
+from equalizer.config.loader import BucketPolicy, RateLimitConfig
 from tests.helpers import result_of
 
 POLICY = BucketPolicy(capacity=4, refill_rate=1.0)  # refill window 4 s: the sweep interval

@@ -9,7 +9,7 @@ import attrs
 import pytest
 import yaml
 
-from equalizer.config import (
+from equalizer.config.loader import (
     MAX_CAPACITY,
     MAX_REFILL_RATE,
     MIN_REFILL_RATE,

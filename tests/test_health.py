@@ -22,15 +22,15 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from equalizer.config import BackendConfig, HealthConfig
-from equalizer.health import (
+from equalizer.balancer.health import (
     HealthMonitor,
     HTTPHealthChecker,
     IHealthChecker,
     describe,
     health_url,
 )
-from equalizer.pool import Backend, BackendPool
+from equalizer.balancer.pool import Backend, BackendPool
+from equalizer.config.loader import BackendConfig, HealthConfig
 from tests.helpers import result_of  # tests/ is on sys.path (rootdir-less "prepend" import mode)
 
 INTERVAL = 10.0

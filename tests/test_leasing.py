@@ -16,17 +16,17 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
-from equalizer.config import BucketPolicy, RateLimitConfig
-from equalizer.leasing import MAX_ATTEMPTS, PREFETCH_FROM, LeasingStore
-from equalizer.leasing import SWEEP_CHUNK as LEASE_SWEEP_CHUNK
-from equalizer.ratelimit import Bucket, refill
-from equalizer.stores import (
+from equalizer.buckets.leasing import MAX_ATTEMPTS, PREFETCH_FROM, LeasingStore
+from equalizer.buckets.leasing import SWEEP_CHUNK as LEASE_SWEEP_CHUNK
+from equalizer.buckets.maths import Bucket, refill
+from equalizer.buckets.stores import (
     IBucketStore,
     InvalidBucket,
     MemoryStore,
     StoreUnavailable,
     take_key,
 )
+from equalizer.config.loader import BucketPolicy, RateLimitConfig
 from tests.helpers import result_of
 
 TTL = 0.5

@@ -27,8 +27,8 @@ from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.python.failure import Failure
 
-from equalizer.config import LoggingConfig, RotateConfig
-from equalizer.logs import (
+from equalizer.config.loader import LoggingConfig, RotateConfig
+from equalizer.logs.service import (
     AccessLog,
     LogFileError,
     LoggingService,

@@ -19,11 +19,11 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import Logger, LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 
-from equalizer.config import BackendConfig, ProxyConfig
-from equalizer.pool import Backend, BackendPool
-from equalizer.proxy import RESEND_BODY_BYTES, Proxy, ProxySite, ThrottledWarning
-from equalizer.stats import TrafficStats
-from equalizer.upstream import UpstreamConnection
+from equalizer.balancer.pool import Backend, BackendPool
+from equalizer.balancer.stats import TrafficStats
+from equalizer.config.loader import BackendConfig, ProxyConfig
+from equalizer.proxy.exchange import RESEND_BODY_BYTES, Proxy, ProxySite, ThrottledWarning
+from equalizer.proxy.upstream import UpstreamConnection
 from tests.integration.harness import parse_response
 
 

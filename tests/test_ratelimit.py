@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from equalizer.ratelimit import (
+from equalizer.buckets.maths import (
     NO_REFILL_SECONDS,
     Bucket,
     Decision,

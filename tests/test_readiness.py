@@ -19,11 +19,11 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
-from equalizer.config import parse_config
-from equalizer.proxy import ProxySite
+from equalizer.buckets.stores import MemoryStore, StoreUnavailable
+from equalizer.config.loader import parse_config
+from equalizer.proxy.exchange import ProxySite
 from equalizer.readiness import READY_TIMEOUT, Readiness
 from equalizer.service import BucketService, EqualizerService
-from equalizer.stores import MemoryStore, StoreUnavailable
 from tests.helpers import result_of
 
 PROXY, ADMIN = "proxy", "admin"

@@ -9,9 +9,8 @@ import pytest
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
-from equalizer.config import MAX_CAPACITY, MAX_REFILL_RATE, MIN_REFILL_RATE, BucketPolicy
-from equalizer.ratelimit import NO_REFILL_SECONDS
-from equalizer.stores import (
+from equalizer.buckets.maths import NO_REFILL_SECONDS
+from equalizer.buckets.stores import (
     MAX_CLIENT_ID_LENGTH,
     BucketExists,
     BucketRecord,
@@ -20,6 +19,7 @@ from equalizer.stores import (
     MemoryStore,
     take_key,
 )
+from equalizer.config.loader import MAX_CAPACITY, MAX_REFILL_RATE, MIN_REFILL_RATE, BucketPolicy
 from tests.helpers import result_of
 
 DEFAULT = BucketPolicy(capacity=3, refill_rate=1.0)

@@ -10,9 +10,8 @@ from collections import Counter
 
 import pytest
 
-from equalizer.config import BackendConfig
-from equalizer.pool import Backend, BackendPool
-from equalizer.strategies import (
+from equalizer.balancer.pool import Backend, BackendPool
+from equalizer.balancer.strategies import (
     STRATEGIES,
     LeastConnections,
     PowerOfTwo,
@@ -22,6 +21,7 @@ from equalizer.strategies import (
     WeightedRoundRobin,
     make_strategy,
 )
+from equalizer.config.loader import BackendConfig
 
 
 def backends(*weights: int) -> list[Backend]:
@@ -283,8 +283,8 @@ def test_hash_depends_on_url_not_object() -> None:
 def test_hash_is_stable_across_processes() -> None:
     """Another interpreter, with a different hash seed, maps keys identically."""
     script = (
-        "from equalizer.pool import Backend\n"
-        "from equalizer.strategies import RendezvousHash\n"
+        "from equalizer.balancer.pool import Backend\n"
+        "from equalizer.balancer.strategies import RendezvousHash\n"
         "bs = [Backend.from_url(f'b{i}', f'http://127.0.0.1:{9000 + i}') for i in (1, 2, 3, 4)]\n"
         "s = RendezvousHash()\n"
         "print(''.join(s.choose(bs, f'key-{i}'.encode()).id[1] for i in range(300)))\n"

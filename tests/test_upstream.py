@@ -16,8 +16,8 @@ from twisted.internet.error import ConnectBindError, ConnectError, ConnectionRef
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-from equalizer.pool import Backend
-from equalizer.upstream import (
+from equalizer.balancer.pool import Backend
+from equalizer.proxy.upstream import (
     MAX_INFORMATIONAL,
     UpstreamConnection,
     UpstreamError,

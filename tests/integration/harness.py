@@ -48,7 +48,7 @@ from twisted.python.failure import Failure
 from twisted.web import resource, server
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from equalizer.config import parse_config
+from equalizer.config.loader import parse_config
 from equalizer.service import EqualizerService
 from tests.pg_cluster import free_port
 

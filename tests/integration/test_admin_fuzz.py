@@ -15,7 +15,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
 
-from equalizer.openapi import openapi_document
+from equalizer.admin.schema import openapi_document
 from tests.integration.harness import REPO, equalizer_config, free_port, within
 
 TOKEN = "fuzz-token"

@@ -24,8 +24,7 @@ from twisted.logger import LogLevel, globalLogPublisher
 from txpostgres.txpostgres import Connection
 from zope.interface.verify import verifyObject
 
-from equalizer.config import MAX_CAPACITY, MAX_REFILL_RATE, MIN_REFILL_RATE, BucketPolicy
-from equalizer.stores import (
+from equalizer.buckets.stores import (
     BucketExists,
     IBucketStore,
     InvalidBucket,
@@ -35,6 +34,7 @@ from equalizer.stores import (
     migrations,
     take_key,
 )
+from equalizer.config.loader import MAX_CAPACITY, MAX_REFILL_RATE, MIN_REFILL_RATE, BucketPolicy
 from tests import postgres as _postgres
 from tests.pg_cluster import free_port
 from tests.postgres import buckets_locked, sql, wait_available

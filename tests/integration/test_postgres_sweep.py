@@ -15,9 +15,9 @@ import pytest_twisted
 from twisted.internet import reactor
 from txpostgres.txpostgres import Connection
 
-from equalizer import stores as stores_module
-from equalizer.config import BucketPolicy, RateLimitConfig
-from equalizer.stores import _SWEEP_LOCK, SWEEP_BATCH, PostgresStore
+from equalizer.buckets import stores as stores_module
+from equalizer.buckets.stores import _SWEEP_LOCK, SWEEP_BATCH, PostgresStore
+from equalizer.config.loader import BucketPolicy, RateLimitConfig
 from tests.integration.harness import wait_until
 from tests.integration.test_postgres_store import within
 from tests.postgres import sql

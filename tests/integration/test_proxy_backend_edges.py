@@ -20,8 +20,8 @@ import pytest_twisted
 from twisted.internet.testing import StringTransport
 from twisted.web import server
 
-from equalizer.pool import Backend
-from equalizer.upstream import UpstreamConnection
+from equalizer.balancer.pool import Backend
+from equalizer.proxy.upstream import UpstreamConnection
 from tests.integration.harness import (
     ScriptedBackend,
     ScriptedConnection,

@@ -26,9 +26,9 @@ from twisted.internet.error import ConnectError
 from twisted.protocols.portforward import ProxyFactory
 from txpostgres.txpostgres import Connection
 
+from equalizer.buckets.stores import _MIGRATION_LOCK
 from equalizer.readiness import READY_TIMEOUT
 from equalizer.service import probe_address
-from equalizer.stores import _MIGRATION_LOCK
 from tests.integration.buckets_support import call
 from tests.integration.harness import (
     LOOPBACK,

@@ -21,7 +21,7 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.web import server
 
-from equalizer.config import parse_config
+from equalizer.config.loader import parse_config
 from tests.integration.harness import (
     LOOPBACK,
     equalizer_config,

@@ -18,7 +18,7 @@ import pytest
 import pytest_twisted
 from twisted.logger import formatEvent, globalLogPublisher
 
-from equalizer.config import parse_config
+from equalizer.config.loader import parse_config
 from tests.integration.buckets_support import call
 from tests.integration.harness import LOOPBACK, REPO, equalizer_config, twistd_command
 

@@ -16,9 +16,9 @@ from attrs import define, field
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from equalizer.config import BackendConfig
-from equalizer.stats import STATUS_CLASSES, DurationHistogram
-from equalizer.strategies import Strategy, make_strategy
+from equalizer.balancer.stats import STATUS_CLASSES, DurationHistogram
+from equalizer.balancer.strategies import Strategy, make_strategy
+from equalizer.config.loader import BackendConfig
 
 log = Logger()
 

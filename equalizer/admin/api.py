@@ -21,7 +21,11 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
-from equalizer.config import (
+from equalizer.admin.schema import MAX_PAGE, openapi_document
+from equalizer.balancer.pool import DrainCancelled
+from equalizer.balancer.stats import bucket_counts
+from equalizer.buckets.stores import BucketExists, InvalidBucket, StoreUnavailable
+from equalizer.config.loader import (
     MAX_CAPACITY,
     MAX_REFILL_RATE,
     url_identity,
@@ -29,19 +33,15 @@ from equalizer.config import (
     validate_refill_rate,
     validate_weight,
 )
-from equalizer.openapi import MAX_PAGE, openapi_document
-from equalizer.pool import DrainCancelled
 from equalizer.readiness import Readiness
-from equalizer.stats import bucket_counts
-from equalizer.stores import BucketExists, InvalidBucket, StoreUnavailable
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
 
-    from equalizer.config import BucketPolicy
-    from equalizer.pool import Backend, BackendPool
-    from equalizer.stats import TrafficStats
-    from equalizer.stores import BucketRecord, IBucketStore
+    from equalizer.balancer.pool import Backend, BackendPool
+    from equalizer.balancer.stats import TrafficStats
+    from equalizer.buckets.stores import BucketRecord, IBucketStore
+    from equalizer.config.loader import BucketPolicy
 
 MAX_BODY_BYTES = 65536
 """Admin request bodies are small JSON objects; anything larger is refused unread."""
@@ -57,7 +57,7 @@ SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS"})
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
-DASHBOARD_HTML = files("equalizer").joinpath("static/dashboard.html").read_bytes()
+DASHBOARD_HTML = files("equalizer.admin").joinpath("static/dashboard.html").read_bytes()
 """GET /dashboard: one self-contained page, read once at import."""
 
 DASHBOARD_POLICY = (b"default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "

@@ -156,13 +156,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from equalizer.config import DEFAULT_MAX_BUCKETS
-from equalizer.ratelimit import Decision, decide, window
-from equalizer.stores import IBucketStore, StoreUnavailable, take_elsewhere
+from equalizer.buckets.maths import Decision, decide, window
+from equalizer.buckets.stores import IBucketStore, StoreUnavailable, take_elsewhere
+from equalizer.config.loader import DEFAULT_MAX_BUCKETS
 
 if TYPE_CHECKING:
-    from equalizer.config import BucketPolicy, RateLimitConfig
-    from equalizer.stores import BucketRecord, PostgresStore
+    from equalizer.buckets.stores import BucketRecord, PostgresStore
+    from equalizer.config.loader import BucketPolicy, RateLimitConfig
 
 log = Logger()
 

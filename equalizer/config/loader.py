@@ -27,7 +27,7 @@ from attrs import field, frozen
 from psycopg2.extensions import parse_dsn
 from twisted.internet.endpoints import _parse, _parseServer
 
-from equalizer.strategies import STRATEGIES
+from equalizer.balancer.strategies import STRATEGIES
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 

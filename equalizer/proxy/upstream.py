@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTCP, IReactorTime
 
-    from equalizer.pool import Backend
+    from equalizer.balancer.pool import Backend
 
 MAX_RESPONSE_HEAD = 65536
 """Bytes a backend's status line and headers may take; more is a broken backend."""

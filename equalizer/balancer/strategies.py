@@ -19,7 +19,7 @@ from math import log
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from equalizer.pool import Backend
+    from equalizer.balancer.pool import Backend
 
 
 class Strategy(Protocol):

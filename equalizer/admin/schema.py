@@ -17,8 +17,8 @@ import copy
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from equalizer.config import MAX_CAPACITY, MAX_REFILL_RATE, MAX_WEIGHT, MIN_REFILL_RATE
-from equalizer.stores import MAX_CLIENT_ID_LENGTH
+from equalizer.buckets.stores import MAX_CLIENT_ID_LENGTH
+from equalizer.config.loader import MAX_CAPACITY, MAX_REFILL_RATE, MAX_WEIGHT, MIN_REFILL_RATE
 
 MAX_PAGE = 1000
 """Largest page ``GET /buckets`` serves."""

@@ -26,9 +26,9 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 from zope.interface import Interface, implementer
 
-from equalizer.config import HealthConfig
-from equalizer.pool import Backend, BackendPool
-from equalizer.upstream import is_local_resource_error
+from equalizer.balancer.pool import Backend, BackendPool
+from equalizer.config.loader import HealthConfig
+from equalizer.proxy.upstream import is_local_resource_error
 
 log = Logger()
 

@@ -14,15 +14,15 @@ from typing import TYPE_CHECKING
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from equalizer.proxy import key_reader
-from equalizer.ratelimit import Decision, field_pairs, header_renderer
-from equalizer.stores import StoreUnavailable
+from equalizer.buckets.maths import Decision, field_pairs, header_renderer
+from equalizer.buckets.stores import StoreUnavailable
+from equalizer.proxy.exchange import key_reader
 
 if TYPE_CHECKING:
-    from equalizer.config import RateLimitConfig
-    from equalizer.proxy import Exchange
-    from equalizer.stats import TrafficStats
-    from equalizer.stores import IBucketStore
+    from equalizer.balancer.stats import TrafficStats
+    from equalizer.buckets.stores import IBucketStore
+    from equalizer.config.loader import RateLimitConfig
+    from equalizer.proxy.exchange import Exchange
 
 log = Logger()
 

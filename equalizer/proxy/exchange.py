@@ -26,16 +26,16 @@ from twisted.python.failure import Failure
 from twisted.web import http
 from zope.interface import implementer
 
-from equalizer.config import ProxyConfig
-from equalizer.logs import AccessLog
-from equalizer.upstream import UpstreamError, is_local_resource_error
+from equalizer.config.loader import ProxyConfig
+from equalizer.logs.service import AccessLog
+from equalizer.proxy.upstream import UpstreamError, is_local_resource_error
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-    from equalizer.pool import Backend, BackendPool
-    from equalizer.stats import TrafficStats
-    from equalizer.upstream import UpstreamConnection, UpstreamPool
+    from equalizer.balancer.pool import Backend, BackendPool
+    from equalizer.balancer.stats import TrafficStats
+    from equalizer.proxy.upstream import UpstreamConnection, UpstreamPool
 
 log = Logger()
 

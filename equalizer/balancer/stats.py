@@ -15,8 +15,8 @@ from attrs import define, field
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
 
-    from equalizer.pool import Backend
-    from equalizer.stores import IBucketStore
+    from equalizer.balancer.pool import Backend
+    from equalizer.buckets.stores import IBucketStore
 
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 

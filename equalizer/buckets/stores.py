@@ -89,7 +89,9 @@ from twisted.python.failure import Failure
 from txpostgres.txpostgres import Connection, ConnectionPool, Cursor
 from zope.interface import Attribute, Interface, implementer
 
-from equalizer.config import (
+from equalizer.buckets.maths import Bucket, Decision, decide, is_full, refill, window
+from equalizer.buckets.maths import take as take_token
+from equalizer.config.loader import (
     DEFAULT_MAX_BUCKETS,
     BucketPolicy,
     RateLimitConfig,
@@ -97,8 +99,6 @@ from equalizer.config import (
     validate_refill_rate,
     validate_tokens,
 )
-from equalizer.ratelimit import Bucket, Decision, decide, is_full, refill, window
-from equalizer.ratelimit import take as take_token
 
 log = Logger()
 
@@ -707,7 +707,7 @@ _CONSTRAINT_FIELDS = {
 def migrations() -> list[tuple[int, str, str]]:
     """``(version, name, sql)`` of every packaged migration, by version."""
     found = []
-    for entry in files("equalizer").joinpath("migrations").iterdir():
+    for entry in files("equalizer.buckets").joinpath("migrations").iterdir():
         match = _MIGRATION_NAME.match(entry.name)
         if match:
             found.append((int(match.group(1)), match.group(2), entry.read_text("utf-8")))

@@ -1,0 +1,1 @@
+"""The admin REST API, its OpenAPI document and the dashboard page."""

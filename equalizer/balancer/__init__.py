@@ -1,0 +1,1 @@
+"""Backends and the choice among them: pool, strategies, health checks, traffic counts."""

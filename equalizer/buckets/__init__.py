@@ -1,0 +1,1 @@
+"""Token buckets: the maths, the store interface, the memory and PostgreSQL stores, leasing."""

@@ -1,0 +1,1 @@
+"""Configuration: YAML and command-line flags in, frozen config objects out."""

@@ -1,0 +1,1 @@
+"""Logging: line formats, rotating files, the access log."""
