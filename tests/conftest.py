@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 
 import pytest
@@ -28,3 +29,25 @@ def clock() -> Clock:
     clock = Clock()
     clock.advance(1_700_000_000)
     return clock
+
+
+class IPSocketForbidden(OSError):
+    """A unit test tried to bind or connect an IP socket; such tests live in tests/integration."""
+
+
+def _refuse_ip(original):
+    def guarded(sock, address, *args, **kwargs):
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            raise IPSocketForbidden(f"unit tests use no IP sockets: {original.__name__}{address!r}")
+        return original(sock, address, *args, **kwargs)
+    return guarded
+
+
+@pytest.fixture(autouse=True)
+def _no_ip_sockets(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unit tests (everything outside tests/integration) run with IP ``bind``/``connect``
+    refused, so each says what broke without a network in the way."""
+    if "integration" in request.node.path.parts:
+        return
+    for name in ("bind", "connect", "connect_ex"):
+        monkeypatch.setattr(socket.socket, name, _refuse_ip(getattr(socket.socket, name)))
