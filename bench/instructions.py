@@ -44,6 +44,7 @@ from run import (
     child_env,
     ensure_apt_packages,
     equalizer_config,
+    export_tree,
     free_port,
     start_backend,
     wait_ready,
@@ -76,8 +77,8 @@ def dumped_instructions(workdir: Path, pid: int) -> int:
     raise BenchError(f"no summary in {dumps[-1]}")
 
 
-def count(ctx: Context, scenario, args: argparse.Namespace) -> float:
-    """Instructions per request of equalizer in ``scenario``."""
+def count(ctx: Context, scenario, args: argparse.Namespace, source: Path = REPO_DIR) -> float:
+    """Instructions per request of equalizer (run from ``source``) in ``scenario``."""
     server = Server(ctx.new_dir(f"callgrind-{scenario.name}"), free_port(), free_port())
     config = equalizer_config(ctx, server, scenario)
     argv = ["valgrind", "--tool=callgrind",
@@ -85,7 +86,7 @@ def count(ctx: Context, scenario, args: argparse.Namespace) -> float:
             sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
             "--pidfile", str(server.workdir / "twistd.pid"),
             "equalizer", "--config", str(config)]  # fmt: skip
-    proc = ctx.processes.start(argv, server.log, cwd=REPO_DIR, env=child_env())
+    proc = ctx.processes.start(argv, server.log, cwd=source, env=child_env())
     try:
         wait_ready(proc, server.port, scenario.path, limiter=bool(scenario.limiter),
                    timeout=READY_TIMEOUT)
@@ -106,6 +107,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--scenarios", default="1k-c32,1k-c32-limit-memory")
+    parser.add_argument("--baseline", metavar="REF",
+                        help="also count equalizer as of git commit REF, in the same run")
     args = parser.parse_args()
     by_name = {s.name: s for s in SCENARIOS}
     chosen = [by_name[name] for name in args.scenarios.split(",")]
@@ -119,10 +122,16 @@ def main() -> int:
             needs_db = any(s.limiter == "postgres" for s in chosen)
             ctx = Context(Path(tmp), processes, 0, database.create() if needs_db else "")
             start_backend(ctx)
+            sources = [("", REPO_DIR)]
+            if args.baseline:
+                earlier = export_tree(args.baseline, Path(tmp) / "earlier")
+                sources.append((f" @{args.baseline}", earlier))
             for scenario in chosen:
-                per_request = count(ctx, scenario, args)
-                rows.append((scenario.name, per_request))
-                print(f"{scenario.name}: {per_request:,.0f} instructions per request", flush=True)
+                for label, source in sources:
+                    per_request = count(ctx, scenario, args, source)
+                    rows.append((scenario.name + label, per_request))
+                    print(f"{scenario.name}{label}: {per_request:,.0f} instructions per request",
+                          flush=True)
     finally:
         processes.stop_all()
         database.drop()

@@ -63,6 +63,8 @@ BIG_BUCKET = {"capacity": 1_000_000_000, "refill_rate": 1_000_000_000}  # never 
 BODIES = {"/1k": 1024, "/100k": 100 * 1024}
 PROXIES = ("equalizer", "stock", "aiohttp", "nginx")
 BASELINE_PROXY = "stock"
+EARLIER_EQUALIZER = "equalizer-before"
+"""With ``--baseline REF``: equalizer as of commit REF, run beside the working tree's."""
 
 
 class BenchError(Exception):
@@ -356,6 +358,7 @@ class Context:
     backend_port: int = 0
     counter: int = 0
     wrk_scripts: dict[int, Path] = field(default_factory=dict)
+    earlier_tree: Path = REPO_DIR  # --baseline: the exported tree of the earlier commit
 
     def new_dir(self, label: str) -> Path:
         """A fresh directory for one server's files."""
@@ -486,7 +489,7 @@ def equalizer_config(ctx: Context, server: Server, scenario: Scenario) -> Path:
 def proxy_argv(ctx: Context, name: str, server: Server, scenario: Scenario) -> list[str]:
     """The command line that serves proxy ``name`` on ``server.port`` (not yet pinned)."""
     workdir, port = server.workdir, server.port
-    if name == "equalizer":
+    if name in ("equalizer", EARLIER_EQUALIZER):
         config = equalizer_config(ctx, server, scenario)
         twistd = "from twisted.scripts.twistd import run; run()"
         pidfile = str(workdir / "twistd.pid")
@@ -525,8 +528,33 @@ def start_proxy(ctx: Context, name: str, scenario: Scenario) -> Server:
     """Start proxy ``name`` on PROXY_CPU, on fresh loopback ports."""
     server = Server(ctx.new_dir(name), free_port(), free_port())
     argv = pinned(PROXY_CPU, proxy_argv(ctx, name, server, scenario))
-    server.proc = ctx.processes.start(argv, server.log, cwd=REPO_DIR, env=child_env())
+    server.proc = ctx.processes.start(argv, server.log, cwd=source_dir(ctx, name),
+                                      env=child_env())
     return server
+
+
+def source_dir(ctx: Context, name: str) -> Path:
+    """Where a proxy runs from: the earlier equalizer from its exported tree (the
+    interpreter finds ``equalizer`` in its working directory first), the rest here."""
+    return ctx.earlier_tree if name == EARLIER_EQUALIZER else REPO_DIR
+
+
+def export_tree(ref: str, into: Path) -> Path:
+    """The files of commit ``ref`` (``git archive``), for the earlier equalizer."""
+    into.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO_DIR), "archive", ref],
+                             capture_output=True, check=False)  # fmt: skip
+    if archive.returncode != 0:
+        raise SystemExit(f"bench: cannot export {ref!r}: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
+def runs_in(scenario: Scenario, proxy: str) -> bool:
+    """Whether ``proxy`` runs in ``scenario`` (the earlier equalizer wherever equalizer does)."""
+    if proxy == EARLIER_EQUALIZER:
+        proxy = "equalizer"
+    return proxy in scenario.proxies
 
 
 def count_buckets(server: Server) -> int | None:
@@ -758,9 +786,9 @@ def plan(scenarios: list[Scenario], proxies: list[str], reps: int) -> list[tuple
         if scenario.baseline in names:
             continue  # placed after its baseline's equalizer run
         for proxy in proxies:
-            if proxy in scenario.proxies:
+            if runs_in(scenario, proxy):
                 order.append((scenario, proxy))
-                if proxy == "equalizer":
+                if proxy in ("equalizer", EARLIER_EQUALIZER):
                     order.extend((f, proxy) for f in followers.get(scenario.name, []))
     return [(rep, scenario, proxy) for rep in range(1, reps + 1) for scenario, proxy in order]
 
@@ -895,6 +923,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-scratch-db", action="store_true",
                         help="use --database-url itself, not a throw-away database")  # fmt: skip
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results file")
+    parser.add_argument("--baseline", metavar="REF",
+                        help=f"also run equalizer as of git commit REF ({EARLIER_EQUALIZER!r})")
     args = parser.parse_args(argv)
     args.reps = args.reps or (1 if args.quick else 3)
     args.duration = args.duration or (3 if args.quick else 10)
@@ -918,10 +948,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark described by the command line; return the exit status."""
     args = parse_args(argv)
     proxies = choose(args.only, list(PROXIES), list(PROXIES), "proxy")
+    if args.baseline and "equalizer" in proxies:
+        proxies.insert(proxies.index("equalizer") + 1, EARLIER_EQUALIZER)
     by_name = {s.name: s for s in SCENARIOS}
     default_scenarios = list(QUICK_SCENARIOS) if args.quick else list(by_name)
     names = choose(args.scenarios, list(by_name), default_scenarios, "scenario")
-    scenarios = [by_name[n] for n in names if any(p in by_name[n].proxies for p in proxies)]
+    scenarios = [by_name[n] for n in names if any(runs_in(by_name[n], p) for p in proxies)]
     runs = plan(scenarios, proxies, args.reps)
     if not runs:
         raise SystemExit("bench: nothing to run for that choice of proxies and scenarios")
@@ -965,6 +997,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 database_url = database.create()
             ctx = Context(Path(tmp), processes, args.duration, database_url)
+            if args.baseline:
+                ctx.earlier_tree = export_tree(args.baseline, Path(tmp) / "earlier")
+                meta["baseline"] = args.baseline
             try:
                 start_backend(ctx)
                 run_all(ctx, runs, records)
