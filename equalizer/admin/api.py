@@ -33,6 +33,7 @@ from equalizer.config.loader import (
     validate_refill_rate,
     validate_weight,
 )
+from equalizer.proxy.exchange import HeadRefusingChannel
 from equalizer.readiness import Readiness
 
 if TYPE_CHECKING:
@@ -45,6 +46,9 @@ if TYPE_CHECKING:
 
 MAX_BODY_BYTES = 65536
 """Admin request bodies are small JSON objects; anything larger is refused unread."""
+
+MAX_HEAD_BYTES = 16384
+"""Longest admin request line, header line and whole request head; past it 414 or 431."""
 
 MAX_QUERY_DIGITS = 100
 """Longest number a query parameter may spell; longer ones are refused unconverted."""
@@ -366,8 +370,21 @@ def error_response(request: IRequest, error: ApiError) -> bytes:
                          error.status)
 
 
+class AdminChannel(HeadRefusingChannel):
+    """The admin port's HTTP/1.1 channel: an oversized or malformed request head gets
+    414, 431 or 400 in the API's JSON error shape, as on the proxy port, within a fixed
+    ``MAX_HEAD_BYTES``."""
+
+    MAX_LENGTH = MAX_HEAD_BYTES
+    totalHeadersSize = MAX_HEAD_BYTES
+
+
 class _QuietSite(Site):
-    """Admin calls are not proxied traffic: they stay out of the access log."""
+    """Admin calls are not proxied traffic: they stay out of the access log.
+
+    HTTP/1.1 only, on ``AdminChannel`` (not twisted.web's HTTP/2-capable wrapper)."""
+
+    protocol = AdminChannel
 
     def log(self, request: Request) -> None:
         pass

@@ -28,6 +28,7 @@ from zope.interface import implementer
 
 from equalizer.config.loader import ProxyConfig
 from equalizer.logs.service import AccessLog
+from equalizer.proxy.request_head import NOT_A_PATH, host_problem, split_absolute_target
 from equalizer.proxy.upstream import UpstreamError, is_local_resource_error
 
 if TYPE_CHECKING:
@@ -72,7 +73,8 @@ RESOURCE_WARNING_SECONDS = 10.0
 
 JSON_HEADERS = ((b"Content-Type", b"application/json"), (b"Cache-Control", b"no-store"))
 
-OWN_REASONS = {429: b"Too Many Requests"}
+OWN_REASONS = {429: b"Too Many Requests", 414: b"URI Too Long",
+               431: b"Request Header Fields Too Large"}
 """Reason phrases of statuses the proxy answers itself that twisted.web does not know."""
 
 
@@ -145,7 +147,7 @@ class Exchange:
         "connection", "pending", "body_chunks", "body_sent", "body_ended", "throttle", "timer",
         "progress", "bytes_sent", "status", "finished", "headers_block", "host", "chunked_body",
         "body_follows", "head_request", "rate_limit", "decision", "last_failure",
-        "several_hosts",
+        "several_hosts", "problem",
     )
 
     def __init__(self, proxy: Proxy, request: ProxyRequest) -> None:
@@ -171,6 +173,7 @@ class Exchange:
         self.decision = None
         self.last_failure: Failure | None = None
         self.several_hosts = False
+        self.problem: str | None = None
         self.resend_chunks: list[bytes] | None = None
         self.resend_bytes = 0
         self.fresh_only = False
@@ -217,6 +220,7 @@ class Exchange:
             else peer.encode("ascii")
         lines.append(b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Request-ID: %s\r\n"
                      % (chain, proxy.scheme, self.request_id))
+        self.problem, host = self._check_target_and_host(host)
         if host is not None:
             lines.append(b"X-Forwarded-Host: %s\r\n" % host)
         if self.chunked_body:
@@ -235,23 +239,44 @@ class Exchange:
     # -- choosing and connecting -----------------------------------------------------
 
     def start(self) -> None:
-        problem = self._malformed()
+        problem = self.problem
         if problem is None:
             self.proxy.admit(self)
         else:
             self.request.channel.persistent = False
             self.respond_locally(400, "bad_request", problem)
 
-    def _malformed(self) -> str | None:
-        """What makes the request one a reverse proxy must refuse (RFC 9112 3.2), if anything."""
+    def _check_target_and_host(self, host: bytes | None) -> tuple[str | None, bytes | None]:
+        """What makes the request one a reverse proxy must refuse (RFC 9112 3.2), if anything,
+        and the host it is for.
+
+        An absolute-form target (RFC 9112 3.2.2) becomes the origin-form the backend
+        gets, and its authority the host (3.2.3: the Host header is then ignored, though
+        it must still be there, once, and valid). Asterisk-form and CONNECT's
+        authority-form are refused: this is not a forward proxy.
+        """
         request = self.request
-        if self.method == b"CONNECT" or not request.uri.startswith(b"/"):
-            return "the request target must be a path"
+        if self.method == b"CONNECT":
+            return NOT_A_PATH, host
         if self.several_hosts:
-            return "a request carries one Host header only"
-        if self.host is None and request.clientproto == b"HTTP/1.1":
-            return "an HTTP/1.1 request must carry a Host header"
-        return None
+            return "a request carries one Host header only", host
+        if host is None:
+            if request.clientproto == b"HTTP/1.1":
+                return "an HTTP/1.1 request must carry a Host header", host
+        else:
+            problem = host_problem(host)
+            if problem is not None:
+                return problem, host
+        target = request.uri
+        if target[:1] != b"/":
+            split = split_absolute_target(target)
+            if isinstance(split, str):
+                return split, host
+            host, target = split
+            request.uri = target
+            request.path = target.split(b"?", 1)[0]
+            request.requestHeaders.setRawHeaders(b"host", [host])
+        return None, host
 
     def dispatch(self) -> None:
         """Send the request to a backend not tried yet, or answer for the backends."""
@@ -540,8 +565,7 @@ class Exchange:
         channel.setTimeout(None)
         backend_side = self.connection.transport
         channel.dataReceived = backend_side.write
-        buffered = b"".join(channel._dataBuffer)
-        channel._dataBuffer = []
+        buffered = channel.take_buffered()
         if buffered:
             backend_side.write(buffered)
         client.unregisterProducer()
@@ -750,7 +774,7 @@ class ProxyRequest(http.Request):
             channel = self.channel
             self.parsing = True
             try:
-                self._begin(channel._command, channel._path, channel._version)
+                self._begin(*channel.request_line())
             finally:
                 self.parsing = False
 
@@ -896,7 +920,97 @@ def no_lines(exchange: Exchange) -> bytes:
     return b""
 
 
-class ProxyChannel(http.HTTPChannel):
+class HeadRefusingChannel(http.HTTPChannel):
+    """twisted.web's HTTP/1.1 channel, refusing a request head it cannot take in JSON.
+
+    twisted.web answers a bare ``400 Bad Request`` with no body for every parser
+    refusal, and closes silently on a line over ``MAX_LENGTH``. Here:
+
+    - a request line over ``MAX_LENGTH`` (or over ``totalHeadersSize`` by itself) → 414
+      ``uri_too_long`` (RFC 9110 15.5.15), as nginx does;
+    - a header line over ``MAX_LENGTH``, a head over ``totalHeadersSize`` in all, or more
+      than ``maxHeaders`` fields → 431 ``header_fields_too_large`` (RFC 6585 5; nginx
+      uses a 400 of its own there);
+    - any other refusal of the parser (a malformed request line, header line, length
+      or chunk) → 400 ``bad_request``;
+
+    each with the JSON error body of SPEC 4.4, then the connection closes. Twisted's
+    private parser state (``_receivedHeaderSize``, ``_receivedHeaderCount``,
+    ``_handlingRequest``, ``_respondToBadRequestAndDisconnect``,
+    ``_command``/``_path``/``_version``,
+    ``_dataBuffer``) is used in this class only, behind ``request_line`` and
+    ``take_buffered`` for the rest of the proxy.
+    """
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """A line over ``MAX_LENGTH`` (LineReceiver would close without a word)."""
+        if self._in_request_line():
+            self.refuse_head(414, "uri_too_long",
+                             f"the request line is over {self.MAX_LENGTH} bytes")
+        else:
+            self.refuse_head(431, "header_fields_too_large",
+                             f"a header line is over {self.MAX_LENGTH} bytes")
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """Every refusal of twisted.web's parser comes here; its counters say which it was.
+
+        Told apart after the fact rather than by overriding ``lineReceived`` and
+        ``headerReceived``, which would cost a Python call per header line of every request.
+        """
+        if self._receivedHeaderSize > self.totalHeadersSize:
+            if self._in_request_line():
+                self.refuse_head(414, "uri_too_long",
+                                 f"the request line is over {self.totalHeadersSize} bytes")
+            else:
+                self.refuse_head(431, "header_fields_too_large",
+                                 f"the request head is over {self.totalHeadersSize} bytes")
+        elif self._receivedHeaderCount > self.maxHeaders:
+            self.refuse_head(431, "header_fields_too_large",
+                             f"the request has more than {self.maxHeaders} header fields")
+        elif self._handlingRequest:
+            self.refuse_head(400, "bad_request", "the request body is malformed")
+        elif self._in_request_line():
+            self.refuse_head(400, "bad_request",
+                             "the request line is not 'METHOD target HTTP/1.x'")
+        else:
+            self.refuse_head(400, "bad_request", "the request head or body framing is malformed")
+
+    def _in_request_line(self) -> bool:
+        """Whether the current request's line is not parsed yet: twisted.web sets ``_command``
+        once it is, and deletes it when the request has been read."""
+        return "_command" not in self.__dict__
+
+    def request_line(self) -> tuple[bytes, bytes, bytes]:
+        """The method, target and version of the request whose head was just parsed
+        (twisted.web hands them to ``requestReceived`` only after the whole body)."""
+        return self._command, self._path, self._version
+
+    def take_buffered(self) -> bytes:
+        """What the client sent after the request being answered, parsed no further (an
+        upgraded connection's first tunnelled bytes); the channel forgets it."""
+        buffered = b"".join(self._dataBuffer)
+        self._dataBuffer = []
+        return buffered
+
+    def refuse_head(self, status: int, code: str, message: str) -> None:
+        """Answer ``status`` with the JSON error, then close: the rest of what the client
+        sent cannot be told apart from a next request. Nothing is written when a response
+        on this connection has begun already (a malformed chunk in a streamed upload)."""
+        transport = self.transport
+        if transport is None or transport.disconnecting:
+            return
+        if not any(request.startedWriting for request in self.requests):
+            body = error_body(code, message)
+            reason = OWN_REASONS.get(status) or http.RESPONSES[status]
+            fields = [*JSON_HEADERS, (b"Content-Length", b"%d" % len(body)),
+                      (b"Connection", b"close"), (b"Date", http.datetimeToString())]
+            transport.write(b"HTTP/1.1 %d %s\r\n%s\r\n%s" % (
+                status, reason, b"".join(b"%s: %s\r\n" % field for field in fields), body))
+        self.persistent = False
+        self.loseConnection()
+
+
+class ProxyChannel(HeadRefusingChannel):
     """twisted.web's HTTP/1.1 channel, reading ``Connection`` as the comma list it is.
 
     ``HTTPChannel.checkPersistence`` splits the header on spaces only, so
@@ -920,11 +1034,6 @@ class ProxyChannel(http.HTTPChannel):
         if self._local is None:
             self._local = self.transport.getHost()
         return self._local
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        """A request line or header line longer than ``max_header_bytes``: 400, as for
-        headers too large in all (LineReceiver would close without a word)."""
-        self._respondToBadRequestAndDisconnect()
 
     def checkPersistence(self, request, version):
         values = request.requestHeaders.getRawHeaders(b"connection") or ()
