@@ -22,7 +22,9 @@ from twisted.python.failure import Failure
 from equalizer.balancer.pool import Backend, BackendPool
 from equalizer.balancer.stats import TrafficStats
 from equalizer.config.loader import BackendConfig, ProxyConfig
-from equalizer.proxy.exchange import RESEND_BODY_BYTES, Proxy, ProxySite, ThrottledWarning
+from equalizer.proxy.attempt import RESEND_BODY_BYTES
+from equalizer.proxy.exchange import Proxy, ThrottledWarning
+from equalizer.proxy.site import ProxySite
 from equalizer.proxy.upstream import UpstreamConnection
 from tests.integration.harness import parse_response
 
