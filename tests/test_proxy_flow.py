@@ -254,3 +254,47 @@ def test_tunnel_failing_aborts_the_client():
     backend.handler.response_failed(Failure(ConnectionLost()), True)
     assert client.disconnected or client.disconnecting
     assert setup.proxy.active == 0
+
+
+# -- the response head ------------------------------------------------------------------------
+
+
+def test_fields_the_backend_names_in_connection_do_not_reach_the_client():
+    setup = Setup()
+    client = setup.client(GET)
+    setup.complete_connect().dataReceived(
+        b"HTTP/1.1 200 OK\r\nConnection: X-Private, Content-Length\r\nX-Private: s\r\n"
+        b"X-Request-ID: theirs\r\nContent-Length: 2\r\n\r\nok")
+    head = client.value().split(b"\r\n\r\n", 1)[0]
+    assert b"X-Private" not in head and b"Connection:" not in head
+    assert b"Content-Length" not in head and b"Transfer-Encoding: chunked" in head
+    assert head.count(b"X-Request-ID") == 1 and b"X-Request-ID: theirs" in head
+
+
+def test_204_never_carries_content_length():
+    setup = Setup()
+    client = setup.client(GET)
+    setup.complete_connect().dataReceived(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+    assert b"Content-Length" not in client.value()
+
+
+def test_admission_fields_replace_the_backends_own():
+    setup = Setup()
+    setup.proxy.configure(setup.config, OwnFields())
+    client = setup.client(GET)
+    setup.complete_connect().dataReceived(
+        b"HTTP/1.1 200 OK\r\nX-Limit: backend\r\nContent-Length: 2\r\n\r\nok")
+    head = client.value().split(b"\r\n\r\n", 1)[0]
+    assert b"X-Limit: backend" not in head and b"X-Limit: ours" in head
+
+
+class OwnFields:
+    """An admission that admits all and writes one field of its own."""
+
+    owned_fields = frozenset({b"x-limit"})
+
+    def admit(self, exchange) -> None:
+        exchange.dispatch()
+
+    def response_lines(self, exchange) -> bytes:
+        return b"X-Limit: ours\r\n"
