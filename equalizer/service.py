@@ -37,8 +37,10 @@ from equalizer.config.loader import Config, ConfigError, apply_overrides, load_c
 from equalizer.demo import demo_service, demo_urls
 from equalizer.logs.service import LogFileError, LoggingService, open_logging
 from equalizer.metrics import EqualizerCollector, metrics_registry
-from equalizer.proxy.admission import RateLimiter
-from equalizer.proxy.exchange import Exchange, Proxy, ProxySite, key_reader, no_lines
+from equalizer.proxy.admission import ADMIT_ALL, RateLimiter
+from equalizer.proxy.exchange import Proxy
+from equalizer.proxy.keys import key_reader
+from equalizer.proxy.site import ProxySite
 from equalizer.proxy.upstream import UpstreamPool
 from equalizer.readiness import READY_TIMEOUT, Readiness
 
@@ -191,24 +193,17 @@ class EqualizerService(MultiService):
 
     def _apply_settings(self, config: Config) -> None:
         """Settings that take effect at once, at start-up and on reload."""
-        self.proxy.config = config.proxy
-        self.proxy.log_access = config.logging.access_log
-        self.proxy.hash_key = (key_reader(config.balancer.hash_key)
-                               if config.balancer.strategy == "hash" else None)
         self.proxy_site.max_header_bytes = config.proxy.max_header_bytes
         self.proxy_site.timeOut = config.proxy.timeouts.idle or None
         self.upstreams.configure(connect_timeout=config.proxy.timeouts.connect,
                                  idle_timeout=config.proxy.timeouts.idle)
         self.limiter.configure(config.rate_limit)
         self.store.configure(config.rate_limit)
-        if config.rate_limit.enabled:
-            self.proxy.admit = self.limiter.admit
-            self.proxy.response_lines = self.limiter.response_lines
-            self.proxy.owned_fields = self.limiter.owned_fields
-        else:
-            self.proxy.admit = Exchange.dispatch
-            self.proxy.response_lines = no_lines
-            self.proxy.owned_fields = frozenset()
+        self.proxy.configure(
+            config.proxy, self.limiter if config.rate_limit.enabled else ADMIT_ALL,
+            hash_key=(key_reader(config.balancer.hash_key)
+                      if config.balancer.strategy == "hash" else None),
+            log_access=config.logging.access_log)
         self.admin.default_policy = config.rate_limit.default
 
     # -- SIGHUP reload ----------------------------------------------------------------

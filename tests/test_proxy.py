@@ -11,9 +11,7 @@ from __future__ import annotations
 import errno
 
 import pytest
-from attrs import define, field
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectBindError, ConnectionDone, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import Logger, LogLevel, globalLogPublisher
@@ -22,50 +20,12 @@ from twisted.python.failure import Failure
 from equalizer.balancer.pool import Backend, BackendPool
 from equalizer.balancer.stats import TrafficStats
 from equalizer.config.loader import BackendConfig, ProxyConfig
-from equalizer.proxy.exchange import RESEND_BODY_BYTES, Proxy, ProxySite, ThrottledWarning
+from equalizer.proxy.attempt import RESEND_BODY_BYTES
+from equalizer.proxy.exchange import Proxy, ThrottledWarning
+from equalizer.proxy.site import ProxySite
 from equalizer.proxy.upstream import UpstreamConnection
+from equalizer.testing import FakePassive, FakeUpstreams
 from tests.integration.harness import parse_response
-
-
-@define
-class FakeUpstreams:
-    """The proxy's UpstreamPool as a test drives it: idle connections the test put there,
-    and connects that wait for the test."""
-
-    idle: dict = field(factory=dict)
-    connects: list[tuple[Backend, Deferred]] = field(factory=list)
-    released: list[UpstreamConnection] = field(factory=list)
-
-    def get_idle(self, backend: Backend) -> UpstreamConnection | None:
-        connections = self.idle.get(backend)
-        if connections:
-            connection = connections.pop()
-            connection.reused = True
-            return connection
-        return None
-
-    def connect(self, backend: Backend) -> Deferred:
-        d: Deferred = Deferred()
-        self.connects.append((backend, d))
-        return d
-
-    def release(self, connection: UpstreamConnection) -> None:
-        self.released.append(connection)
-
-    def forget(self, connection: UpstreamConnection) -> None:
-        pass
-
-
-@define
-class FakePassive:
-    failures: list[tuple[Backend, str]] = field(factory=list)
-    successes: int = 0
-
-    def record_connect_failure(self, backend: Backend, reason: str) -> None:
-        self.failures.append((backend, reason))
-
-    def record_connect_success(self, backend: Backend) -> None:
-        self.successes += 1
 
 
 class Setup:

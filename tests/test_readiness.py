@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 
 from equalizer.buckets.stores import MemoryStore, StoreUnavailable
 from equalizer.config.loader import parse_config
-from equalizer.proxy.exchange import ProxySite
+from equalizer.proxy.site import ProxySite
 from equalizer.readiness import READY_TIMEOUT, Readiness
 from equalizer.service import BucketService, EqualizerService
 from tests.helpers import result_of

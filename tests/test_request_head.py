@@ -15,13 +15,13 @@ from equalizer.balancer.pool import BackendPool
 from equalizer.balancer.stats import TrafficStats
 from equalizer.buckets.stores import MemoryStore
 from equalizer.config.loader import ProxyConfig
-from equalizer.proxy.exchange import ProxySite
 from equalizer.proxy.request_head import (
     NOT_A_PATH,
     host_problem,
     split_absolute_target,
     valid_host,
 )
+from equalizer.proxy.site import ProxySite
 from tests.integration.harness import parse_response
 from tests.test_proxy import OK, Setup
 

@@ -12,7 +12,13 @@ import socket
 
 import pytest
 from attrs import define, field
-from twisted.internet.error import ConnectBindError, ConnectError, ConnectionRefusedError
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.error import (
+    ConnectBindError,
+    ConnectError,
+    ConnectionDone,
+    ConnectionRefusedError,
+)
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
@@ -58,10 +64,12 @@ def make_pool() -> UpstreamPool:
     return UpstreamPool(clock, clock, connect_timeout=1.0, idle_timeout=10.0)
 
 
-def connected(pool: UpstreamPool | None = None) -> tuple[UpstreamConnection, Recorder]:
+def connected(pool: UpstreamPool | None = None, target: Backend | None = None
+              ) -> tuple[UpstreamConnection, Recorder]:
     """A connection on a StringTransport with a GET already sent."""
     pool = pool or make_pool()
-    connection = UpstreamConnection(pool, Backend.from_url("b1", "http://127.0.0.1:9001"))
+    target = target or Backend.from_url("b1", "http://127.0.0.1:9001")
+    connection = UpstreamConnection(pool, target)
     connection.makeConnection(StringTransport())
     recorder = Recorder()
     connection.send_head(b"GET / HTTP/1.1\r\nHost: b\r\n\r\n", recorder, head_request=False,
@@ -265,3 +273,163 @@ def test_local_resource_errors(error, local):
     """EMFILE and its kin (the proxy's own shortage) are told apart from backend failures."""
     assert is_local_resource_error(Failure(error)) is local
 
+
+
+# -- body framing -----------------------------------------------------------------------------
+
+
+def test_length_body_split_across_reads_then_extra_bytes_drop_the_connection():
+    connection, recorder = connected()
+    connection.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab")
+    connection.dataReceived(b"cdeXTRA")
+    assert bytes(recorder.body) == b"abcde" and recorder.done == 1
+    assert connection.transport.disconnecting  # bytes nobody asked for: not reusable
+
+
+def test_chunked_body_with_extensions_and_trailers():
+    connection, recorder = connected()
+    connection.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                            b"3;ext=1\r\nabc\r\n2\r")
+    connection.dataReceived(b"\nde\r\n0\r\nTrailer: x\r\n\r\n")
+    assert bytes(recorder.body) == b"abcde" and recorder.done == 1
+    assert connection.pool.idle_count(connection.backend) == 1
+
+
+@pytest.mark.parametrize("body", [
+    b"3\r\nabcX\r\n", b"zz\r\n", b"-1\r\n", b"1" * 70000,
+], ids=["no-crlf-after-chunk", "bad-size", "negative-size", "size-line-too-long"])
+def test_bad_chunk_framing_fails_the_response(body):
+    connection, recorder = connected()
+    connection.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
+    assert len(recorder.failures) == 1 and recorder.failures[0][1] is True
+
+
+def test_head_too_large_fails_before_the_response_started():
+    connection, recorder = connected()
+    connection.dataReceived(b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70000)
+    assert recorder.failures[0][1] is False
+
+
+def test_chunked_request_body_is_framed():
+    connection = UpstreamConnection(make_pool(), Backend.from_url("b1", "http://127.0.0.1:9001"))
+    connection.makeConnection(StringTransport())
+    connection.send_head(b"POST / HTTP/1.1\r\n\r\n", Recorder(), head_request=False,
+                         chunked_body=True, body_follows=True)
+    connection.send_body(b"abc")
+    connection.end_body()
+    assert connection.transport.value().endswith(b"3\r\nabc\r\n0\r\n\r\n")
+
+
+def test_bytes_while_idle_drop_the_connection():
+    connection, recorder = connected()
+    connection.dataReceived(OK_RESPONSE)
+    connection.dataReceived(b"surprise")
+    assert connection.transport.disconnecting
+
+
+def test_close_delimited_body_ends_with_the_connection():
+    connection, recorder = connected()
+    connection.dataReceived(b"HTTP/1.1 200 OK\r\n\r\nabc")
+    connection.connectionLost(Failure(ConnectionDone()))
+    assert bytes(recorder.body) == b"abc" and recorder.done == 1
+
+
+def test_producer_calls_reach_the_transport():
+    connection, _ = connected()
+    connection.pauseProducing()
+    assert connection.transport.producerState == "paused"
+    connection.resumeProducing()
+    assert connection.transport.producerState == "producing"
+    connection.stopProducing()
+    assert connection.handler is None
+
+
+# -- the pool ---------------------------------------------------------------------------------
+
+OK_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+
+
+def backend(url: str = "http://127.0.0.1:9001") -> Backend:
+    return Backend.from_url("b1", url)
+
+
+def test_connect_opens_a_tcp_connection_with_the_connect_timeout():
+    pool = make_pool()
+    b1 = backend()
+    d = pool.connect(b1)
+    host, port, factory, timeout, _ = pool._reactor.tcpClients[0]
+    assert (host, port, timeout) == ("127.0.0.1", 9001, 1.0)
+    protocol = factory.buildProtocol(None)
+    protocol.makeConnection(StringTransport())
+    assert isinstance(d.result, UpstreamConnection) and d.result.backend is b1
+    pool.connect(b1)
+    assert pool.connections_made == 2 and len(pool._endpoints) == 1
+
+
+@pytest.mark.parametrize(("url", "kind"), [
+    ("http://[::1]:9001", TCP6ClientEndpoint),
+    ("http://backend.internal:9001", HostnameEndpoint),
+])
+def test_endpoint_kinds(url, kind):
+    assert isinstance(make_pool()._endpoint_for(backend(url)), kind)
+
+
+def test_https_backend_is_wrapped_in_tls():
+    endpoint = make_pool()._endpoint_for(backend("https://127.0.0.1:9443"))
+    assert not isinstance(endpoint, TCP4ClientEndpoint) and hasattr(endpoint, "connect")
+
+
+def test_new_connect_timeout_rebuilds_endpoints():
+    pool = make_pool()
+    pool.connect(backend())
+    pool.configure(connect_timeout=1.0, idle_timeout=5.0)
+    assert pool._endpoints and pool.idle_timeout == 5.0
+    pool.configure(connect_timeout=2.0, idle_timeout=5.0)
+    assert not pool._endpoints
+
+
+def test_released_connection_is_handed_out_again_once():
+    pool = make_pool()
+    connection, _ = connected(pool)
+    connection.dataReceived(OK_RESPONSE)  # complete: released
+    assert pool.get_idle(connection.backend) is connection and connection.reused
+    assert pool.get_idle(connection.backend) is None
+
+
+def test_release_beyond_the_idle_cap_or_after_close_drops_the_connection():
+    pool = UpstreamPool(MemoryReactorClock(), MemoryReactorClock(), connect_timeout=1.0,
+                        idle_timeout=10.0, max_idle_per_backend=1)
+    first, _ = connected(pool)
+    first.dataReceived(OK_RESPONSE)
+    second, _ = connected(pool, first.backend)
+    second.dataReceived(OK_RESPONSE)
+    assert second.transport.disconnecting and pool.idle_count(first.backend) == 1
+    first.connectionLost(Failure(ConnectionDone()))  # forgotten
+    assert pool.idle_count(first.backend) == 0
+    third, _ = connected(pool)
+    third.connected_lost = True
+    pool.release(third)
+    assert third.transport.disconnecting
+
+
+def test_sweep_closes_connections_idle_too_long_and_stop_closes_the_rest():
+    pool = make_pool()
+    clock = pool._clock
+    pool.startService()
+    old, _ = connected(pool)
+    old.dataReceived(OK_RESPONSE)
+    clock.advance(6)
+    young, _ = connected(pool)
+    young.dataReceived(OK_RESPONSE)
+    clock.advance(5)
+    assert old.transport.disconnecting and not young.transport.disconnecting
+    pool.stopService()
+    assert young.transport.disconnecting and pool.idle_count(young.backend) == 0
+
+
+def test_drop_backend_closes_its_idle_connections():
+    pool = make_pool()
+    connection, _ = connected(pool)
+    connection.dataReceived(OK_RESPONSE)
+    pool.drop_backend(connection.backend)
+    assert connection.transport.disconnecting and pool.idle_count(connection.backend) == 0

@@ -33,7 +33,7 @@ from equalizer.config.loader import (
     validate_refill_rate,
     validate_weight,
 )
-from equalizer.proxy.exchange import HeadRefusingChannel
+from equalizer.proxy.site import HeadRefusingChannel
 from equalizer.readiness import Readiness
 
 if TYPE_CHECKING:

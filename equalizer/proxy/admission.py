@@ -1,4 +1,9 @@
-"""The rate limiter in the proxy's request path.
+"""Admission: what decides, once per request, whether the proxy sends it on.
+
+The proxy calls ``admit(exchange)`` once per request; the admission answers by calling
+back ``exchange.dispatch()`` or ``exchange.respond_locally(...)``, now or later, and
+adds its header lines to the response through ``response_lines``. ``AdmitAll`` admits
+every request; ``RateLimiter`` is the rate limiter.
 
 Before a request goes to a backend the limiter takes one token from the
 client's bucket in the store. Admitted requests go on; refused ones get a 429
@@ -9,14 +14,14 @@ decides: ``allow`` lets requests through unlimited, ``deny`` answers 503.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from equalizer.buckets.maths import Decision, field_pairs, header_renderer
 from equalizer.buckets.stores import StoreUnavailable
-from equalizer.proxy.exchange import key_reader
+from equalizer.proxy.keys import key_reader
 
 if TYPE_CHECKING:
     from equalizer.balancer.stats import TrafficStats
@@ -28,6 +33,35 @@ log = Logger()
 
 DECISIONS = ("allowed", "limited", "unlimited", "store_error")
 """Outcomes of the limiter, counted for /metrics and written in the access log."""
+
+
+class Admission(Protocol):
+    """The one interface between the proxy and whatever limits its traffic."""
+
+    owned_fields: frozenset[bytes]
+    """Lower-case names of the fields ``response_lines`` writes: a backend's fields of
+    those names give way to them."""
+
+    def admit(self, exchange: Exchange) -> None:
+        """Call ``exchange.dispatch()`` or ``exchange.respond_locally(...)``, now or later."""
+
+    def response_lines(self, exchange: Exchange) -> bytes:
+        """Header lines (each ending in CRLF) the exchange's response carries."""
+
+
+class AdmitAll:
+    """Admission with no limit: every request goes on, and no fields are added."""
+
+    owned_fields: frozenset[bytes] = frozenset()
+
+    def admit(self, exchange: Exchange) -> None:
+        exchange.dispatch()
+
+    def response_lines(self, exchange: Exchange) -> bytes:
+        return b""
+
+
+ADMIT_ALL = AdmitAll()
 
 
 class RateLimiter:
@@ -51,7 +85,7 @@ class RateLimiter:
         self.deny_on_store_error = config.on_store_error == "deny"
 
     def admit(self, exchange: Exchange) -> None:
-        """The proxy's admission hook: dispatch the exchange, or answer it here.
+        """Dispatch the exchange, or answer it here.
 
         No request arrives while the store makes its first connection: the proxy
         listener opens only once that attempt is over (SPEC 4.5, equalizer.readiness),

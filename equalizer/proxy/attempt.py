@@ -1,0 +1,289 @@
+"""One try of a client request on one backend: connect (or reuse), send the head and
+body, relay the response, and decide what a failure means.
+
+An exchange makes a new ``Attempt`` for every backend it tries, so what belongs to
+one try (its connection, its timer, the body kept for a resend) is never left over
+from the last one. What the failure means for the whole request (retry elsewhere,
+502, 504) is the exchange's call.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from twisted.logger import Logger
+from twisted.web import http
+
+from equalizer.proxy.backpressure import UploadThrottle
+from equalizer.proxy.response import relay_informational, write_head
+from equalizer.proxy.tunnel import Tunnel
+from equalizer.proxy.upstream import is_local_resource_error
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IDelayedCall
+    from twisted.python.failure import Failure
+
+    from equalizer.balancer.pool import Backend
+    from equalizer.proxy.exchange import Exchange
+    from equalizer.proxy.upstream import UpstreamConnection
+
+log = Logger()
+
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"})
+
+RESEND_BODY_BYTES = 64 * 1024
+"""Request body bytes kept, per request sent on a reused backend connection, until the
+first response byte, so that an idempotent request can go again on a fresh connection
+if the backend had closed the reused one; a longer body is not kept (nor resent)."""
+
+
+class Attempt:
+    """The exchange's request on one backend, and that backend's response (a
+    ``ResponseHandler`` of the upstream connection)."""
+
+    __slots__ = ("exchange", "backend", "connection", "pending", "body_sent", "throttle",
+                 "timer", "progress", "resend_chunks", "resend_bytes")
+
+    def __init__(self, exchange: Exchange, backend: Backend) -> None:
+        self.exchange = exchange
+        self.backend: Backend | None = backend
+        self.connection: UpstreamConnection | None = None
+        self.pending = None
+        self.body_sent = False
+        self.throttle: UploadThrottle | None = None
+        self.timer: IDelayedCall | None = None
+        self.progress = 0
+        self.resend_chunks: list[bytes] | None = None
+        self.resend_bytes = 0
+
+    # -- connecting --------------------------------------------------------------------
+
+    def start(self, idle: UpstreamConnection | None) -> None:
+        """Send on ``idle``, a kept-alive connection, or on a new one."""
+        if idle is not None:
+            self._send(idle)
+            return
+        exchange = self.exchange
+        if exchange.body_follows and not exchange.body_ended:
+            exchange.pause_client()
+        self.pending = exchange.proxy.upstreams.connect(self.backend)
+        self.pending.addCallbacks(self._connected, self._connect_failed)
+
+    def _connected(self, connection: UpstreamConnection) -> None:
+        self.pending = None
+        proxy = self.exchange.proxy
+        proxy.passive.record_connect_success(connection.backend)
+        if self.exchange.finished:
+            proxy.upstreams.release(connection)
+            return
+        self._send(connection)
+
+    def _connect_failed(self, reason: Failure) -> None:
+        self.pending = None
+        exchange = self.exchange
+        if exchange.finished:
+            return  # cancelled by client_lost, which has left the backend already
+        backend = self.backend
+        self.leave_backend()
+        if is_local_resource_error(reason):
+            exchange.out_of_resources(backend, reason)
+            return
+        exchange.last_failure = reason
+        # Counted in backend.failures by the health monitor, with the passive check.
+        exchange.proxy.passive.record_connect_failure(backend, reason.getErrorMessage())
+        log.debug("connect to {url} failed: {error}", url=backend.url,
+                  error=reason.getErrorMessage())
+        exchange.retry_or_fail()
+
+    # -- the request ---------------------------------------------------------------------
+
+    def _send(self, connection: UpstreamConnection) -> None:
+        self.connection = connection
+        exchange = self.exchange
+        connection.send_head(exchange.head_for(connection.backend), self,
+                             head_request=exchange.head_request,
+                             chunked_body=exchange.chunked_body,
+                             body_follows=exchange.body_follows)
+        if not exchange.body_follows:
+            self._arm(exchange.proxy.config.timeouts.response)
+            return
+        if connection.reused and exchange.method in IDEMPOTENT_METHODS:
+            self.resend_chunks, self.resend_bytes = [], 0
+        self.throttle = UploadThrottle(exchange.request.channel.transport)
+        connection.transport.registerProducer(self.throttle, True)
+        buffered, exchange.body_chunks = exchange.body_chunks, None
+        for chunk in buffered or ():
+            self.send_body(chunk)
+        exchange.resume_client()
+        if exchange.body_ended:
+            self.end_body()
+
+    def send_body(self, data: bytes) -> None:
+        self.body_sent = True
+        self.connection.send_body(data)
+        kept = self.resend_chunks
+        if kept is not None:
+            # Kept until the response begins, up to RESEND_BODY_BYTES; past it the
+            # request can no longer be sent again.
+            self.resend_bytes += len(data)
+            if self.resend_bytes > RESEND_BODY_BYTES:
+                self.resend_chunks = None
+            else:
+                kept.append(data)
+
+    def end_body(self) -> None:
+        connection = self.connection
+        connection.end_body()
+        if self.throttle is not None:
+            connection.transport.unregisterProducer()
+            self.throttle = None
+        if self.exchange.status == 0:
+            self._arm(self.exchange.proxy.config.timeouts.response)
+
+    # -- the response (ResponseHandler) ----------------------------------------------------
+
+    def response_informational(self, status: int, reason: bytes,
+                               headers: list[tuple[bytes, bytes]]) -> None:
+        self.resend_chunks = None
+        relay_informational(self.exchange, status, reason, headers)
+
+    def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
+                      chunked: bool, codings: bytes) -> None:
+        exchange = self.exchange
+        exchange.status = status
+        self.resend_chunks = None
+        if status == 101:
+            self._disarm()
+            self.connection.handler = Tunnel(self, reason, headers)
+            return
+        request = exchange.request
+        if codings and request.clientproto != b"HTTP/1.1" and not exchange.head_request \
+                and status not in http.NO_BODY_CODES:
+            self._refuse_codings()
+            return
+        self._arm(exchange.proxy.config.timeouts.idle)
+        request.setResponseCode(status, reason)
+        write_head(exchange, status, reason, headers, chunked, codings)
+        request.registerProducer(self.connection, True)
+
+    def _refuse_codings(self) -> None:
+        """502 for a body in a transfer coding (``gzip``) an HTTP/1.0 client cannot be sent:
+        RFC 9112 6.1 forbids Transfer-Encoding towards it, and passing the bytes as the
+        content would corrupt it. The backend did nothing wrong: not counted against it."""
+        self._disarm()
+        connection, self.connection = self.connection, None
+        connection.abort()
+        self.leave_backend()
+        self.exchange.respond_locally(502, "bad_gateway", "the backend's response uses a "
+                                      "transfer coding that cannot be sent to an HTTP/1.0 client")
+
+    def response_body(self, data: bytes) -> None:
+        self.progress += 1
+        exchange = self.exchange
+        exchange.bytes_sent += len(data)
+        exchange.request.write(data)
+
+    def response_done(self) -> None:
+        self._disarm()
+        self.connection = None
+        exchange = self.exchange
+        exchange.request.unregisterProducer()
+        exchange.complete()
+
+    def response_failed(self, reason: Failure, response_started: bool) -> None:
+        self._disarm()
+        connection, self.connection = self.connection, None
+        backend = self.backend
+        self.leave_backend()
+        exchange = self.exchange
+        if exchange.finished:
+            return
+        exchange.last_failure = reason
+        if response_started:
+            backend.failures += 1
+            log.warn("backend {url} broke off its response: {error}", url=backend.url,
+                     error=reason.getErrorMessage())
+            exchange.request.unregisterProducer()
+            exchange.abort_client()
+            return
+        if connection is not None and self._resend_afresh(connection, backend):
+            return
+        backend.failures += 1
+        if exchange.method in IDEMPOTENT_METHODS and not self.body_sent:
+            exchange.retry_or_fail()
+        else:
+            exchange.gateway_failure()
+
+    def _resend_afresh(self, connection: UpstreamConnection, backend: Backend) -> bool:
+        """Send the request again on a fresh connection if its reused one died before any
+        response byte: most likely the backend closed it as the request went out (the
+        keep-alive race; connections it had closed before are never used, see
+        ``UpstreamPool.get_idle``). Only for idempotent methods (RFC 9112 9.3.1.1: the
+        backend may have read it), with the body kept for it; not a backend failure."""
+        exchange = self.exchange
+        if not connection.reused or connection.received_any or exchange.fresh_only \
+                or exchange.method not in IDEMPOTENT_METHODS:
+            return False
+        kept = self.resend_chunks
+        if self.body_sent and kept is None:
+            return False  # the body outgrew RESEND_BODY_BYTES: it cannot go again
+        self.resend_chunks = None
+        exchange.resend_afresh(backend, kept)
+        return True
+
+    # -- leaving -------------------------------------------------------------------------
+
+    def leave_backend(self) -> None:
+        backend = self.backend
+        if backend is not None:
+            backend.in_flight -= 1
+            self.backend = None
+            self.exchange.proxy.backend_released(backend)
+
+    def abandon(self):
+        """Drop the connection (or the connect under way, returned for the exchange to
+        cancel once it is finished: cancelling fails the connect at once)."""
+        self._disarm()
+        pending, self.pending = self.pending, None
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            connection.abort()
+        if pending is not None:
+            self.leave_backend()  # the request never reached it
+        return pending
+
+    # -- timeouts ------------------------------------------------------------------------
+
+    def _arm(self, seconds: float) -> None:
+        if not seconds:
+            return
+        if self.timer is not None and self.timer.active():
+            self.timer.reset(seconds)
+        else:
+            self.timer = self.exchange.proxy.clock.callLater(seconds, self._timed_out,
+                                                             self.progress)
+
+    def _disarm(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+    def _timed_out(self, progress_when_armed: int) -> None:
+        self.timer = None
+        exchange = self.exchange
+        if exchange.status and self.progress != progress_when_armed:
+            self._arm(exchange.proxy.config.timeouts.idle)
+            return
+        connection, self.connection = self.connection, None
+        backend = self.backend
+        if connection is not None:
+            connection.abort()
+        self.leave_backend()
+        if backend is not None:
+            backend.failures += 1
+        if exchange.status:
+            log.warn("backend {url} went idle mid-response", url=backend.url if backend else "?")
+            exchange.request.unregisterProducer()
+            exchange.abort_client()
+        else:
+            exchange.respond_locally(504, "gateway_timeout", "the backend did not answer in time")

@@ -1,0 +1,58 @@
+"""The client key: what a request is counted by (rate limits) or hashed on (``hash``
+balancing) — the client address, a header or a cookie."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from equalizer.proxy.exchange import Exchange
+
+
+def key_reader(spec: str) -> Callable[[Exchange], str]:
+    """How to read a client key (``ip``, ``header:NAME``, ``cookie:NAME``) off an exchange.
+
+    A missing header or cookie falls back to the client address, so every
+    request has a key and a client cannot escape a limit by leaving one out.
+    """
+    kind, _, name = spec.partition(":")
+    if kind == "header":
+        header = name.encode("latin-1")
+
+        def from_header(exchange: Exchange) -> str:
+            values = exchange.request.requestHeaders.getRawHeaders(header)
+            return _usable_key(values[0], exchange) if values else exchange.client
+
+        return from_header
+    if kind == "cookie":
+        cookie = name.encode("latin-1")
+
+        def from_cookie(exchange: Exchange) -> str:
+            value = exchange.request.received_cookies.get(cookie)
+            return _usable_key(value, exchange) if value is not None else exchange.client
+
+        return from_cookie
+    return _client_of
+
+
+def _client_of(exchange: Exchange) -> str:
+    return exchange.client
+
+
+MAX_KEY_LENGTH = 512
+"""Longest key stored as it is (the bucket store's client_id limit)."""
+
+
+def _usable_key(value: bytes, exchange: Exchange) -> str:
+    """A header or cookie value as a bucket key: UTF-8 text (latin-1 if it is not), the
+    client address when empty, a digest when overlong, so no value escapes the limit."""
+    if not value:
+        return exchange.client
+    if len(value) > MAX_KEY_LENGTH:
+        return "sha256:" + hashlib.sha256(value).hexdigest()
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
