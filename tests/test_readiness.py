@@ -279,9 +279,8 @@ def test_port_taken_by_the_time_of_readiness_stops_with_status_1(capfd) -> None:
     with exit status 1, not a traceback and not a process that serves nothing."""
     reactor = PortTakenReactor()
     store = FirstAttemptStore(reactor)
-    service = EqualizerService(config(), reactor, store=store)
     stops: list[int] = []
-    service.stop_process = stops.append
+    service = EqualizerService(config(), reactor, store=store, stop_process=stops.append)
     service.privilegedStartService()
     service.startService()
     store.attempts[0].callback(None)

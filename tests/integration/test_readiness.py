@@ -27,8 +27,8 @@ from twisted.protocols.portforward import ProxyFactory
 from txpostgres.txpostgres import Connection
 
 from equalizer.buckets.stores import _MIGRATION_LOCK
+from equalizer.listeners import probe_address
 from equalizer.readiness import READY_TIMEOUT
-from equalizer.service import probe_address
 from tests.integration.buckets_support import call
 from tests.integration.harness import (
     LOOPBACK,
