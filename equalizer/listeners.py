@@ -12,7 +12,6 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -20,6 +19,10 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 if TYPE_CHECKING:
+    from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+    from twisted.internet.protocol import ServerFactory
+    from twisted.python.failure import Failure
+
     from equalizer.readiness import Readiness
 
 log = Logger()
@@ -40,7 +43,7 @@ class ListenFailed(SystemExit, Exception):
         return self.message
 
 
-class Listener(StreamServerEndpointService):
+class Listener(Service):
     """A listener whose failure to bind (port in use, no such directory) is one line
     on stderr and ListenFailed: a user's mistake, not a traceback.
 
@@ -49,18 +52,20 @@ class Listener(StreamServerEndpointService):
     a failure to bind to ``on_failure`` instead of raising.
     """
 
-    _raiseSynchronously = True
-
-    def __init__(self, endpoint, factory, key: str, description: str, *,
-                 probe: Callable[[object], None] | None = None) -> None:
-        super().__init__(endpoint, factory)
+    def __init__(self, endpoint: IStreamServerEndpoint, factory: ServerFactory, key: str,
+                 description: str, *, probe: Callable[[object], None] | None = None) -> None:
+        self.endpoint = endpoint
+        self.factory = factory
         self.key = key
         self.description = description
         self._probe = probe_address if probe is None else probe
         self._readiness: Readiness | None = None
         self._on_open: Callable[[], None] = lambda: None
         self._on_failure: Callable[[ListenFailed], None] = lambda error: None
-        self._pending: Deferred[None] | None = None
+        self._pending: Deferred[None] | None = None  # waiting for readiness
+        self._listening: Deferred[IListeningPort | None] | None = None  # listen() was called
+        self.port: IListeningPort | None = None
+        """The listening port, once listening."""
 
     def gate(self, readiness: Readiness, on_open: Callable[[], None],
              on_failure: Callable[[ListenFailed], None]) -> None:
@@ -70,9 +75,9 @@ class Listener(StreamServerEndpointService):
         self._on_failure = on_failure
 
     def privilegedStartService(self) -> None:
+        Service.privilegedStartService(self)
         if self._readiness is not None and not self._readiness.ready:
-            Service.privilegedStartService(self)  # bind later, in startService's wait
-            try:
+            try:  # bind later, in startService's wait; find a taken port now
                 self._probe(self.endpoint)
             except OSError as error:
                 self._fail(error)
@@ -81,7 +86,7 @@ class Listener(StreamServerEndpointService):
 
     def startService(self) -> None:
         Service.startService(self)
-        if self._waitingForPort is not None or self._pending is not None:
+        if self._listening is not None or self._pending is not None:
             return
         if self._readiness is None:
             self._bind()
@@ -90,11 +95,21 @@ class Listener(StreamServerEndpointService):
             self._pending.addCallback(self._bind_late)
 
     def _bind(self) -> None:
-        try:
-            super().privilegedStartService()
-        except (CannotListenError, OSError) as error:
-            self._fail(error)
+        """Listen. The built-in endpoints (tcp, ssl, unix) answer at once, so a failure to
+        bind is known here and raised as ListenFailed."""
+        failures: list[Failure] = []
+        listening = self.endpoint.listen(self.factory)
+        listening.addCallbacks(self._opened, failures.append)
+        if failures:
+            if failures[0].check(CannotListenError, OSError):
+                self._fail(failures[0].value)
+            failures[0].raiseException()
+        self._listening = listening
         self._on_open()
+
+    def _opened(self, port: IListeningPort) -> IListeningPort:
+        self.port = port
+        return port
 
     def _fail(self, error: Exception) -> NoReturn:
         message = f"cannot listen on {self.key} {self.description!r}: {_reason(error)}"
@@ -108,7 +123,6 @@ class Listener(StreamServerEndpointService):
         try:
             self._bind()
         except ListenFailed as error:
-            self._waitingForPort = None
             self._on_failure(error)
 
     def stopService(self) -> Deferred[None]:
@@ -117,10 +131,11 @@ class Listener(StreamServerEndpointService):
             pending, self._pending = self._pending, None
             pending.cancel()
             pending.addErrback(lambda failure: failure.trap(defer.CancelledError))
-        if self._waitingForPort is None:
-            Service.stopService(self)
+        Service.stopService(self)
+        listening, self._listening, self.port = self._listening, None, None
+        if listening is None:
             return defer.succeed(None)
-        return super().stopService()
+        return listening.addCallback(lambda port: port and port.stopListening())
 
 
 def probe_address(endpoint) -> None:
