@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, NoReturn
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 if TYPE_CHECKING:
@@ -53,7 +55,7 @@ class Listener(Service):
     """
 
     def __init__(self, endpoint: IStreamServerEndpoint, factory: ServerFactory, key: str,
-                 description: str, *, probe: Callable[[object], None] | None = None) -> None:
+                 description: str, *, probe: Callable[[str], None] | None = None) -> None:
         self.endpoint = endpoint
         self.factory = factory
         self.key = key
@@ -78,7 +80,7 @@ class Listener(Service):
         Service.privilegedStartService(self)
         if self._readiness is not None and not self._readiness.ready:
             try:  # bind later, in startService's wait; find a taken port now
-                self._probe(self.endpoint)
+                self._probe(self.description)
             except OSError as error:
                 self._fail(error)
             return
@@ -138,22 +140,56 @@ class Listener(Service):
         return listening.addCallback(lambda port: port and port.stopListening())
 
 
-def probe_address(endpoint) -> None:
-    """Bind, without listening, the address a TCP or SSL endpoint will listen on, and let
-    it go at once; OSError if it cannot be bound (taken, not this host's).
+def probe_address(description: str) -> None:
+    """Bind, without listening, the address a TCP or SSL endpoint string will listen on,
+    and let it go at once; OSError if it cannot be bound (taken, not this host's).
 
     A listener that opens only later (SPEC 4.5) so still finds a port already in use
     while twistd starts: one line and exit 1 before it daemonizes, not a daemon that
     reports success and then exits. Nothing accepts on the probe, so no client ever
     connects to it. Ephemeral ports (0) and other endpoints (``unix:``) are not probed.
     """
-    port, interface = getattr(endpoint, "_port", None), getattr(endpoint, "_interface", None)
-    if not isinstance(port, int) or not port or not isinstance(interface, str):
+    address = listen_address(description)
+    if address is None or not address[1]:
         return
+    interface, port = address
     family = socket.AF_INET6 if ":" in interface else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as listenTCP does
         probe.bind((interface, port))
+
+
+def listen_address(description: str) -> tuple[str, int] | None:
+    """The (interface, port) a TCP or SSL endpoint string listens on; None for others.
+
+    Twisted's own parser reads the string (``serverFromString``), and the endpoint
+    tells where it would listen through the reactor interface it calls: the recorder
+    below stands in for the reactor, so nothing is bound.
+    """
+    recorder = _AddressRecorder()
+    endpoint = serverFromString(recorder, description)
+    try:
+        listening = endpoint.listen(Factory())
+    except AttributeError:  # it asks for another kind of listening (listenUNIX, ...)
+        return None
+    listening.addErrback(lambda failure: None)  # the same: not a TCP or SSL endpoint
+    return recorder.address
+
+
+class _AddressRecorder:
+    """A stand-in reactor that notes where an endpoint asks to listen (IReactorTCP,
+    IReactorSSL) and listens nowhere."""
+
+    def __init__(self) -> None:
+        self.address: tuple[str, int] | None = None
+
+    def listenTCP(self, port: int, factory: object, backlog: int = 50,
+                  interface: str = "") -> None:
+        self.address = (interface, port)
+
+    def listenSSL(self, port: int, factory: object, contextFactory: object,
+                  backlog: int = 50, interface: str = "") -> None:
+        self.address = (interface, port)
 
 
 def _reason(error: Exception) -> str:

@@ -139,7 +139,7 @@ class EqualizerService(MultiService):
                  logging_service: LoggingService | None = None,
                  store: IBucketStore | None = None,
                  stop_process: Callable[[int], None] = lambda status: None,
-                 probe: Callable[[object], None] | None = None) -> None:
+                 probe: Callable[[str], None] | None = None) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
