@@ -38,13 +38,9 @@ from equalizer.metrics import EqualizerCollector, metrics_registry
 from equalizer.proxy.admission import RateLimiter
 from equalizer.proxy.exchange import Exchange, Proxy, ProxySite, key_reader, no_lines
 from equalizer.proxy.upstream import UpstreamPool
-from equalizer.readiness import READY_TIMEOUT, Readiness
+from equalizer.readiness import BucketService
 
 log = Logger()
-
-STORE_RETRY_SECONDS = 2.0
-"""How often start-up tries again to reach a database that was down."""
-
 
 class Options(usage.Options):
     """Flags override the YAML file; see SPEC section 2."""
@@ -396,75 +392,3 @@ def make_store(config: Config, reactor) -> IBucketStore:
     if config.rate_limit.store == "postgres":
         return LeasingStore(PostgresStore(config.rate_limit.database_url, reactor), reactor)
     return MemoryStore(reactor)
-
-
-class BucketService(Service):
-    """Starts the bucket store and stops it last; a database down at start-up is retried.
-
-    ``readiness`` is set once the store's first connection attempt has finished
-    (connected and migrated, or failed) or READY_TIMEOUT has passed (SPEC 4.5);
-    a store that needs no connection (memory) is ready from the start. Once ready,
-    while the store is down, ``on_store_error`` decides for proxied requests and the
-    bucket API answers 503, exactly as when the database goes away later.
-    """
-
-    def __init__(self, store: IBucketStore, clock, *, needs_connection: bool = True,
-                 ready_timeout: float = READY_TIMEOUT) -> None:
-        self.store = store
-        self._clock = clock
-        self._retry = None
-        self._ready_timer = None
-        self._ready_timeout = ready_timeout
-        self._late = False  # serving without the store: say when it comes
-        self.readiness = Readiness(ready=not needs_connection)
-
-    def startService(self) -> None:
-        super().startService()
-        if not self.readiness.ready:
-            self._ready_timer = self._clock.callLater(self._ready_timeout, self._time_up)
-        self._start()
-
-    def _start(self) -> None:
-        self._retry = None
-        self.store.start().addCallbacks(self._connected, self._failed)
-
-    def _connected(self, result: object = None) -> None:
-        if self._late:
-            log.info("bucket store available")
-        self._attempted()
-
-    def _attempted(self, result: object = None) -> None:
-        self._cancel_ready_timer()
-        self.readiness.set()
-
-    def _time_up(self) -> None:
-        """The first attempt is taking too long (a database that accepts and never answers):
-        serve anyway, under ``on_store_error``, and let the attempt go on."""
-        self._ready_timer = None
-        self._late = True
-        log.warn("bucket store: no answer to its first connection attempt after {seconds}s; "
-                 "serving now, on_store_error applies until it connects",
-                 seconds=self._ready_timeout)
-        self.readiness.set()
-
-    def _cancel_ready_timer(self) -> None:
-        if self._ready_timer is not None and self._ready_timer.active():
-            self._ready_timer.cancel()
-        self._ready_timer = None
-
-    def _failed(self, failure) -> None:
-        self._late = True
-        self._attempted()
-        if not self.running:
-            return
-        log.error("bucket store unavailable at start-up, retrying in {seconds}s: {error}",
-                  seconds=STORE_RETRY_SECONDS, error=failure.getErrorMessage())
-        self._retry = self._clock.callLater(STORE_RETRY_SECONDS, self._start)
-
-    def stopService(self):
-        super().stopService()
-        self._cancel_ready_timer()
-        self.readiness.set()  # bucket calls still waiting get their answer (503) now
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        return self.store.stop()

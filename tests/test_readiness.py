@@ -22,8 +22,8 @@ from twisted.python.failure import Failure
 from equalizer.buckets.stores import MemoryStore, StoreUnavailable
 from equalizer.config.loader import parse_config
 from equalizer.proxy.exchange import ProxySite
-from equalizer.readiness import READY_TIMEOUT, Readiness
-from equalizer.service import BucketService, EqualizerService
+from equalizer.readiness import READY_TIMEOUT, BucketService, Readiness
+from equalizer.service import EqualizerService
 from tests.helpers import result_of
 
 PROXY, ADMIN = "proxy", "admin"

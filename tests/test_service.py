@@ -20,8 +20,8 @@ from equalizer.buckets.leasing import LeasingStore
 from equalizer.config.loader import ConfigError, parse_config
 from equalizer.demo import DEMO_PORTS
 from equalizer.proxy.exchange import ProxySite
+from equalizer.readiness import STORE_RETRY_SECONDS, BucketService
 from equalizer.service import (
-    BucketService,
     EqualizerService,
     Options,
     make_store,
@@ -267,7 +267,7 @@ def test_store_failing_at_start_up_is_retried_until_it_connects(events: list[dic
     buckets.startService()
     store.attempts[0].errback(ConnectionRefusedError("refused"))
     assert buckets.readiness.ready
-    reactor.advance(service_module.STORE_RETRY_SECONDS)
+    reactor.advance(STORE_RETRY_SECONDS)
     store.attempts[1].callback(None)
     assert store.available
     assert "bucket store available" in [e.get("log_format") for e in events]
