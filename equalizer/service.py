@@ -11,18 +11,15 @@ import atexit
 import gc
 import os
 import signal
-import socket
 import sys
 from collections.abc import Callable
-from typing import NoReturn
 
 import attrs
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import CannotListenError, ReactorNotRunning
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -35,6 +32,7 @@ from equalizer.buckets.leasing import LeasingStore
 from equalizer.buckets.stores import IBucketStore, MemoryStore, PostgresStore
 from equalizer.config.loader import Config, ConfigError, apply_overrides, load_config, url_identity
 from equalizer.demo import demo_service, demo_urls
+from equalizer.listeners import Listener, ListenFailed
 from equalizer.logs.service import LogFileError, LoggingService, open_logging
 from equalizer.metrics import EqualizerCollector, metrics_registry
 from equalizer.proxy.admission import ADMIT_ALL, RateLimiter
@@ -42,13 +40,9 @@ from equalizer.proxy.exchange import Proxy
 from equalizer.proxy.keys import key_reader
 from equalizer.proxy.site import ProxySite
 from equalizer.proxy.upstream import UpstreamPool
-from equalizer.readiness import READY_TIMEOUT, Readiness
+from equalizer.readiness import BucketService
 
 log = Logger()
-
-STORE_RETRY_SECONDS = 2.0
-"""How often start-up tries again to reach a database that was down."""
-
 
 class Options(usage.Options):
     """Flags override the YAML file; see SPEC section 2."""
@@ -100,11 +94,10 @@ def makeService(options: Options, reactor=None) -> MultiService:
     except LogFileError as error:
         print(f"config error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
-    service = EqualizerService(config, reactor, demo=options["demo"],
-                               reread=lambda: read_config(options, os.environ),
-                               logging_service=logging_service)
-    service.stop_process = lambda status: stop_twistd(reactor, status)
-    return service
+    return EqualizerService(config, reactor, demo=options["demo"],
+                            reread=lambda: read_config(options, os.environ),
+                            logging_service=logging_service,
+                            stop_process=lambda status: stop_twistd(reactor, status))
 
 
 def stop_twistd(reactor, status: int) -> None:
@@ -134,17 +127,23 @@ class EqualizerService(MultiService):
     """The running balancer: proxy, admin API, health monitor and their shared state.
 
     ``reread`` reads and validates the configuration again; when given, SIGHUP
-    reloads it (SPEC 7).
+    reloads it (SPEC 7). ``stop_process`` ends the process with an exit status when
+    the service cannot go on (twistd's reactor, see ``stop_twistd``); ``probe`` is the
+    listeners' start-up check of an address (see ``Listener``).
     """
 
     def __init__(self, config: Config, reactor, *, demo: bool = False,
                  reread: Callable[[], Config] | None = None,
                  logging_service: LoggingService | None = None,
-                 store: IBucketStore | None = None) -> None:
+                 store: IBucketStore | None = None,
+                 stop_process: Callable[[int], None] = lambda status: None,
+                 probe: Callable[[str], None] | None = None) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
         self.reread = reread
+        self.stop_process = stop_process
+        self._probe = probe
         self.logging_service = logging_service
         if logging_service is not None:
             logging_service.setServiceParent(self)  # first: starts first, stops last
@@ -170,11 +169,11 @@ class EqualizerService(MultiService):
         self.proxy.access_log.attach(logging_service)
         self.limiter = RateLimiter(self.store, config.rate_limit, self.stats)
         self.proxy_site = ProxySite(self.proxy, config.proxy, reactor)
-        self.admin = AdminAPI(self.pool, self.stats, reactor, self.store,
-                              config.rate_limit.default, self.forget_backend, config.admin.token)
-        self.admin.metrics_registry = metrics_registry(
-            EqualizerCollector(self.pool, self.stats, self.limiter, self.store, reactor))
-        self.admin.readiness = self.readiness
+        self.admin = AdminAPI(
+            self.pool, self.stats, reactor, self.store, config.rate_limit.default,
+            self.forget_backend, config.admin.token, readiness=self.readiness,
+            metrics=metrics_registry(
+                EqualizerCollector(self.pool, self.stats, self.limiter, self.store, reactor)))
         self._apply_settings(config)
         self.proxy_listener = self._listen("proxy.listen", config.proxy.listen, self.proxy_site)
         self.proxy_listener.gate(self.readiness, self._proxy_listening, self._cannot_listen_late)
@@ -183,7 +182,6 @@ class EqualizerService(MultiService):
         self._previous_sigusr1 = None
         self._starting_since = reactor.seconds()
         self.exit_status = 0
-        self.stop_process: Callable[[int], None] | None = None
 
     def setServiceParent(self, parent) -> None:
         """twistd hands us its Application here: our log observer replaces its own."""
@@ -294,8 +292,7 @@ class EqualizerService(MultiService):
         """The proxy port could not be bound once ready (it was taken meanwhile): there is
         nothing to serve, so stop with status 1 (the Listener logged the line)."""
         self.exit_status = 1
-        if self.stop_process is not None:
-            self.stop_process(1)
+        self.stop_process(1)
 
     # -- start and graceful stop ----------------------------------------------------------
 
@@ -342,128 +339,9 @@ class EqualizerService(MultiService):
     def _listen(self, key: str, description: str, factory) -> Listener:
         """A listener child; bad endpoint strings were refused by config validation."""
         endpoint = serverFromString(self.reactor, description)
-        listener = Listener(endpoint, factory, key, description)
+        listener = Listener(endpoint, factory, key, description, probe=self._probe)
         listener.setServiceParent(self)
         return listener
-
-
-class ListenFailed(SystemExit, Exception):
-    """An endpoint could not be bound: exit status 1, without a traceback.
-
-    A SystemExit, so the interpreter exits quietly; an Exception too, so that
-    twistd removes its pidfile and, daemonized, hands the message to its parent.
-    """
-
-    def __init__(self, message: str) -> None:
-        super().__init__(1)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
-
-class Listener(StreamServerEndpointService):
-    """A listener whose failure to bind (port in use, no such directory) is one line
-    on stderr and ListenFailed: a user's mistake, not a traceback.
-
-    twistd binds in ``privilegedStartService``, before the reactor runs. A gated
-    listener (:meth:`gate`) that is not ready by then binds once it is, and reports
-    a failure to bind to ``on_failure`` instead of raising.
-    """
-
-    _raiseSynchronously = True
-
-    def __init__(self, endpoint, factory, key: str, description: str) -> None:
-        super().__init__(endpoint, factory)
-        self.key = key
-        self.description = description
-        self._readiness: Readiness | None = None
-        self._on_open: Callable[[], None] = lambda: None
-        self._on_failure: Callable[[ListenFailed], None] = lambda error: None
-        self._pending: Deferred[None] | None = None
-
-    def gate(self, readiness: Readiness, on_open: Callable[[], None],
-             on_failure: Callable[[ListenFailed], None]) -> None:
-        """Listen only once ``readiness`` is set (SPEC 4.5); ``on_open`` once listening."""
-        self._readiness = readiness
-        self._on_open = on_open
-        self._on_failure = on_failure
-
-    def privilegedStartService(self) -> None:
-        if self._readiness is not None and not self._readiness.ready:
-            Service.privilegedStartService(self)  # bind later, in startService's wait
-            try:
-                probe_address(self.endpoint)
-            except OSError as error:
-                self._fail(error)
-            return
-        self._bind()
-
-    def startService(self) -> None:
-        Service.startService(self)
-        if self._waitingForPort is not None or self._pending is not None:
-            return
-        if self._readiness is None:
-            self._bind()
-        else:
-            self._pending = self._readiness.wait()
-            self._pending.addCallback(self._bind_late)
-
-    def _bind(self) -> None:
-        try:
-            super().privilegedStartService()
-        except (CannotListenError, OSError) as error:
-            self._fail(error)
-        self._on_open()
-
-    def _fail(self, error: Exception) -> NoReturn:
-        message = f"cannot listen on {self.key} {self.description!r}: {_reason(error)}"
-        log.error("{message}; exiting", message=message)  # a daemon's record of why
-        if sys.__stderr__ is not None:
-            print(f"error: {message}", file=sys.__stderr__, flush=True)
-        raise ListenFailed(message) from None
-
-    def _bind_late(self, result: None) -> None:
-        self._pending = None
-        try:
-            self._bind()
-        except ListenFailed as error:
-            self._waitingForPort = None
-            self._on_failure(error)
-
-    def stopService(self) -> Deferred[None]:
-        """Stop listening, or stop waiting to."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.cancel()
-            pending.addErrback(lambda failure: failure.trap(defer.CancelledError))
-        if self._waitingForPort is None:
-            Service.stopService(self)
-            return defer.succeed(None)
-        return super().stopService()
-
-
-def probe_address(endpoint) -> None:
-    """Bind, without listening, the address a TCP or SSL endpoint will listen on, and let
-    it go at once; OSError if it cannot be bound (taken, not this host's).
-
-    A listener that opens only later (SPEC 4.5) so still finds a port already in use
-    while twistd starts: one line and exit 1 before it daemonizes, not a daemon that
-    reports success and then exits. Nothing accepts on the probe, so no client ever
-    connects to it. Ephemeral ports (0) and other endpoints (``unix:``) are not probed.
-    """
-    port, interface = getattr(endpoint, "_port", None), getattr(endpoint, "_interface", None)
-    if not isinstance(port, int) or not port or not isinstance(interface, str):
-        return
-    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as listenTCP does
-        probe.bind((interface, port))
-
-
-def _reason(error: Exception) -> str:
-    cause = error.socketError if isinstance(error, CannotListenError) else error
-    return getattr(cause, "strerror", None) or str(cause)
 
 
 RESTART_ONLY = ("proxy.listen", "admin.listen", "admin.token", "rate_limit.store",
@@ -509,75 +387,3 @@ def make_store(config: Config, reactor) -> IBucketStore:
     if config.rate_limit.store == "postgres":
         return LeasingStore(PostgresStore(config.rate_limit.database_url, reactor), reactor)
     return MemoryStore(reactor)
-
-
-class BucketService(Service):
-    """Starts the bucket store and stops it last; a database down at start-up is retried.
-
-    ``readiness`` is set once the store's first connection attempt has finished
-    (connected and migrated, or failed) or READY_TIMEOUT has passed (SPEC 4.5);
-    a store that needs no connection (memory) is ready from the start. Once ready,
-    while the store is down, ``on_store_error`` decides for proxied requests and the
-    bucket API answers 503, exactly as when the database goes away later.
-    """
-
-    def __init__(self, store: IBucketStore, clock, *, needs_connection: bool = True,
-                 ready_timeout: float = READY_TIMEOUT) -> None:
-        self.store = store
-        self._clock = clock
-        self._retry = None
-        self._ready_timer = None
-        self._ready_timeout = ready_timeout
-        self._late = False  # serving without the store: say when it comes
-        self.readiness = Readiness(ready=not needs_connection)
-
-    def startService(self) -> None:
-        super().startService()
-        if not self.readiness.ready:
-            self._ready_timer = self._clock.callLater(self._ready_timeout, self._time_up)
-        self._start()
-
-    def _start(self) -> None:
-        self._retry = None
-        self.store.start().addCallbacks(self._connected, self._failed)
-
-    def _connected(self, result: object = None) -> None:
-        if self._late:
-            log.info("bucket store available")
-        self._attempted()
-
-    def _attempted(self, result: object = None) -> None:
-        self._cancel_ready_timer()
-        self.readiness.set()
-
-    def _time_up(self) -> None:
-        """The first attempt is taking too long (a database that accepts and never answers):
-        serve anyway, under ``on_store_error``, and let the attempt go on."""
-        self._ready_timer = None
-        self._late = True
-        log.warn("bucket store: no answer to its first connection attempt after {seconds}s; "
-                 "serving now, on_store_error applies until it connects",
-                 seconds=self._ready_timeout)
-        self.readiness.set()
-
-    def _cancel_ready_timer(self) -> None:
-        if self._ready_timer is not None and self._ready_timer.active():
-            self._ready_timer.cancel()
-        self._ready_timer = None
-
-    def _failed(self, failure) -> None:
-        self._late = True
-        self._attempted()
-        if not self.running:
-            return
-        log.error("bucket store unavailable at start-up, retrying in {seconds}s: {error}",
-                  seconds=STORE_RETRY_SECONDS, error=failure.getErrorMessage())
-        self._retry = self._clock.callLater(STORE_RETRY_SECONDS, self._start)
-
-    def stopService(self):
-        super().stopService()
-        self._cancel_ready_timer()
-        self.readiness.set()  # bucket calls still waiting get their answer (503) now
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        return self.store.stop()

@@ -13,7 +13,8 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from equalizer.admin.api import AdminAPI, has_dot_segment
+from equalizer.admin.api import AdminAPI
+from equalizer.admin.guard import has_dot_segment
 from equalizer.balancer.pool import BackendPool
 from equalizer.balancer.stats import TrafficStats
 from equalizer.buckets.stores import MemoryStore, take_key

@@ -22,8 +22,8 @@ from twisted.python.failure import Failure
 from equalizer.buckets.stores import MemoryStore, StoreUnavailable
 from equalizer.config.loader import parse_config
 from equalizer.proxy.site import ProxySite
-from equalizer.readiness import READY_TIMEOUT, Readiness
-from equalizer.service import BucketService, EqualizerService
+from equalizer.readiness import READY_TIMEOUT, BucketService, Readiness
+from equalizer.service import EqualizerService
 from tests.helpers import result_of
 
 PROXY, ADMIN = "proxy", "admin"
@@ -279,9 +279,8 @@ def test_port_taken_by_the_time_of_readiness_stops_with_status_1(capfd) -> None:
     with exit status 1, not a traceback and not a process that serves nothing."""
     reactor = PortTakenReactor()
     store = FirstAttemptStore(reactor)
-    service = EqualizerService(config(), reactor, store=store)
     stops: list[int] = []
-    service.stop_process = stops.append
+    service = EqualizerService(config(), reactor, store=store, stop_process=stops.append)
     service.privilegedStartService()
     service.startService()
     store.attempts[0].callback(None)

@@ -10,7 +10,8 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from equalizer.admin.api import MAX_HEAD_BYTES, AdminAPI
+from equalizer.admin.api import AdminAPI
+from equalizer.admin.guard import MAX_HEAD_BYTES
 from equalizer.balancer.pool import BackendPool
 from equalizer.balancer.stats import TrafficStats
 from equalizer.buckets.stores import MemoryStore

@@ -333,10 +333,11 @@ def _operation(operation_id: str, summary: str, responses: dict[str, Any], *,
 
 
 def _paths() -> dict[str, Any]:
-    bucket_ops = ["buckets"]
-    backend_ops = ["backends"]
+    return {**_observability_paths(), **_backend_paths(), **_bucket_paths()}
+
+
+def _observability_paths() -> dict[str, Any]:
     observe = ["observability"]
-    store_down = {"503": _error("StoreUnavailable")}
     return {
         "/health": {"get": _operation(
             "health", "Liveness and readiness; open even when a token is configured",
@@ -362,6 +363,12 @@ def _paths() -> dict[str, Any]:
             {"200": {"description": "OpenAPI 3.0",
                      "content": {JSON: {"schema": {"type": "object"}}}}},
             tags=observe)},
+    }
+
+
+def _backend_paths() -> dict[str, Any]:
+    backend_ops = ["backends"]
+    return {
         "/backends": {
             "get": _operation("listBackends", "Every backend, in pool order",
                               {"200": _response("the backends", "BackendList")},
@@ -389,6 +396,13 @@ def _paths() -> dict[str, Any]:
                  "409": _error("DrainCancelled")},
                 tags=backend_ops, parameters=[_BACKEND_ID], writes=True),
         },
+    }
+
+
+def _bucket_paths() -> dict[str, Any]:
+    bucket_ops = ["buckets"]
+    store_down = {"503": _error("StoreUnavailable")}
+    return {
         "/buckets": {
             "get": _operation("listBuckets", "A page of buckets, ordered by client_id",
                               {"200": _response("the page", "BucketList"),

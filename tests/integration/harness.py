@@ -37,7 +37,6 @@ import attrs
 import treq
 import yaml
 from treq.client import HTTPClient
-from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
@@ -49,6 +48,7 @@ from twisted.web import resource, server
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from equalizer.config.loader import parse_config
+from equalizer.listeners import Listener
 from equalizer.service import EqualizerService
 from tests.pg_cluster import free_port
 
@@ -528,20 +528,6 @@ def equalizer_config(backends: list[str], **sections: dict) -> dict:
     return _merge(base, sections)
 
 
-def _listening_port(listener: StreamServerEndpointService) -> int:
-    """The port a started listener service got (it listens synchronously on TCP)."""
-    ports: list[IListeningPort] = []
-
-    def keep(port: IListeningPort) -> IListeningPort:
-        ports.append(port)
-        return port
-
-    listener._waitingForPort.addCallback(keep)
-    if not ports:
-        raise AssertionError("listener has not started")
-    return ports[0].getHost().port
-
-
 class ListeningEqualizer:
     """Where a balancer with ``proxy_port`` and ``admin_port`` on loopback answers."""
 
@@ -587,9 +573,9 @@ async def start_equalizer(document: dict) -> RunningEqualizer:
     await within(service.readiness.wait(), 15)
     ports = {}
     for child in service:
-        if isinstance(child, StreamServerEndpointService):
+        if isinstance(child, Listener):
             ports["proxy" if child.factory is service.proxy_site else "admin"] = \
-                _listening_port(child)
+                child.port.getHost().port
     return RunningEqualizer(service, ports["proxy"], ports["admin"])
 
 

@@ -21,14 +21,13 @@ import pytest
 import pytest_twisted
 import yaml
 from twisted.internet import reactor
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ConnectError
 from twisted.protocols.portforward import ProxyFactory
 from txpostgres.txpostgres import Connection
 
 from equalizer.buckets.stores import _MIGRATION_LOCK
+from equalizer.listeners import probe_address
 from equalizer.readiness import READY_TIMEOUT
-from equalizer.service import probe_address
 from tests.integration.buckets_support import call
 from tests.integration.harness import (
     LOOPBACK,
@@ -318,13 +317,12 @@ def test_probe_finds_a_taken_port_and_binds_nothing() -> None:
     holder.listen()
     try:
         with pytest.raises(OSError):
-            probe_address(serverFromString(reactor, f"tcp:{holder.getsockname()[1]}:"
-                                                    f"interface={LOOPBACK}"))
+            probe_address(f"tcp:{holder.getsockname()[1]}:interface={LOOPBACK}")
     finally:
         holder.close()
     port = free_port()
-    probe_address(serverFromString(reactor, f"tcp:{port}:interface={LOOPBACK}"))
+    probe_address(f"tcp:{port}:interface={LOOPBACK}")
     with pytest.raises(ConnectionRefusedError), socket.create_connection((LOOPBACK, port), 5):
         pass
-    probe_address(serverFromString(reactor, f"tcp:0:interface={LOOPBACK}"))
-    probe_address(serverFromString(reactor, "unix:/nonexistent/dir/s.sock"))
+    probe_address(f"tcp:0:interface={LOOPBACK}")
+    probe_address("unix:/nonexistent/dir/s.sock")

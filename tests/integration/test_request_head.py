@@ -8,7 +8,7 @@ import json
 import pytest
 import pytest_twisted
 
-from equalizer.admin.api import MAX_HEAD_BYTES
+from equalizer.admin.guard import MAX_HEAD_BYTES
 from tests.integration.harness import equalizer_config, parse_response, raw_request
 from tests.test_request_head import INVALID_HOSTS
 

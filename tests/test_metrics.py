@@ -1,0 +1,103 @@
+"""``GET /metrics``: the collector reads the live pool, counters, limiter and store at
+scrape time; each family has the documented name, labels and value."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import generate_latest
+from twisted.internet.task import Clock
+
+from equalizer.balancer.pool import BackendPool
+from equalizer.balancer.stats import TrafficStats
+from equalizer.buckets.leasing import LeasingStore
+from equalizer.buckets.stores import PostgresStore
+from equalizer.config.loader import BackendConfig, RateLimitConfig
+from equalizer.metrics import EqualizerCollector, cumulative_buckets, metrics_registry
+from equalizer.proxy.admission import RateLimiter
+from equalizer.testing import FakeStore
+
+
+def scrape(pool: BackendPool, stats: TrafficStats, store: object, clock: Clock) -> set[str]:
+    """The exposition's sample lines (comments left out)."""
+    limiter = RateLimiter(store, RateLimitConfig(), stats)
+    limiter.decisions["limited"] += 2
+    limiter.decisions["store_error"] += 1
+    registry = metrics_registry(EqualizerCollector(pool, stats, limiter, store, clock))
+    text = generate_latest(registry).decode()
+    return {line for line in text.splitlines() if not line.startswith("#")}
+
+
+@pytest.fixture
+def clock() -> Clock:
+    clock = Clock()
+    clock.advance(100)
+    return clock
+
+
+@pytest.fixture
+def pool() -> BackendPool:
+    pool = BackendPool([BackendConfig(url="http://127.0.0.1:9001", weight=3)])
+    backend = pool.backends[0]
+    backend.in_flight = 2
+    backend.failures = 4
+    backend.health_checks["ok"] = 5
+    pool.set_healthy(backend, False, "test")
+    return pool
+
+
+def test_every_family_reads_the_live_figures(pool: BackendPool, clock: Clock) -> None:
+    stats = TrafficStats(started=40)
+    backend = pool.backends[0]
+    stats.record(200, backend, 0.003)
+    stats.record(503, None, 0.2)
+    stats.retries = 6
+    lines = scrape(pool, stats, FakeStore(clock), clock)
+    name = backend.id
+    url = backend.url
+    assert {
+        "equalizer_uptime_seconds 60.0",
+        f'equalizer_requests_total{{backend="{name}",status_class="2xx"}} 1.0',
+        'equalizer_requests_total{backend="none",status_class="5xx"} 1.0',
+        f'equalizer_request_duration_seconds_bucket{{backend="{name}",le="0.005"}} 1.0',
+        f'equalizer_request_duration_seconds_bucket{{backend="{name}",le="0.0025"}} 0.0',
+        f'equalizer_request_duration_seconds_count{{backend="{name}"}} 1.0',
+        f'equalizer_backend_in_flight{{backend="{name}"}} 2.0',
+        f'equalizer_backend_up{{backend="{name}",url="{url}"}} 0.0',
+        f'equalizer_health_checks_total{{backend="{name}",result="ok"}} 5.0',
+        f'equalizer_backend_failures_total{{backend="{name}"}} 4.0',
+        f'equalizer_backend_weight{{backend="{name}",url="{url}"}} 3.0',
+        f'equalizer_backend_enabled{{backend="{name}",url="{url}"}} 1.0',
+        f'equalizer_backend_draining{{backend="{name}",url="{url}"}} 0.0',
+        'equalizer_rate_limit_decisions_total{outcome="limited"} 2.0',
+        "equalizer_store_errors_total 1.0",
+        "equalizer_store_up 1.0",
+        "equalizer_buckets 0.0",
+        "equalizer_buckets_swept_total 0.0",
+        "equalizer_buckets_over_cap_total 0.0",
+        "equalizer_retries_total 6.0",
+    } <= lines
+
+
+def test_a_store_down_and_a_count_unknown_are_shown_as_such(pool: BackendPool,
+                                                            clock: Clock) -> None:
+    store = PostgresStore("dbname=unused", clock)  # not started: down, rows not counted yet
+    lines = scrape(pool, TrafficStats(started=0), store, clock)
+    assert "equalizer_store_up 0.0" in lines
+    assert not any(line.startswith("equalizer_buckets ") for line in lines)
+
+
+def test_leasing_store_adds_its_lease_figures(pool: BackendPool, clock: Clock) -> None:
+    store = LeasingStore(PostgresStore("dbname=unused", clock), clock)
+    lines = scrape(pool, TrafficStats(started=0), store, clock)
+    assert {"equalizer_lease_settlements_total 0.0", "equalizer_lease_settled_keys_total 0.0",
+            "equalizer_lease_waits_total 0.0", "equalizer_lease_keys 0.0"} <= lines
+
+
+def test_histogram_buckets_are_cumulative_and_end_at_inf() -> None:
+    stats = TrafficStats(started=0)
+    for seconds in (0.0005, 0.003, 0.003, 30.0):
+        stats.unproxied_durations.observe(seconds)
+    buckets = cumulative_buckets(stats.unproxied_durations)
+    assert buckets[0] == ("0.001", 1)
+    assert dict(buckets)["0.005"] == 3
+    assert buckets[-1] == ("+Inf", 4)
