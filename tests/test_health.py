@@ -27,7 +27,7 @@ from equalizer.balancer.health import (
     health_url,
 )
 from equalizer.balancer.pool import Backend, BackendPool
-from equalizer.config.loader import BackendConfig, HealthConfig
+from equalizer.config.model import BackendConfig, HealthConfig
 from tests.helpers import result_of  # tests/ is on sys.path (rootdir-less "prepend" import mode)
 
 INTERVAL = 10.0

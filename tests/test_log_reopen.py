@@ -11,7 +11,7 @@ from pathlib import Path
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, globalLogPublisher
 
-from equalizer.config.loader import LoggingConfig
+from equalizer.config.model import LoggingConfig
 from equalizer.logs.service import LoggingService, RotatingFile
 from equalizer.service import EqualizerService
 from tests.helpers import result_of

@@ -27,7 +27,7 @@ from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.python.failure import Failure
 
-from equalizer.config.loader import LoggingConfig, RotateConfig
+from equalizer.config.model import LoggingConfig, RotateConfig
 from equalizer.logs.service import (
     AccessLog,
     LogFileError,

@@ -21,7 +21,7 @@ from equalizer.balancer.strategies import (
     WeightedRoundRobin,
     make_strategy,
 )
-from equalizer.config.loader import BackendConfig
+from equalizer.config.model import STRATEGY_NAMES, BackendConfig
 
 
 def backends(*weights: int) -> list[Backend]:
@@ -439,3 +439,9 @@ def test_pool_with_nothing_available_returns_none(name: str) -> None:
     pool.changed()
     assert pool.choose(b"k") is None
     assert pool.choose(None) is None
+
+
+def test_config_names_every_strategy() -> None:
+    """The names config accepts for balancer.strategy are exactly the registry's, so a
+    strategy added here is also accepted in YAML (config sits below the balancer)."""
+    assert sorted(STRATEGY_NAMES) == sorted(STRATEGIES)

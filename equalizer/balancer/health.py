@@ -27,7 +27,7 @@ from twisted.web.iweb import IResponse
 from zope.interface import Interface, implementer
 
 from equalizer.balancer.pool import Backend, BackendPool
-from equalizer.config.loader import HealthConfig
+from equalizer.config.model import HealthConfig
 from equalizer.proxy.upstream import is_local_resource_error
 
 log = Logger()

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 
 from equalizer.balancer.stats import STATUS_CLASSES, DurationHistogram
 from equalizer.balancer.strategies import Strategy, make_strategy
-from equalizer.config.loader import BackendConfig
+from equalizer.config.model import BackendConfig
 
 log = Logger()
 

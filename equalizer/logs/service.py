@@ -74,7 +74,7 @@ from twisted.python.components import Componentized
 from twisted.python.reflect import safe_repr
 from zope.interface import implementer
 
-from equalizer.config.loader import LoggingConfig, RotateConfig
+from equalizer.config.model import LoggingConfig, RotateConfig
 
 log = Logger()
 
