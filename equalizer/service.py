@@ -27,7 +27,8 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from equalizer.admin.api import AdminAPI
-from equalizer.balancer.health import HealthMonitor, HTTPHealthChecker
+from equalizer.balancer.checker import HTTPHealthChecker
+from equalizer.balancer.health import HealthMonitor
 from equalizer.balancer.pool import BackendPool, DrainCancelled
 from equalizer.balancer.stats import TrafficStats
 from equalizer.balancer.strategies import make_strategy

@@ -19,13 +19,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from equalizer.balancer.health import (
-    HealthMonitor,
-    HTTPHealthChecker,
-    IHealthChecker,
-    describe,
-    health_url,
-)
+from equalizer.balancer.checker import HTTPHealthChecker, IHealthChecker, health_url
+from equalizer.balancer.health import HealthMonitor, describe
 from equalizer.balancer.pool import Backend, BackendPool
 from equalizer.config.model import BackendConfig, HealthConfig
 from tests.helpers import result_of  # tests/ is on sys.path (rootdir-less "prepend" import mode)

@@ -76,6 +76,14 @@ class Backend:
     def available(self) -> bool:
         return self.enabled and self.healthy and not self.draining
 
+    def record_check(self, status: int | None, error: str | None, at: float,
+                     duration: float) -> None:
+        """Keep one active health check's outcome: counted, and the last one shown."""
+        ok = error is None
+        self.health_checks["ok" if ok else "failed"] += 1
+        self.last_check = {"ok": ok, "status": status, "error": error, "at": at,
+                           "duration_ms": round(duration * 1000, 3)}
+
     def latency_ms(self) -> dict[str, float | None]:
         """p50 and p99 of the recent window, in milliseconds."""
         if not self.latencies:
