@@ -255,12 +255,11 @@ class EqualizerService(MultiService):
                     lambda _, b=backend: self.remove_backend(b),
                     lambda failure: failure.trap(DrainCancelled))
             else:
-                backend.weight = entry.weight
+                self.pool.set_weight(backend, entry.weight)
                 if backend.draining:
                     self.pool.cancel_drain(backend)
         for entry in wanted.values():
             self.pool.add(entry.url, entry.weight)
-        self.pool.changed()
 
     def remove_backend(self, backend) -> None:
         if backend in self.pool.backends:

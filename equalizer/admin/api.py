@@ -257,9 +257,8 @@ class AdminAPI:
         enabled = body.get("enabled", backend.enabled)
         if not isinstance(enabled, bool):
             raise bad_request("enabled: must be true or false")
-        backend.weight = weight
-        backend.enabled = enabled
-        self._pool.changed()
+        self._pool.set_weight(backend, weight)
+        self._pool.set_enabled(backend, enabled)
         return json_response(request, backend_json(backend))
 
     @app.route("/backends/<string:backend_id>", methods=["DELETE"])

@@ -12,7 +12,6 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from twisted.logger import (
-    FilteringLogObserver,
     ILogObserver,
     LogLevel,
     LogLevelFilterPredicate,
@@ -146,11 +145,3 @@ def level_filter(config: LoggingConfig) -> LogLevelFilterPredicate:
     if config.access_log:
         predicate.setLogLevelForNamespace(ACCESS_NAMESPACE, LogLevel.info)
     return predicate
-
-
-def log_observer(config: LoggingConfig, write: Callable[[str], None],
-                 predicate: LogLevelFilterPredicate | None = None) -> ILogObserver:
-    """An observer that filters by level, formats per ``logging.format`` and calls ``write``."""
-    if predicate is None:
-        predicate = level_filter(config)
-    return FilteringLogObserver(LineObserver(FORMATS[config.format], write), [predicate])
