@@ -24,7 +24,8 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from equalizer.admin.api import AdminAPI
-from equalizer.balancer.health import HealthMonitor, HTTPHealthChecker
+from equalizer.balancer.checker import HTTPHealthChecker
+from equalizer.balancer.health import HealthMonitor
 from equalizer.balancer.pool import BackendPool, DrainCancelled
 from equalizer.balancer.stats import TrafficStats
 from equalizer.balancer.strategies import make_strategy
@@ -247,12 +248,11 @@ class EqualizerService(MultiService):
                     lambda _, b=backend: self.remove_backend(b),
                     lambda failure: failure.trap(DrainCancelled))
             else:
-                backend.weight = entry.weight
+                self.pool.set_weight(backend, entry.weight)
                 if backend.draining:
                     self.pool.cancel_drain(backend)
         for entry in wanted.values():
             self.pool.add(entry.url, entry.weight)
-        self.pool.changed()
 
     def remove_backend(self, backend) -> None:
         if backend in self.pool.backends:

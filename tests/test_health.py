@@ -12,22 +12,27 @@ import errno
 import pytest
 from attrs import define, field
 from twisted.internet.defer import Deferred, TimeoutError, succeed
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectBindError, ConnectionRefusedError
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
+from twisted.web.client import URI, ResponseFailed
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from equalizer.balancer.health import (
-    HealthMonitor,
+from equalizer.balancer.checker import (
     HTTPHealthChecker,
     IHealthChecker,
-    describe,
+    _QuietEndpoint,
+    _QuietEndpoints,
     health_url,
 )
+from equalizer.balancer.health import HealthMonitor, describe
 from equalizer.balancer.pool import Backend, BackendPool
-from equalizer.config.loader import BackendConfig, HealthConfig
+from equalizer.config.model import BackendConfig, HealthConfig
 from tests.helpers import result_of  # tests/ is on sys.path (rootdir-less "prepend" import mode)
 
 INTERVAL = 10.0
@@ -586,3 +591,84 @@ def test_failures_for_a_removed_backend_are_only_counted() -> None:
 
 
 # -- the real checker ----------------------------------------------------------
+
+
+# -- the real checker's connections ------------------------------------------------
+
+
+@implementer(IStreamClientEndpoint)
+class RecordingEndpoint:
+    """An endpoint that keeps the factory it is asked to connect with."""
+
+    def __init__(self) -> None:
+        self.factories: list[IProtocolFactory] = []
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
+        self.factories.append(factory)
+        return Deferred()
+
+
+def test_checker_connections_do_not_log_factory_start_and_stop() -> None:
+    """The pool's factory reaches the endpoint wrapped in a quiet one that builds the
+    same protocols, so no "Starting factory" line is logged per check."""
+    inner = RecordingEndpoint()
+    pool_factory = Factory.forProtocol(Protocol)
+    _QuietEndpoint(inner).connect(pool_factory)
+    [quiet] = inner.factories
+    assert quiet.noisy is False
+    assert isinstance(quiet.buildProtocol(None), Protocol)
+
+
+@pytest.mark.parametrize(("url", "tls"), [(b"http://127.0.0.1:81/", False),
+                                          (b"https://example.com/", True)])
+def test_checker_endpoints_are_tcp_or_tls(url: bytes, tls: bool) -> None:
+    """http is plain TCP to the URL's host and port, https wraps it in TLS."""
+    endpoint = _QuietEndpoints(MemoryReactorClock()).endpointForURI(URI.fromBytes(url))
+    assert isinstance(endpoint, _QuietEndpoint)
+    assert verifyObject(IStreamClientEndpoint, endpoint)
+    assert isinstance(endpoint._endpoint, HostnameEndpoint) is not tls
+
+
+def connect_check(
+    url: str = "http://127.0.0.1:9001/api",
+) -> tuple[Deferred[int], StringTransport, object]:
+    """Start a real check on a MemoryReactorClock and connect it to a StringTransport."""
+    reactor = MemoryReactorClock()
+    checker = HTTPHealthChecker(reactor)
+    d = checker.check(Backend.from_url("b1", url), "/healthz", TIMEOUT)
+    [(host, port, factory, _, _)] = reactor.tcpClients
+    assert (host, port) == ("127.0.0.1", 9001)
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return d, transport, protocol
+
+
+def test_real_check_asks_for_the_health_path_and_returns_the_status() -> None:
+    """One GET of prefix + path with our User-Agent; the body is read and thrown away."""
+    d, transport, protocol = connect_check()
+    request = transport.value()
+    assert request.startswith(b"GET /api/healthz HTTP/1.1\r\n")
+    assert b"User-Agent: equalizer-health-check\r\n" in request
+    protocol.dataReceived(b"HTTP/1.1 503 Unavailable\r\nContent-Length: 4\r\n\r\nbusy")
+    assert result_of(d) == 503
+
+
+def test_real_check_fails_when_the_body_is_cut_off() -> None:
+    d, transport, protocol = connect_check()
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort")
+    protocol.connectionLost(Failure(ConnectionRefusedError()))
+    with pytest.raises(ResponseFailed):
+        result_of(d)
+
+
+def test_real_check_times_out_and_drops_the_connection() -> None:
+    """A backend that never answers fails the check after the timeout; the trickling
+    response's connection is abandoned."""
+    reactor = MemoryReactorClock()
+    checker = HTTPHealthChecker(reactor)
+    d = checker.check(Backend.from_url("b1", "http://127.0.0.1:9001"), "/", TIMEOUT)
+    reactor.advance(TIMEOUT)
+    with pytest.raises(Exception):  # noqa: B017 -- the kind depends on the phase cut short
+        result_of(d)
+    assert result_of(checker.close()) is None

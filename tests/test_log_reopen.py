@@ -11,8 +11,9 @@ from pathlib import Path
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, globalLogPublisher
 
-from equalizer.config.loader import LoggingConfig
-from equalizer.logs.service import LoggingService, RotatingFile
+from equalizer.config.model import LoggingConfig
+from equalizer.logs.files import RotatingFile
+from equalizer.logs.service import LoggingService
 from equalizer.service import EqualizerService
 from tests.helpers import result_of
 from tests.test_logs import FakeReactor, emit, file_config, lines_of

@@ -27,18 +27,12 @@ from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.python.failure import Failure
 
-from equalizer.config.loader import LoggingConfig, RotateConfig
-from equalizer.logs.service import (
-    AccessLog,
-    LogFileError,
-    LoggingService,
-    QueuedWriter,
-    format_json,
-    format_text,
-    maintain,
-    open_logging,
-    resolve_logging,
-)
+from equalizer.config.model import LoggingConfig, RotateConfig
+from equalizer.logs.access import AccessLog
+from equalizer.logs.files import QueuedWriter
+from equalizer.logs.formats import format_json, format_text
+from equalizer.logs.maintenance import maintain
+from equalizer.logs.service import LogFileError, LoggingService, open_logging, resolve_logging
 
 START = datetime(2024, 5, 1, 10, 0, tzinfo=UTC).timestamp()
 DAY = 24 * 60 * 60

@@ -21,7 +21,7 @@ from equalizer.balancer.strategies import (
     WeightedRoundRobin,
     make_strategy,
 )
-from equalizer.config.loader import BackendConfig
+from equalizer.config.model import STRATEGY_NAMES, BackendConfig
 
 
 def backends(*weights: int) -> list[Backend]:
@@ -404,13 +404,12 @@ def test_pool_never_returns_an_unavailable_backend(name: str) -> None:
     )
     pool.strategy = make_strategy(name, random.Random(11))
     b1, b2, b3, b4, b5, b6 = pool.backends
-    b1.enabled = False
-    b3.draining = True
-    b5.healthy = False
+    pool.set_enabled(b1, False)
+    pool.drain(b3)
+    pool.set_healthy(b5, False, "test")
     b4.in_flight = 0
     b2.in_flight = 5
     b6.in_flight = 9
-    pool.changed()
     usable = {b2, b4, b6}
     chosen = set()
     for i in range(600):
@@ -422,11 +421,10 @@ def test_pool_never_returns_an_unavailable_backend(name: str) -> None:
     for i in range(100):
         assert pool.choose(str(i).encode(), tried=[b4]) in {b2, b6}
     # Bringing them back makes them candidates again.
-    b1.enabled = True
-    b3.draining = False
-    b5.healthy = True
+    pool.set_enabled(b1, True)
+    pool.cancel_drain(b3)
+    pool.set_healthy(b5, True, "test")
     b2.in_flight = b6.in_flight = 0
-    pool.changed()
     seen = {pool.choose(str(i).encode() if i % 2 else None) for i in range(600)}
     assert seen == set(pool.backends)
 
@@ -435,7 +433,12 @@ def test_pool_never_returns_an_unavailable_backend(name: str) -> None:
 def test_pool_with_nothing_available_returns_none(name: str) -> None:
     """When every backend is unavailable the pool returns None without asking the strategy."""
     pool = BackendPool([BackendConfig("http://127.0.0.1:9001")], name)
-    pool.backends[0].healthy = False
-    pool.changed()
+    pool.set_healthy(pool.backends[0], False, "test")
     assert pool.choose(b"k") is None
     assert pool.choose(None) is None
+
+
+def test_config_names_every_strategy() -> None:
+    """The names config accepts for balancer.strategy are exactly the registry's, so a
+    strategy added here is also accepted in YAML (config sits below the balancer)."""
+    assert sorted(STRATEGY_NAMES) == sorted(STRATEGIES)

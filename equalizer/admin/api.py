@@ -215,9 +215,8 @@ class AdminAPI:
         backend = self._backend(backend_id)
         weight, enabled = backend_change(read_json_object(request), backend.weight,
                                          backend.enabled)
-        backend.weight = weight
-        backend.enabled = enabled
-        self._pool.changed()
+        self._pool.set_weight(backend, weight)
+        self._pool.set_enabled(backend, enabled)
         return json_response(request, backend_json(backend))
 
     @app.route("/backends/<string:backend_id>", methods=["DELETE"])

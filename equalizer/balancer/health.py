@@ -1,7 +1,7 @@
 """Backend health: active HTTP checks on a timer, and passive failure counting.
 
-The check itself is a seam (`IHealthChecker`) so the monitor's logic can be tested
-with a clock and a fake; `HTTPHealthChecker` is the real one, over treq.
+The check itself is a seam (`IHealthChecker`, checker.py) so the monitor's logic is
+tested with a clock and a fake; `HTTPHealthChecker` is the real one, over treq.
 """
 
 from __future__ import annotations
@@ -9,128 +9,19 @@ from __future__ import annotations
 from typing import Any
 
 from attrs import define
-from treq.client import HTTPClient
 from twisted.application.service import Service
-from twisted.internet.defer import (
-    Deferred,
-    TimeoutError,
-    maybeDeferred,
-)
+from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
-from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import IResponse
-from zope.interface import Interface, implementer
 
+from equalizer.balancer.checker import IHealthChecker
 from equalizer.balancer.pool import Backend, BackendPool
-from equalizer.config.loader import HealthConfig
+from equalizer.config.model import HealthConfig
 from equalizer.proxy.upstream import is_local_resource_error
 
 log = Logger()
-
-USER_AGENT = b"equalizer-health-check"
-
-
-class IHealthChecker(Interface):
-    """One health check of one backend; the seam between the monitor and the network."""
-
-    def check(backend: Backend, path: str, timeout: float) -> Deferred[int]:
-        """
-        Ask ``backend`` for ``path`` (under its URL's path prefix).
-
-        Returns:
-            A Deferred that fires with the HTTP status code, or fails on a
-            connection error or after ``timeout`` seconds. Cancelling it
-            abandons the check.
-        """
-
-    def close() -> Deferred[None]:
-        """Release what the checker holds (cached connections); it stays usable."""
-
-
-def health_url(backend: Backend, path: str) -> str:
-    """The URL a check asks for: the backend's scheme, host, port and path prefix, then ``path``."""
-    scheme = "https" if backend.url.lower().startswith("https:") else "http"
-    host = f"[{backend.host}]" if ":" in backend.host else backend.host
-    if not path.startswith("/"):
-        path = "/" + path
-    return f"{scheme}://{host}:{backend.port}{backend.prefix.decode('ascii')}{path}"
-
-
-class _Discard(Protocol):
-    """Reads a response body to its end and throws it away.
-
-    Cancelling ``finished`` drops the connection, so a backend that trickles its
-    body cannot hold a timed-out check's connection open.
-    """
-
-    def __init__(self) -> None:
-        self.finished: Deferred[None] = Deferred(self._cancel)
-
-    def _cancel(self, _: Deferred[None]) -> None:
-        if self.transport is not None:
-            self.transport.stopProducing()
-
-    def dataReceived(self, data: bytes) -> None:
-        pass
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self.finished.called:
-            return  # cancelled: the timeout already failed the check
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.finished.callback(None)
-        else:
-            self.finished.errback(reason)
-
-
-class _QuietClientFactory(_HTTP11ClientFactory):
-    """The pool's connection factory without the start/stop log lines for every check."""
-
-    noisy = False
-
-
-@implementer(IHealthChecker)
-class HTTPHealthChecker:
-    """Health checks over HTTP with treq, on a persistent pool of its own.
-
-    The pool is separate from the proxy's, so checks neither count as proxied
-    requests nor wait behind them, and one kept-alive connection per backend is
-    reused from check to check. Redirects are not followed: a 3xx is a status
-    like any other, judged against ``expected_status``.
-    """
-
-    def __init__(self, reactor: IReactorTime) -> None:
-        """``reactor`` must also provide IReactorTCP (the Agent connects with it)."""
-        self._reactor = reactor
-        self._pool = HTTPConnectionPool(reactor, persistent=True)
-        self._pool._factory = _QuietClientFactory
-        self._pool.maxPersistentPerHost = 1
-        self._client = HTTPClient(Agent(reactor, pool=self._pool))
-
-    def check(self, backend: Backend, path: str, timeout: float) -> Deferred[int]:
-        d = Deferred.fromCoroutine(self._status(health_url(backend, path)))
-        if timeout > 0:
-            d.addTimeout(timeout, self._reactor)
-        return d
-
-    async def _status(self, url: str) -> int:
-        response: IResponse = await self._client.get(
-            url,
-            headers={b"User-Agent": [USER_AGENT]},
-            allow_redirects=False,
-            unbuffered=True,
-        )
-        body = _Discard()
-        response.deliverBody(body)
-        await body.finished
-        return response.code
-
-    def close(self) -> Deferred[None]:
-        return self._pool.closeCachedConnections()
 
 
 @define
@@ -150,6 +41,14 @@ class _State:
                 self.release.cancel()
             self.release = None
 
+    def cancel(self) -> None:
+        """Stop the probation timer and abandon the check in flight (the backend left,
+        or the monitor stops)."""
+        self.cancel_release()
+        in_flight, self.in_flight = self.in_flight, None
+        if in_flight is not None:
+            in_flight.cancel()
+
 
 def describe(failure: Failure) -> str:
     """One line for a failed check: the innermost reason, not a repr of a wrapper."""
@@ -161,6 +60,19 @@ def describe(failure: Failure) -> str:
     message = failure.getErrorMessage()
     name = failure.type.__name__ if failure.type is not None else "error"
     return f"{name}: {message}" if message and message != name else name
+
+
+def check_outcome(config: HealthConfig, result: int | Failure) -> tuple[int | None, str | None]:
+    """The status a check got (None without one) and why it failed (None if it passed)."""
+    if isinstance(result, Failure):
+        if result.check(TimeoutError):
+            return None, f"timed out after {config.timeout:g}s"
+        return None, describe(result)
+    status = int(result)
+    low, high = config.expected_status
+    if not low <= status <= high:
+        return status, f"status {status} outside {low}-{high}"
+    return status, None
 
 
 class HealthMonitor(Service):
@@ -228,10 +140,7 @@ class HealthMonitor(Service):
         super().stopService()
         self._stop_loop()
         for state in self._states.values():
-            state.cancel_release()
-            in_flight, state.in_flight = state.in_flight, None
-            if in_flight is not None:
-                in_flight.cancel()
+            state.cancel()
         closed = maybeDeferred(self._checker.close)
         closed.addErrback(lambda f: log.failure("closing the health checker failed", f))
         return closed.addCallback(lambda _: None)
@@ -279,10 +188,7 @@ class HealthMonitor(Service):
     def _forget(self, backend: Backend) -> None:
         state = self._states.pop(backend, None)
         if state is not None:
-            state.cancel_release()
-            if state.in_flight is not None:
-                in_flight, state.in_flight = state.in_flight, None
-                in_flight.cancel()
+            state.cancel()
 
     def _tick(self) -> None:
         """One round; never raises, since a LoopingCall dies on its first error."""
@@ -326,33 +232,15 @@ class HealthMonitor(Service):
         self, backend: Backend, state: _State, result: int | Failure, started: float
     ) -> None:
         config = self._config
-        now = self._clock.seconds()
-        status: int | None = None
-        error: str | None = None
         if isinstance(result, Failure) and is_local_resource_error(result):
             # The proxy could not create a socket: says nothing about the backend.
             log.debug("health check of {backend_id} not made: {error}",
                       backend_id=backend.id, error=describe(result))
             return
-        if isinstance(result, Failure):
-            error = describe(result)
-            if result.check(TimeoutError):
-                error = f"timed out after {config.timeout:g}s"
-        else:
-            status = int(result)
-            low, high = config.expected_status
-            if not low <= status <= high:
-                error = f"status {status} outside {low}-{high}"
-        ok = error is None
-        backend.health_checks["ok" if ok else "failed"] += 1
-        backend.last_check = {
-            "ok": ok,
-            "status": status,
-            "error": error,
-            "at": now,
-            "duration_ms": round((now - started) * 1000, 3),
-        }
-        if ok:
+        now = self._clock.seconds()
+        status, error = check_outcome(config, result)
+        backend.record_check(status, error, now, now - started)
+        if error is None:
             state.active_failures = 0
             state.active_successes += 1
             if not backend.healthy and state.active_successes >= config.healthy_threshold:

@@ -2,7 +2,10 @@
 
 Backends change state (health, enabled, draining) rarely and are chosen on every
 request, so the pool keeps the list of available backends ready and rebuilds it
-only when a state changes.
+only when a state changes. So a backend's state is changed only through the pool's
+methods (``add``, ``remove``, ``set_weight``, ``set_enabled``, ``drain``,
+``cancel_drain``, ``set_healthy``): each rebuilds the list, and no caller has to
+remember to.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from twisted.logger import Logger
 
 from equalizer.balancer.stats import STATUS_CLASSES, DurationHistogram
 from equalizer.balancer.strategies import Strategy, make_strategy
-from equalizer.config.loader import BackendConfig
+from equalizer.config.model import BackendConfig
 
 log = Logger()
 
@@ -76,6 +79,14 @@ class Backend:
     def available(self) -> bool:
         return self.enabled and self.healthy and not self.draining
 
+    def record_check(self, status: int | None, error: str | None, at: float,
+                     duration: float) -> None:
+        """Keep one active health check's outcome: counted, and the last one shown."""
+        ok = error is None
+        self.health_checks["ok" if ok else "failed"] += 1
+        self.last_check = {"ok": ok, "status": status, "error": error, "at": at,
+                           "duration_ms": round(duration * 1000, 3)}
+
     def latency_ms(self) -> dict[str, float | None]:
         """p50 and p99 of the recent window, in milliseconds."""
         if not self.latencies:
@@ -112,7 +123,7 @@ class BackendPool:
     def add(self, url: str, weight: int = 1) -> Backend:
         backend = Backend.from_url(f"b{next(self._ids)}", url, weight)
         self.backends.append(backend)
-        self.changed()
+        self._changed()
         return backend
 
     def get(self, backend_id: str) -> Backend | None:
@@ -123,12 +134,12 @@ class BackendPool:
 
     def remove(self, backend: Backend) -> None:
         self.backends.remove(backend)
-        self.changed()
+        self._changed()
 
     def drain(self, backend: Backend) -> Deferred[None]:
         """Stop sending new requests to ``backend``; fires once none is in flight."""
         backend.draining = True
-        self.changed()
+        self._changed()
         waiter: Deferred[None] = Deferred()
         if backend.in_flight == 0:
             waiter.callback(None)
@@ -139,7 +150,7 @@ class BackendPool:
     def cancel_drain(self, backend: Backend) -> None:
         """Keep a draining backend after all (a reload listed it): its waiters fail."""
         backend.draining = False
-        self.changed()
+        self._changed()
         for waiter in self._drain_waiters.pop(backend, []):
             waiter.errback(DrainCancelled(backend.id))
 
@@ -148,8 +159,19 @@ class BackendPool:
         for waiter in self._drain_waiters.pop(backend, []):
             waiter.callback(None)
 
-    def changed(self) -> None:
-        """Rebuild the candidate list; call after any change of a backend's state."""
+    def set_weight(self, backend: Backend, weight: int) -> None:
+        """Give ``backend`` a new weight (a validated one); strategies use it from the next pick."""
+        backend.weight = weight
+        self._changed()
+
+    def set_enabled(self, backend: Backend, enabled: bool) -> None:
+        """Let ``backend`` take requests or not (an operator's switch, apart from health)."""
+        backend.enabled = enabled
+        self._changed()
+
+    def _changed(self) -> None:
+        """Rebuild the candidate list: every method above that changes a backend's state
+        (added, removed, weight, enabled, draining, healthy) ends here."""
         self._available = [b for b in self.backends if b.available]
 
     @property
@@ -170,7 +192,7 @@ class BackendPool:
         if backend.healthy == healthy:
             return
         backend.healthy = healthy
-        self.changed()
+        self._changed()
         if healthy:
             log.info("backend {backend_id} ({url}) is up: {reason}",
                      backend_id=backend.id, url=backend.url, reason=reason)

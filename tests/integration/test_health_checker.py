@@ -12,7 +12,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from equalizer.balancer.health import HTTPHealthChecker
+from equalizer.balancer.checker import HTTPHealthChecker
 from equalizer.balancer.pool import Backend
 
 

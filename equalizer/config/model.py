@@ -1,0 +1,121 @@
+"""The configuration as frozen typed objects: what the rest of the program reads.
+
+Field names mirror the YAML keys of SPEC section 3. Durations are float seconds.
+The defaults here are the documented defaults; loader.py fills them in from YAML.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from attrs import field, frozen
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+STRATEGY_NAMES = ("round_robin", "weighted_round_robin", "least_connections", "random",
+                  "power_of_two", "hash")
+"""The strategies ``balancer.strategy`` may name. Config sits below the balancer, so it
+keeps the names; a unit test checks the balancer's registry agrees."""
+
+MAX_WEIGHT = 1000
+"""Largest backend weight."""
+
+
+DEFAULT_MAX_BUCKETS = 1_000_000
+"""Most buckets a process holds for clients (``rate_limit.max_buckets``), by default."""
+
+MAX_MAX_BUCKETS = 1_000_000_000
+"""Largest ``rate_limit.max_buckets`` accepted: past that the cap would bound nothing."""
+
+
+@frozen
+class Timeouts:
+    connect: float = 5.0
+    response: float = 30.0
+    idle: float = 60.0
+    shutdown: float = 30.0
+
+
+@frozen
+class ProxyConfig:
+    listen: str = "tcp:8080"
+    preserve_host: bool = True
+    timeouts: Timeouts = Timeouts()
+    retries: int = 2
+    trusted_proxies: tuple[Network, ...] = ()
+    max_header_bytes: int = 16384
+
+
+@frozen
+class AdminConfig:
+    listen: str = "tcp:8081:interface=127.0.0.1"
+    token: str | None = None
+
+
+@frozen
+class BackendConfig:
+    url: str
+    weight: int = 1
+
+
+@frozen
+class BalancerConfig:
+    strategy: str = "round_robin"
+    hash_key: str = "ip"
+    backends: tuple[BackendConfig, ...] = (BackendConfig("http://127.0.0.1:9001"),)
+
+
+@frozen
+class HealthConfig:
+    path: str = "/"
+    interval: float = 30.0
+    timeout: float = 5.0
+    fail_timeout: float = 10.0
+    unhealthy_threshold: int = 3
+    healthy_threshold: int = 2
+    expected_status: tuple[int, int] = (200, 399)
+
+
+@frozen
+class BucketPolicy:
+    capacity: int
+    refill_rate: float
+
+
+
+@frozen
+class RateLimitConfig:
+    enabled: bool = True
+    key: str = "ip"
+    default: BucketPolicy | None = BucketPolicy(100, 10.0)
+    store: str = "memory"
+    database_url: str | None = None
+    on_store_error: str = "allow"
+    headers: str = "both"
+    max_buckets: int = DEFAULT_MAX_BUCKETS
+
+
+@frozen
+class RotateConfig:
+    max_bytes: int = 10 * 1024 * 1024
+    retention_days: int = 90
+    compress: bool = True
+
+
+@frozen
+class LoggingConfig:
+    level: str = "info"
+    format: str = "text"
+    file: str | None = None
+    rotate: RotateConfig = RotateConfig()
+    access_log: bool = True
+
+
+@frozen
+class Config:
+    proxy: ProxyConfig = field(factory=ProxyConfig)
+    admin: AdminConfig = field(factory=AdminConfig)
+    balancer: BalancerConfig = field(factory=BalancerConfig)
+    health: HealthConfig = field(factory=HealthConfig)
+    rate_limit: RateLimitConfig = field(factory=RateLimitConfig)
+    logging: LoggingConfig = field(factory=LoggingConfig)
