@@ -31,8 +31,10 @@ from equalizer.balancer.health import HealthMonitor, HTTPHealthChecker
 from equalizer.balancer.pool import BackendPool, DrainCancelled
 from equalizer.balancer.stats import TrafficStats
 from equalizer.balancer.strategies import make_strategy
+from equalizer.buckets.interface import IBucketStore
 from equalizer.buckets.leasing import LeasingStore
-from equalizer.buckets.stores import IBucketStore, MemoryStore, PostgresStore
+from equalizer.buckets.memory import MemoryStore
+from equalizer.buckets.postgres.store import PostgresStore
 from equalizer.config.loader import Config, ConfigError, apply_overrides, load_config, url_identity
 from equalizer.demo import demo_service, demo_urls
 from equalizer.logs.service import LogFileError, LoggingService, open_logging

@@ -16,7 +16,8 @@ from twisted.internet.testing import StringTransport
 from equalizer.admin.api import AdminAPI, has_dot_segment
 from equalizer.balancer.pool import BackendPool
 from equalizer.balancer.stats import TrafficStats
-from equalizer.buckets.stores import MemoryStore, take_key
+from equalizer.buckets.interface import take_key
+from equalizer.buckets.memory import MemoryStore
 from equalizer.config.loader import BackendConfig
 from tests.helpers import result_of
 

@@ -9,13 +9,9 @@ import pytest
 from twisted.internet.task import Clock
 
 from equalizer.balancer.stats import bucket_counts
+from equalizer.buckets.interface import MAX_SWEEP_INTERVAL, sweep_interval
 from equalizer.buckets.maths import Bucket, is_full
-from equalizer.buckets.stores import (
-    MAX_SWEEP_INTERVAL,
-    SWEEP_CHUNK,
-    MemoryStore,
-    sweep_interval,
-)
+from equalizer.buckets.memory import SWEEP_CHUNK, MemoryStore
 from equalizer.config.loader import BucketPolicy, RateLimitConfig
 from tests.helpers import result_of
 

@@ -10,9 +10,6 @@ import pytest
 import yaml
 
 from equalizer.config.loader import (
-    MAX_CAPACITY,
-    MAX_REFILL_RATE,
-    MIN_REFILL_RATE,
     BackendConfig,
     BucketPolicy,
     Config,
@@ -24,6 +21,7 @@ from equalizer.config.loader import (
     validate_backend_url,
     validate_weight,
 )
+from equalizer.config.rules import MAX_CAPACITY, MAX_REFILL_RATE, MIN_REFILL_RATE
 
 SHIPPED = Path(__file__).resolve().parent.parent / "config" / "equalizer.yml"
 

@@ -13,7 +13,7 @@ from twisted.internet.testing import StringTransport
 from equalizer.admin.api import MAX_HEAD_BYTES, AdminAPI
 from equalizer.balancer.pool import BackendPool
 from equalizer.balancer.stats import TrafficStats
-from equalizer.buckets.stores import MemoryStore
+from equalizer.buckets.memory import MemoryStore
 from equalizer.config.loader import ProxyConfig
 from equalizer.proxy.exchange import ProxySite
 from equalizer.proxy.request_head import (

@@ -24,15 +24,14 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from equalizer.admin.schema import MAX_PAGE, openapi_document
 from equalizer.balancer.pool import DrainCancelled
 from equalizer.balancer.stats import bucket_counts
-from equalizer.buckets.stores import BucketExists, InvalidBucket, StoreUnavailable
-from equalizer.config.loader import (
-    MAX_CAPACITY,
-    MAX_REFILL_RATE,
-    url_identity,
-    validate_backend_url,
-    validate_refill_rate,
-    validate_weight,
+from equalizer.buckets.interface import (
+    BucketExists,
+    InvalidBucket,
+    StoreDataError,
+    StoreUnavailable,
 )
+from equalizer.config.loader import url_identity, validate_backend_url, validate_weight
+from equalizer.config.rules import MAX_CAPACITY, MAX_REFILL_RATE, validate_refill_rate
 from equalizer.proxy.exchange import HeadRefusingChannel
 from equalizer.readiness import Readiness
 
@@ -41,7 +40,7 @@ if TYPE_CHECKING:
 
     from equalizer.balancer.pool import Backend, BackendPool
     from equalizer.balancer.stats import TrafficStats
-    from equalizer.buckets.stores import BucketRecord, IBucketStore
+    from equalizer.buckets.interface import BucketRecord, IBucketStore
     from equalizer.config.loader import BucketPolicy
 
 MAX_BODY_BYTES = 65536
@@ -285,7 +284,9 @@ class AdminAPI:
 
     # -- buckets -----------------------------------------------------------------------
 
-    @app.handle_errors(StoreUnavailable)
+    # A data error is not an outage, but the client can do nothing about it either:
+    # answered, as before, as the store being unable to serve the call (503).
+    @app.handle_errors(StoreUnavailable, StoreDataError)
     def _store_unavailable(self, request: IRequest, failure: Any) -> bytes:
         return json_response(request, {"error": {
             "code": "store_unavailable", "message": "the bucket store is unreachable"}}, 503)

@@ -28,6 +28,11 @@ from psycopg2.extensions import parse_dsn
 from twisted.internet.endpoints import _parse, _parseServer
 
 from equalizer.balancer.strategies import STRATEGIES
+from equalizer.config.rules import describe as _describe
+from equalizer.config.rules import (
+    validate_capacity,
+    validate_refill_rate,
+)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -86,22 +91,13 @@ class BucketPolicy:
     refill_rate: float
 
 
-MAX_CAPACITY = 2**31 - 1
-"""Largest bucket capacity (and token count): the PostgreSQL ``integer`` column."""
-
-MIN_REFILL_RATE = 1e-6
-"""Slowest refill other than 0: a token in 11.6 days. Slower rates are 0 in practice,
-and below about 5e-318 tokens/s a refill over a microsecond underflows in SQL."""
-
 DEFAULT_MAX_BUCKETS = 1_000_000
 """Most buckets a process holds for clients (``rate_limit.max_buckets``), by default."""
 
 MAX_MAX_BUCKETS = 1_000_000_000
 """Largest ``rate_limit.max_buckets`` accepted: past that the cap would bound nothing."""
 
-MAX_REFILL_RATE = 1e9
-"""Fastest refill: rate times the longest span PostgreSQL times can hold (9.3e12 s)
-stays far from overflow, and it refills any bucket within about 2 s."""
+
 
 
 @frozen
@@ -187,23 +183,6 @@ def _format_path(path: _KeyPath) -> str:
     return text or "config"
 
 
-def _describe(value: object) -> str:
-    """Name a YAML value's type for an error message, in YAML's words."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"a boolean ({str(value).lower()})"
-    if isinstance(value, int | float):
-        return f"a number ({value!r})"
-    if isinstance(value, str):
-        return f"a string ({value!r})"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    return f"a {type(value).__name__} ({value!r})"
-
-
 # -- leaf checks ------------------------------------------------------------------------
 
 
@@ -245,33 +224,6 @@ def _at_least_zero(number: float) -> float:
     if not 0 <= number <= sys.float_info.max:
         raise ValueError(f"must be a number from 0 up, got {number}")
     return float(number)
-
-
-def validate_capacity(value: object) -> int:
-    """A bucket capacity: an integer from 1 to MAX_CAPACITY (what every store can hold)."""
-    return _integer(1, MAX_CAPACITY)(value)
-
-
-def _number(value: object) -> int | float:
-    if not _is_number(value):
-        raise ValueError(f"expected a number, got {_describe(value)}")
-    return value
-
-
-def validate_tokens(value: object) -> float:
-    """A token count from 0 to MAX_CAPACITY (the bucket's own capacity is checked apart)."""
-    if not 0 <= _number(value) <= MAX_CAPACITY:  # NaN, infinities and huge integers fail too
-        raise ValueError(f"must be between 0 and {MAX_CAPACITY}, got {value!r}")
-    return float(value)
-
-
-def validate_refill_rate(value: object) -> float:
-    """A refill rate, 0 (never refills) or MIN_REFILL_RATE..MAX_REFILL_RATE tokens a second,
-    so that every refill, in SQL and in Python, stays a finite float that does not underflow."""
-    if not (_number(value) == 0 or MIN_REFILL_RATE <= value <= MAX_REFILL_RATE):
-        raise ValueError(f"must be 0 or from {MIN_REFILL_RATE:.6f} to {MAX_REFILL_RATE:.0f} "
-                         f"tokens a second, got {value!r}")
-    return float(value)
 
 
 def _choice(*options: str) -> _Check:

@@ -26,7 +26,7 @@ from twisted.internet.error import ConnectError
 from twisted.protocols.portforward import ProxyFactory
 from txpostgres.txpostgres import Connection
 
-from equalizer.buckets.stores import _MIGRATION_LOCK
+from equalizer.buckets.postgres.sql import MIGRATION_LOCK
 from equalizer.readiness import READY_TIMEOUT
 from equalizer.service import probe_address
 from tests.integration.buckets_support import call
@@ -106,7 +106,7 @@ async def held_migration_lock(dsn: str) -> Connection:
     waits in its first attempt until the session lets go (closes)."""
     holder = Connection(reactor)
     await within(holder.connect(dsn))
-    await within(holder.runQuery("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,)))
+    await within(holder.runQuery("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,)))
     return holder
 
 
