@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from equalizer.balancer.pool import Backend, BackendPool
     from equalizer.balancer.stats import TrafficStats
-    from equalizer.buckets.stores import IBucketStore
+    from equalizer.buckets.interface import IBucketStore
     from equalizer.proxy.admission import RateLimiter
 
 UNPROXIED = "none"

@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 if TYPE_CHECKING:
-    from equalizer.buckets.stores import IBucketStore
+    from equalizer.buckets.interface import IBucketStore
 
 log = Logger()
 

@@ -29,9 +29,13 @@ from equalizer.balancer.health import HealthMonitor
 from equalizer.balancer.pool import BackendPool, DrainCancelled
 from equalizer.balancer.stats import TrafficStats
 from equalizer.balancer.strategies import make_strategy
+from equalizer.buckets.interface import IBucketStore
 from equalizer.buckets.leasing import LeasingStore
-from equalizer.buckets.stores import IBucketStore, MemoryStore, PostgresStore
-from equalizer.config.loader import Config, ConfigError, apply_overrides, load_config, url_identity
+from equalizer.buckets.memory import MemoryStore
+from equalizer.buckets.postgres.store import PostgresStore
+from equalizer.config.checks import url_identity
+from equalizer.config.loader import ConfigError, apply_overrides, load_config
+from equalizer.config.model import Config
 from equalizer.demo import demo_service, demo_urls
 from equalizer.listeners import Listener, ListenFailed
 from equalizer.logs.service import LogFileError, LoggingService, open_logging

@@ -18,7 +18,8 @@ from twisted.internet.testing import StringTransport
 from twisted.web.server import Site
 
 from equalizer.balancer.pool import Backend
-from equalizer.buckets.stores import MemoryStore, StoreUnavailable
+from equalizer.buckets.interface import StoreUnavailable
+from equalizer.buckets.memory import MemoryStore
 from equalizer.proxy.upstream import UpstreamConnection
 
 

@@ -18,7 +18,7 @@ from equalizer.admin.api import DASHBOARD_POLICY, AdminAPI
 from equalizer.admin.guard import MAX_BODY_BYTES
 from equalizer.balancer.pool import Backend, BackendPool
 from equalizer.balancer.stats import TrafficStats
-from equalizer.config.loader import BackendConfig, BucketPolicy
+from equalizer.config.model import BackendConfig, BucketPolicy
 from equalizer.readiness import Readiness
 from equalizer.testing import FakeStore, Response, send
 

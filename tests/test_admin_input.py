@@ -17,8 +17,9 @@ from equalizer.admin.api import AdminAPI
 from equalizer.admin.guard import has_dot_segment
 from equalizer.balancer.pool import BackendPool
 from equalizer.balancer.stats import TrafficStats
-from equalizer.buckets.stores import MemoryStore, take_key
-from equalizer.config.loader import BackendConfig
+from equalizer.buckets.interface import take_key
+from equalizer.buckets.memory import MemoryStore
+from equalizer.config.model import BackendConfig
 from tests.helpers import result_of
 
 

@@ -13,7 +13,7 @@ from equalizer.admin.api import AdminAPI
 from equalizer.admin.schema import openapi_document
 from equalizer.balancer.pool import BackendPool
 from equalizer.balancer.stats import TrafficStats
-from equalizer.buckets.stores import MemoryStore
+from equalizer.buckets.memory import MemoryStore
 from tests.helpers import result_of
 
 ADDED_BY_WERKZEUG = {"HEAD", "OPTIONS"}

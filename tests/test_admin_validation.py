@@ -17,7 +17,8 @@ from equalizer.admin.api import AdminAPI
 from equalizer.admin.schema import MAX_CAPACITY
 from equalizer.balancer.pool import BackendPool
 from equalizer.balancer.stats import TrafficStats
-from equalizer.buckets.stores import MAX_CLIENT_ID_LENGTH, MemoryStore
+from equalizer.buckets.memory import MemoryStore
+from equalizer.config.rules import MAX_CLIENT_ID_LENGTH
 from tests.helpers import result_of
 
 UNSTORABLE = ["nul\x00inside", "x" * (MAX_CLIENT_ID_LENGTH + 1)]

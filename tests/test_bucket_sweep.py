@@ -9,14 +9,10 @@ import pytest
 from twisted.internet.task import Clock
 
 from equalizer.balancer.stats import bucket_counts
+from equalizer.buckets.interface import MAX_SWEEP_INTERVAL, sweep_interval
 from equalizer.buckets.maths import Bucket, is_full
-from equalizer.buckets.stores import (
-    MAX_SWEEP_INTERVAL,
-    SWEEP_CHUNK,
-    MemoryStore,
-    sweep_interval,
-)
-from equalizer.config.loader import BucketPolicy, RateLimitConfig
+from equalizer.buckets.memory import SWEEP_CHUNK, MemoryStore
+from equalizer.config.model import BucketPolicy, RateLimitConfig
 from tests.helpers import result_of
 
 POLICY = BucketPolicy(capacity=4, refill_rate=1.0)  # refill window 4 s: the sweep interval

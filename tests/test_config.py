@@ -9,21 +9,10 @@ import attrs
 import pytest
 import yaml
 
-from equalizer.config.loader import (
-    MAX_CAPACITY,
-    MAX_REFILL_RATE,
-    MIN_REFILL_RATE,
-    BackendConfig,
-    BucketPolicy,
-    Config,
-    ConfigError,
-    apply_overrides,
-    load_config,
-    parse_config,
-    parse_duration,
-    validate_backend_url,
-    validate_weight,
-)
+from equalizer.config.checks import parse_duration, validate_backend_url, validate_weight
+from equalizer.config.loader import ConfigError, apply_overrides, load_config, parse_config
+from equalizer.config.model import BackendConfig, BucketPolicy, Config
+from equalizer.config.rules import MAX_CAPACITY, MAX_REFILL_RATE, MIN_REFILL_RATE
 
 SHIPPED = Path(__file__).resolve().parent.parent / "config" / "equalizer.yml"
 

@@ -16,17 +16,12 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
+from equalizer.buckets.interface import IBucketStore, InvalidBucket, StoreUnavailable, take_key
 from equalizer.buckets.leasing import MAX_ATTEMPTS, PREFETCH_FROM, LeasingStore
 from equalizer.buckets.leasing import SWEEP_CHUNK as LEASE_SWEEP_CHUNK
 from equalizer.buckets.maths import Bucket, refill
-from equalizer.buckets.stores import (
-    IBucketStore,
-    InvalidBucket,
-    MemoryStore,
-    StoreUnavailable,
-    take_key,
-)
-from equalizer.config.loader import BucketPolicy, RateLimitConfig
+from equalizer.buckets.memory import MemoryStore
+from equalizer.config.model import BucketPolicy, RateLimitConfig
 from tests.helpers import result_of
 
 TTL = 0.5
@@ -48,8 +43,12 @@ class FakeDatabase(MemoryStore):
         self.stopped = True
         return super().stop()
 
-    def query(self, sql: str, params: Any) -> Deferred[list[tuple[Any, ...]]]:
-        assert "equalizer_settle" in sql
+    def leases(self) -> FakeDatabase:
+        """The settlements' database: this fake answers them itself."""
+        return self
+
+    def settle(self, batch: list[Any]) -> Deferred[list[tuple[Any, ...]]]:
+        params = (json.dumps(batch, ensure_ascii=False),)
         rows = json.loads(params[0])
         self.settlements.append({c: (w, e, b, d) for c, w, e, b, d, _ in rows})
         if self.failing is not None:

@@ -10,8 +10,8 @@ from twisted.internet.task import Clock
 from equalizer.balancer.pool import BackendPool
 from equalizer.balancer.stats import TrafficStats
 from equalizer.buckets.leasing import LeasingStore
-from equalizer.buckets.stores import PostgresStore
-from equalizer.config.loader import BackendConfig, RateLimitConfig
+from equalizer.buckets.postgres.store import PostgresStore
+from equalizer.config.model import BackendConfig, RateLimitConfig
 from equalizer.metrics import EqualizerCollector, cumulative_buckets, metrics_registry
 from equalizer.proxy.admission import RateLimiter
 from equalizer.testing import FakeStore

@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 
 from equalizer.balancer.pool import Backend, BackendPool
 from equalizer.balancer.stats import TrafficStats
-from equalizer.config.loader import BackendConfig, ProxyConfig
+from equalizer.config.model import BackendConfig, ProxyConfig
 from equalizer.proxy.attempt import RESEND_BODY_BYTES
 from equalizer.proxy.exchange import Proxy, ThrottledWarning
 from equalizer.proxy.site import ProxySite

@@ -10,9 +10,9 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.web.http_headers import Headers
 
 from equalizer.balancer.stats import TrafficStats
+from equalizer.buckets.interface import StoreUnavailable
 from equalizer.buckets.maths import Decision
-from equalizer.buckets.stores import StoreUnavailable
-from equalizer.config.loader import RateLimitConfig
+from equalizer.config.model import RateLimitConfig
 from equalizer.proxy.admission import ADMIT_ALL, RateLimiter
 from equalizer.proxy.framing import UpstreamError, parse_response_head, response_framing
 from equalizer.proxy.headers import (

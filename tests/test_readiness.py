@@ -19,7 +19,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
-from equalizer.buckets.stores import MemoryStore, StoreUnavailable
+from equalizer.buckets.interface import StoreUnavailable
+from equalizer.buckets.memory import MemoryStore
 from equalizer.config.loader import parse_config
 from equalizer.proxy.site import ProxySite
 from equalizer.readiness import READY_TIMEOUT, BucketService, Readiness

@@ -14,8 +14,8 @@ from equalizer.admin.api import AdminAPI
 from equalizer.admin.guard import MAX_HEAD_BYTES
 from equalizer.balancer.pool import BackendPool
 from equalizer.balancer.stats import TrafficStats
-from equalizer.buckets.stores import MemoryStore
-from equalizer.config.loader import ProxyConfig
+from equalizer.buckets.memory import MemoryStore
+from equalizer.config.model import ProxyConfig
 from equalizer.proxy.request_head import (
     NOT_A_PATH,
     host_problem,

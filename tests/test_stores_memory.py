@@ -9,17 +9,22 @@ import pytest
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
-from equalizer.buckets.maths import NO_REFILL_SECONDS
-from equalizer.buckets.stores import (
-    MAX_CLIENT_ID_LENGTH,
+from equalizer.buckets.interface import (
     BucketExists,
     BucketRecord,
     IBucketStore,
     InvalidBucket,
-    MemoryStore,
     take_key,
 )
-from equalizer.config.loader import MAX_CAPACITY, MAX_REFILL_RATE, MIN_REFILL_RATE, BucketPolicy
+from equalizer.buckets.maths import NO_REFILL_SECONDS
+from equalizer.buckets.memory import MemoryStore
+from equalizer.config.model import BucketPolicy
+from equalizer.config.rules import (
+    MAX_CAPACITY,
+    MAX_CLIENT_ID_LENGTH,
+    MAX_REFILL_RATE,
+    MIN_REFILL_RATE,
+)
 from tests.helpers import result_of
 
 DEFAULT = BucketPolicy(capacity=3, refill_rate=1.0)

@@ -42,8 +42,13 @@ from equalizer.admin.guard import admin_site
 from equalizer.admin.schema import MAX_PAGE, openapi_document
 from equalizer.balancer.pool import DrainCancelled
 from equalizer.balancer.stats import bucket_counts
-from equalizer.buckets.stores import BucketExists, InvalidBucket, StoreUnavailable
-from equalizer.config.loader import url_identity
+from equalizer.buckets.interface import (
+    BucketExists,
+    InvalidBucket,
+    StoreDataError,
+    StoreUnavailable,
+)
+from equalizer.config.checks import url_identity
 from equalizer.readiness import Readiness
 
 if TYPE_CHECKING:
@@ -51,8 +56,8 @@ if TYPE_CHECKING:
 
     from equalizer.balancer.pool import Backend, BackendPool
     from equalizer.balancer.stats import TrafficStats
-    from equalizer.buckets.stores import BucketRecord, IBucketStore
-    from equalizer.config.loader import BucketPolicy
+    from equalizer.buckets.interface import BucketRecord, IBucketStore
+    from equalizer.config.model import BucketPolicy
 
 MAX_STORE_OFFSET = 2**63 - 1
 """The largest offset handed to a store; larger ones are past the end all the same."""
@@ -130,7 +135,9 @@ class AdminAPI:
     def _method_not_allowed(self, request: IRequest, failure: Any) -> bytes:
         return error_response(request, method_not_allowed(request, failure.value.valid_methods))
 
-    @app.handle_errors(StoreUnavailable)
+    # A data error is not an outage, but the client can do nothing about it either:
+    # answered, as before, as the store being unable to serve the call (503).
+    @app.handle_errors(StoreUnavailable, StoreDataError)
     def _store_unavailable(self, request: IRequest, failure: Any) -> bytes:
         return error_response(request, STORE_UNAVAILABLE)
 

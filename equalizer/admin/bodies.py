@@ -12,16 +12,11 @@ from typing import TYPE_CHECKING, Any
 from twisted.web.iweb import IRequest
 
 from equalizer.admin.errors import bad_request
-from equalizer.config.loader import (
-    MAX_CAPACITY,
-    MAX_REFILL_RATE,
-    validate_backend_url,
-    validate_refill_rate,
-    validate_weight,
-)
+from equalizer.config.checks import validate_backend_url, validate_weight
+from equalizer.config.rules import MAX_CAPACITY, MAX_REFILL_RATE, validate_refill_rate
 
 if TYPE_CHECKING:
-    from equalizer.config.loader import BucketPolicy
+    from equalizer.config.model import BucketPolicy
 
 MAX_QUERY_DIGITS = 100
 """Longest number a query parameter may spell; longer ones are refused unconverted."""

@@ -17,8 +17,13 @@ import copy
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from equalizer.buckets.stores import MAX_CLIENT_ID_LENGTH
-from equalizer.config.loader import MAX_CAPACITY, MAX_REFILL_RATE, MAX_WEIGHT, MIN_REFILL_RATE
+from equalizer.config.model import MAX_WEIGHT
+from equalizer.config.rules import (
+    MAX_CAPACITY,
+    MAX_CLIENT_ID_LENGTH,
+    MAX_REFILL_RATE,
+    MIN_REFILL_RATE,
+)
 
 MAX_PAGE = 1000
 """Largest page ``GET /buckets`` serves."""

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
 
     from equalizer.balancer.pool import Backend
-    from equalizer.buckets.stores import IBucketStore
+    from equalizer.buckets.interface import IBucketStore
 
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 

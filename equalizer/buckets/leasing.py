@@ -144,7 +144,6 @@ requests not yet sent, gives every allowance back in one last settlement
 
 from __future__ import annotations
 
-import json
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -156,13 +155,19 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from equalizer.buckets.interface import (
+    IBucketStore,
+    StoreDataError,
+    StoreUnavailable,
+    take_elsewhere,
+)
 from equalizer.buckets.maths import Decision, decide, window
-from equalizer.buckets.stores import IBucketStore, StoreUnavailable, take_elsewhere
-from equalizer.config.loader import DEFAULT_MAX_BUCKETS
+from equalizer.config.model import DEFAULT_MAX_BUCKETS
 
 if TYPE_CHECKING:
-    from equalizer.buckets.stores import BucketRecord, PostgresStore
-    from equalizer.config.loader import BucketPolicy, RateLimitConfig
+    from equalizer.buckets.interface import BucketRecord
+    from equalizer.buckets.postgres.store import PostgresStore
+    from equalizer.config.model import BucketPolicy, RateLimitConfig
 
 log = Logger()
 
@@ -200,13 +205,6 @@ MAX_ATTEMPTS = 3
 """Settlements a key's requests may go through without an answer (its bucket deleted
 and created again by others while the statement ran), before they fail."""
 
-# One settlement: the function of migration 0002 (its plans are cached per
-# session, so the server neither parses nor plans much per statement). Its one
-# parameter is a JSON array with, per key, [client id, requests waiting, lease
-# wanted beyond them, tokens given back, default capacity (null: no default),
-# default refill rate]: json.dumps builds it in C, where psycopg2 would quote
-# array elements one by one in Python (about 2 us each).
-_SETTLE = "SELECT * FROM equalizer_settle(%s::json)"
 
 
 class _Key:
@@ -269,6 +267,7 @@ class LeasingStore:
         stop_timeout: float = 2.0,
     ) -> None:
         self._store = store
+        self._database = store.leases()
         self._clock = clock
         self._ttl = ttl
         self._max_age = max(ttl, max_age)
@@ -524,7 +523,7 @@ class LeasingStore:
         self.statements += 1
         self.settled_keys += len(rows)
         self._in_flight += 1
-        d = self._store.query(_SETTLE, (json.dumps(rows, ensure_ascii=False),))
+        d = self._database.settle(rows)
         d.addCallbacks(self._settled, self._failed, (batch, sent), None, (batch,), None)
         d.addErrback(lambda f: log.failure("settling leased tokens failed", f))
         d.addBoth(self._next, given)
@@ -634,7 +633,7 @@ class LeasingStore:
                 self._pending.pop(client_id, None)
 
     def _failed(self, failure: Failure, batch: list[Any]) -> None:
-        if not failure.check(StoreUnavailable):
+        if not failure.check(StoreUnavailable, StoreDataError):  # those are logged where raised
             log.failure("settling leased tokens failed", failure)
         message = failure.getErrorMessage()
         for _, key, waiters, _, _ in batch:

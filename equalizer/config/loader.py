@@ -17,20 +17,16 @@ import yaml
 from equalizer.config import checks
 from equalizer.config.checks import (
     parse_duration,
-    url_identity,  # noqa: F401 -- re-exported: callers import it from here
     validate_backend_url,
     validate_database_url,
     validate_weight,
 )
-from equalizer.config.model import (  # noqa: F401 -- re-exported: callers import them from here
-    DEFAULT_MAX_BUCKETS,
+from equalizer.config.model import (
     MAX_MAX_BUCKETS,
-    MAX_WEIGHT,
     STRATEGY_NAMES,
     AdminConfig,
     BackendConfig,
     BalancerConfig,
-    BucketPolicy,
     Config,
     HealthConfig,
     LoggingConfig,
@@ -39,22 +35,7 @@ from equalizer.config.model import (  # noqa: F401 -- re-exported: callers impor
     RotateConfig,
     Timeouts,
 )
-
-# The bucket value rules below use the shared checks under these names.
-_describe, _integer, _is_number = checks.describe, checks.integer, checks.is_number
-
-
-MAX_CAPACITY = 2**31 - 1
-"""Largest bucket capacity (and token count): the PostgreSQL ``integer`` column."""
-
-MIN_REFILL_RATE = 1e-6
-"""Slowest refill other than 0: a token in 11.6 days. Slower rates are 0 in practice,
-and below about 5e-318 tokens/s a refill over a microsecond underflows in SQL."""
-
-MAX_REFILL_RATE = 1e9
-"""Fastest refill: rate times the longest span PostgreSQL times can hold (9.3e12 s)
-stays far from overflow, and it refills any bucket within about 2 s."""
-
+from equalizer.config.rules import validate_capacity, validate_refill_rate
 
 DEFAULT_CONFIG_PATH = "config/equalizer.yml"
 ENV_DATABASE_URL = "EQUALIZER_DATABASE_URL"
@@ -67,33 +48,6 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
-
-
-def validate_capacity(value: object) -> int:
-    """A bucket capacity: an integer from 1 to MAX_CAPACITY (what every store can hold)."""
-    return _integer(1, MAX_CAPACITY)(value)
-
-
-def _number(value: object) -> int | float:
-    if not _is_number(value):
-        raise ValueError(f"expected a number, got {_describe(value)}")
-    return value
-
-
-def validate_tokens(value: object) -> float:
-    """A token count from 0 to MAX_CAPACITY (the bucket's own capacity is checked apart)."""
-    if not 0 <= _number(value) <= MAX_CAPACITY:  # NaN, infinities and huge integers fail too
-        raise ValueError(f"must be between 0 and {MAX_CAPACITY}, got {value!r}")
-    return float(value)
-
-
-def validate_refill_rate(value: object) -> float:
-    """A refill rate, 0 (never refills) or MIN_REFILL_RATE..MAX_REFILL_RATE tokens a second,
-    so that every refill, in SQL and in Python, stays a finite float that does not underflow."""
-    if not (_number(value) == 0 or MIN_REFILL_RATE <= value <= MAX_REFILL_RATE):
-        raise ValueError(f"must be 0 or from {MIN_REFILL_RATE:.6f} to {MAX_REFILL_RATE:.0f} "
-                         f"tokens a second, got {value!r}")
-    return float(value)
 
 
 _backend = checks.record(

@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from equalizer.buckets.interface import StoreDataError, StoreUnavailable
 from equalizer.buckets.maths import Decision, field_pairs, header_renderer
-from equalizer.buckets.stores import StoreUnavailable
 from equalizer.proxy.keys import key_reader
 
 if TYPE_CHECKING:
     from equalizer.balancer.stats import TrafficStats
-    from equalizer.buckets.stores import IBucketStore
-    from equalizer.config.loader import RateLimitConfig
+    from equalizer.buckets.interface import IBucketStore
+    from equalizer.config.model import RateLimitConfig
     from equalizer.proxy.exchange import Exchange
 
 log = Logger()
@@ -115,7 +115,9 @@ class RateLimiter:
         exchange.respond_locally(429, "rate_limited", "too many requests; retry later")
 
     def _store_failed(self, failure: Failure, exchange: Exchange) -> None:
-        if not failure.check(StoreUnavailable):
+        # A data error (StoreDataError) is no outage, but this request has no decision
+        # either: on_store_error applies; the store logged the refused statement.
+        if not failure.check(StoreUnavailable, StoreDataError):
             log.failure("rate-limit store failed", failure)
         self._count(exchange, "store_error")
         if self.deny_on_store_error:

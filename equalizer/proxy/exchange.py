@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
     from equalizer.balancer.pool import Backend, BackendPool
     from equalizer.balancer.stats import TrafficStats
-    from equalizer.config.loader import ProxyConfig
+    from equalizer.config.model import ProxyConfig
     from equalizer.proxy.site import ProxyRequest
     from equalizer.proxy.upstream import UpstreamPool
 

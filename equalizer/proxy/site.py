@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
     from twisted.python.failure import Failure
 
-    from equalizer.config.loader import ProxyConfig
+    from equalizer.config.model import ProxyConfig
     from equalizer.proxy.exchange import Proxy
 
 

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_twisted
 
-from equalizer.config.loader import MAX_CAPACITY, MAX_REFILL_RATE
+from equalizer.config.rules import MAX_CAPACITY, MAX_REFILL_RATE
 from tests.integration.buckets_support import Admin, bucket_path, store_ready, store_section
 from tests.integration.harness import equalizer_config, raw_request, sleep, status_of
 

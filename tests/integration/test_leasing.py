@@ -19,9 +19,11 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from txpostgres.txpostgres import Connection
 
+from equalizer.buckets.interface import StoreUnavailable
 from equalizer.buckets.leasing import MIN_LEASE, LeasingStore
-from equalizer.buckets.stores import PostgresStore, StoreUnavailable
-from equalizer.config.loader import MAX_CAPACITY, MAX_REFILL_RATE, MIN_REFILL_RATE, BucketPolicy
+from equalizer.buckets.postgres.store import PostgresStore
+from equalizer.config.model import BucketPolicy
+from equalizer.config.rules import MAX_CAPACITY, MAX_REFILL_RATE, MIN_REFILL_RATE
 from tests.integration.test_postgres_store import sleep, within
 from tests.postgres import buckets_locked, sql, wait_available
 

@@ -24,17 +24,18 @@ from twisted.logger import LogLevel, globalLogPublisher
 from txpostgres.txpostgres import Connection
 from zope.interface.verify import verifyObject
 
-from equalizer.buckets.stores import (
+from equalizer.buckets.interface import (
     BucketExists,
     IBucketStore,
     InvalidBucket,
-    PostgresStore,
     StoreDataError,
     StoreUnavailable,
-    migrations,
     take_key,
 )
-from equalizer.config.loader import MAX_CAPACITY, MAX_REFILL_RATE, MIN_REFILL_RATE, BucketPolicy
+from equalizer.buckets.postgres.migrations import migrations
+from equalizer.buckets.postgres.store import PostgresStore
+from equalizer.config.model import BucketPolicy
+from equalizer.config.rules import MAX_CAPACITY, MAX_REFILL_RATE, MIN_REFILL_RATE
 from tests import postgres as _postgres
 from tests.pg_cluster import free_port
 from tests.postgres import buckets_locked, sql, wait_available

@@ -15,9 +15,10 @@ import pytest_twisted
 from twisted.internet import reactor
 from txpostgres.txpostgres import Connection
 
-from equalizer.buckets import stores as stores_module
-from equalizer.buckets.stores import _SWEEP_LOCK, SWEEP_BATCH, PostgresStore
-from equalizer.config.loader import BucketPolicy, RateLimitConfig
+from equalizer.buckets.postgres import store as stores_module
+from equalizer.buckets.postgres.sql import SWEEP_LOCK
+from equalizer.buckets.postgres.store import SWEEP_BATCH, PostgresStore
+from equalizer.config.model import BucketPolicy, RateLimitConfig
 from tests.integration.harness import wait_until
 from tests.integration.test_postgres_store import within
 from tests.postgres import sql
@@ -127,12 +128,12 @@ async def test_one_instance_sweeps_at_a_time(store, postgres_dsn):
     holder = Connection(reactor)
     await within(holder.connect(postgres_dsn))
     try:
-        await within(holder.runQuery("SELECT pg_advisory_lock(%s)", (_SWEEP_LOCK,)))
+        await within(holder.runQuery("SELECT pg_advisory_lock(%s)", (SWEEP_LOCK,)))
         assert await within(store.sweep(), 5) == 0
         assert len(await ids(postgres_dsn)) == 3
         # Unlock in the session itself: a closed connection's locks go only once the
         # server has noticed the close, which the next sweep could beat.
-        await within(holder.runQuery("SELECT pg_advisory_unlock(%s)", (_SWEEP_LOCK,)))
+        await within(holder.runQuery("SELECT pg_advisory_unlock(%s)", (SWEEP_LOCK,)))
     finally:
         holder.close()
     assert await within(store.sweep()) == 3

@@ -25,7 +25,7 @@ from twisted.internet.error import ConnectError
 from twisted.protocols.portforward import ProxyFactory
 from txpostgres.txpostgres import Connection
 
-from equalizer.buckets.stores import _MIGRATION_LOCK
+from equalizer.buckets.postgres.sql import MIGRATION_LOCK
 from equalizer.listeners import probe_address
 from equalizer.readiness import READY_TIMEOUT
 from tests.integration.buckets_support import call
@@ -105,7 +105,7 @@ async def held_migration_lock(dsn: str) -> Connection:
     waits in its first attempt until the session lets go (closes)."""
     holder = Connection(reactor)
     await within(holder.connect(dsn))
-    await within(holder.runQuery("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,)))
+    await within(holder.runQuery("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,)))
     return holder
 
 

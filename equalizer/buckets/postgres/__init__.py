@@ -1,0 +1,1 @@
+"""The PostgreSQL bucket store: SQL text, connections with reconnect, migrations, the store."""
