@@ -22,13 +22,13 @@ from twisted.internet.error import (
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
+from equalizer.balancer.failures import is_local_resource_error
 from equalizer.balancer.pool import Backend
 from equalizer.proxy.upstream import (
     MAX_INFORMATIONAL,
     UpstreamConnection,
     UpstreamError,
     UpstreamPool,
-    is_local_resource_error,
     response_framing,
 )
 

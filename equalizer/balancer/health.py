@@ -17,9 +17,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from equalizer.balancer.checker import IHealthChecker
+from equalizer.balancer.failures import is_local_resource_error
 from equalizer.balancer.pool import Backend, BackendPool
 from equalizer.config.model import HealthConfig
-from equalizer.proxy.upstream import is_local_resource_error
 
 log = Logger()
 

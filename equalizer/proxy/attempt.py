@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 from twisted.logger import Logger
 from twisted.web import http
 
+from equalizer.balancer.failures import is_local_resource_error
 from equalizer.proxy.backpressure import UploadThrottle
 from equalizer.proxy.response import relay_informational, write_head
 from equalizer.proxy.tunnel import Tunnel
-from equalizer.proxy.upstream import is_local_resource_error
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IDelayedCall

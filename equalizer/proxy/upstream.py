@@ -11,7 +11,6 @@ alive between requests.
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import socket
 from typing import TYPE_CHECKING, Protocol
@@ -24,7 +23,6 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
-from twisted.internet.error import ConnectError
 from twisted.internet.protocol import ClientFactory, connectionDone
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.internet.ssl import optionsForClientTLS
@@ -46,13 +44,6 @@ NO_BODY_STATUSES = frozenset({204, 304})
 MAX_INFORMATIONAL = 32
 """1xx responses a backend may send before its final one; more is a broken (or hostile)
 backend looping to keep the exchange alive, and the exchange fails (502)."""
-
-LOCAL_RESOURCE_ERRNOS = frozenset({
-    errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL,
-})
-"""Connect errors that are the proxy's own shortage (descriptors, buffers, memory, local
-ports), not anything the backend did."""
-
 
 class ResponseHandler(Protocol):
     """What an exchange hears from its backend connection."""
@@ -341,13 +332,6 @@ def _peeks_anything(sock: socket.socket) -> bool:
     except OSError:
         return True
     return True
-
-
-def is_local_resource_error(reason: Failure) -> bool:
-    """Whether a failed connect is the proxy's own shortage (EMFILE: no socket could even be
-    created), which says nothing about the backend and must not count against it."""
-    return reason.check(ConnectError) is not None and \
-        getattr(reason.value, "osError", None) in LOCAL_RESOURCE_ERRNOS
 
 
 class _ConnectionFactory(ClientFactory):
