@@ -161,7 +161,7 @@ from equalizer.buckets.interface import (
     StoreUnavailable,
     take_elsewhere,
 )
-from equalizer.buckets.maths import Decision, decide, window
+from equalizer.buckets.maths import Decision, credit, decide, window
 from equalizer.config.model import DEFAULT_MAX_BUCKETS
 
 if TYPE_CHECKING:
@@ -772,7 +772,7 @@ class LeasingStore:
         leased = self._returns.get(client_id, 0) + (key.allowance if key is not None else 0)
         if not leased:
             return record
-        return attrs.evolve(record, tokens=min(record.capacity, record.tokens + leased))
+        return attrs.evolve(record, tokens=credit(record.capacity, record.tokens, leased))
 
     def update(
         self,

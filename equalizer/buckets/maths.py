@@ -102,14 +102,22 @@ def window(capacity: int, refill_rate: float) -> int:
     return max(1, _ceil(capacity / refill_rate))
 
 
+def credit(capacity: int, tokens: float, added: float) -> float:
+    """Tokens after ``added`` come in (refill over time, or a lease given back): never
+    above the capacity. The one settlement rule of every store; the PostgreSQL
+    functions (schema/0002_settle.sql) write the same in SQL."""
+    tokens += added
+    return capacity if tokens > capacity else tokens
+
+
 def refill(bucket: Bucket, now: float) -> Bucket:
     """The bucket as of ``now``: refilled for the elapsed time, nothing taken."""
     elapsed = now - bucket.updated
     if elapsed <= 0:
         return bucket
-    tokens = bucket.tokens + bucket.refill_rate * elapsed
     capacity = bucket.capacity
-    return Bucket(capacity, capacity if tokens > capacity else tokens, bucket.refill_rate, now)
+    tokens = credit(capacity, bucket.tokens, bucket.refill_rate * elapsed)
+    return Bucket(capacity, tokens, bucket.refill_rate, now)
 
 
 def is_full(bucket: Bucket, now: float) -> bool:
@@ -154,9 +162,7 @@ def take(bucket: Bucket, now: float) -> tuple[Bucket, Decision]:
     tokens = bucket.tokens
     updated = bucket.updated
     if now > updated:
-        tokens += rate * (now - updated)
-        if tokens > capacity:
-            tokens = capacity
+        tokens = credit(capacity, tokens, rate * (now - updated))
         updated = now
     allowed = tokens >= 1
     if allowed:

@@ -3,9 +3,10 @@ balancing) — the client address, a header or a cookie."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+from equalizer.config.rules import MAX_CLIENT_ID_LENGTH, key_digest
 
 if TYPE_CHECKING:
     from equalizer.proxy.exchange import Exchange
@@ -41,17 +42,14 @@ def _client_of(exchange: Exchange) -> str:
     return exchange.client
 
 
-MAX_KEY_LENGTH = 512
-"""Longest key stored as it is (the bucket store's client_id limit)."""
-
-
 def _usable_key(value: bytes, exchange: Exchange) -> str:
     """A header or cookie value as a bucket key: UTF-8 text (latin-1 if it is not), the
-    client address when empty, a digest when overlong, so no value escapes the limit."""
+    client address when empty, the one digest of :mod:`equalizer.config.rules` when
+    longer than a client id may be, so no value escapes the limit."""
     if not value:
         return exchange.client
-    if len(value) > MAX_KEY_LENGTH:
-        return "sha256:" + hashlib.sha256(value).hexdigest()
+    if len(value) > MAX_CLIENT_ID_LENGTH:
+        return key_digest(value)
     try:
         return value.decode("utf-8")
     except UnicodeDecodeError:
