@@ -6,8 +6,8 @@ The queue is bounded (``max``; 0 = no queue) and so is each wait (``timeout``). 
 waiter is a callable that looks for a slot: it returns what to do with it (a
 callable, run once the waiter has left the queue) or None when there is none.
 ``wake`` offers slots to the waiters in order and stops at the first that finds
-none, so a later request never overtakes an earlier one. A waiter can leave at any time (its client went away):
-removal is O(1) and its timer is cancelled at once.
+none, so a later request never overtakes an earlier one. A waiter can leave at
+any time (its client went away): removal is O(1) and its timer is cancelled at once.
 """
 
 from __future__ import annotations
