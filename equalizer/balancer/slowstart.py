@@ -6,9 +6,11 @@ The ramp is ``share(elapsed) = 0.1 + 0.9 * elapsed / window``, linear, as nginx 
 strategy but hash (which must keep a key on its backend): the strategy picks as
 usual, and a pick of a ramping backend is kept only ``share`` of the time, counted
 with a per-backend credit rather than a random draw (so the share is exact and
-tests are deterministic); otherwise the strategy picks again among the backends
-that are not ramping. Once the window is over the backend leaves the ramp, so a
-pool with nothing ramping pays one truth test per request.
+tests are deterministic); otherwise the strategy picks again. So a ramping backend
+is treated as if its weight were ``share × weight``: with three equal backends,
+one just back gets 0.1 / 2.1 ≈ 5 % of new requests, not its third. Once the
+window is over the backend leaves the ramp, so a pool with nothing ramping pays
+one truth test per request.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ if TYPE_CHECKING:
 
 START_SHARE = 0.1
 """The share of its weight a backend gets the moment it comes back."""
+
+MAX_REPICKS = 16
+"""Picks one request may make before it takes what it got, ramping or not."""
 
 
 def ramp_share(elapsed: float, window: float) -> float:
@@ -63,19 +68,21 @@ class SlowStart:
 
     def pick(self, chosen: Backend, candidates: list[Backend], strategy: Strategy,
              key: bytes | None) -> Backend:
-        """``chosen`` if its share allows it this time, else another strategy pick among
-        the candidates that are not ramping (``chosen`` when all are)."""
+        """``chosen``, or, when its share does not allow it this time, the strategy's
+        next pick (a few times at most, so a pool where all ramp still answers)."""
         ramping = self.ramping
-        entry = ramping.get(chosen)
-        if entry is None:
-            return chosen
-        share = ramp_share(self._clock.seconds() - entry[0], self.window)
-        if share >= 1.0:
-            del ramping[chosen]
-            return chosen
-        entry[1] += share
-        if entry[1] >= 1.0:
-            entry[1] -= 1.0
-            return chosen
-        others = [b for b in candidates if b not in ramping]
-        return strategy.choose(others, key) if others else chosen
+        now = self._clock.seconds()
+        for _ in range(MAX_REPICKS):
+            entry = ramping.get(chosen)
+            if entry is None:
+                return chosen
+            share = ramp_share(now - entry[0], self.window)
+            if share >= 1.0:
+                del ramping[chosen]
+                return chosen
+            entry[1] += share
+            if entry[1] >= 1.0:
+                entry[1] -= 1.0
+                return chosen
+            chosen = strategy.choose(candidates, key)
+        return chosen
