@@ -328,3 +328,40 @@ def test_admin_refuses_bad_limits_and_changes_nothing(body: dict, message: str) 
     assert response.status == 400
     assert response.json()["error"]["message"].startswith(message)
     assert (backend.weight, backend.max_requests, backend.backup) == (1, 0, False)
+
+
+# -- configuration -----------------------------------------------------------------------
+
+def test_configuration_reads_the_new_keys() -> None:
+    """retry_on, slow_start, queue, max_requests, backup and outlier parse to the model."""
+    from equalizer.config.loader import parse_config
+
+    config = parse_config({
+        "proxy": {"retry_on": ["connect_failure", 503, "timeout"]},
+        "balancer": {"slow_start": "10s", "queue": {"max": 2, "timeout": "1s"},
+                     "backends": [{"url": "http://127.0.0.1:1", "max_requests": 1,
+                                   "backup": True}]},
+        "health": {"outlier": {"consecutive_5xx": 3, "base_ejection": "5s"}},
+    })
+    assert config.proxy.retry_on == ("connect_failure", "503", "timeout")
+    assert (config.balancer.slow_start, config.balancer.queue) == (10.0, QueueConfig(2, 1.0))
+    assert config.balancer.backends[0] == BackendConfig("http://127.0.0.1:1", 1, 1, True)
+    assert config.health.outlier == OutlierConfig(3, 0, 5.0, 50)
+    assert config.health.outlier.enabled and not OutlierConfig().enabled
+
+
+def test_configuration_refuses_bad_values_naming_each_key() -> None:
+    """Every bad value is reported at once, with its key path."""
+    from equalizer.config.loader import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as caught:
+        parse_config({
+            "proxy": {"retry_on": [500]},
+            "balancer": {"queue": {"max": -1, "timeout": 0},
+                         "backends": [{"url": "http://127.0.0.1:1", "backup": "yes"}]},
+            "health": {"outlier": {"max_ejection_percent": 101}},
+        })
+    keys = sorted(problem.split(":")[0] for problem in caught.value.problems)
+    assert keys == ["balancer.backends[0].backup", "balancer.queue.max",
+                    "balancer.queue.timeout", "health.outlier.max_ejection_percent",
+                    "proxy.retry_on[0]"]
