@@ -365,3 +365,15 @@ def test_configuration_refuses_bad_values_naming_each_key() -> None:
     assert keys == ["balancer.backends[0].backup", "balancer.queue.max",
                     "balancer.queue.timeout", "health.outlier.max_ejection_percent",
                     "proxy.retry_on[0]"]
+
+
+def test_health_counts_a_standing_by_backup_as_healthy() -> None:
+    """A backup waiting while the primaries serve does not make /health degraded; an
+    ejected backend does."""
+    pool = BackendPool([BackendConfig("http://127.0.0.1:9000"),
+                        BackendConfig("http://127.0.0.1:9001", backup=True)], clock=Clock())
+    site = admin_api(pool)
+    assert call(site, "GET", "/health").json()["status"] == "ok"
+    pool.set_ejected(pool.backends[0], 100.0)
+    body = call(site, "GET", "/health").json()
+    assert (body["status"], body["backends"]["healthy"]) == ("degraded", 1)

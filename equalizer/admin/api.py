@@ -151,12 +151,13 @@ class AdminAPI:
         """What the proxy can serve now: starting (503) until start-up is over (SPEC 4.5),
         then down (503) when no backend can take traffic.
 
-        ``healthy`` counts the pool's candidates (healthy, enabled, not draining), the
-        very list the strategies choose from. Degraded: a backend meant to serve (enabled,
-        not draining) is unhealthy, or the store is unreachable.
+        ``healthy`` counts the backends that could take traffic (healthy, enabled, not
+        draining, not ejected), backups included: a backup stands by while the primaries
+        serve, and takes over when none can. Degraded: a backend meant to serve (enabled,
+        not draining) cannot, or the store is unreachable.
         """
         backends = self._pool.backends
-        healthy = len(self._pool.available)
+        healthy = sum(1 for backend in backends if backend.available)
         meant_to_serve = sum(1 for backend in backends
                              if backend.enabled and not backend.draining)
         store = "ok" if self._store.available else "unavailable"
