@@ -16,6 +16,7 @@ Usage:
 
     python bench/instructions.py [--requests 2000] [--warmup 300]
                                  [--scenarios 1k-c32,1k-c32-limit-memory]
+                                 [--baseline REF] [--extra-config JSON]
 
 Scenarios are run.py's (their connection count does not apply: one client,
 one request at a time). Installs valgrind with apt-get when missing. Only
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import json
 import subprocess
 import sys
 import tempfile
@@ -81,6 +83,11 @@ def count(ctx: Context, scenario, args: argparse.Namespace, source: Path = REPO_
     """Instructions per request of equalizer (run from ``source``) in ``scenario``."""
     server = Server(ctx.new_dir(f"callgrind-{scenario.name}"), free_port(), free_port())
     config = equalizer_config(ctx, server, scenario)
+    if args.extra_config:  # each section's keys laid over the run's own
+        document = json.loads(config.read_text())
+        for section, values in json.loads(args.extra_config).items():
+            document.setdefault(section, {}).update(values)
+        config.write_text(json.dumps(document, indent=2) + "\n")
     argv = ["valgrind", "--tool=callgrind",
             f"--callgrind-out-file={server.workdir}/callgrind.out.%p",
             sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
@@ -109,6 +116,10 @@ def main() -> int:
     parser.add_argument("--scenarios", default="1k-c32,1k-c32-limit-memory")
     parser.add_argument("--baseline", metavar="REF",
                         help="also count equalizer as of git commit REF, in the same run")
+    parser.add_argument("--extra-config", metavar="JSON",
+                        help="a JSON object of sections whose keys replace those of each "
+                             "run's equalizer configuration (e.g. to turn features on); "
+                             "the baseline gets it too")
     args = parser.parse_args()
     by_name = {s.name: s for s in SCENARIOS}
     chosen = [by_name[name] for name in args.scenarios.split(",")]

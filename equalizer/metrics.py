@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 
 from equalizer.balancer.stats import DURATION_BUCKETS, STATUS_CLASSES, DurationHistogram
 from equalizer.buckets.leasing import LeasingStore
+from equalizer.traffic_metrics import traffic_metrics
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
@@ -93,6 +94,7 @@ class EqualizerCollector(Collector):
             yield from lease_metrics(self._store)
         yield CounterMetricFamily("equalizer_retries", "Attempts retried on another backend",
                                   value=stats.retries)
+        yield from traffic_metrics(self._pool)
 
 
 def backend_settings(backends: list[Backend]) -> Iterator:

@@ -26,6 +26,7 @@ from twisted.python import usage
 from equalizer.admin.api import AdminAPI
 from equalizer.balancer.checker import HTTPHealthChecker
 from equalizer.balancer.health import HealthMonitor
+from equalizer.balancer.outlier import OutlierDetector
 from equalizer.balancer.pool import BackendPool, DrainCancelled
 from equalizer.balancer.stats import TrafficStats
 from equalizer.balancer.strategies import make_strategy
@@ -153,7 +154,9 @@ class EqualizerService(MultiService):
         if logging_service is not None:
             logging_service.setServiceParent(self)  # first: starts first, stops last
         self.stats = TrafficStats(started=reactor.seconds())
-        self.pool = BackendPool(config.balancer.backends, config.balancer.strategy)
+        self.pool = BackendPool(config.balancer.backends, config.balancer.strategy,
+                                clock=reactor)
+        self.outlier = OutlierDetector(self.pool, config.health.outlier, reactor)
         if demo:
             demo_service(reactor).setServiceParent(self)
         self.store = make_store(config, reactor) if store is None else store
@@ -202,11 +205,14 @@ class EqualizerService(MultiService):
                                  idle_timeout=config.proxy.timeouts.idle)
         self.limiter.configure(config.rate_limit)
         self.store.configure(config.rate_limit)
+        self.pool.configure(slow_start=config.balancer.slow_start, queue=config.balancer.queue)
+        self.outlier.configure(config.health.outlier)
         self.proxy.configure(
             config.proxy, self.limiter if config.rate_limit.enabled else ADMIT_ALL,
             hash_key=(key_reader(config.balancer.hash_key)
                       if config.balancer.strategy == "hash" else None),
-            log_access=config.logging.access_log)
+            log_access=config.logging.access_log,
+            outlier=self.outlier if config.health.outlier.enabled else None)
         self.admin.default_policy = config.rate_limit.default
 
     # -- SIGHUP reload ----------------------------------------------------------------
@@ -253,10 +259,12 @@ class EqualizerService(MultiService):
                     lambda failure: failure.trap(DrainCancelled))
             else:
                 self.pool.set_weight(backend, entry.weight)
+                self.pool.set_limits(backend, entry.max_requests, entry.backup)
                 if backend.draining:
                     self.pool.cancel_drain(backend)
         for entry in wanted.values():
-            self.pool.add(entry.url, entry.weight)
+            self.pool.add(entry.url, entry.weight, max_requests=entry.max_requests,
+                          backup=entry.backup)
 
     def remove_backend(self, backend) -> None:
         if backend in self.pool.backends:
@@ -339,6 +347,7 @@ class EqualizerService(MultiService):
         for child in reversed(list(self)):
             if child not in listeners:
                 await maybeDeferred(child.stopService)
+        self.outlier.stop()
 
     def _listen(self, key: str, description: str, factory) -> Listener:
         """A listener child; bad endpoint strings were refused by config validation."""

@@ -49,6 +49,7 @@ from equalizer.buckets.interface import (
     StoreUnavailable,
 )
 from equalizer.config.checks import url_identity
+from equalizer.config.model import BackendConfig
 from equalizer.readiness import Readiness
 
 if TYPE_CHECKING:
@@ -83,6 +84,10 @@ def backend_json(backend: Backend) -> dict[str, Any]:
         "failures": backend.failures,
         "latency_ms": backend.latency_ms(),
         "last_check": backend.last_check or None,
+        "max_requests": backend.max_requests,
+        "backup": backend.backup,
+        "ejected_until": backend.ejected_until,
+        "ejections": backend.ejections,
     }
 
 
@@ -146,12 +151,13 @@ class AdminAPI:
         """What the proxy can serve now: starting (503) until start-up is over (SPEC 4.5),
         then down (503) when no backend can take traffic.
 
-        ``healthy`` counts the pool's candidates (healthy, enabled, not draining), the
-        very list the strategies choose from. Degraded: a backend meant to serve (enabled,
-        not draining) is unhealthy, or the store is unreachable.
+        ``healthy`` counts the backends that could take traffic (healthy, enabled, not
+        draining, not ejected), backups included: a backup stands by while the primaries
+        serve, and takes over when none can. Degraded: a backend meant to serve (enabled,
+        not draining) cannot, or the store is unreachable.
         """
         backends = self._pool.backends
-        healthy = len(self._pool.available)
+        healthy = sum(1 for backend in backends if backend.available)
         meant_to_serve = sum(1 for backend in backends
                              if backend.enabled and not backend.draining)
         store = "ok" if self._store.available else "unavailable"
@@ -193,6 +199,7 @@ class AdminAPI:
             "requests": self._stats.to_json(),
             "backends": [backend_json(backend) for backend in self._pool.backends],
             "buckets": bucket_counts(self._store),
+            "queue": self._pool.queue.to_json(),
         }
         return json_response(request, body)
 
@@ -205,11 +212,13 @@ class AdminAPI:
 
     @app.route("/backends", methods=["POST"])
     def add_backend(self, request: IRequest) -> bytes:
-        url, weight = backend_create(read_json_object(request))
+        wanted = backend_create(read_json_object(request))
+        url = wanted.url
         identity = url_identity(url)
         if any(url_identity(backend.url) == identity for backend in self._pool.backends):
             raise conflict(f"a backend with url {url!r} exists")
-        backend = self._pool.add(url, weight)
+        backend = self._pool.add(url, wanted.weight, max_requests=wanted.max_requests,
+                                 backup=wanted.backup)
         request.setHeader(b"Location", f"/backends/{backend.id}".encode())
         return json_response(request, backend_json(backend), 201)
 
@@ -220,9 +229,10 @@ class AdminAPI:
     @app.route("/backends/<string:backend_id>", methods=["PUT"])
     def change_backend(self, request: IRequest, backend_id: str) -> bytes:
         backend = self._backend(backend_id)
-        weight, enabled = backend_change(read_json_object(request), backend.weight,
-                                         backend.enabled)
-        self._pool.set_weight(backend, weight)
+        current = BackendConfig(backend.url, backend.weight, backend.max_requests, backend.backup)
+        wanted, enabled = backend_change(read_json_object(request), current, backend.enabled)
+        self._pool.set_weight(backend, wanted.weight)
+        self._pool.set_limits(backend, wanted.max_requests, wanted.backup)
         self._pool.set_enabled(backend, enabled)
         return json_response(request, backend_json(backend))
 

@@ -13,6 +13,7 @@ from twisted.web.iweb import IRequest
 
 from equalizer.admin.errors import bad_request
 from equalizer.config.checks import validate_backend_url, validate_weight
+from equalizer.config.model import MAX_BACKEND_REQUESTS, BackendConfig
 from equalizer.config.rules import MAX_CAPACITY, MAX_REFILL_RATE, validate_refill_rate
 
 if TYPE_CHECKING:
@@ -64,27 +65,41 @@ def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 # -- the bodies of the routes ------------------------------------------------------------
 
-def backend_create(body: dict[str, Any]) -> tuple[str, int]:
-    """``POST /backends``: the URL (required) and weight (default 1)."""
-    check_fields(body, {"url", "weight"})
+def backend_create(body: dict[str, Any]) -> BackendConfig:
+    """``POST /backends``: the URL (required), weight (default 1), max_requests (default 0,
+    no limit) and backup (default false)."""
+    check_fields(body, {"url", "weight", "max_requests", "backup"})
     if "url" not in body:
         raise bad_request("url: required")
     try:
         url = validate_backend_url(body["url"])
     except ValueError as error:
         raise bad_request(f"url: {error}") from None
-    return url, weight_field(body) if "weight" in body else 1
+    return BackendConfig(
+        url, weight_field(body) if "weight" in body else 1,
+        integer_field(body, "max_requests", 0, MAX_BACKEND_REQUESTS)
+        if "max_requests" in body else 0,
+        boolean_field(body, "backup", False))
 
 
-def backend_change(body: dict[str, Any], weight: int, enabled: bool) -> tuple[int, bool]:
-    """``PUT /backends/ID``: the new weight and enabled flag, each defaulting to the current."""
-    check_fields(body, {"weight", "enabled"})
-    if "weight" in body:
-        weight = weight_field(body)
-    enabled = body.get("enabled", enabled)
-    if not isinstance(enabled, bool):
-        raise bad_request("enabled: must be true or false")
-    return weight, enabled
+def backend_change(body: dict[str, Any], backend: BackendConfig,
+                   enabled: bool) -> tuple[BackendConfig, bool]:
+    """``PUT /backends/ID``: the new weight, max_requests, backup and enabled flag, each
+    defaulting to the current one."""
+    check_fields(body, {"weight", "enabled", "max_requests", "backup"})
+    changed = BackendConfig(
+        backend.url, weight_field(body) if "weight" in body else backend.weight,
+        integer_field(body, "max_requests", 0, MAX_BACKEND_REQUESTS)
+        if "max_requests" in body else backend.max_requests,
+        boolean_field(body, "backup", backend.backup))
+    return changed, boolean_field(body, "enabled", enabled)
+
+
+def boolean_field(body: dict[str, Any], name: str, default: bool) -> bool:
+    value = body.get(name, default)
+    if not isinstance(value, bool):
+        raise bad_request(f"{name}: must be true or false")
+    return value
 
 
 def bucket_create(body: dict[str, Any],

@@ -17,7 +17,7 @@ import copy
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from equalizer.config.model import MAX_WEIGHT
+from equalizer.config.model import MAX_BACKEND_REQUESTS, MAX_WEIGHT
 from equalizer.config.rules import (
     MAX_CAPACITY,
     MAX_CLIENT_ID_LENGTH,
@@ -67,6 +67,12 @@ def _error(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/responses/{name}"}
 
 
+_MAX_REQUESTS = {"type": "integer", "minimum": 0, "maximum": MAX_BACKEND_REQUESTS,
+                 "description": "requests in flight at most (0 = no limit): a full backend "
+                                "is no candidate, and requests wait in the pool queue"}
+_BACKUP = {"type": "boolean",
+           "description": "takes traffic only while no primary (non-backup) backend is "
+                          "available"}
 _NULLABLE_NUMBER = {"type": "number", "nullable": True}
 
 _SCHEMAS: dict[str, Any] = {
@@ -140,6 +146,14 @@ _SCHEMAS: dict[str, Any] = {
                 "properties": {"p50": _NULLABLE_NUMBER, "p99": _NULLABLE_NUMBER},
             },
             "last_check": _ref("LastCheck"),
+            "max_requests": _MAX_REQUESTS,
+            "backup": _BACKUP,
+            "ejected_until": {"type": "number", "nullable": True,
+                              "description": "while outlier detection has ejected the "
+                                             "backend: when it comes back, in Unix seconds; "
+                                             "null otherwise"},
+            "ejections": {"type": "integer", "minimum": 0,
+                          "description": "times outlier detection ejected it"},
         },
     },
     "BackendList": {
@@ -161,6 +175,8 @@ _SCHEMAS: dict[str, Any] = {
                                    "yet (else 409)",
                     "example": "http://127.0.0.1:9004"},
             "weight": {"type": "integer", "minimum": 1, "maximum": MAX_WEIGHT, "default": 1},
+            "max_requests": {**_MAX_REQUESTS, "default": 0},
+            "backup": {**_BACKUP, "default": False},
         },
     },
     "BackendUpdate": {
@@ -170,6 +186,8 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "weight": {"type": "integer", "minimum": 1, "maximum": MAX_WEIGHT},
             "enabled": {"type": "boolean"},
+            "max_requests": _MAX_REQUESTS,
+            "backup": _BACKUP,
         },
     },
     "Stats": {
@@ -202,6 +220,21 @@ _SCHEMAS: dict[str, Any] = {
                     "held": {"type": "integer", "minimum": 0, "nullable": True},
                     "swept": {"type": "integer", "minimum": 0},
                     "over_cap": {"type": "integer", "minimum": 0},
+                },
+            },
+            "queue": {
+                "type": "object",
+                "description": "the pool queue (balancer.queue): requests waiting now for a "
+                               "backend under its max_requests, its bounds, and how many "
+                               "were queued, refused at once (queue full) and refused at "
+                               "the timeout, with 503 overloaded",
+                "properties": {
+                    "length": {"type": "integer", "minimum": 0},
+                    "max": {"type": "integer", "minimum": 0},
+                    "timeout": {"type": "number", "minimum": 0},
+                    "queued": {"type": "integer", "minimum": 0},
+                    "refused": {"type": "integer", "minimum": 0},
+                    "timed_out": {"type": "integer", "minimum": 0},
                 },
             },
         },
@@ -389,7 +422,8 @@ def _backend_paths() -> dict[str, Any]:
                               {"200": _response("the backend", "Backend"),
                                "404": _error("NotFound")},
                               tags=backend_ops, parameters=[_BACKEND_ID]),
-            "put": _operation("changeBackend", "Change a backend's weight or enabled flag",
+            "put": _operation("changeBackend", "Change a backend's weight, enabled flag, "
+                                               "max_requests or backup flag",
                               {"200": _response("the backend as changed", "Backend"),
                                "404": _error("NotFound")},
                               tags=backend_ops, parameters=[_BACKEND_ID], body="BackendUpdate",

@@ -4,8 +4,14 @@ Backends change state (health, enabled, draining) rarely and are chosen on every
 request, so the pool keeps the list of available backends ready and rebuilds it
 only when a state changes. So a backend's state is changed only through the pool's
 methods (``add``, ``remove``, ``set_weight``, ``set_enabled``, ``drain``,
-``cancel_drain``, ``set_healthy``): each rebuilds the list, and no caller has to
-remember to.
+``cancel_drain``, ``set_healthy``, ``set_ejected``, ``set_limits``): each rebuilds the
+list, and no caller has to remember to.
+
+Traffic management (SPEC 4.6) hangs off the same list: backup backends are in it
+only while no primary is available; a backend at its ``max_requests`` is left out
+per pick; slow start (``slowstart.py``) thins the picks of a backend that has just
+come (back); and the pool's wait queue (``queue.py``) is offered slots whenever the
+list changes.
 """
 
 from __future__ import annotations
@@ -13,15 +19,21 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from collections.abc import Collection, Iterable
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from attrs import define, field
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from equalizer.balancer.queue import WaitQueue
+from equalizer.balancer.slowstart import SlowStart
 from equalizer.balancer.stats import STATUS_CLASSES, DurationHistogram
 from equalizer.balancer.strategies import Strategy, make_strategy
-from equalizer.config.model import BackendConfig
+from equalizer.config.model import BackendConfig, QueueConfig
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
 
 log = Logger()
 
@@ -48,6 +60,10 @@ class Backend:
     enabled: bool = True
     draining: bool = False
     healthy: bool = True
+    max_requests: int = 0
+    backup: bool = False
+    ejected_until: float | None = None
+    ejections: int = 0
     in_flight: int = 0
     requests: int = 0
     failures: int = 0
@@ -59,7 +75,8 @@ class Backend:
     health_checks: dict[str, int] = field(factory=lambda: {"ok": 0, "failed": 0})
 
     @classmethod
-    def from_url(cls, backend_id: str, url: str, weight: int = 1) -> Backend:
+    def from_url(cls, backend_id: str, url: str, weight: int = 1, *, max_requests: int = 0,
+                 backup: bool = False) -> Backend:
         """Parse a validated http:// URL once, so the hot path only reads attributes."""
         parts = urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -73,11 +90,18 @@ class Backend:
             prefix=prefix,
             host_header=parts.netloc.rsplit("@", 1)[-1].encode("ascii"),
             address=_address(parts.hostname or "", port),
+            max_requests=max_requests,
+            backup=backup,
         )
 
     @property
     def available(self) -> bool:
-        return self.enabled and self.healthy and not self.draining
+        return self.enabled and self.healthy and not self.draining and self.ejected_until is None
+
+    @property
+    def full(self) -> bool:
+        """At its ``max_requests`` in flight: no candidate until one ends."""
+        return 0 < self.max_requests <= self.in_flight
 
     def record_check(self, status: int | None, error: str | None, at: float,
                      duration: float) -> None:
@@ -111,20 +135,43 @@ def _percentile(ordered: list[float], share: float) -> float:
 class BackendPool:
     """The backends, their availability, and the strategy that picks among them."""
 
-    def __init__(self, backends: Iterable[BackendConfig], strategy: str = "round_robin") -> None:
+    def __init__(self, backends: Iterable[BackendConfig], strategy: str = "round_robin", *,
+                 clock: IReactorTime | None = None, slow_start: float = 0.0,
+                 queue: QueueConfig | None = None) -> None:
         self._ids = itertools.count(1)
         self.backends: list[Backend] = []
         self.strategy: Strategy = make_strategy(strategy)
         self._available: list[Backend] = []
+        self._limited = False
+        self._using_backups = False
+        self._clock = clock
         self._drain_waiters: dict[Backend, list[Deferred[None]]] = {}
+        queue = queue or QueueConfig()
+        self.queue = WaitQueue(clock, queue.max, queue.timeout)
+        self._wake_call = None
+        self.slow_start = SlowStart(clock)
         for config in backends:
-            self.add(config.url, config.weight)
+            self.add(config.url, config.weight, max_requests=config.max_requests,
+                     backup=config.backup)
+        # Backends present at start-up take their full share at once; later ones ramp.
+        self.slow_start.configure(slow_start)
 
-    def add(self, url: str, weight: int = 1) -> Backend:
-        backend = Backend.from_url(f"b{next(self._ids)}", url, weight)
+    def configure(self, *, slow_start: float, queue: QueueConfig) -> None:
+        """New slow-start window and queue bounds (start-up and reload)."""
+        self.slow_start.configure(slow_start)
+        self.queue.configure(queue.max, queue.timeout)
+
+    def add(self, url: str, weight: int = 1, *, max_requests: int = 0,
+            backup: bool = False) -> Backend:
+        backend = Backend.from_url(f"b{next(self._ids)}", url, weight,
+                                   max_requests=max_requests, backup=backup)
         self.backends.append(backend)
+        self._came_back(backend)
         self._changed()
         return backend
+
+    def _came_back(self, backend: Backend) -> None:
+        self.slow_start.begin(backend)
 
     def get(self, backend_id: str) -> Backend | None:
         for backend in self.backends:
@@ -134,6 +181,7 @@ class BackendPool:
 
     def remove(self, backend: Backend) -> None:
         self.backends.remove(backend)
+        self.slow_start.forget(backend)
         self._changed()
 
     def drain(self, backend: Backend) -> Deferred[None]:
@@ -166,32 +214,81 @@ class BackendPool:
 
     def set_enabled(self, backend: Backend, enabled: bool) -> None:
         """Let ``backend`` take requests or not (an operator's switch, apart from health)."""
+        if enabled and not backend.enabled:
+            self._came_back(backend)
         backend.enabled = enabled
+        self._changed()
+
+    def set_limits(self, backend: Backend, max_requests: int, backup: bool) -> None:
+        """A new ``max_requests`` (0 = none) and backup flag (validated ones)."""
+        backend.max_requests = max_requests
+        backend.backup = backup
+        self._changed()
+
+    def set_ejected(self, backend: Backend, until: float | None) -> None:
+        """Eject ``backend`` until that time (outlier detection), or end its ejection."""
+        if until is not None:
+            backend.ejections += 1
+        elif backend.ejected_until is not None:
+            self._came_back(backend)
+        backend.ejected_until = until
         self._changed()
 
     def _changed(self) -> None:
         """Rebuild the candidate list: every method above that changes a backend's state
-        (added, removed, weight, enabled, draining, healthy) ends here."""
-        self._available = [b for b in self.backends if b.available]
+        (added, removed, weight, limits, enabled, draining, healthy, ejected) ends here.
+
+        Backups are candidates only while no primary is (SPEC 4.6)."""
+        available = [b for b in self.backends if b.available]
+        primaries = [b for b in available if not b.backup]
+        using_backups = not primaries and len(available) > 0
+        if using_backups != self._using_backups:
+            self._using_backups = using_backups
+            if using_backups:
+                log.warn("no primary backend is available: the backup backends take traffic")
+            else:
+                log.info("a primary backend is available: backups no longer take traffic")
+        self._available = available if using_backups else primaries
+        self._limited = any(b.max_requests for b in self._available)
+        if len(self.queue) and self._wake_call is None and self._clock is not None:
+            # Not from inside the change (a health transition, an admin call): next turn.
+            self._wake_call = self._clock.callLater(0, self._wake)
+
+    def _wake(self) -> None:
+        self._wake_call = None
+        self.queue.wake()
 
     @property
     def available(self) -> list[Backend]:
         return self._available
 
     def choose(self, key: bytes | None = None, tried: Collection[Backend] = ()) -> Backend | None:
-        """A backend for one request, not one already tried; None when none can take it."""
+        """A backend for one request, not one already tried nor full; None when none can
+        take it (see ``all_full``)."""
         candidates = self._available
         if tried:
             candidates = [b for b in candidates if b not in tried]
+        if self._limited:
+            candidates = [b for b in candidates if not b.full]
         if not candidates:
             return None
-        return self.strategy.choose(candidates, key)
+        chosen = self.strategy.choose(candidates, key)
+        if self.slow_start.ramping and getattr(self.strategy, "ramps", True):
+            return self.slow_start.pick(chosen, candidates, self.strategy, key)
+        return chosen
+
+    def all_full(self, tried: Collection[Backend] = ()) -> bool:
+        """Whether ``choose`` found nothing only because every candidate is full: the
+        request may wait in the queue for a slot."""
+        return self._limited and any(b not in tried for b in self._available)
 
     def set_healthy(self, backend: Backend, healthy: bool, reason: str) -> None:
         """Record a health transition, logging it (down: warning, up: info)."""
         if backend.healthy == healthy:
             return
         backend.healthy = healthy
+        if healthy:
+            self._came_back(backend)
         self._changed()
         if healthy:
             log.info("backend {backend_id} ({url}) is up: {reason}",

@@ -174,7 +174,10 @@ class RendezvousHash:
     (Schindelhauer and Schomaker's weighted form), so each backend gets a share of
     keys proportional to its weight; with equal weights it is plain rendezvous
     hashing. A request without a key falls back to round robin.
+    Slow start does not apply (``ramps``): it would move keys off their backend.
     """
+
+    ramps = False
 
     def __init__(self) -> None:
         self._salts: dict[str, bytes] = {}

@@ -24,7 +24,7 @@ from psycopg2.extensions import parse_dsn
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
 
-from equalizer.config.model import MAX_WEIGHT, Network
+from equalizer.config.model import MAX_WEIGHT, RETRY_ON_NAMES, Network
 
 KeyPath = tuple[str | int, ...]
 Problem = tuple[KeyPath, str]
@@ -124,6 +124,16 @@ def choice(*options: str) -> Check:
         return value
 
     return check
+
+
+def retry_reason(value: object) -> str:
+    """One ``proxy.retry_on`` entry: a failure name or one of the statuses 502, 503, 504
+    (written as a number or a string)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or value not in RETRY_ON_NAMES:
+        raise ValueError(f"must be one of {', '.join(RETRY_ON_NAMES)}; got {value!r}")
+    return value
 
 
 def optional(check: Check) -> Check:

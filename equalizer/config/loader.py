@@ -22,7 +22,9 @@ from equalizer.config.checks import (
     validate_weight,
 )
 from equalizer.config.model import (
+    MAX_BACKEND_REQUESTS,
     MAX_MAX_BUCKETS,
+    MAX_QUEUE,
     STRATEGY_NAMES,
     AdminConfig,
     BackendConfig,
@@ -30,7 +32,9 @@ from equalizer.config.model import (
     Config,
     HealthConfig,
     LoggingConfig,
+    OutlierConfig,
     ProxyConfig,
+    QueueConfig,
     RateLimitConfig,
     RotateConfig,
     Timeouts,
@@ -52,7 +56,8 @@ class ConfigError(Exception):
 
 _backend = checks.record(
     BackendConfig(url=""),
-    {"url": validate_backend_url, "weight": validate_weight},
+    {"url": validate_backend_url, "weight": validate_weight,
+     "max_requests": checks.integer(0, MAX_BACKEND_REQUESTS), "backup": checks.boolean},
     required=("url",),
 )
 
@@ -88,6 +93,7 @@ _SCHEMA = checks.record(Config(), {
         "retries": checks.integer(0),
         "trusted_proxies": checks.list_of(checks.network),
         "max_header_bytes": checks.size(1024),
+        "retry_on": checks.list_of(checks.retry_reason),
     }),
     "admin": checks.record(AdminConfig(), {
         "listen": checks.endpoint,
@@ -97,6 +103,11 @@ _SCHEMA = checks.record(Config(), {
         "strategy": checks.choice(*STRATEGY_NAMES),
         "hash_key": checks.client_key("header", "cookie"),
         "backends": _backends,
+        "slow_start": parse_duration,
+        "queue": checks.record(QueueConfig(), {
+            "max": checks.integer(0, MAX_QUEUE),
+            "timeout": checks.positive_duration,
+        }),
     }),
     "health": checks.record(HealthConfig(), {
         "path": checks.health_path,
@@ -106,6 +117,12 @@ _SCHEMA = checks.record(Config(), {
         "unhealthy_threshold": checks.integer(1),
         "healthy_threshold": checks.integer(1),
         "expected_status": checks.status_range,
+        "outlier": checks.record(OutlierConfig(), {
+            "consecutive_5xx": checks.integer(0),
+            "consecutive_gateway_errors": checks.integer(0),
+            "base_ejection": checks.positive_duration,
+            "max_ejection_percent": checks.integer(0, 100),
+        }),
     }),
     "rate_limit": checks.record(RateLimitConfig(), {
         "enabled": checks.boolean,

@@ -44,6 +44,7 @@ class ProxyConfig:
     retries: int = 2
     trusted_proxies: tuple[Network, ...] = ()
     max_header_bytes: int = 16384
+    retry_on: tuple[str, ...] = ("connect_failure",)
 
 
 @frozen
@@ -52,10 +53,28 @@ class AdminConfig:
     token: str | None = None
 
 
+RETRY_ON_NAMES = ("connect_failure", "timeout", "502", "503", "504")
+"""What ``proxy.retry_on`` may list (SPEC 4.4)."""
+
+MAX_BACKEND_REQUESTS = 1_000_000
+"""Largest ``max_requests`` of a backend (0 = no limit)."""
+
+MAX_QUEUE = 1_000_000
+"""Largest ``balancer.queue.max``: the queue is bounded memory."""
+
+
 @frozen
 class BackendConfig:
     url: str
     weight: int = 1
+    max_requests: int = 0
+    backup: bool = False
+
+
+@frozen
+class QueueConfig:
+    max: int = 0
+    timeout: float = 5.0
 
 
 @frozen
@@ -63,6 +82,20 @@ class BalancerConfig:
     strategy: str = "round_robin"
     hash_key: str = "ip"
     backends: tuple[BackendConfig, ...] = (BackendConfig("http://127.0.0.1:9001"),)
+    slow_start: float = 0.0
+    queue: QueueConfig = QueueConfig()
+
+
+@frozen
+class OutlierConfig:
+    consecutive_5xx: int = 0
+    consecutive_gateway_errors: int = 0
+    base_ejection: float = 30.0
+    max_ejection_percent: int = 50
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.consecutive_5xx or self.consecutive_gateway_errors)
 
 
 @frozen
@@ -74,6 +107,7 @@ class HealthConfig:
     unhealthy_threshold: int = 3
     healthy_threshold: int = 2
     expected_status: tuple[int, int] = (200, 399)
+    outlier: OutlierConfig = OutlierConfig()
 
 
 @frozen

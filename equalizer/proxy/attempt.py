@@ -17,6 +17,13 @@ from twisted.web import http
 from equalizer.balancer.failures import is_local_resource_error
 from equalizer.proxy.backpressure import UploadThrottle
 from equalizer.proxy.response import relay_informational, write_head
+from equalizer.proxy.retry import (
+    IDEMPOTENT_METHODS,
+    after_connect_failure,
+    may_retry,
+    resend_afresh,
+    retry_after_timeout,
+)
 from equalizer.proxy.tunnel import Tunnel
 
 if TYPE_CHECKING:
@@ -28,8 +35,6 @@ if TYPE_CHECKING:
     from equalizer.proxy.upstream import UpstreamConnection
 
 log = Logger()
-
-IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"})
 
 RESEND_BODY_BYTES = 64 * 1024
 """Request body bytes kept, per request sent on a reused backend connection, until the
@@ -93,7 +98,7 @@ class Attempt:
         exchange.proxy.passive.record_connect_failure(backend, reason.getErrorMessage())
         log.debug("connect to {url} failed: {error}", url=backend.url,
                   error=reason.getErrorMessage())
-        exchange.retry_or_fail()
+        after_connect_failure(exchange, backend)
 
     # -- the request ---------------------------------------------------------------------
 
@@ -150,6 +155,12 @@ class Attempt:
     def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
                       chunked: bool, codings: bytes) -> None:
         exchange = self.exchange
+        proxy = exchange.proxy
+        if proxy.outlier is not None:
+            proxy.outlier.answered(self.backend, status)
+        if status in proxy.retry_statuses and may_retry(self):
+            self._retry_elsewhere(f"status {status}")
+            return
         exchange.status = status
         self.resend_chunks = None
         if status == 101:
@@ -161,7 +172,7 @@ class Attempt:
                 and status not in http.NO_BODY_CODES:
             self._refuse_codings()
             return
-        self._arm(exchange.proxy.config.timeouts.idle)
+        self._arm(proxy.config.timeouts.idle)
         request.setResponseCode(status, reason)
         write_head(exchange, status, reason, headers, chunked, codings)
         request.registerProducer(self.connection, True)
@@ -170,9 +181,7 @@ class Attempt:
         """502 for a body in a transfer coding (``gzip``) an HTTP/1.0 client cannot be sent:
         RFC 9112 6.1 forbids Transfer-Encoding towards it, and passing the bytes as the
         content would corrupt it. The backend did nothing wrong: not counted against it."""
-        self._disarm()
-        connection, self.connection = self.connection, None
-        connection.abort()
+        self.abandon()
         self.leave_backend()
         self.exchange.respond_locally(502, "bad_gateway", "the backend's response uses a "
                                       "transfer coding that cannot be sent to an HTTP/1.0 client")
@@ -206,30 +215,22 @@ class Attempt:
             exchange.request.unregisterProducer()
             exchange.abort_client()
             return
-        if connection is not None and self._resend_afresh(connection, backend):
+        if connection is not None and resend_afresh(self, connection, backend):
             return
         backend.failures += 1
+        if exchange.proxy.outlier is not None:
+            exchange.proxy.outlier.gateway_error(backend, "broken response")
         if exchange.method in IDEMPOTENT_METHODS and not self.body_sent:
             exchange.retry_or_fail()
         else:
             exchange.gateway_failure()
 
-    def _resend_afresh(self, connection: UpstreamConnection, backend: Backend) -> bool:
-        """Send the request again on a fresh connection if its reused one died before any
-        response byte: most likely the backend closed it as the request went out (the
-        keep-alive race; connections it had closed before are never used, see
-        ``UpstreamPool.get_idle``). Only for idempotent methods (RFC 9112 9.3.1.1: the
-        backend may have read it), with the body kept for it; not a backend failure."""
-        exchange = self.exchange
-        if not connection.reused or connection.received_any or exchange.fresh_only \
-                or exchange.method not in IDEMPOTENT_METHODS:
-            return False
-        kept = self.resend_chunks
-        if self.body_sent and kept is None:
-            return False  # the body outgrew RESEND_BODY_BYTES: it cannot go again
-        self.resend_chunks = None
-        exchange.resend_afresh(backend, kept)
-        return True
+    def _retry_elsewhere(self, why: str) -> None:
+        """Drop this backend's answer (its connection closes) and try another backend."""
+        log.debug("retrying on another backend after {why}", why=why)
+        self.abandon()
+        self.leave_backend()
+        self.exchange.retry_or_fail()
 
     # -- leaving -------------------------------------------------------------------------
 
@@ -274,13 +275,16 @@ class Attempt:
         if exchange.status and self.progress != progress_when_armed:
             self._arm(exchange.proxy.config.timeouts.idle)
             return
-        connection, self.connection = self.connection, None
         backend = self.backend
+        if backend is not None:
+            backend.failures += 1
+        if not exchange.status and backend is not None and retry_after_timeout(self, backend):
+            self._retry_elsewhere("a response timeout")
+            return
+        connection, self.connection = self.connection, None
         if connection is not None:
             connection.abort()
         self.leave_backend()
-        if backend is not None:
-            backend.failures += 1
         if exchange.status:
             log.warn("backend {url} went idle mid-response", url=backend.url if backend else "?")
             exchange.request.unregisterProducer()

@@ -22,15 +22,19 @@ from equalizer.logs.service import AccessLog
 from equalizer.proxy.admission import ADMIT_ALL, Admission
 from equalizer.proxy.attempt import Attempt
 from equalizer.proxy.headers import client_address, forwarded_lines, split_request_headers
+from equalizer.proxy.queueing import RETRY_AFTER, wait_for_slot
 from equalizer.proxy.request_head import NOT_A_PATH, host_problem, split_absolute_target
 from equalizer.proxy.response import JSON_HEADERS, OWN_REASONS, error_body, write_head
+from equalizer.proxy.retry import RetryPolicy
 from equalizer.proxy.upstream import UpstreamError
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
     from twisted.python.failure import Failure
 
+    from equalizer.balancer.outlier import OutlierDetector
     from equalizer.balancer.pool import Backend, BackendPool
+    from equalizer.balancer.queue import Ticket
     from equalizer.balancer.stats import TrafficStats
     from equalizer.config.model import ProxyConfig
     from equalizer.proxy.site import ProxyRequest
@@ -55,7 +59,7 @@ class Exchange:
         "proxy", "request", "client", "method", "request_id", "started", "tried", "attempt",
         "body_chunks", "body_ended", "fresh_only", "bytes_sent", "status", "finished",
         "headers_block", "host", "chunked_body", "body_follows", "head_request",
-        "rate_limit", "decision", "last_failure", "problem",
+        "rate_limit", "decision", "last_failure", "problem", "ticket",
     )
 
     def __init__(self, proxy: Proxy, request: ProxyRequest) -> None:
@@ -75,6 +79,7 @@ class Exchange:
         self.rate_limit = "off"
         self.decision = None
         self.last_failure: Failure | None = None
+        self.ticket: Ticket | None = None
         length = request.body_length
         self.chunked_body = length is None
         self.body_follows = length != 0
@@ -122,21 +127,30 @@ class Exchange:
         """Send the request to a backend not tried yet, or answer for the backends."""
         if self.finished:
             return
-        proxy = self.proxy
-        hash_key = proxy.hash_key
-        backend = proxy.pool.choose(
-            hash_key(self).encode("utf-8", "surrogateescape") if hash_key else None, self.tried)
+        backend = self.choose()
         if backend is None:
-            if self.tried:
+            if self.proxy.pool.all_full(self.tried):
+                wait_for_slot(self)
+            elif self.tried:
                 self.gateway_failure()
             else:
                 self.respond_locally(503, "no_healthy_backend", "no healthy backend is available",
-                                     ((b"Retry-After", b"1"),))
+                                     RETRY_AFTER)
             return
+        self.send_to(backend)
+
+    def choose(self) -> Backend | None:
+        """A candidate not tried yet (nor full), by the pool's strategy."""
+        proxy = self.proxy
+        hash_key = proxy.hash_key
+        return proxy.pool.choose(
+            hash_key(self).encode("utf-8", "surrogateescape") if hash_key else None, self.tried)
+
+    def send_to(self, backend: Backend) -> None:
         self.tried.append(backend)
         backend.in_flight += 1
         attempt = self.attempt = Attempt(self, backend)
-        attempt.start(None if self.fresh_only else proxy.upstreams.get_idle(backend))
+        attempt.start(None if self.fresh_only else self.proxy.upstreams.get_idle(backend))
 
     def out_of_resources(self, backend: Backend, reason: Failure) -> None:
         """The proxy could not even create a socket (EMFILE and the like): its own shortage,
@@ -146,7 +160,7 @@ class Exchange:
         self.proxy.resource_warning.report(reason.getErrorMessage())
         self.respond_locally(503, "proxy_overloaded",
                              "the proxy is out of connections (file descriptors); retry shortly",
-                             ((b"Retry-After", b"1"),))
+                             RETRY_AFTER)
 
     def retry_or_fail(self) -> None:
         if len(self.tried) <= self.proxy.config.retries:
@@ -165,16 +179,7 @@ class Exchange:
 
     def gateway_failure(self) -> None:
         """502 or 504 for the last attempt's failure, in words that tell an operator which."""
-        failure = self.last_failure
-        if failure is not None and failure.check(ConnectTimeout):
-            self.respond_locally(504, "gateway_timeout",
-                                 "the backend did not accept the connection in time")
-        elif failure is None or failure.check(ConnectError):
-            self.respond_locally(502, "bad_gateway", "no backend could be reached")
-        elif failure.check(UpstreamError):
-            self.respond_locally(502, "bad_gateway", "the backend's response was not valid HTTP")
-        else:
-            self.respond_locally(502, "bad_gateway", "the backend failed before answering")
+        self.respond_locally(*gateway_answer(self.last_failure))
 
     # -- request body --------------------------------------------------------------
 
@@ -275,6 +280,10 @@ class Exchange:
         """The client went away: abandon the backend request (SPEC 4.1)."""
         if self.finished:
             return
+        ticket = self.ticket
+        if ticket is not None:
+            self.ticket = None
+            self.proxy.pool.queue.leave(ticket)  # gone from the queue at once
         attempt = self.attempt
         pending = attempt.abandon() if attempt is not None else None
         self.status = self.status or 499
@@ -319,6 +328,17 @@ def refusal(request: ProxyRequest, hosts: list[bytes] | None
     return None, host
 
 
+def gateway_answer(failure: Failure | None) -> tuple[int, str, str]:
+    """The status, code and message of the 502 or 504 for an attempt's failure."""
+    if failure is not None and failure.check(ConnectTimeout):
+        return 504, "gateway_timeout", "the backend did not accept the connection in time"
+    if failure is None or failure.check(ConnectError):
+        return 502, "bad_gateway", "no backend could be reached"
+    if failure.check(UpstreamError):
+        return 502, "bad_gateway", "the backend's response was not valid HTTP"
+    return 502, "bad_gateway", "the backend failed before answering"
+
+
 class PassiveHealth(Protocol):
     """What the proxy tells about connection failures: the HealthMonitor listens."""
 
@@ -348,21 +368,29 @@ class Proxy:
 
     def configure(self, config: ProxyConfig, admission: Admission = ADMIT_ALL, *,
                   hash_key: Callable[[Exchange], str] | None = None,
-                  log_access: bool = True) -> None:
+                  log_access: bool = True, outlier: OutlierDetector | None = None) -> None:
         """Take new settings (start-up and SIGHUP reload): the admission every request
-        goes through (once), and the client key ``hash`` balancing uses, if it does."""
+        goes through (once), the client key ``hash`` balancing uses, if it does, and
+        outlier detection, when on."""
         self.config = config
         self.hash_key = hash_key
         self.log_access = log_access
+        self.outlier = outlier
+        self.retry = RetryPolicy.from_names(config.retry_on)
+        self.retry_statuses = self.retry.statuses
         # Bound once here, called once or twice per request.
         self.admit = admission.admit
         self.response_lines = admission.response_lines
         self.owned_fields: frozenset[bytes] = admission.owned_fields
 
     def backend_released(self, backend: Backend) -> None:
-        """A backend has one request fewer in flight; a draining one may be done."""
+        """A backend has one request fewer in flight; a draining one may be done, and a
+        request waiting in the queue may take the slot."""
         if backend.draining and backend.in_flight == 0:
             self.pool.drained(backend)
+        queue = self.pool.queue
+        if queue.waiting:
+            queue.wake()
 
     def wait_idle(self) -> Deferred[None]:
         """Stop keeping client connections alive; fires when no exchange is in flight."""

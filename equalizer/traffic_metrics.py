@@ -1,0 +1,48 @@
+"""``GET /metrics`` families of traffic management (SPEC 4.6): the pool queue, outlier
+ejections and the per-backend limits, read from the live pool at scrape time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+if TYPE_CHECKING:
+    from equalizer.balancer.pool import BackendPool
+
+
+def traffic_metrics(pool: BackendPool) -> Iterator:
+    """Queue length and outcomes; each backend's ejection state, ejections, max_requests
+    and backup flag."""
+    queue = pool.queue
+    yield GaugeMetricFamily("equalizer_queue_length",
+                            "Requests waiting in the pool queue for a backend slot",
+                            value=len(queue))
+    outcomes = CounterMetricFamily("equalizer_queue_requests",
+                                   "Requests that found every backend full, by outcome "
+                                   "(queued; refused at once, queue full; refused at the "
+                                   "timeout)", labels=["outcome"])
+    for outcome, count in (("queued", queue.queued), ("refused", queue.refused),
+                           ("timed_out", queue.timed_out)):
+        outcomes.add_metric([outcome], count)
+    yield outcomes
+    labels = ["backend", "url"]
+    ejected = GaugeMetricFamily("equalizer_backend_ejected",
+                                "1 while outlier detection has the backend ejected",
+                                labels=labels)
+    ejections = CounterMetricFamily("equalizer_backend_ejections",
+                                    "Times outlier detection ejected the backend",
+                                    labels=labels)
+    max_requests = GaugeMetricFamily("equalizer_backend_max_requests",
+                                     "Requests in flight the backend takes at most "
+                                     "(0 = no limit)", labels=labels)
+    backup = GaugeMetricFamily("equalizer_backend_backup", "1 for a backup backend",
+                               labels=labels)
+    for backend in pool.backends:
+        names = [backend.id, backend.url]
+        ejected.add_metric(names, 0 if backend.ejected_until is None else 1)
+        ejections.add_metric(names, backend.ejections)
+        max_requests.add_metric(names, backend.max_requests)
+        backup.add_metric(names, 1 if backend.backup else 0)
+    yield from (ejected, ejections, max_requests, backup)
