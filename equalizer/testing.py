@@ -155,7 +155,8 @@ class FakePassive:
     failures: list[tuple[Backend, str]] = field(factory=list)
     successes: int = 0
 
-    def record_connect_failure(self, backend: Backend, reason: str) -> None:
+    def record_connect_failure(self, backend: Backend, reason: str,
+                               kind: str = "connect") -> None:
         self.failures.append((backend, reason))
 
     def record_connect_success(self, backend: Backend) -> None:

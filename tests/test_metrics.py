@@ -39,7 +39,8 @@ def pool() -> BackendPool:
     pool = BackendPool([BackendConfig(url="http://127.0.0.1:9001", weight=3)])
     backend = pool.backends[0]
     backend.in_flight = 2
-    backend.failures = 4
+    for reason in ("connect", "connect", "connect", "cut_off"):
+        backend.fail(reason)
     backend.health_checks["ok"] = 5
     pool.set_healthy(backend, False, "test")
     return pool
@@ -51,30 +52,33 @@ def test_every_family_reads_the_live_figures(pool: BackendPool, clock: Clock) ->
     stats.record(200, backend, 0.003)
     stats.record(503, None, 0.2)
     stats.retries = 6
+    backend.retries["connect"] = 6
     lines = scrape(pool, stats, FakeStore(clock), clock)
     name = backend.id
     url = backend.url
     assert {
         "equalizer_uptime_seconds 60.0",
-        f'equalizer_requests_total{{backend="{name}",status_class="2xx"}} 1.0',
-        'equalizer_requests_total{backend="none",status_class="5xx"} 1.0',
+        f'equalizer_requests_total{{backend="{name}",code="200",status_class="2xx"}} 1.0',
+        'equalizer_requests_total{backend="none",code="503",status_class="5xx"} 1.0',
         f'equalizer_request_duration_seconds_bucket{{backend="{name}",le="0.005"}} 1.0',
         f'equalizer_request_duration_seconds_bucket{{backend="{name}",le="0.0025"}} 0.0',
         f'equalizer_request_duration_seconds_count{{backend="{name}"}} 1.0',
         f'equalizer_backend_in_flight{{backend="{name}"}} 2.0',
         f'equalizer_backend_up{{backend="{name}",url="{url}"}} 0.0',
         f'equalizer_health_checks_total{{backend="{name}",result="ok"}} 5.0',
-        f'equalizer_backend_failures_total{{backend="{name}"}} 4.0',
+        f'equalizer_backend_failures_total{{backend="{name}",reason="connect"}} 3.0',
+        f'equalizer_backend_failures_total{{backend="{name}",reason="cut_off"}} 1.0',
+        f'equalizer_backend_failures_total{{backend="{name}",reason="closed"}} 0.0',
         f'equalizer_backend_weight{{backend="{name}",url="{url}"}} 3.0',
         f'equalizer_backend_enabled{{backend="{name}",url="{url}"}} 1.0',
         f'equalizer_backend_draining{{backend="{name}",url="{url}"}} 0.0',
         'equalizer_rate_limit_decisions_total{outcome="limited"} 2.0',
-        "equalizer_store_errors_total 1.0",
         "equalizer_store_up 1.0",
         "equalizer_buckets 0.0",
         "equalizer_buckets_swept_total 0.0",
         "equalizer_buckets_over_cap_total 0.0",
-        "equalizer_retries_total 6.0",
+        f'equalizer_retries_total{{backend="{name}",reason="connect"}} 6.0',
+        f'equalizer_retries_total{{backend="{name}",reason="closed"}} 0.0',
     } <= lines
 
 

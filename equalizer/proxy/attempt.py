@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.logger import Logger
 from twisted.web import http
 
 from equalizer.balancer.failures import is_local_resource_error
 from equalizer.proxy.backpressure import UploadThrottle
+from equalizer.proxy.framing import UpstreamError
 from equalizer.proxy.response import relay_informational, write_head
 from equalizer.proxy.tunnel import Tunnel
 
@@ -37,9 +39,17 @@ first response byte, so that an idempotent request can go again on a fresh conne
 if the backend had closed the reused one; a longer body is not kept (nor resent)."""
 
 
+def failure_reason(reason: Failure, connecting: bool) -> str:
+    """The ``FAILURE_REASONS`` name of a failed connect (counted in ``backend.failures`` by
+    the health monitor, with the passive check), or of a response that failed before it
+    began."""
+    if connecting:
+        return "connect_timeout" if reason.check(ConnectTimeout) else "connect"
+    return "invalid_response" if reason.check(UpstreamError) else "closed"
+
+
 class Attempt:
-    """The exchange's request on one backend, and that backend's response (a
-    ``ResponseHandler`` of the upstream connection)."""
+    """One try on one backend: the request, and the response (an upstream ResponseHandler)."""
 
     __slots__ = ("exchange", "backend", "connection", "pending", "body_sent", "throttle",
                  "timer", "progress", "resend_chunks", "resend_bytes")
@@ -89,11 +99,11 @@ class Attempt:
             exchange.out_of_resources(backend, reason)
             return
         exchange.last_failure = reason
-        # Counted in backend.failures by the health monitor, with the passive check.
-        exchange.proxy.passive.record_connect_failure(backend, reason.getErrorMessage())
+        kind = failure_reason(reason, connecting=True)
+        exchange.proxy.passive.record_connect_failure(backend, reason.getErrorMessage(), kind)
         log.debug("connect to {url} failed: {error}", url=backend.url,
                   error=reason.getErrorMessage())
-        exchange.retry_or_fail()
+        exchange.retry_or_fail(backend, kind)
 
     # -- the request ---------------------------------------------------------------------
 
@@ -200,7 +210,7 @@ class Attempt:
             return
         exchange.last_failure = reason
         if response_started:
-            backend.failures += 1
+            backend.fail("cut_off")
             log.warn("backend {url} broke off its response: {error}", url=backend.url,
                      error=reason.getErrorMessage())
             exchange.request.unregisterProducer()
@@ -208,9 +218,10 @@ class Attempt:
             return
         if connection is not None and self._resend_afresh(connection, backend):
             return
-        backend.failures += 1
+        kind = failure_reason(reason, connecting=False)
+        backend.fail(kind)
         if exchange.method in IDEMPOTENT_METHODS and not self.body_sent:
-            exchange.retry_or_fail()
+            exchange.retry_or_fail(backend, kind)
         else:
             exchange.gateway_failure()
 
@@ -280,7 +291,7 @@ class Attempt:
             connection.abort()
         self.leave_backend()
         if backend is not None:
-            backend.failures += 1
+            backend.fail("idle_timeout" if exchange.status else "response_timeout")
         if exchange.status:
             log.warn("backend {url} went idle mid-response", url=backend.url if backend else "?")
             exchange.request.unregisterProducer()
