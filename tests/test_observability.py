@@ -14,11 +14,16 @@ from twisted.internet.error import (
     DNSLookupError,
 )
 from twisted.internet.error import TimeoutError as ConnectTimeout
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
+from equalizer.admin.views import store_json
 from equalizer.balancer.health import describe
 from equalizer.balancer.pool import FAILURE_REASONS, BackendPool
 from equalizer.balancer.stats import TOP_COUNTERS, SpaceSaving, TrafficStats, by_class
+from equalizer.buckets.leasing import LeasingStore
+from equalizer.buckets.memory import MemoryStore
+from equalizer.buckets.postgres.store import PostgresStore
 from equalizer.config.model import BackendConfig
 from tests.integration.harness import parse_response
 from tests.test_proxy import GET, OK, Setup
@@ -188,3 +193,12 @@ def test_down_since_is_set_when_taken_out_and_cleared_when_back():
 ])
 def test_check_errors_read_as_short_words(error: Exception, words: str):
     assert describe(Failure(error)) == words
+
+
+def test_stats_say_which_store_runs_and_whether_it_is_reachable():
+    """A PostgreSQL outage shows in /stats (and on the dashboard): the store's kind and
+    ``available`` false."""
+    clock = Clock()
+    assert store_json(MemoryStore(clock)) == {"kind": "memory", "available": True}
+    down = LeasingStore(PostgresStore("dbname=unused", clock), clock)  # never connected
+    assert store_json(down) == {"kind": "postgres", "available": False}
