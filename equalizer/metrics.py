@@ -1,22 +1,25 @@
-"""``GET /metrics``: the proxy's counters as Prometheus families, built at scrape time.
-
-The request path only bumps plain integers (``equalizer.stats``); this collector
-reads them when Prometheus scrapes, and prometheus_client writes the exposition
-format. Nothing here runs per request.
-"""
-
 from __future__ import annotations
 
+import platform
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import (
+        CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from equalizer.balancer.stats import DURATION_BUCKETS, STATUS_CLASSES, DurationHistogram
+from equalizer import __version__
+from equalizer.balancer.pool import FAILURE_REASONS, RETRY_REASONS
+from equalizer.balancer.stats import status_class
 from equalizer.buckets.leasing import LeasingStore
-from equalizer.traffic_metrics import traffic_metrics
+from equalizer.buckets.postgres.store import PostgresStore
+from equalizer.histogram import DURATION_BUCKETS, DurationHistogram
+from equalizer.traffic_metrics import management_metrics
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
@@ -31,7 +34,11 @@ UNPROXIED = "none"
 
 
 class EqualizerCollector(Collector):
-    """Reads the live pool, traffic counters, limiter and store on every scrape."""
+    """Reads the live pool, traffic counters, limiter and store on every scrape.
+
+    Label values are bounded: ``backend`` is a pool id (or ``none``), ``code`` the
+    three-digit status (100-999), ``reason``, ``result`` and ``outcome`` fixed sets.
+    """
 
     def __init__(self, pool: BackendPool, stats: TrafficStats, limiter: RateLimiter,
                  store: IBucketStore, clock: IReactorTime) -> None:
@@ -42,59 +49,117 @@ class EqualizerCollector(Collector):
         self._clock = clock
 
     def collect(self) -> Iterator:
-        backends = self._pool.backends
         stats = self._stats
+        yield build_info()
         yield GaugeMetricFamily("equalizer_uptime_seconds", "Seconds since the service started",
                                 value=stats.uptime(self._clock))
-        requests = CounterMetricFamily(
-            "equalizer_requests", "Requests answered, by backend and status class",
-            labels=["backend", "status_class"])
-        durations = HistogramMetricFamily(
-            "equalizer_request_duration_seconds", "Time from request head to response end",
-            labels=["backend"])
-        for label, by_status, histogram in (
-            *((b.id, b.by_status, b.durations) for b in backends),
-            (UNPROXIED, stats.unproxied_by_status, stats.unproxied_durations),
-        ):
-            for kind in STATUS_CLASSES:
-                requests.add_metric([label, kind], by_status[kind])
-            durations.add_metric([label], cumulative_buckets(histogram), histogram.total)
-        yield requests
-        yield durations
-        in_flight = GaugeMetricFamily("equalizer_backend_in_flight",
-                                      "Requests in flight per backend", labels=["backend"])
-        up = GaugeMetricFamily("equalizer_backend_up", "1 when the backend is healthy",
-                               labels=["backend", "url"])
-        checks = CounterMetricFamily("equalizer_health_checks",
-                                     "Active health checks by result",
-                                     labels=["backend", "result"])
-        failures = CounterMetricFamily("equalizer_backend_failures",
-                                       "Failed attempts (connection, timeout, broken response)",
-                                       labels=["backend"])
-        for backend in backends:
-            in_flight.add_metric([backend.id], backend.in_flight)
-            up.add_metric([backend.id, backend.url], 1 if backend.healthy else 0)
-            failures.add_metric([backend.id], backend.failures)
-            for result, count in backend.health_checks.items():
-                checks.add_metric([backend.id, result], count)
-        yield from (in_flight, up, checks, failures)
-        yield from backend_settings(backends)
+        yield from traffic_metrics(self._pool.backends, stats)
+        yield from backend_metrics(self._pool.backends)
+        yield from backend_settings(self._pool.backends)
+        yield from process_figures(stats)
         decisions = CounterMetricFamily("equalizer_rate_limit_decisions",
-                                        "Rate-limiter outcomes", labels=["outcome"])
+                                        "Rate-limiter outcomes (store_error: the store was "
+                                        "unreachable)", labels=["outcome"])
         for outcome, count in self._limiter.decisions.items():
             decisions.add_metric([outcome], count)
         yield decisions
-        yield CounterMetricFamily("equalizer_store_errors",
-                                  "Requests that found the bucket store unreachable",
-                                  value=self._limiter.decisions["store_error"])
         yield GaugeMetricFamily("equalizer_store_up", "1 when the bucket store is reachable",
                                 value=1 if self._store.available else 0)
         yield from bucket_metrics(self._store)
+        if isinstance(self._store, LeasingStore | PostgresStore):
+            yield histogram("equalizer_database_query_duration_seconds",
+                            "Time of each bucket-store statement, answered or failed",
+                            self._store.query_durations)
         if isinstance(self._store, LeasingStore):
             yield from lease_metrics(self._store)
-        yield CounterMetricFamily("equalizer_retries", "Attempts retried on another backend",
-                                  value=stats.retries)
-        yield from traffic_metrics(self._pool)
+        yield from management_metrics(self._pool)
+
+
+def build_info() -> GaugeMetricFamily:
+    """``equalizer_build_info{version, python} 1``, the Prometheus convention for versions."""
+    info = GaugeMetricFamily("equalizer_build_info", "The running equalizer: its version and "
+                             "Python's, as labels; always 1", labels=["version", "python"])
+    info.add_metric([__version__, platform.python_version()], 1)
+    return info
+
+
+def traffic_metrics(backends: list[Backend], stats: TrafficStats) -> Iterator:
+    """Requests by backend and exact status (``code``, with its ``status_class``), and the
+    request durations by backend."""
+    requests = CounterMetricFamily(
+        "equalizer_requests", "Requests answered, by backend and status (code and class)",
+        labels=["backend", "code", "status_class"])
+    durations = HistogramMetricFamily(
+        "equalizer_request_duration_seconds", "Time from request head to response end",
+        labels=["backend"])
+    for label, by_code, durations_of in (
+        *((b.id, b.by_code, b.durations) for b in backends),
+        (UNPROXIED, stats.unproxied_by_code, stats.unproxied_durations),
+    ):
+        for code, count in sorted(by_code.items()):
+            requests.add_metric([label, str(code), status_class(code)], count)
+        durations.add_metric([label], cumulative_buckets(durations_of), durations_of.total)
+    yield requests
+    yield durations
+
+
+def backend_metrics(backends: list[Backend]) -> Iterator:
+    """In flight, up, health checks (count and duration), failures and retries by reason."""
+    in_flight = GaugeMetricFamily("equalizer_backend_in_flight",
+                                  "Requests in flight per backend", labels=["backend"])
+    up = GaugeMetricFamily("equalizer_backend_up", "1 when the backend is healthy (or not "
+                           "checked yet: it takes traffic)", labels=["backend", "url"])
+    checks = CounterMetricFamily("equalizer_health_checks", "Active health checks by result",
+                                 labels=["backend", "result"])
+    check_durations = HistogramMetricFamily(
+        "equalizer_health_check_duration_seconds", "Time of each active health check",
+        labels=["backend"])
+    failures = CounterMetricFamily("equalizer_backend_failures",
+                                   "Failed attempts on a backend, by reason",
+                                   labels=["backend", "reason"])
+    retries = CounterMetricFamily("equalizer_retries", "Requests sent on to another backend "
+                                  "after this one failed, by reason",
+                                  labels=["backend", "reason"])
+    for backend in backends:
+        name = backend.id
+        in_flight.add_metric([name], backend.in_flight)
+        up.add_metric([name, backend.url], 1 if backend.healthy else 0)
+        for result, count in backend.health_checks.items():
+            checks.add_metric([name, result], count)
+        check_durations.add_metric([name], cumulative_buckets(backend.check_durations),
+                                   backend.check_durations.total)
+        for reason in FAILURE_REASONS:
+            failures.add_metric([name, reason], backend.failure_reasons.get(reason, 0))
+        for reason in RETRY_REASONS:
+            retries.add_metric([name, reason], backend.retries.get(reason, 0))
+    yield from (in_flight, up, checks, check_durations, failures, retries)
+
+
+def process_figures(stats: TrafficStats) -> Iterator:
+    """Client connections open, body bytes both ways, configuration reloads."""
+    yield GaugeMetricFamily("equalizer_client_connections",
+                            "Client connections open on the proxy port",
+                            value=stats.connections)
+    yield CounterMetricFamily("equalizer_request_bytes", "Request body bytes received "
+                              "from clients", value=stats.bytes_in)
+    yield CounterMetricFamily("equalizer_response_bytes", "Response body bytes sent to "
+                              "clients", value=stats.bytes_out)
+    reloads = CounterMetricFamily("equalizer_reloads", "Configuration reloads (SIGHUP) by "
+                                  "result", labels=["result"])
+    for result, count in stats.reloads.items():
+        reloads.add_metric([result], count)
+    yield reloads
+    if stats.last_reload is not None:
+        yield GaugeMetricFamily("equalizer_last_reload_success_timestamp_seconds",
+                                "When the configuration was last reloaded (Unix time)",
+                                value=stats.last_reload)
+
+
+def histogram(name: str, documentation: str, durations: DurationHistogram
+              ) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, documentation)
+    family.add_metric([], cumulative_buckets(durations), durations.total)
+    return family
 
 
 def backend_settings(backends: list[Backend]) -> Iterator:
@@ -151,8 +216,11 @@ def cumulative_buckets(histogram: DurationHistogram) -> list[tuple[str, int]]:
 
 
 def metrics_registry(collector: EqualizerCollector) -> CollectorRegistry:
-    """A registry of our own: no process-global state shared between services or tests."""
+    """A registry of our own (no process-global state shared between services or tests)
+    with prometheus_client's process, platform and garbage-collector figures."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
     return registry
-

@@ -225,8 +225,10 @@ class EqualizerService(MultiService):
             for problem in error.problems:
                 log.error("reload refused, running configuration kept: {problem}",
                           problem=problem)
+            self.stats.reloaded(False, self.reactor.seconds())
             return False
         self.apply(config)
+        self.stats.reloaded(True, self.reactor.seconds())
         log.info("configuration reloaded")
         return True
 

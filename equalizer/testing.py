@@ -153,10 +153,13 @@ class FakePassive:
     """The health monitor as the proxy reports to it: what it heard, kept."""
 
     failures: list[tuple[Backend, str]] = field(factory=list)
+    kinds: list[str] = field(factory=list)
     successes: int = 0
 
-    def record_connect_failure(self, backend: Backend, reason: str) -> None:
+    def record_connect_failure(self, backend: Backend, reason: str,
+                               kind: str = "connect") -> None:
         self.failures.append((backend, reason))
+        self.kinds.append(kind)
 
     def record_connect_success(self, backend: Backend) -> None:
         self.successes += 1

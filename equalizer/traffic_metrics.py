@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from equalizer.balancer.pool import BackendPool
 
 
-def traffic_metrics(pool: BackendPool) -> Iterator:
+def management_metrics(pool: BackendPool) -> Iterator:
     """Queue length and outcomes; each backend's ejection state, ejections, max_requests
     and backup flag."""
     queue = pool.queue

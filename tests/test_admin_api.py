@@ -97,7 +97,10 @@ def test_stats_show_every_backend_and_the_bucket_counts(admin: Admin) -> None:
     body = admin.call("GET", "/stats").json()
     assert [b["url"] for b in body["backends"]] == ["http://127.0.0.1:9001",
                                                     "http://127.0.0.1:9002"]
-    assert set(body) == {"uptime_seconds", "requests", "backends", "buckets", "queue"}
+    assert set(body) == {"uptime_seconds", "requests", "backends", "buckets", "version",
+                         "connections", "store", "limited_clients", "queue"}
+    assert body["store"] == {"kind": "memory", "available": True}
+    assert body["limited_clients"] == []
 
 
 def test_metrics_are_prometheus_text(admin: Admin) -> None:

@@ -48,7 +48,8 @@ def operations() -> list[tuple[str, str, dict[str, Any]]]:
 
 
 GUARDED = [pytest.param(method, path, operation, id=f"{method} {path}")
-           for method, path, operation in operations() if (method, path) != ("GET", "/health")]
+           for method, path, operation in operations()
+           if (method, path) not in {("GET", "/health"), ("GET", "/dashboard")}]
 WRITES = [param for param in GUARDED if param.values[0] in {"POST", "PUT", "DELETE"}]
 
 
@@ -148,6 +149,23 @@ async def test_head_health_stays_open(admin: Admin, authorization: str | None) -
     status, _, body = await admin.call("HEAD", "/health", authorization)
     assert status == (await admin.call("GET", "/health", None))[0]
     assert body == b""
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong-token"])
+@pytest_twisted.ensureDeferred
+async def test_dashboard_page_is_open_but_not_its_data(admin: Admin,
+                                                       authorization: str | None) -> None:
+    """The dashboard's HTML (no data in it) opens without the token; the figures it shows
+    and the changes its buttons make still need it."""
+    status, headers, body = await admin.call("GET", "/dashboard", authorization)
+    assert status == 200 and b"<html" in body
+    assert headers.getRawHeaders(b"content-type") == [b"text/html; charset=utf-8"]
+    assert (await admin.call("HEAD", "/dashboard", authorization))[0] == 200
+    for method, path in (("GET", "/stats"), ("GET", "/metrics"), ("GET", "/backends")):
+        assert_unauthorized(*await admin.call(method, path, authorization))
+    assert_unauthorized(*await admin.call("PUT", "/backends/b1", authorization,
+                                          {"enabled": False}))
+    assert_unauthorized(*await admin.call("POST", "/dashboard", authorization))
 
 
 @pytest.mark.parametrize("scheme", ["bearer", "BEARER", "bEaReR"])

@@ -40,8 +40,8 @@ from equalizer.admin.errors import (
 )
 from equalizer.admin.guard import admin_site
 from equalizer.admin.schema import MAX_PAGE, openapi_document
+from equalizer.admin.views import backend_json, stats_json
 from equalizer.balancer.pool import DrainCancelled
-from equalizer.balancer.stats import bucket_counts
 from equalizer.buckets.interface import (
     BucketExists,
     InvalidBucket,
@@ -69,26 +69,6 @@ DASHBOARD_HTML = files("equalizer.admin").joinpath("static/dashboard.html").read
 DASHBOARD_POLICY = (b"default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
                     b"connect-src 'self'; img-src 'self'; frame-ancestors 'none'")
 """The page may talk to its own origin only: no CDN, no other network."""
-
-
-def backend_json(backend: Backend) -> dict[str, Any]:
-    return {
-        "id": backend.id,
-        "url": backend.url,
-        "healthy": backend.healthy,
-        "enabled": backend.enabled,
-        "draining": backend.draining,
-        "weight": backend.weight,
-        "in_flight": backend.in_flight,
-        "requests": backend.requests,
-        "failures": backend.failures,
-        "latency_ms": backend.latency_ms(),
-        "last_check": backend.last_check or None,
-        "max_requests": backend.max_requests,
-        "backup": backend.backup,
-        "ejected_until": backend.ejected_until,
-        "ejections": backend.ejections,
-    }
 
 
 def bucket_json(record: BucketRecord) -> dict[str, Any]:
@@ -194,20 +174,14 @@ class AdminAPI:
 
     @app.route("/stats", methods=["GET"])
     def stats(self, request: IRequest) -> bytes:
-        body = {
-            "uptime_seconds": self._stats.uptime(self._clock),
-            "requests": self._stats.to_json(),
-            "backends": [backend_json(backend) for backend in self._pool.backends],
-            "buckets": bucket_counts(self._store),
-            "queue": self._pool.queue.to_json(),
-        }
-        return json_response(request, body)
+        return json_response(request, stats_json(self._pool, self._stats, self._store,
+                                                 self._clock))
 
     # -- backends ----------------------------------------------------------------------
 
     @app.route("/backends", methods=["GET"])
     def list_backends(self, request: IRequest) -> bytes:
-        items = [backend_json(backend) for backend in self._pool.backends]
+        items = [backend_json(backend, self._pool) for backend in self._pool.backends]
         return json_response(request, {"items": items, "total": len(items)})
 
     @app.route("/backends", methods=["POST"])
@@ -220,11 +194,11 @@ class AdminAPI:
         backend = self._pool.add(url, wanted.weight, max_requests=wanted.max_requests,
                                  backup=wanted.backup)
         request.setHeader(b"Location", f"/backends/{backend.id}".encode())
-        return json_response(request, backend_json(backend), 201)
+        return json_response(request, backend_json(backend, self._pool), 201)
 
     @app.route("/backends/<string:backend_id>", methods=["GET"])
     def get_backend(self, request: IRequest, backend_id: str) -> bytes:
-        return json_response(request, backend_json(self._backend(backend_id)))
+        return json_response(request, backend_json(self._backend(backend_id), self._pool))
 
     @app.route("/backends/<string:backend_id>", methods=["PUT"])
     def change_backend(self, request: IRequest, backend_id: str) -> bytes:
@@ -234,7 +208,7 @@ class AdminAPI:
         self._pool.set_weight(backend, wanted.weight)
         self._pool.set_limits(backend, wanted.max_requests, wanted.backup)
         self._pool.set_enabled(backend, enabled)
-        return json_response(request, backend_json(backend))
+        return json_response(request, backend_json(backend, self._pool))
 
     @app.route("/backends/<string:backend_id>", methods=["DELETE"])
     async def remove_backend(self, request: IRequest, backend_id: str) -> bytes:

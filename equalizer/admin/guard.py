@@ -29,6 +29,10 @@ SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS"})
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
+OPEN_PATHS = frozenset({b"/health", b"/dashboard"})
+"""Paths GET and HEAD reach without the token: the health check, and the dashboard page
+(static HTML that holds no data; its script sends the token on every data call)."""
+
 
 def admin_site(routes: Resource, token: str | None) -> Site:
     """The admin site: bearer-token guard, bounded bodies, then ``routes``."""
@@ -121,12 +125,12 @@ class Guard(Resource):
 
 
 def authorized(request: IRequest, token: str | None) -> bool:
-    """Everything but GET and HEAD /health needs the bearer token, when one is set.
+    """Everything but GET and HEAD of ``OPEN_PATHS`` needs the bearer token, when one is set.
 
     The scheme is case-insensitive and may be followed by several spaces (RFC 7235
     section 2.1); the token is compared exactly, in constant time.
     """
-    if token is None or (request.method in (b"GET", b"HEAD") and request.path == b"/health"):
+    if token is None or (request.method in (b"GET", b"HEAD") and request.path in OPEN_PATHS):
         return True
     scheme, _, presented = (request.getHeader(b"authorization") or b"").partition(b" ")
     return scheme.lower() == b"bearer" and hmac.compare_digest(

@@ -14,9 +14,10 @@ not a breaking change for clients.
 from __future__ import annotations
 
 import copy
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from equalizer import __version__
+from equalizer.balancer.stats import TOP_COUNTERS, TOP_SHOWN
 from equalizer.config.model import MAX_BACKEND_REQUESTS, MAX_WEIGHT
 from equalizer.config.rules import (
     MAX_CAPACITY,
@@ -40,6 +41,13 @@ URL_PATTERN = '^[Hh][Tt][Tt][Pp][Ss]?://[!-"$-.0->@-~]+(/[!-"$->@-~]*)?$'
 
 A necessary condition only: the port's range, for one, is checked by the API.
 """
+
+_BY_STATUS = {
+    "type": "object",
+    "description": "answered requests by status class: 1xx .. 5xx",
+    "additionalProperties": {"type": "integer", "minimum": 0},
+    "example": {"1xx": 0, "2xx": 10, "3xx": 0, "4xx": 1, "5xx": 0},
+}
 
 JSON = "application/json"
 BEARER = "bearerAuth"
@@ -130,7 +138,12 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "id": {"type": "string", "example": "b1"},
             "url": {"type": "string", "example": "http://127.0.0.1:9001"},
-            "healthy": {"type": "boolean"},
+            "healthy": {"type": "boolean", "nullable": True,
+                        "description": "null (unknown) while active checks run and none has "
+                                       "finished for this backend yet; it takes traffic"},
+            "down_since": {"type": "number", "nullable": True,
+                           "description": "when it was taken out (Unix seconds); null while "
+                                          "healthy"},
             "enabled": {"type": "boolean"},
             "draining": {"type": "boolean",
                          "description": "being removed: takes no new requests"},
@@ -138,7 +151,13 @@ _SCHEMAS: dict[str, Any] = {
             "in_flight": {"type": "integer", "minimum": 0},
             "requests": {"type": "integer", "minimum": 0,
                          "description": "proxied requests answered; never health checks"},
-            "failures": {"type": "integer", "minimum": 0},
+            "by_status": _BY_STATUS,
+            "failures": {"type": "integer", "minimum": 0,
+                         "description": "failed attempts: connect errors and timeouts, no "
+                                        "response in time, invalid or broken responses"},
+            "retries": {"type": "integer", "minimum": 0,
+                        "description": "requests sent on to another backend after a failure "
+                                       "here"},
             "latency_ms": {
                 "type": "object",
                 "description": "over the recent window; null before the first request",
@@ -200,14 +219,38 @@ _SCHEMAS: dict[str, Any] = {
                 "required": ["total", "by_status", "rate_limited", "errors"],
                 "properties": {
                     "total": {"type": "integer", "minimum": 0},
-                    "by_status": {
-                        "type": "object",
-                        "description": "answered requests by status class: 1xx .. 5xx",
-                        "additionalProperties": {"type": "integer", "minimum": 0},
-                        "example": {"1xx": 0, "2xx": 10, "3xx": 0, "4xx": 1, "5xx": 0},
-                    },
+                    "by_status": _BY_STATUS,
                     "rate_limited": {"type": "integer", "minimum": 0},
                     "errors": {"type": "integer", "minimum": 0},
+                    "retries": {"type": "integer", "minimum": 0},
+                },
+            },
+            "version": {"type": "string", "example": "0.1.0"},
+            "connections": {"type": "integer", "minimum": 0,
+                            "description": "client connections open on the proxy port"},
+            "store": {
+                "type": "object",
+                "description": "the bucket store and whether it is reachable now",
+                "required": ["kind", "available"],
+                "properties": {
+                    "kind": {"type": "string", "enum": ["memory", "postgres"]},
+                    "available": {"type": "boolean"},
+                },
+            },
+            "limited_clients": {
+                "type": "array",
+                "maxItems": TOP_SHOWN,
+                "description": f"the clients refused (429) most often since start, most "
+                               f"first: at most {TOP_SHOWN}, from {TOP_COUNTERS} Space-Saving "
+                               f"counters, so a count may be over by at most its error",
+                "items": {
+                    "type": "object",
+                    "required": ["client", "count", "error"],
+                    "properties": {
+                        "client": {"type": "string", "description": "the rate-limit key"},
+                        "count": {"type": "integer", "minimum": 1},
+                        "error": {"type": "integer", "minimum": 0},
+                    },
                 },
             },
             "backends": {"type": "array", "items": _ref("Backend")},
@@ -392,10 +435,12 @@ def _observability_paths() -> dict[str, Any]:
                      "content": {"text/plain": {"schema": {"type": "string"}}}}},
             tags=observe)},
         "/dashboard": {"get": _operation(
-            "dashboard", "A live HTML view of /stats (polls it every second)",
+            "dashboard", "A live HTML view of /stats (polls it every second); open even "
+            "when a token is configured: the page holds no data, it asks for the token and "
+            "sends it on its own calls",
             {"200": {"description": "the page",
                      "content": {"text/html": {"schema": {"type": "string"}}}}},
-            tags=observe)},
+            tags=observe, open_=True)},
         "/openapi.json": {"get": _operation(
             "openapi", "This document",
             {"200": {"description": "OpenAPI 3.0",
@@ -471,24 +516,18 @@ def _bucket_paths() -> dict[str, Any]:
     }
 
 
-def _version() -> str:
-    try:
-        return version("equalizer")
-    except PackageNotFoundError:
-        return "0.0.0"
-
-
 _DOCUMENT: dict[str, Any] = {
     "openapi": "3.0.3",
     "info": {
         "title": "equalizer admin API",
-        "version": _version(),
+        "version": __version__,
         "description": (
             "Health, statistics, metrics, backends and rate-limit buckets of a running "
             "equalizer. JSON in and out; every error is "
             '`{"error": {"code", "message"}}`. When a token is configured, every operation '
-            "except `GET /health` (and HEAD) needs `Authorization: Bearer TOKEN` (the scheme "
-            "in any case). A request other than GET, HEAD or OPTIONS whose `Origin` header "
+            "except `GET /health` and `GET /dashboard` (and HEAD) needs "
+            "`Authorization: Bearer TOKEN` (the scheme in any case). A request other than "
+            "GET, HEAD or OPTIONS whose `Origin` header "
             "names another origin than the request's own (scheme and `Host`) is 403 "
             "`forbidden_origin`, before the token check. An unknown path is 404 and a method "
             "a path does not serve is 405 with `Allow`, both after the token check. A path "

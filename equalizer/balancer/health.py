@@ -6,15 +6,18 @@ tested with a clock and a fake; `HTTPHealthChecker` is the real one, over treq.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from attrs import define
 from twisted.application.service import Service
+from twisted.internet import error as net_errors
 from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.client import ResponseNeverReceived
 
 from equalizer.balancer.checker import IHealthChecker
 from equalizer.balancer.failures import is_local_resource_error
@@ -50,13 +53,35 @@ class _State:
             in_flight.cancel()
 
 
+READABLE_ERRORS = (
+    (net_errors.ConnectionRefusedError, "connection refused"),
+    (net_errors.DNSLookupError, "host name not found"),
+    (net_errors.NoRouteError, "no route to host"),
+    (net_errors.TCPTimedOutError, "connect timed out"),
+    (net_errors.TimeoutError, "connect timed out"),
+    (net_errors.ConnectionDone, "connection closed before a response"),
+    (net_errors.ConnectionLost, "connection lost before a response"),
+    (ResponseNeverReceived, "connection closed before a response"),
+)
+"""How a check's network failures read on the dashboard and in /backends: short words,
+not the exception's class and repr (other errors keep ``Name: message``)."""
+
+
 def describe(failure: Failure) -> str:
-    """One line for a failed check: the innermost reason, not a repr of a wrapper."""
+    """One short line for a failed check: the innermost reason, in words where the error
+    is a known network one, else ``Name: message``."""
     reasons = getattr(failure.value, "reasons", None)
     if reasons and isinstance(reasons[0], Failure):
         return describe(reasons[0])
     if failure.check(TimeoutError):
         return "timed out"
+    for kind, words in READABLE_ERRORS:
+        if failure.check(kind):
+            return words
+    if failure.check(net_errors.ConnectError) and getattr(failure.value, "osError", None):
+        return f"cannot connect: {os.strerror(failure.value.osError).lower()}"
+    if failure.type is not None and failure.type.__module__.startswith("OpenSSL"):
+        return "TLS handshake failed"
     message = failure.getErrorMessage()
     name = failure.type.__name__ if failure.type is not None else "error"
     return f"{name}: {message}" if message and message != name else name
@@ -155,6 +180,7 @@ class HealthMonitor(Service):
 
     def _apply(self, now: bool) -> None:
         interval = self._config.interval
+        self._pool.active_checks = interval > 0
         if interval > 0:
             for state in self._states.values():
                 state.cancel_release()
@@ -259,9 +285,9 @@ class HealthMonitor(Service):
 
     # -- passive checks ----------------------------------------------------
 
-    def record_connect_failure(self, backend: Backend, reason: str) -> None:
-        """The proxy could not connect to ``backend`` (refused, reset, connect timeout)."""
-        backend.failures += 1
+    def record_connect_failure(self, backend: Backend, reason: str, kind: str = "connect") -> None:
+        """The proxy could not connect: ``kind`` connect (refused, reset) or connect_timeout."""
+        backend.fail(kind)
         if backend not in self._pool.backends:
             self._forget(backend)
             return
@@ -292,7 +318,7 @@ class HealthMonitor(Service):
     def _take_out(self, backend: Backend, state: _State, reason: str) -> None:
         state.probation = False
         state.active_successes = 0
-        self._pool.set_healthy(backend, False, reason)
+        self._pool.set_healthy(backend, False, reason, self._clock.seconds())
         if self.running and self._config.interval <= 0:
             state.cancel_release()
             self._schedule_release(backend, state)
@@ -302,7 +328,7 @@ class HealthMonitor(Service):
         state.active_failures = 0
         state.passive_failures = 0
         backend.consecutive_failures = 0
-        self._pool.set_healthy(backend, True, reason)
+        self._pool.set_healthy(backend, True, reason, self._clock.seconds())
 
     def _schedule_release(self, backend: Backend, state: _State) -> None:
         state.release = self._clock.callLater(
@@ -320,6 +346,5 @@ class HealthMonitor(Service):
         state.passive_failures = 0
         state.active_failures = 0
         backend.consecutive_failures = 0
-        self._pool.set_healthy(
-            backend, True, f"on probation after {self._config.fail_timeout:g}s out"
-        )
+        out_for = f"on probation after {self._config.fail_timeout:g}s out"
+        self._pool.set_healthy(backend, True, out_for, self._clock.seconds())

@@ -28,9 +28,9 @@ from twisted.logger import Logger
 
 from equalizer.balancer.queue import WaitQueue
 from equalizer.balancer.slowstart import SlowStart
-from equalizer.balancer.stats import STATUS_CLASSES, DurationHistogram
 from equalizer.balancer.strategies import Strategy, make_strategy
 from equalizer.config.model import BackendConfig, QueueConfig
+from equalizer.histogram import DurationHistogram
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
@@ -39,6 +39,17 @@ log = Logger()
 
 LATENCY_WINDOW = 1024
 """How many recent request durations each backend keeps for its p50/p99."""
+
+FAILURE_REASONS = ("connect", "connect_timeout", "response_timeout", "idle_timeout",
+                   "invalid_response", "closed", "cut_off")
+"""Why an attempt on a backend failed, the ``reason`` of failures and retries: connection
+refused or reset, connect timeout, no response head in ``timeouts.response``, silent past
+``timeouts.idle`` mid-response, a response that is not valid HTTP, the connection closed
+before a response, and a response broken off after it began."""
+
+RETRY_REASONS = (*FAILURE_REASONS, "status")
+"""The ``reason`` of retries: a failure above, or ``status``, an answer whose status
+``proxy.retry_on`` lists (502, 503, 504)."""
 
 
 class DrainCancelled(Exception):
@@ -60,6 +71,8 @@ class Backend:
     enabled: bool = True
     draining: bool = False
     healthy: bool = True
+    checked: bool = False
+    down_since: float | None = None
     max_requests: int = 0
     backup: bool = False
     ejected_until: float | None = None
@@ -70,9 +83,12 @@ class Backend:
     consecutive_failures: int = 0
     last_check: dict = field(factory=dict)
     latencies: deque = field(factory=lambda: deque(maxlen=LATENCY_WINDOW))
-    by_status: dict[str, int] = field(factory=lambda: dict.fromkeys(STATUS_CLASSES, 0))
+    by_code: dict[int, int] = field(factory=dict)
     durations: DurationHistogram = field(factory=DurationHistogram)
+    failure_reasons: dict[str, int] = field(factory=dict)
+    retries: dict[str, int] = field(factory=dict)
     health_checks: dict[str, int] = field(factory=lambda: {"ok": 0, "failed": 0})
+    check_durations: DurationHistogram = field(factory=DurationHistogram)
 
     @classmethod
     def from_url(cls, backend_id: str, url: str, weight: int = 1, *, max_requests: int = 0,
@@ -107,9 +123,16 @@ class Backend:
                      duration: float) -> None:
         """Keep one active health check's outcome: counted, and the last one shown."""
         ok = error is None
+        self.checked = True
         self.health_checks["ok" if ok else "failed"] += 1
+        self.check_durations.observe(duration)
         self.last_check = {"ok": ok, "status": status, "error": error, "at": at,
                            "duration_ms": round(duration * 1000, 3)}
+
+    def fail(self, reason: str) -> None:
+        """Count one failed attempt, by reason (one of ``FAILURE_REASONS``)."""
+        self.failures += 1
+        self.failure_reasons[reason] = self.failure_reasons.get(reason, 0) + 1
 
     def latency_ms(self) -> dict[str, float | None]:
         """p50 and p99 of the recent window, in milliseconds."""
@@ -139,6 +162,9 @@ class BackendPool:
                  clock: IReactorTime | None = None, slow_start: float = 0.0,
                  queue: QueueConfig | None = None) -> None:
         self._ids = itertools.count(1)
+        self.active_checks = False
+        """Whether active health checks run (the health monitor says): until a backend's
+        first check its health is then unknown (``health_state``)."""
         self.backends: list[Backend] = []
         self.strategy: Strategy = make_strategy(strategy)
         self._available: list[Backend] = []
@@ -258,6 +284,13 @@ class BackendPool:
         self._wake_call = None
         self.queue.wake()
 
+    def health_state(self, backend: Backend) -> bool | None:
+        """``backend.healthy`` as /backends and /stats show it: None (unknown) while active
+        checks run and none has finished for it yet; it takes traffic all the same."""
+        if self.active_checks and not backend.checked:
+            return None
+        return backend.healthy
+
     @property
     def available(self) -> list[Backend]:
         return self._available
@@ -282,11 +315,15 @@ class BackendPool:
         request may wait in the queue for a slot."""
         return self._limited and any(b not in tried for b in self._available)
 
-    def set_healthy(self, backend: Backend, healthy: bool, reason: str) -> None:
-        """Record a health transition, logging it (down: warning, up: info)."""
+    def set_healthy(self, backend: Backend, healthy: bool, reason: str,
+                    now: float | None = None) -> None:
+        """Record a health transition at ``now`` (clock seconds, kept as ``down_since``),
+        logging it (down: warning, up: info)."""
+        backend.checked = True
         if backend.healthy == healthy:
             return
         backend.healthy = healthy
+        backend.down_since = None if healthy else now
         if healthy:
             self._came_back(backend)
         self._changed()

@@ -168,6 +168,7 @@ if TYPE_CHECKING:
     from equalizer.buckets.interface import BucketRecord
     from equalizer.buckets.postgres.store import PostgresStore
     from equalizer.config.model import BucketPolicy, RateLimitConfig
+    from equalizer.histogram import DurationHistogram
 
 log = Logger()
 
@@ -321,6 +322,10 @@ class LeasingStore:
     @property
     def swept(self) -> int:
         return self._store.swept
+
+    @property
+    def query_durations(self) -> DurationHistogram:
+        return self._store.query_durations
 
     def configure(self, config: RateLimitConfig) -> None:
         """The cap on keys held (``max_buckets``); the sweep's interval goes to the store."""

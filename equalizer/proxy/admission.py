@@ -112,6 +112,7 @@ class RateLimiter:
             return
         self._count(exchange, "limited")
         self.stats.rate_limited += 1
+        self.stats.limited_clients.add(self.client_key(exchange))
         exchange.respond_locally(429, "rate_limited", "too many requests; retry later")
 
     def _store_failed(self, failure: Failure, exchange: Exchange) -> None:

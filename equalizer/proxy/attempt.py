@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.logger import Logger
 from twisted.web import http
 
 from equalizer.balancer.failures import is_local_resource_error
 from equalizer.proxy.backpressure import UploadThrottle
+from equalizer.proxy.framing import UpstreamError
 from equalizer.proxy.response import relay_informational, write_head
 from equalizer.proxy.retry import (
     IDEMPOTENT_METHODS,
@@ -42,9 +44,17 @@ first response byte, so that an idempotent request can go again on a fresh conne
 if the backend had closed the reused one; a longer body is not kept (nor resent)."""
 
 
+def failure_reason(reason: Failure, connecting: bool) -> str:
+    """The ``FAILURE_REASONS`` name of a failed connect (counted in ``backend.failures`` by
+    the health monitor, with the passive check), or of a response that failed before it
+    began."""
+    if connecting:
+        return "connect_timeout" if reason.check(ConnectTimeout) else "connect"
+    return "invalid_response" if reason.check(UpstreamError) else "closed"
+
+
 class Attempt:
-    """The exchange's request on one backend, and that backend's response (a
-    ``ResponseHandler`` of the upstream connection)."""
+    """One try on one backend: the request, and the response (an upstream ResponseHandler)."""
 
     __slots__ = ("exchange", "backend", "connection", "pending", "body_sent", "throttle",
                  "timer", "progress", "resend_chunks", "resend_bytes")
@@ -94,11 +104,11 @@ class Attempt:
             exchange.out_of_resources(backend, reason)
             return
         exchange.last_failure = reason
-        # Counted in backend.failures by the health monitor, with the passive check.
-        exchange.proxy.passive.record_connect_failure(backend, reason.getErrorMessage())
+        kind = failure_reason(reason, connecting=True)
+        exchange.proxy.passive.record_connect_failure(backend, reason.getErrorMessage(), kind)
         log.debug("connect to {url} failed: {error}", url=backend.url,
                   error=reason.getErrorMessage())
-        after_connect_failure(exchange, backend)
+        after_connect_failure(exchange, backend, kind)
 
     # -- the request ---------------------------------------------------------------------
 
@@ -159,7 +169,7 @@ class Attempt:
         if proxy.outlier is not None:
             proxy.outlier.answered(self.backend, status)
         if status in proxy.retry_statuses and may_retry(self):
-            self._retry_elsewhere(f"status {status}")
+            self._retry_elsewhere(self.backend, "status")
             return
         exchange.status = status
         self.resend_chunks = None
@@ -209,7 +219,7 @@ class Attempt:
             return
         exchange.last_failure = reason
         if response_started:
-            backend.failures += 1
+            backend.fail("cut_off")
             log.warn("backend {url} broke off its response: {error}", url=backend.url,
                      error=reason.getErrorMessage())
             exchange.request.unregisterProducer()
@@ -217,20 +227,22 @@ class Attempt:
             return
         if connection is not None and resend_afresh(self, connection, backend):
             return
-        backend.failures += 1
+        kind = failure_reason(reason, connecting=False)
+        backend.fail(kind)
         if exchange.proxy.outlier is not None:
             exchange.proxy.outlier.gateway_error(backend, "broken response")
         if exchange.method in IDEMPOTENT_METHODS and not self.body_sent:
-            exchange.retry_or_fail()
+            exchange.retry_or_fail(backend, kind)
         else:
             exchange.gateway_failure()
 
-    def _retry_elsewhere(self, why: str) -> None:
-        """Drop this backend's answer (its connection closes) and try another backend."""
-        log.debug("retrying on another backend after {why}", why=why)
+    def _retry_elsewhere(self, backend: Backend, reason: str) -> None:
+        """Drop ``backend``'s answer (its connection closes) and try another backend;
+        ``reason`` is one of ``RETRY_REASONS``."""
+        log.debug("retrying on another backend after {reason}", reason=reason)
         self.abandon()
         self.leave_backend()
-        self.exchange.retry_or_fail()
+        self.exchange.retry_or_fail(backend, reason)
 
     # -- leaving -------------------------------------------------------------------------
 
@@ -277,9 +289,9 @@ class Attempt:
             return
         backend = self.backend
         if backend is not None:
-            backend.failures += 1
+            backend.fail("idle_timeout" if exchange.status else "response_timeout")
         if not exchange.status and backend is not None and retry_after_timeout(self, backend):
-            self._retry_elsewhere("a response timeout")
+            self._retry_elsewhere(backend, "response_timeout")
             return
         connection, self.connection = self.connection, None
         if connection is not None:

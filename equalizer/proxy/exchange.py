@@ -59,7 +59,7 @@ class Exchange:
         "proxy", "request", "client", "method", "request_id", "started", "tried", "attempt",
         "body_chunks", "body_ended", "fresh_only", "bytes_sent", "status", "finished",
         "headers_block", "host", "chunked_body", "body_follows", "head_request",
-        "rate_limit", "decision", "last_failure", "problem", "ticket",
+        "rate_limit", "decision", "last_failure", "problem", "ticket", "bytes_received",
     )
 
     def __init__(self, proxy: Proxy, request: ProxyRequest) -> None:
@@ -74,6 +74,7 @@ class Exchange:
         self.body_ended = request.body_done
         self.fresh_only = False
         self.bytes_sent = 0
+        self.bytes_received = 0
         self.status = 0
         self.finished = False
         self.rate_limit = "off"
@@ -162,9 +163,12 @@ class Exchange:
                              "the proxy is out of connections (file descriptors); retry shortly",
                              RETRY_AFTER)
 
-    def retry_or_fail(self) -> None:
+    def retry_or_fail(self, backend: Backend, reason: str) -> None:
+        """Another backend after ``backend`` failed for ``reason`` (one of
+        ``RETRY_REASONS``), while retries are left; else the gateway error."""
         if len(self.tried) <= self.proxy.config.retries:
             self.proxy.stats.retries += 1
+            backend.retries[reason] = backend.retries.get(reason, 0) + 1
             self.dispatch()
         else:
             self.gateway_failure()
@@ -184,6 +188,7 @@ class Exchange:
     # -- request body --------------------------------------------------------------
 
     def body_chunk(self, data: bytes) -> None:
+        self.bytes_received += len(data)
         if self.finished:
             return
         attempt = self.attempt
@@ -342,7 +347,8 @@ def gateway_answer(failure: Failure | None) -> tuple[int, str, str]:
 class PassiveHealth(Protocol):
     """What the proxy tells about connection failures: the HealthMonitor listens."""
 
-    def record_connect_failure(self, backend: Backend, reason: str) -> None: ...
+    def record_connect_failure(self, backend: Backend, reason: str,
+                               kind: str = "connect") -> None: ...
 
     def record_connect_success(self, backend: Backend) -> None: ...
 
@@ -410,7 +416,8 @@ class Proxy:
             for waiter in waiters:
                 waiter.callback(None)
         status = exchange.status
-        self.stats.record(status, backend, seconds)
+        self.stats.record(status, backend, seconds, exchange.bytes_received,
+                          exchange.bytes_sent)
         if self.log_access:
             request = exchange.request
             addresses, ids = upstreams_tried(exchange.tried)

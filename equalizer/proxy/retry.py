@@ -55,14 +55,15 @@ def may_retry(attempt: Attempt) -> bool:
     return any(backend not in tried for backend in proxy.pool.available)
 
 
-def after_connect_failure(exchange: Exchange, backend: Backend) -> None:
-    """A connection to ``backend`` failed (and was counted): outlier detection hears of
-    it, and the request goes to another backend if ``connect_failure`` is listed."""
+def after_connect_failure(exchange: Exchange, backend: Backend, kind: str) -> None:
+    """A connection to ``backend`` failed for ``kind`` (connect or connect_timeout, and was
+    counted): outlier detection hears of it, and the request goes to another backend if
+    ``connect_failure`` is listed."""
     proxy = exchange.proxy
     if proxy.outlier is not None:
         proxy.outlier.gateway_error(backend, "connection failed")
     if proxy.retry.connect_failure:
-        exchange.retry_or_fail()
+        exchange.retry_or_fail(backend, kind)
     else:
         exchange.gateway_failure()
 

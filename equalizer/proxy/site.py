@@ -137,6 +137,12 @@ class ProxyChannel(HeadRefusingChannel):
     def connectionMade(self) -> None:
         super().connectionMade()
         self.transport.bufferSize = CLIENT_BUFFER_BYTES
+        self.site.proxy.stats.connections += 1
+
+    def connectionLost(self, reason: Failure) -> None:
+        """One client connection fewer (``equalizer_client_connections``)."""
+        self.site.proxy.stats.connections -= 1
+        super().connectionLost(reason)
 
     def getPeer(self):
         """The peer address, read once per connection (Request asks on every request)."""

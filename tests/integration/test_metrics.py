@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import pytest_twisted
 import treq
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.web import server
 
+from equalizer import __version__
 from tests.integration.buckets_support import store_ready
 from tests.integration.harness import equalizer_config, free_port, get_json, wait_until, within
 
@@ -61,8 +64,10 @@ async def test_metrics_parse_and_follow_the_traffic(http, backends, equalizer):
         key = (name, tuple(sorted(labels.items())))
         assert after[key] - before.get(key, 0.0) == by, (name, labels)
 
-    grew("equalizer_requests_total", {"backend": good_id, "status_class": "2xx"}, 3)
-    grew("equalizer_requests_total", {"backend": "none", "status_class": "4xx"}, 2)
+    grew("equalizer_requests_total", {"backend": good_id, "code": "200", "status_class": "2xx"},
+         3)
+    grew("equalizer_requests_total", {"backend": "none", "code": "429", "status_class": "4xx"},
+         2)
     grew("equalizer_request_duration_seconds_count", {"backend": good_id}, 3)
     grew("equalizer_rate_limit_decisions_total", {"outcome": "allowed"}, 3)
     grew("equalizer_rate_limit_decisions_total", {"outcome": "limited"}, 2)
@@ -74,8 +79,15 @@ async def test_metrics_parse_and_follow_the_traffic(http, backends, equalizer):
     assert after[dead_checks] >= 1
     # Round robin sent some of the three admitted requests to the dead backend first:
     # each was retried on the good one, and counted.
-    assert after[("equalizer_retries_total", ())] >= 1
-    assert after[("equalizer_backend_failures_total", (("backend", dead_id),))] >= 1
+    assert after[("equalizer_retries_total", (("backend", dead_id), ("reason", "connect")))] >= 1
+    assert after[("equalizer_backend_failures_total",
+                  (("backend", dead_id), ("reason", "connect")))] >= 1
+    assert after[("equalizer_build_info", (("python", platform.python_version()),
+                                           ("version", __version__)))] == 1
+    assert after[("process_open_fds", ())] > 0
+    assert ("equalizer_client_connections", ()) in after
+    key = ("equalizer_response_bytes_total", ())
+    assert after[key] > before[key], "the bodies of three answers and two 429s were counted"
     buckets = [v for (name, labels), v in after.items()
                if name == "equalizer_request_duration_seconds_bucket"
                and dict(labels) == {"backend": good_id, "le": "+Inf"}]
@@ -105,6 +117,8 @@ async def test_lease_metrics_of_the_postgres_limiter(http, backends, equalizer, 
     assert after[("equalizer_lease_settlements_total", ())] >= 1
     assert after[("equalizer_lease_settled_keys_total", ())] >= 1
     assert after[("equalizer_lease_keys", ())] == 1
+    statements = ("equalizer_database_query_duration_seconds_count", ())
+    assert after[statements] > before[statements], "the settlement's statement was timed"
 
 
 @pytest_twisted.ensureDeferred

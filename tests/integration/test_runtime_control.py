@@ -15,6 +15,7 @@ from collections import Counter
 import pytest_twisted
 import treq
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionRefusedError
@@ -210,6 +211,26 @@ async def test_added_backend_takes_traffic_at_once(http, backends, equalizer, no
 
 
 @pytest_twisted.ensureDeferred
+async def test_added_backend_health_is_unknown_until_its_first_check(http, backends, equalizer):
+    """With active checks on, a backend added through the API is ``"healthy": null`` (it takes
+    traffic all the same) until its first check, then true."""
+    old, new = backends("old"), backends("new")
+    balancer = await equalizer(equalizer_config(
+        [old.url], health={"interval": "300ms", "timeout": "1s", "path": "/"}))
+    await wait_until(lambda: balancer.backend(old.url).checked, message="the first round")
+    status, body, _ = await send_json(http, "POST", balancer.admin_url + "/backends",
+                                      {"url": new.url})
+    assert (status, body["healthy"], body["down_since"]) == (201, None, None)
+
+    async def checked() -> bool:
+        [listed] = [b for b in await stats_backends(http, balancer.admin_url)
+                    if b["id"] == body["id"]]
+        return listed["healthy"] is True and listed["last_check"]["ok"]
+
+    await wait_until(checked, message="the new backend's first check")
+
+
+@pytest_twisted.ensureDeferred
 async def test_delete_answered_when_a_reload_keeps_the_backend(http, backends, equalizer):
     """A DELETE still draining when a reload lists that backend again gets an answer (the file
     wins, so an error) instead of hanging, and the backend stays in service."""
@@ -299,6 +320,20 @@ async def listed_exactly(process, client, *servers) -> bool:
     return sorted(i["url"] for i in items) == sorted(s.url for s in servers)
 
 
+async def reload_metrics(http, admin_url: str) -> dict:
+    """``equalizer_reloads_total`` by result, and the last good reload's time (or None)."""
+    response = await within(http.get(admin_url + "/metrics"))
+    text = (await within(treq.content(response))).decode()
+    found: dict = {"last": None}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "equalizer_reloads_total":
+                found[sample.labels["result"]] = sample.value
+            elif sample.name == "equalizer_last_reload_success_timestamp_seconds":
+                found["last"] = sample.value
+    return found
+
+
 @pytest_twisted.ensureDeferred
 async def test_sighup_adds_and_removes_backends_without_failed_requests(http, backends,
                                                                        twistd_process):
@@ -333,6 +368,8 @@ async def test_sighup_adds_and_removes_backends_without_failed_requests(http, ba
     assert failures == []
     assert len(results) >= 180
     assert {body for _, body in results} == {b"a", b"b", b"c"}
+    counts = await reload_metrics(http, process.admin_url)
+    assert counts["success"] == 2 and counts["failure"] == 0 and counts["last"] > 0
 
 
 @pytest_twisted.ensureDeferred
@@ -363,6 +400,8 @@ async def test_sighup_with_invalid_file_changes_nothing(http, backends, twistd_p
     assert [(i["id"], i["url"]) for i in after] == [(i["id"], i["url"]) for i in before]
     assert len(a.requests) > counts[0] and len(b.requests) > counts[1]
     assert [r for r in results if r[0] != 200] == []
+    assert await reload_metrics(http, process.admin_url) == {"success": 0, "failure": 2,
+                                                             "last": None}
 
 
 async def connection_refused(port: int) -> bool:

@@ -31,6 +31,7 @@ from txpostgres.txpostgres import Connection, ConnectionPool
 
 from equalizer.buckets.interface import StoreDataError, StoreUnavailable
 from equalizer.buckets.postgres.migrations import Migration, migrate
+from equalizer.histogram import DurationHistogram
 
 log = Logger()
 
@@ -212,6 +213,8 @@ class Database:
         # How to abort the connections being made (start-up, reconnection) on stop().
         self._aborts: set[Callable[[], None]] = set()
         self._reconnect_call: IDelayedCall | None = None
+        self.query_durations = DurationHistogram()
+        """Statement times, answered or failed; read by ``/metrics``."""
 
     async def start(self, scripts: list[Migration]) -> None:
         """Apply ``scripts`` the database lacks, then connect the pool.
@@ -354,13 +357,20 @@ class Database:
         pool = self._pool
         if pool is None:
             return fail(StoreUnavailable("PostgreSQL unreachable; reconnecting"))
+        started = self._reactor.seconds()
         d = _within(
             pool.runQuery(sql, params).addCallback(pool.answered),
             self._reactor,
             self._query_timeout,
             lambda: self._timed_out(pool),
         )
+        d.addBoth(self._timed, started)
         return d.addErrback(self._translate, pool)
+
+    def _timed(self, result: Any, started: float) -> Any:
+        """Count the statement's time, answered or failed, in ``query_durations``."""
+        self.query_durations.observe(self._reactor.seconds() - started)
+        return result
 
     def _timed_out(self, pool: _Pool) -> None:
         """A query on ``pool`` took too long: the pool is dead if nothing else got answers.

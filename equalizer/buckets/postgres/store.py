@@ -63,6 +63,7 @@ from equalizer.buckets.postgres.connection import Database, Rows
 from equalizer.buckets.postgres.leases import LeaseDatabase
 from equalizer.buckets.postgres.migrations import migrations
 from equalizer.config.model import BucketPolicy, RateLimitConfig
+from equalizer.histogram import DurationHistogram
 
 log = Logger()
 
@@ -133,6 +134,11 @@ class PostgresStore:
     def available(self) -> bool:
         """False while the database is unreachable (for /health)."""
         return self._database.available
+
+    @property
+    def query_durations(self) -> DurationHistogram:
+        """How long statements took, answered or failed (``/metrics``)."""
+        return self._database.query_durations
 
     def query(self, sql: str, params: Any) -> Deferred[Rows]:
         """Run one statement on the store's database: its rows, or StoreUnavailable.
