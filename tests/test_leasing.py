@@ -7,99 +7,32 @@ MemoryStore, which also serves the admin calls.
 
 from __future__ import annotations
 
-import json
-import math
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from equalizer.buckets.interface import IBucketStore, InvalidBucket, StoreUnavailable, take_key
-from equalizer.buckets.leasing import MAX_ATTEMPTS, PREFETCH_FROM, LeasingStore
-from equalizer.buckets.leasing import SWEEP_CHUNK as LEASE_SWEEP_CHUNK
-from equalizer.buckets.maths import Bucket, refill
-from equalizer.buckets.memory import MemoryStore
+from equalizer.buckets.leases.allowances import PREFETCH_FROM
+from equalizer.buckets.leases.answers import MAX_ATTEMPTS
+from equalizer.buckets.leases.sweep import SWEEP_CHUNK as LEASE_SWEEP_CHUNK
+from equalizer.buckets.leasing import LeasingStore
 from equalizer.config.model import BucketPolicy, RateLimitConfig
+from equalizer.testing import FakeLeaseDatabase, SlowReadsDatabase
 from tests.helpers import result_of
 
 TTL = 0.5
 
 
-class FakeDatabase(MemoryStore):
-    """A MemoryStore that also answers settlements; held ones wait for ``answer``."""
-
-    def __init__(self, clock: Clock) -> None:
-        super().__init__(clock)
-        self.hold = False
-        self.held: list[tuple[Any, Deferred[Any]]] = []
-        self.settlements: list[dict[str, tuple[int, int, int, int | None]]] = []
-        self.failing: Exception | None = None
-        self.hidden: set[str] = set()  # keys whose rows the statement does not see
-        self.stopped = False
-
-    def stop(self) -> Deferred[None]:
-        self.stopped = True
-        return super().stop()
-
-    def leases(self) -> FakeDatabase:
-        """The settlements' database: this fake answers them itself."""
-        return self
-
-    def settle(self, batch: list[Any]) -> Deferred[list[tuple[Any, ...]]]:
-        params = (json.dumps(batch, ensure_ascii=False),)
-        rows = json.loads(params[0])
-        self.settlements.append({c: (w, e, b, d) for c, w, e, b, d, _ in rows})
-        if self.failing is not None:
-            return fail(self.failing)
-        if self.hold:
-            d: Deferred[list[tuple[Any, ...]]] = Deferred()
-            self.held.append((params, d))
-            return d
-        return succeed(self._apply(params))
-
-    def answer(self) -> None:
-        """Run and answer the oldest held settlement."""
-        params, d = self.held.pop(0)
-        d.callback(self._apply(params))
-
-    def tokens(self, client_id: str) -> float:
-        return result_of(self.get(client_id)).tokens
-
-    def _apply(self, params: Any) -> list[tuple[Any, ...]]:
-        now = self._clock.seconds()
-        rows = []
-        for client_id, want, extra, back, dcap, drate in json.loads(params[0]):
-            if client_id in self.hidden:
-                continue
-            entry = self._buckets.get(client_id)
-            if entry is not None:
-                stored, created = entry
-                bucket = refill(stored, now)
-                capacity = bucket.capacity
-                held = min(float(capacity), bucket.tokens + back)
-                granted = min(math.floor(held), want + min(extra, max(1, capacity // 10)))
-                tokens = held - granted
-                updated = max(now, stored.updated)
-                self._buckets[client_id] = (
-                    Bucket(capacity, tokens, bucket.refill_rate, updated), created)
-                rows.append((client_id, granted, tokens, capacity, bucket.refill_rate))
-            elif want > 0 and dcap is not None:
-                granted = min(dcap, want + min(extra, max(1, dcap // 10)))
-                tokens = float(dcap - granted)
-                self._buckets[client_id] = (Bucket(dcap, tokens, drate, now), now)
-                rows.append((client_id, granted, tokens, dcap, drate))
-        return rows
+@pytest.fixture
+def db(clock: Clock) -> FakeLeaseDatabase:
+    return FakeLeaseDatabase(clock)
 
 
 @pytest.fixture
-def db(clock: Clock) -> FakeDatabase:
-    return FakeDatabase(clock)
-
-
-@pytest.fixture
-def store(db: FakeDatabase, clock: Clock) -> LeasingStore:
+def store(db: FakeLeaseDatabase, clock: Clock) -> LeasingStore:
     """A store whose allowances last TTL from their lease, used or not, that leases at least
     2 tokens and settles on the next reactor turn."""
     store = LeasingStore(db, clock, ttl=TTL, max_age=TTL, remember=TTL, min_lease=2,
@@ -334,7 +267,7 @@ def test_idle_keys_are_forgotten(store, db, clock):
     for _ in range(4):  # kept for a TTL after their lease, to lease if they come back
         clock.advance(TTL / 2)
     assert not store._keys
-    assert not store._pending and not store._returns
+    assert not store._settlements.pending and not store._allowances.returns
 
 
 def test_requests_arriving_during_a_settlement_use_its_grant(store, db, clock):
@@ -604,21 +537,6 @@ def test_min_lease_sets_the_least_lease_of_a_key(db, clock):
 NO_REFILL = BucketPolicy(100, 0)
 
 
-class SlowReads(FakeDatabase):
-    """A fake database whose bucket reads are answered by ``read_done``."""
-
-    def __init__(self, clock: Clock) -> None:
-        super().__init__(clock)
-        self.reads: list[Deferred[Any]] = []
-
-    def get(self, client_id: str) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        # answered with the row as of the answer, as a database would
-        d.answer = lambda: d.callback(result_of(MemoryStore.get(self, client_id)))  # type: ignore[attr-defined]
-        self.reads.append(d)
-        return d
-
-
 def test_read_counts_an_expired_allowance_not_yet_given_back(db, clock):
     """A read between an allowance's expiry and the sweep that gives it back shows the
     leased tokens as the client's, as before the expiry and after the give-back."""
@@ -672,7 +590,7 @@ def test_read_waits_for_the_give_back_in_flight(db, clock):
 def test_a_read_holds_back_settlements_of_its_key(clock):
     """While a bucket read is in flight the key's next settlement waits for it, so the row
     read and the allowance counted are of the same moment; then requests are served."""
-    db = SlowReads(clock)
+    db = SlowReadsDatabase(clock)
     store = LeasingStore(db, clock, ttl=TTL, max_age=TTL, remember=TTL, min_lease=2,
                          linger=0)
     result_of(store.start())
@@ -683,7 +601,7 @@ def test_a_read_holds_back_settlements_of_its_key(clock):
     settle(clock)
     assert len(db.settlements) == statements
     assert takes[2] == []
-    db.reads[0].answer()
+    db.answer_read()
     assert read[0].tokens == 97  # 3 used, none leased
     settle(clock)
     assert len(db.settlements) == statements + 1
@@ -716,13 +634,14 @@ def test_the_lease_sweep_looks_at_one_chunk_of_keys_per_reactor_turn(db, clock):
     while not all(d.called for d in takes):
         settle(clock)
     turns: list[int] = []
-    chunk = store._sweep_chunk
+    sweep = store._sweep
+    chunk = sweep.chunk
 
     def turn() -> None:
-        turns.append(len(store._sweeping or ()))
+        turns.append(len(sweep.sweeping or ()))
         chunk()
 
-    store._sweep_chunk = turn  # what each turn has left to look at
+    sweep.chunk = turn  # what each turn has left to look at
     clock.advance(1.0)  # expired: given back
     clock.advance(0.5)
     clock.advance(0.5)  # idle for another ttl: forgotten
