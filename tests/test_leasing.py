@@ -7,21 +7,24 @@ MemoryStore, which also serves the admin calls.
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
-from equalizer.buckets.interface import IBucketStore, InvalidBucket, StoreUnavailable, take_key
+from equalizer.buckets.interface import (
+    BucketExists,
+    IBucketStore,
+    InvalidBucket,
+    StoreUnavailable,
+    take_key,
+)
 from equalizer.buckets.leases.allowances import PREFETCH_FROM
 from equalizer.buckets.leases.answers import MAX_ATTEMPTS
 from equalizer.buckets.leases.sweep import SWEEP_CHUNK as LEASE_SWEEP_CHUNK
 from equalizer.buckets.leasing import LeasingStore
 from equalizer.config.model import BucketPolicy, RateLimitConfig
 from equalizer.testing import FakeLeaseDatabase, SlowReadsDatabase
-from tests.helpers import result_of
+from tests.helpers import bounded, result_of, taken
 
 TTL = 0.5
 
@@ -39,13 +42,6 @@ def store(db: FakeLeaseDatabase, clock: Clock) -> LeasingStore:
                          max_lease=64, max_batch=1000, linger=0)
     result_of(store.start())
     return store
-
-
-def taken(d: Deferred[Any]) -> list[Any]:
-    """Collect what ``d`` fires with (a result, or the failure)."""
-    out: list[Any] = []
-    d.addBoth(out.append)
-    return out
 
 
 def settle(clock: Clock) -> None:
@@ -648,3 +644,137 @@ def test_the_lease_sweep_looks_at_one_chunk_of_keys_per_reactor_turn(db, clock):
     assert turns[:3] == [count, count - LEASE_SWEEP_CHUNK, count - 2 * LEASE_SWEEP_CHUNK]
     assert store.key_count == 0
     assert all(db.tokens(f"k{i}") == 99 for i in range(count))
+
+
+# -- admin writes win over settlements in flight -------------------------------------------
+
+BIG = BucketPolicy(1000, 0)
+
+
+def test_update_wins_over_tokens_given_back_in_flight(db, clock):
+    """An update made while a statement giving the key's tokens back is in flight goes to
+    the database after it: the give-back cannot land on the new value. (The statement
+    reaching the database after the update gave [200, 200] for a bucket set to 1 token.)"""
+    store = LeasingStore(db, clock, ttl=1.0, max_age=1.0, min_lease=2, linger=0)
+    result_of(store.start())
+    db.create("a", 1000, 1000, 0)
+    seen(store, clock, "a", None)  # 1 used, 2 leased: 997 in the row
+    db.hold = True
+    clock.advance(1.0)  # expired: the sweep gives the 2 back, the statement is held
+    assert db.settlements[-1] == {"a": (0, 0, 2, None)} and len(db.held) == 1
+    updated = taken(store.update("a", tokens=1))
+    assert updated == []  # waits for the give-back to land
+    db.answer()
+    assert updated[0].tokens == 1
+    assert db.tokens("a") == 1
+    db.hold = False
+    takes = [taken(store.take("a", None)) for _ in range(2)]
+    settle(clock)
+    assert [t[0].allowed for t in takes] == [True, False]
+
+
+def test_update_wins_over_a_lease_in_flight(store, db, clock):
+    """An update made while a statement leasing the key's tokens is in flight comes after
+    it: the lease's requests are answered, it leaves no allowance, and the new value is
+    what the next requests take from."""
+    db.create("a", 1000, 1000, 0)
+    db.hold = True
+    first = taken(store.take("a", None))
+    settle(clock)
+    updated = taken(store.update("a", tokens=1))
+    late = taken(store.take("a", None))  # held back until the update is answered
+    db.answer()
+    assert first[0].allowed and updated[0].tokens == 1
+    assert late == []
+    db.hold = False
+    settle(clock)
+    assert late[0].allowed and late[0].remaining == 0
+    assert not result_of(store.take("a", None)).allowed  # remembered: the row is empty
+    assert db.tokens("a") == 0
+
+
+def test_delete_wins_over_a_bucket_created_by_a_settlement_in_flight(store, db, clock):
+    """A delete made while a statement creating the bucket from the default is in flight
+    removes what that statement created."""
+    db.hold = True
+    first = taken(store.take("b", BucketPolicy(10, 0)))
+    settle(clock)
+    deleted = taken(store.delete("b"))
+    db.answer()
+    assert first[0].allowed
+    assert deleted == [True]
+    assert result_of(db.get("b")) is None
+    assert result_of(store.get("b")) is None
+
+
+def test_create_after_a_settlement_in_flight_created_the_bucket(store, db, clock):
+    """A create made while a statement creating the bucket from the default is in flight
+    comes after it, so it finds the bucket (409), as it would a moment later."""
+    db.hold = True
+    taken(store.take("b", BucketPolicy(10, 0)))
+    settle(clock)
+    created = taken(store.create("b", 5, 5, 0))
+    db.answer()
+    assert created[0].check(BucketExists)
+    assert db.tokens("b") == 10 - 2  # the grant: 1 waiting + a tenth of the bucket
+
+
+def test_a_failed_write_still_drops_the_allowance(store, db, clock):
+    """A write that fails (here: tokens above the capacity) still ends the old allowance."""
+    seen(store, clock, "a", BIG)
+    assert store._keys["a"].allowance == 2
+    with pytest.raises(InvalidBucket):
+        result_of(store.update("a", tokens=5000))
+    assert store._keys["a"].allowance == 0
+    d = store.take("a", BIG)
+    assert not d.called
+
+
+def test_writes_hold_nothing_back_once_stopping(store, db, clock):
+    """After stop a write goes straight to the wrapped store."""
+    db.create("a", 10, 10, 0)
+    result_of(store.stop())
+    assert result_of(store.update("a", tokens=3)).tokens == 3
+    assert result_of(store.get("a")).tokens == 3
+    assert result_of(store.get("nobody")) is None
+
+
+# -- stop with reads in flight -------------------------------------------------------------
+
+
+def test_stop_finishes_while_a_read_waits_for_a_settlement(clock):
+    """stop() while a read waits for the key's settlement in flight: the read does not hold
+    the last give-back back, so stopping ends (it used to spin, blocking the reactor)."""
+    db = SlowReadsDatabase(clock)
+    store = LeasingStore(db, clock, ttl=TTL, max_age=TTL, remember=TTL, min_lease=2, linger=0)
+    result_of(store.start())
+    db.hold = True
+    first = taken(store.take("a", BIG))
+    settle(clock)
+    read = taken(store.get("a"))
+    stopped = taken(store.stop())
+    with bounded():
+        db.answer()  # the lease lands; its 2 unused tokens go straight back
+    assert first[0].allowed
+    assert db.settlements[-1] == {"a": (0, 0, 2, None)}
+    assert stopped == []
+    db.answer()
+    assert stopped == [None] and db.stopped
+    db.answer_read()
+    assert read[0].tokens == 999
+    assert not clock.getDelayedCalls()
+
+
+def test_a_read_started_while_stopping_holds_nothing_back(clock):
+    """A read made while stop() gives tokens back neither waits for nor delays them."""
+    db = SlowReadsDatabase(clock)
+    store = LeasingStore(db, clock, ttl=TTL, max_age=TTL, remember=TTL, min_lease=2, linger=0)
+    result_of(store.start())
+    seen(store, clock, "a", BIG)  # 2 leased
+    db.hold = True
+    stopped = taken(store.stop())
+    read = taken(store.get("a"))
+    db.answer()
+    assert stopped == [None]
+    db.answer_read()
+    assert read[0].tokens == 999
