@@ -73,7 +73,7 @@ def test_first_take_waits_for_one_settlement_then_later_takes_are_local(store, d
     assert db.settlements[0]["a"] == (1, 2, 0, 1000)  # 1 waiting, a lease of 2 more
     for _ in range(2):
         assert result_of(store.take("a", BucketPolicy(1000, 0))).allowed
-    assert store.statements == 1
+    assert store.statements == 1 and store.settled_keys == 1
     assert db.tokens("a") == 997.0
     again = store.take("a", BucketPolicy(1000, 0))
     settle(clock)
@@ -615,7 +615,7 @@ def test_new_key_at_the_cap_is_refused_without_state(db, clock):
     assert (refused.allowed, refused.retry_after, refused.limit) == (False, 2, 100)
     with pytest.raises(StoreUnavailable):
         result_of(store.take("c", None))
-    assert store.over_cap == 2
+    assert store.over_cap == 2 and store.max_buckets == 1
     assert store.key_count == 1
     assert result_of(store.take("a", NO_REFILL)).allowed
 
