@@ -111,7 +111,7 @@ repeats the settlement's decision, so its ``Retry-After`` may be up to
 Admin changes
 -------------
 ``create``, ``update`` and ``delete`` through this store win over every lease and
-settlement in flight when they are made (:mod:`equalizer.buckets.leases.changes`):
+settlement in flight when they are made (:mod:`equalizer.buckets.leases.admin`):
 the key's allowance and remembered decision are dropped (without giving them back:
 the new settings win) at once and again when the change is done; the change goes
 to the database only once no settlement carrying the key is in flight, and the
@@ -152,8 +152,8 @@ The parts
 This module is the facade (the store interface and the hot path, ``take``); the
 parts are in :mod:`equalizer.buckets.leases`: ``allowances`` (what is held per
 key), ``answers`` (what a settlement's rows mean), ``settlement`` (batching,
-sending and ordering statements), ``sweep`` (releasing idle keys), ``reads`` and
-``changes`` (the admin calls).
+sending and ordering statements), ``sweep`` (releasing idle keys) and
+``admin`` (the admin calls).
 """
 
 from __future__ import annotations
@@ -165,9 +165,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from equalizer.buckets.interface import IBucketStore, StoreUnavailable, take_elsewhere
+from equalizer.buckets.leases.admin import AdminCalls
 from equalizer.buckets.leases.allowances import Allowances, Key
-from equalizer.buckets.leases.changes import Changes
-from equalizer.buckets.leases.reads import Reads
 from equalizer.buckets.leases.settlement import Settlements
 from equalizer.buckets.leases.sweep import Sweep
 from equalizer.buckets.maths import Decision
@@ -247,8 +246,7 @@ class LeasingStore:
         self._settlements = Settlements(store.leases(), self._allowances, clock, max_lease,
                                         min_lease, max_batch, max_in_flight, linger)
         self._sweep = Sweep(self._allowances, self._settlements, clock)
-        self._reads = Reads(store, self._allowances, self._settlements)
-        self._changes = Changes(store, self._allowances, self._settlements)
+        self._admin = AdminCalls(store, self._allowances, self._settlements)
         self.waits = 0
         """Takes that found no allowance and waited for a settlement."""
 
@@ -357,13 +355,13 @@ class LeasingStore:
     def create(
         self, client_id: str, capacity: int, tokens: float, refill_rate: float
     ) -> Deferred[BucketRecord]:
-        return self._changes.create(client_id, capacity, tokens, refill_rate)
+        return self._admin.create(client_id, capacity, tokens, refill_rate)
 
     def get(self, client_id: str) -> Deferred[BucketRecord | None]:
-        return self._reads.get(client_id)
+        return self._admin.get(client_id)
 
     def list(self, limit: int, offset: int) -> Deferred[tuple[list[BucketRecord], int]]:
-        return self._reads.list(limit, offset)
+        return self._admin.list(limit, offset)
 
     def update(
         self,
@@ -372,7 +370,7 @@ class LeasingStore:
         tokens: float | None = None,
         refill_rate: float | None = None,
     ) -> Deferred[BucketRecord | None]:
-        return self._changes.update(client_id, capacity, tokens, refill_rate)
+        return self._admin.update(client_id, capacity, tokens, refill_rate)
 
     def delete(self, client_id: str) -> Deferred[bool]:
-        return self._changes.delete(client_id)
+        return self._admin.delete(client_id)
