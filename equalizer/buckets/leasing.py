@@ -49,18 +49,21 @@ keys in turn at 6,500 requests a second: 9-10k waits in 8 s with 4, none after
 the first sight with 8, and 4-8% less CPU per request).
 
 A busy key asks for its next lease when half of an allowance of at least
-:data:`PREFETCH_FROM` tokens is used, so its requests do not wait; what is left
+:data:`~equalizer.buckets.leases.allowances.PREFETCH_FROM` tokens is used, so its
+requests do not wait; what is left
 of the old allowance then goes back. Smaller allowances are used up first: for
 a key that comes back every few seconds an early lease would cost a statement
 row for it and another for what goes back, for a wait it seldom has (measured
 with 10,000 keys in turn: about one row per request with prefetching from 4
-tokens, one row per key without). Hence :data:`PREFETCH_FROM` is twice
+tokens, one row per key without). Hence
+:data:`~equalizer.buckets.leases.allowances.PREFETCH_FROM` is twice
 :data:`MIN_LEASE`: a first lease is used up, a grown one is renewed ahead.
 
 An allowance not used for ``ttl`` seconds (:data:`LEASE_TTL`, 5 s) is no longer
 used, nor any allowance ``max_age`` seconds (:data:`LEASE_MAX_AGE`, 10 s) after the
 statement that leased it was sent. A sweep (one ``LoopingCall`` for the whole
-store, every ``ttl / 2``, :data:`SWEEP_CHUNK` keys per reactor turn) gives
+store, every ``ttl / 2``, :data:`~equalizer.buckets.leases.sweep.SWEEP_CHUNK` keys per
+reactor turn) gives
 expired allowances back, all in the next
 settlement (``T = min(C, T + returned)``), and forgets keys idle for another
 ``ttl``, so memory follows the keys active in the last few seconds. The idle
