@@ -1,5 +1,5 @@
 """Fakes the unit tests share: drive a site over an in-memory connection, a store whose
-start-up and availability the test decides.
+start-up and availability the test decides, a database that settles leased tokens.
 
 Nothing here opens a socket or reads a clock: a test hands in a
 ``twisted.internet.testing.MemoryReactorClock`` (or ``Clock``) and advances it.
@@ -8,17 +8,19 @@ Nothing here opens a socket or reads a clock: a test hands in a
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from typing import Any
 
 import attrs
 from attrs import define, field
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.testing import StringTransport
 from twisted.web.server import Site
 
 from equalizer.balancer.pool import Backend
 from equalizer.buckets.interface import StoreUnavailable
+from equalizer.buckets.maths import Bucket, refill
 from equalizer.buckets.memory import MemoryStore
 from equalizer.proxy.upstream import UpstreamConnection
 
@@ -114,6 +116,99 @@ class FakeStore(MemoryStore):
 
     def delete(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
         return super().delete(*args, **kwargs) if self.available else self._down()
+
+
+class FakeLeaseDatabase(MemoryStore):
+    """A PostgresStore as token leasing sees it: a MemoryStore (the admin calls) that also
+    answers settlements (``leases().settle``) with the arithmetic of their SQL.
+
+    ``settlements`` records each statement's rows by key (waiting, extra, given back,
+    default capacity). While ``hold`` is True statements wait in ``held`` until
+    ``answer()`` runs the oldest one, on the rows as they are then (as a statement that
+    reaches the database after an admin write would). ``failing`` fails every
+    statement; keys in ``hidden`` are neither found nor created.
+    """
+
+    def __init__(self, clock: Any) -> None:
+        super().__init__(clock)
+        self.hold = False
+        self.held: list[tuple[str, Deferred[Any]]] = []
+        self.settlements: list[dict[str, tuple[int, int, int, int | None]]] = []
+        self.failing: Exception | None = None
+        self.hidden: set[str] = set()
+        self.stopped = False
+
+    def stop(self) -> Deferred[None]:
+        self.stopped = True
+        return super().stop()
+
+    def leases(self) -> FakeLeaseDatabase:
+        """The settlements' database: this fake answers them itself."""
+        return self
+
+    def settle(self, batch: list[Any]) -> Deferred[list[tuple[Any, ...]]]:
+        text = json.dumps(batch, ensure_ascii=False)  # as the real statement's parameter
+        self.settlements.append({c: (w, e, b, d) for c, w, e, b, d, _ in json.loads(text)})
+        if self.failing is not None:
+            return fail(self.failing)
+        if self.hold:
+            d: Deferred[list[tuple[Any, ...]]] = Deferred()
+            self.held.append((text, d))
+            return d
+        return succeed(self._apply(text))
+
+    def answer(self) -> None:
+        """Run and answer the oldest held settlement."""
+        text, d = self.held.pop(0)
+        d.callback(self._apply(text))
+
+    def tokens(self, client_id: str) -> float:
+        """The tokens of the client's row, as of now."""
+        stored, _ = self._buckets[client_id]
+        return refill(stored, self._clock.seconds()).tokens
+
+    def _apply(self, text: str) -> list[tuple[Any, ...]]:
+        now = self._clock.seconds()
+        rows = []
+        for client_id, want, extra, back, dcap, drate in json.loads(text):
+            if client_id in self.hidden:
+                continue
+            entry = self._buckets.get(client_id)
+            if entry is not None:
+                stored, created = entry
+                bucket = refill(stored, now)
+                capacity = bucket.capacity
+                held = min(float(capacity), bucket.tokens + back)
+                granted = min(math.floor(held), want + min(extra, max(1, capacity // 10)))
+                tokens = held - granted
+                updated = max(now, stored.updated)
+                self._buckets[client_id] = (
+                    Bucket(capacity, tokens, bucket.refill_rate, updated), created)
+                rows.append((client_id, granted, tokens, capacity, bucket.refill_rate))
+            elif want > 0 and dcap is not None:
+                granted = min(dcap, want + min(extra, max(1, dcap // 10)))
+                tokens = float(dcap - granted)
+                self._buckets[client_id] = (Bucket(dcap, tokens, drate, now), now)
+                rows.append((client_id, granted, tokens, dcap, drate))
+        return rows
+
+
+class SlowReadsDatabase(FakeLeaseDatabase):
+    """A FakeLeaseDatabase whose bucket reads wait in ``reads`` until ``answer_read()``,
+    which answers the oldest with the row as of then (as a database would)."""
+
+    def __init__(self, clock: Any) -> None:
+        super().__init__(clock)
+        self.reads: list[tuple[str, Deferred[Any]]] = []
+
+    def get(self, client_id: str) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.reads.append((client_id, d))
+        return d
+
+    def answer_read(self) -> None:
+        client_id, d = self.reads.pop(0)
+        MemoryStore.get(self, client_id).chainDeferred(d)
 
 
 # -- the proxy ------------------------------------------------------------------------------

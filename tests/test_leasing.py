@@ -7,112 +7,41 @@ MemoryStore, which also serves the admin calls.
 
 from __future__ import annotations
 
-import json
-import math
-from typing import Any
-
 import pytest
-from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
-from equalizer.buckets.interface import IBucketStore, InvalidBucket, StoreUnavailable, take_key
-from equalizer.buckets.leasing import MAX_ATTEMPTS, PREFETCH_FROM, LeasingStore
-from equalizer.buckets.leasing import SWEEP_CHUNK as LEASE_SWEEP_CHUNK
-from equalizer.buckets.maths import Bucket, refill
-from equalizer.buckets.memory import MemoryStore
+from equalizer.buckets.interface import (
+    BucketExists,
+    IBucketStore,
+    InvalidBucket,
+    StoreUnavailable,
+    take_key,
+)
+from equalizer.buckets.leases.allowances import PREFETCH_FROM
+from equalizer.buckets.leases.answers import MAX_ATTEMPTS
+from equalizer.buckets.leases.sweep import SWEEP_CHUNK as LEASE_SWEEP_CHUNK
+from equalizer.buckets.leasing import LeasingStore
 from equalizer.config.model import BucketPolicy, RateLimitConfig
-from tests.helpers import result_of
+from equalizer.testing import FakeLeaseDatabase, SlowReadsDatabase
+from tests.helpers import bounded, result_of, taken
 
 TTL = 0.5
 
 
-class FakeDatabase(MemoryStore):
-    """A MemoryStore that also answers settlements; held ones wait for ``answer``."""
-
-    def __init__(self, clock: Clock) -> None:
-        super().__init__(clock)
-        self.hold = False
-        self.held: list[tuple[Any, Deferred[Any]]] = []
-        self.settlements: list[dict[str, tuple[int, int, int, int | None]]] = []
-        self.failing: Exception | None = None
-        self.hidden: set[str] = set()  # keys whose rows the statement does not see
-        self.stopped = False
-
-    def stop(self) -> Deferred[None]:
-        self.stopped = True
-        return super().stop()
-
-    def leases(self) -> FakeDatabase:
-        """The settlements' database: this fake answers them itself."""
-        return self
-
-    def settle(self, batch: list[Any]) -> Deferred[list[tuple[Any, ...]]]:
-        params = (json.dumps(batch, ensure_ascii=False),)
-        rows = json.loads(params[0])
-        self.settlements.append({c: (w, e, b, d) for c, w, e, b, d, _ in rows})
-        if self.failing is not None:
-            return fail(self.failing)
-        if self.hold:
-            d: Deferred[list[tuple[Any, ...]]] = Deferred()
-            self.held.append((params, d))
-            return d
-        return succeed(self._apply(params))
-
-    def answer(self) -> None:
-        """Run and answer the oldest held settlement."""
-        params, d = self.held.pop(0)
-        d.callback(self._apply(params))
-
-    def tokens(self, client_id: str) -> float:
-        return result_of(self.get(client_id)).tokens
-
-    def _apply(self, params: Any) -> list[tuple[Any, ...]]:
-        now = self._clock.seconds()
-        rows = []
-        for client_id, want, extra, back, dcap, drate in json.loads(params[0]):
-            if client_id in self.hidden:
-                continue
-            entry = self._buckets.get(client_id)
-            if entry is not None:
-                stored, created = entry
-                bucket = refill(stored, now)
-                capacity = bucket.capacity
-                held = min(float(capacity), bucket.tokens + back)
-                granted = min(math.floor(held), want + min(extra, max(1, capacity // 10)))
-                tokens = held - granted
-                updated = max(now, stored.updated)
-                self._buckets[client_id] = (
-                    Bucket(capacity, tokens, bucket.refill_rate, updated), created)
-                rows.append((client_id, granted, tokens, capacity, bucket.refill_rate))
-            elif want > 0 and dcap is not None:
-                granted = min(dcap, want + min(extra, max(1, dcap // 10)))
-                tokens = float(dcap - granted)
-                self._buckets[client_id] = (Bucket(dcap, tokens, drate, now), now)
-                rows.append((client_id, granted, tokens, dcap, drate))
-        return rows
+@pytest.fixture
+def db(clock: Clock) -> FakeLeaseDatabase:
+    return FakeLeaseDatabase(clock)
 
 
 @pytest.fixture
-def db(clock: Clock) -> FakeDatabase:
-    return FakeDatabase(clock)
-
-
-@pytest.fixture
-def store(db: FakeDatabase, clock: Clock) -> LeasingStore:
+def store(db: FakeLeaseDatabase, clock: Clock) -> LeasingStore:
     """A store whose allowances last TTL from their lease, used or not, that leases at least
     2 tokens and settles on the next reactor turn."""
     store = LeasingStore(db, clock, ttl=TTL, max_age=TTL, remember=TTL, min_lease=2,
                          max_lease=64, max_batch=1000, linger=0)
     result_of(store.start())
     return store
-
-
-def taken(d: Deferred[Any]) -> list[Any]:
-    """Collect what ``d`` fires with (a result, or the failure)."""
-    out: list[Any] = []
-    d.addBoth(out.append)
-    return out
 
 
 def settle(clock: Clock) -> None:
@@ -144,7 +73,7 @@ def test_first_take_waits_for_one_settlement_then_later_takes_are_local(store, d
     assert db.settlements[0]["a"] == (1, 2, 0, 1000)  # 1 waiting, a lease of 2 more
     for _ in range(2):
         assert result_of(store.take("a", BucketPolicy(1000, 0))).allowed
-    assert store.statements == 1
+    assert store.statements == 1 and store.settled_keys == 1
     assert db.tokens("a") == 997.0
     again = store.take("a", BucketPolicy(1000, 0))
     settle(clock)
@@ -334,7 +263,7 @@ def test_idle_keys_are_forgotten(store, db, clock):
     for _ in range(4):  # kept for a TTL after their lease, to lease if they come back
         clock.advance(TTL / 2)
     assert not store._keys
-    assert not store._pending and not store._returns
+    assert not store._settlements.pending and not store._allowances.returns
 
 
 def test_requests_arriving_during_a_settlement_use_its_grant(store, db, clock):
@@ -604,21 +533,6 @@ def test_min_lease_sets_the_least_lease_of_a_key(db, clock):
 NO_REFILL = BucketPolicy(100, 0)
 
 
-class SlowReads(FakeDatabase):
-    """A fake database whose bucket reads are answered by ``read_done``."""
-
-    def __init__(self, clock: Clock) -> None:
-        super().__init__(clock)
-        self.reads: list[Deferred[Any]] = []
-
-    def get(self, client_id: str) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        # answered with the row as of the answer, as a database would
-        d.answer = lambda: d.callback(result_of(MemoryStore.get(self, client_id)))  # type: ignore[attr-defined]
-        self.reads.append(d)
-        return d
-
-
 def test_read_counts_an_expired_allowance_not_yet_given_back(db, clock):
     """A read between an allowance's expiry and the sweep that gives it back shows the
     leased tokens as the client's, as before the expiry and after the give-back."""
@@ -672,7 +586,7 @@ def test_read_waits_for_the_give_back_in_flight(db, clock):
 def test_a_read_holds_back_settlements_of_its_key(clock):
     """While a bucket read is in flight the key's next settlement waits for it, so the row
     read and the allowance counted are of the same moment; then requests are served."""
-    db = SlowReads(clock)
+    db = SlowReadsDatabase(clock)
     store = LeasingStore(db, clock, ttl=TTL, max_age=TTL, remember=TTL, min_lease=2,
                          linger=0)
     result_of(store.start())
@@ -683,7 +597,7 @@ def test_a_read_holds_back_settlements_of_its_key(clock):
     settle(clock)
     assert len(db.settlements) == statements
     assert takes[2] == []
-    db.reads[0].answer()
+    db.answer_read()
     assert read[0].tokens == 97  # 3 used, none leased
     settle(clock)
     assert len(db.settlements) == statements + 1
@@ -701,7 +615,7 @@ def test_new_key_at_the_cap_is_refused_without_state(db, clock):
     assert (refused.allowed, refused.retry_after, refused.limit) == (False, 2, 100)
     with pytest.raises(StoreUnavailable):
         result_of(store.take("c", None))
-    assert store.over_cap == 2
+    assert store.over_cap == 2 and store.max_buckets == 1
     assert store.key_count == 1
     assert result_of(store.take("a", NO_REFILL)).allowed
 
@@ -716,16 +630,151 @@ def test_the_lease_sweep_looks_at_one_chunk_of_keys_per_reactor_turn(db, clock):
     while not all(d.called for d in takes):
         settle(clock)
     turns: list[int] = []
-    chunk = store._sweep_chunk
+    sweep = store._sweep
+    chunk = sweep.chunk
 
     def turn() -> None:
-        turns.append(len(store._sweeping or ()))
+        turns.append(len(sweep.sweeping or ()))
         chunk()
 
-    store._sweep_chunk = turn  # what each turn has left to look at
+    sweep.chunk = turn  # what each turn has left to look at
     clock.advance(1.0)  # expired: given back
     clock.advance(0.5)
     clock.advance(0.5)  # idle for another ttl: forgotten
     assert turns[:3] == [count, count - LEASE_SWEEP_CHUNK, count - 2 * LEASE_SWEEP_CHUNK]
     assert store.key_count == 0
     assert all(db.tokens(f"k{i}") == 99 for i in range(count))
+
+
+# -- admin writes win over settlements in flight -------------------------------------------
+
+BIG = BucketPolicy(1000, 0)
+
+
+def test_update_wins_over_tokens_given_back_in_flight(db, clock):
+    """An update made while a statement giving the key's tokens back is in flight goes to
+    the database after it: the give-back cannot land on the new value. (The statement
+    reaching the database after the update gave [200, 200] for a bucket set to 1 token.)"""
+    store = LeasingStore(db, clock, ttl=1.0, max_age=1.0, min_lease=2, linger=0)
+    result_of(store.start())
+    db.create("a", 1000, 1000, 0)
+    seen(store, clock, "a", None)  # 1 used, 2 leased: 997 in the row
+    db.hold = True
+    clock.advance(1.0)  # expired: the sweep gives the 2 back, the statement is held
+    assert db.settlements[-1] == {"a": (0, 0, 2, None)} and len(db.held) == 1
+    updated = taken(store.update("a", tokens=1))
+    assert updated == []  # waits for the give-back to land
+    db.answer()
+    assert updated[0].tokens == 1
+    assert db.tokens("a") == 1
+    db.hold = False
+    takes = [taken(store.take("a", None)) for _ in range(2)]
+    settle(clock)
+    assert [t[0].allowed for t in takes] == [True, False]
+
+
+def test_update_wins_over_a_lease_in_flight(store, db, clock):
+    """An update made while a statement leasing the key's tokens is in flight comes after
+    it: the lease's requests are answered, it leaves no allowance, and the new value is
+    what the next requests take from."""
+    db.create("a", 1000, 1000, 0)
+    db.hold = True
+    first = taken(store.take("a", None))
+    settle(clock)
+    updated = taken(store.update("a", tokens=1))
+    late = taken(store.take("a", None))  # held back until the update is answered
+    db.answer()
+    assert first[0].allowed and updated[0].tokens == 1
+    assert late == []
+    db.hold = False
+    settle(clock)
+    assert late[0].allowed and late[0].remaining == 0
+    assert not result_of(store.take("a", None)).allowed  # remembered: the row is empty
+    assert db.tokens("a") == 0
+
+
+def test_delete_wins_over_a_bucket_created_by_a_settlement_in_flight(store, db, clock):
+    """A delete made while a statement creating the bucket from the default is in flight
+    removes what that statement created."""
+    db.hold = True
+    first = taken(store.take("b", BucketPolicy(10, 0)))
+    settle(clock)
+    deleted = taken(store.delete("b"))
+    db.answer()
+    assert first[0].allowed
+    assert deleted == [True]
+    assert result_of(db.get("b")) is None
+    assert result_of(store.get("b")) is None
+
+
+def test_create_after_a_settlement_in_flight_created_the_bucket(store, db, clock):
+    """A create made while a statement creating the bucket from the default is in flight
+    comes after it, so it finds the bucket (409), as it would a moment later."""
+    db.hold = True
+    taken(store.take("b", BucketPolicy(10, 0)))
+    settle(clock)
+    created = taken(store.create("b", 5, 5, 0))
+    db.answer()
+    assert created[0].check(BucketExists)
+    assert db.tokens("b") == 10 - 2  # the grant: 1 waiting + a tenth of the bucket
+
+
+def test_a_failed_write_still_drops_the_allowance(store, db, clock):
+    """A write that fails (here: tokens above the capacity) still ends the old allowance."""
+    seen(store, clock, "a", BIG)
+    assert store._keys["a"].allowance == 2
+    with pytest.raises(InvalidBucket):
+        result_of(store.update("a", tokens=5000))
+    assert store._keys["a"].allowance == 0
+    d = store.take("a", BIG)
+    assert not d.called
+
+
+def test_writes_hold_nothing_back_once_stopping(store, db, clock):
+    """After stop a write goes straight to the wrapped store."""
+    db.create("a", 10, 10, 0)
+    result_of(store.stop())
+    assert result_of(store.update("a", tokens=3)).tokens == 3
+    assert result_of(store.get("a")).tokens == 3
+    assert result_of(store.get("nobody")) is None
+
+
+# -- stop with reads in flight -------------------------------------------------------------
+
+
+def test_stop_finishes_while_a_read_waits_for_a_settlement(clock):
+    """stop() while a read waits for the key's settlement in flight: the read does not hold
+    the last give-back back, so stopping ends (it used to spin, blocking the reactor)."""
+    db = SlowReadsDatabase(clock)
+    store = LeasingStore(db, clock, ttl=TTL, max_age=TTL, remember=TTL, min_lease=2, linger=0)
+    result_of(store.start())
+    db.hold = True
+    first = taken(store.take("a", BIG))
+    settle(clock)
+    read = taken(store.get("a"))
+    stopped = taken(store.stop())
+    with bounded():
+        db.answer()  # the lease lands; its 2 unused tokens go straight back
+    assert first[0].allowed
+    assert db.settlements[-1] == {"a": (0, 0, 2, None)}
+    assert stopped == []
+    db.answer()
+    assert stopped == [None] and db.stopped
+    db.answer_read()
+    assert read[0].tokens == 999
+    assert not clock.getDelayedCalls()
+
+
+def test_a_read_started_while_stopping_holds_nothing_back(clock):
+    """A read made while stop() gives tokens back neither waits for nor delays them."""
+    db = SlowReadsDatabase(clock)
+    store = LeasingStore(db, clock, ttl=TTL, max_age=TTL, remember=TTL, min_lease=2, linger=0)
+    result_of(store.start())
+    seen(store, clock, "a", BIG)  # 2 leased
+    db.hold = True
+    stopped = taken(store.stop())
+    read = taken(store.get("a"))
+    db.answer()
+    assert stopped == [None]
+    db.answer_read()
+    assert read[0].tokens == 999

@@ -164,8 +164,7 @@ class Exchange:
                              RETRY_AFTER)
 
     def retry_or_fail(self, backend: Backend, reason: str) -> None:
-        """Another backend after ``backend`` failed for ``reason`` (one of
-        ``RETRY_REASONS``), while retries are left; else the gateway error."""
+        """Another backend after ``backend`` failed (``RETRY_REASONS``), or the gateway error."""
         if len(self.tried) <= self.proxy.config.retries:
             self.proxy.stats.retries += 1
             backend.retries[reason] = backend.retries.get(reason, 0) + 1

@@ -272,7 +272,7 @@ async def test_idle_keys_are_released(leasing, postgres_dsn):
     await take_all([store.take(c, BucketPolicy(10, 0)) for c in ids])
     assert len(store._keys) == 2000
     await sleep(TTL * 2.5)
-    assert not store._keys and not store._returns and not store._pending
+    assert not store._keys and not store._allowances.returns and not store._settlements.pending
     rows = await sql(postgres_dsn, "SELECT min(tokens), max(tokens) FROM buckets", fetch=True)
     assert rows == [(9.0, 9.0)]
 

@@ -1,0 +1,300 @@
+"""Batched settlements with the database: which keys go in the next statement, when it
+is sent, and what waits for it (see :mod:`equalizer.buckets.leasing` for the rules).
+
+A settlement carries every key with waiting requests (or a lease asked for ahead of
+need) and the tokens to give back, at most ``max_batch`` keys; at most
+``max_in_flight`` are in flight, one starts at most every ``linger`` seconds. Admin
+calls on a key are ordered against its settlements: :meth:`Settlements.apart` runs a
+call while no settlement carrying the key is in flight, and holds the key's next
+ones back until the call is answered (:meth:`Settlements.apart_all`: every key).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
+
+from equalizer.buckets.interface import StoreUnavailable
+from equalizer.buckets.leases.answers import failed, take_in
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+    from equalizer.buckets.leases.allowances import Allowances, Key
+    from equalizer.buckets.leases.answers import Sent
+    from equalizer.buckets.postgres.leases import LeaseDatabase, Settlement
+    from equalizer.config.model import BucketPolicy
+
+log = Logger()
+T = TypeVar("T")
+
+
+class Settlements:
+    """The settlements of one leasing store.
+
+    Args:
+        database: where statements go (``settle(rows)``).
+        allowances: the keys and the tokens to give back.
+        clock: for scheduling.
+        max_lease, min_lease: most and fewest tokens leased per key beyond its waiting
+            requests.
+        max_batch: most keys per statement.
+        max_in_flight: most statements in flight at once.
+        linger: least seconds between the starts of two statements.
+    """
+
+    def __init__(self, database: LeaseDatabase, allowances: Allowances, clock: IReactorTime,
+                 max_lease: int, min_lease: int, max_batch: int, max_in_flight: int,
+                 linger: float) -> None:
+        self._database = database
+        self._allowances = allowances
+        self._clock = clock
+        self._max_lease = max_lease
+        self._min_lease = min(min_lease, max_lease)
+        self._max_batch = max_batch
+        self._max_in_flight = max_in_flight
+        self._linger = linger
+        self._last_sent = float("-inf")
+        self.running = False
+        """Settlements are made (False before start and once stopping)."""
+        self.pending: dict[str, Key] = {}
+        """Keys with requests waiting (or a lease asked for) for the next settlement."""
+        self.returning = False
+        """The sweep asked for every token to give back to go now."""
+        self.scheduled: IDelayedCall | None = None
+        self.in_flight = 0
+        """Statements sent and not answered yet."""
+        self._giving: dict[str, int] = {}  # tokens given back by statements in flight, by key
+        self._held: dict[str, int] = {}  # admin calls in flight, by key: not settled now
+        self._holding_all = 0  # lists in flight: nothing is settled meanwhile
+        self._landed: list[Deferred[None]] = []  # fired when a statement is answered
+        self._idle: list[Deferred[None]] = []  # fired when none is in flight
+        self.statements = 0
+        """Statements sent so far."""
+        self.settled_keys = 0
+        """Keys carried by those statements, in total."""
+
+    # demand ------------------------------------------------------------------------------
+
+    def wait(self, client_id: str, key: Key,
+             default: BucketPolicy | None) -> Deferred[Any]:
+        """A take without an allowance: its answer comes with the key's next settlement."""
+        d: Deferred[Any] = Deferred()
+        key.waiters.append(d)
+        key.default = default
+        self.pending[client_id] = key
+        if self.scheduled is None:
+            self.schedule()
+        return d
+
+    def prefetch(self, client_id: str, key: Key) -> None:
+        """Lease more for a busy key before its allowance runs out, so nobody waits."""
+        if not key.settling:
+            self.pending[client_id] = key
+            if self.scheduled is None:
+                self.schedule()
+
+    def return_all(self) -> None:
+        """Send every token to give back now, not only along with demand (the sweep)."""
+        self.returning = True
+        if self.scheduled is None:
+            self.schedule()
+
+    def schedule(self) -> None:
+        """Settle on the next reactor turn, or once ``linger`` has passed since the last one."""
+        if self.in_flight < self._max_in_flight:
+            delay = self._last_sent + self._linger - self._clock.seconds()
+            self.scheduled = self._clock.callLater(delay if delay > 0 else 0, self.settle)
+
+    def settle(self) -> None:
+        """Send one statement for the waiting keys and the tokens to give back, but
+        for the keys an admin call is looking at (none while a list is)."""
+        self.scheduled = None
+        returns = self._allowances.returns
+        if self.in_flight >= self._max_in_flight or not (self.pending or returns):
+            return
+        if self._holding_all:
+            return  # the list's end schedules the next settlement
+        held = {k: returns.pop(k) for k in self._held if k in returns}
+        try:
+            self._send()
+        finally:
+            returns.update(held)
+
+    # the statement -----------------------------------------------------------------------
+
+    def _send(self) -> None:
+        """Build and send the statement (``settle`` has set aside what must wait)."""
+        room = self._max_batch
+        pending = self.pending
+        if len(pending) <= room and not self.in_flight and not self._held:
+            items = list(pending.items())
+            self.pending = {}
+        else:  # keys in a statement in flight wait for its answer
+            items = []
+            kept = {}
+            for client_id, key in pending.items():
+                if key.settling or len(items) >= room or client_id in self._held:
+                    kept[client_id] = key
+                else:
+                    items.append((client_id, key))
+            self.pending = kept
+        returns = self._allowances.returns
+        if not items and not returns:
+            return
+        rows, batch = statement(items, returns, self._max_lease, self._min_lease,
+                                self._max_batch)
+        if not returns:
+            self.returning = False
+        given = [(row[0], row[3]) for row in rows if row[3]]
+        giving = self._giving
+        for client_id, back in given:
+            giving[client_id] = giving.get(client_id, 0) + back
+        sent = self._last_sent = self._clock.seconds()
+        self.statements += 1
+        self.settled_keys += len(rows)
+        self.in_flight += 1
+        d = self._database.settle(rows)
+        d.addCallbacks(self._settled, failed, (batch, sent), None, (batch,), None)
+        d.addErrback(lambda f: log.failure("settling leased tokens failed", f))
+        d.addBoth(self._next, given)
+
+    def _settled(self, rows: list[tuple[Any, ...]], batch: list[Sent], sent: float) -> None:
+        take_in(rows, batch, sent, self._clock.seconds(), self._allowances, self.pending)
+
+    def _next(self, result: object, given: list[tuple[str, int]]) -> None:
+        self.in_flight -= 1
+        giving = self._giving
+        for client_id, back in given:  # in the row now, or lost with the statement
+            left = giving.pop(client_id, 0) - back
+            if left > 0:
+                giving[client_id] = left
+        landed, self._landed = self._landed, []
+        for d in landed:
+            d.callback(None)
+        if not self.in_flight:
+            idle, self._idle = self._idle, []
+            for d in idle:
+                d.callback(None)
+        # Tokens to give back wait for the sweep (then all go), or ride along with demand.
+        if self.running and self.scheduled is None and (
+            self.pending or (self._allowances.returns and self.returning)
+        ):
+            self.schedule()
+
+    # admin calls in order ------------------------------------------------------------------
+
+    def settling(self, client_id: str) -> bool:
+        """Whether a statement in flight carries the key (its row is about to change)."""
+        key = self._allowances.keys.get(client_id)
+        return (key is not None and key.settling) or client_id in self._giving
+
+    def _landing(self) -> Deferred[None]:
+        """Fires when the next statement in flight is answered (or fails: it is bounded
+        by the database's query timeout)."""
+        d: Deferred[None] = Deferred()
+        self._landed.append(d)
+        return d
+
+    async def apart(self, client_id: str, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()`` once no statement carrying the key is in flight, with the key's next
+        statements held back until it is answered: the call comes after every settlement
+        sent before it and before every one sent after. Once stopping nothing is held."""
+        held = self.running
+        if held:
+            self._held[client_id] = self._held.get(client_id, 0) + 1
+        try:
+            while self.settling(client_id):
+                await self._landing()
+            return await call()
+        finally:
+            if held:
+                count = self._held.pop(client_id, 0) - 1
+                if count > 0:
+                    self._held[client_id] = count
+            self.resume()
+
+    async def apart_all(self, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()`` once no statement is in flight, with all held back meanwhile."""
+        held = self.running
+        if held:
+            self._holding_all += 1
+        try:
+            while self.in_flight:
+                await self._landing()
+            return await call()
+        finally:
+            if held:
+                self._holding_all = max(0, self._holding_all - 1)
+            self.resume()
+
+    def resume(self) -> None:
+        """After an admin call: settle what waited for it."""
+        if self.running and self.scheduled is None and (
+            self.pending or self._allowances.returns
+        ):
+            self.schedule()
+
+    # shutdown ----------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """No more settlements but the last ones (:meth:`drain`): requests waiting fail, and
+        admin calls hold nothing back any more."""
+        self.running = False
+        self._held.clear()
+        self._holding_all = 0
+        if self.scheduled is not None and self.scheduled.active():
+            self.scheduled.cancel()
+        self.scheduled = None
+        pending, self.pending = self.pending, {}
+        for key in pending.values():
+            waiters, key.waiters = key.waiters, []
+            for d in waiters:
+                d.errback(StoreUnavailable("the store is stopping"))
+
+    async def drain(self) -> None:
+        """Give every token back: wait for the statements in flight, then send the rest."""
+        while True:
+            if self.in_flight:
+                d: Deferred[None] = Deferred()
+                self._idle.append(d)
+                try:
+                    await d
+                except CancelledError:
+                    self._idle.remove(d)
+                    raise
+            elif self._allowances.returns:
+                self.settle()
+                if not self.in_flight:
+                    return  # nothing could go (no room): never spin
+            else:
+                return
+
+
+def statement(items: list[tuple[str, Key]], returns: dict[str, int], max_lease: int,
+              min_lease: int, max_batch: int) -> tuple[list[Settlement], list[Sent]]:
+    """The rows of a statement for the keys of ``items`` (their waiting requests go with
+    it) and as many tokens to give back as fit in ``max_batch`` rows (taken out of
+    ``returns``); and what each key sent, to answer its requests when the rows come back."""
+    rows: list[Settlement] = []
+    batch: list[Sent] = []
+    for client_id, key in items:
+        waiters, key.waiters = key.waiters, []
+        want = len(waiters)
+        default = key.default
+        back = returns.pop(client_id, 0) if returns else 0
+        extra = min(max_lease, max(min_lease, 2 * (want + key.used)))
+        if default is None or not want:
+            rows.append((client_id, want, extra, back, None, None))
+        else:
+            rows.append((client_id, want, extra, back, default.capacity, default.refill_rate))
+        key.used = 0
+        key.settling = True
+        batch.append((client_id, key, waiters, key.epoch, default))
+    while returns and len(rows) < max_batch:
+        client_id, back = returns.popitem()
+        rows.append((client_id, 0, 0, back, None, None))
+    return rows, batch
