@@ -281,9 +281,11 @@ def test_deleted_client_starts_again_from_default(store):
 
 
 def test_to_json_shape(store):
-    """to_json gives the SPEC section 6 fields with ISO-8601 UTC timestamps."""
+    """to_json gives the SPEC section 6 fields, with the policy of section 8, with ISO-8601
+    UTC timestamps."""
     record = result_of(store.create("j", capacity=5, tokens=1.25, refill_rate=0.5))
     assert record.to_json() == {
+        "policy": "default",
         "client_id": "j",
         "capacity": 5,
         "tokens": 1.25,

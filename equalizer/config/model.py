@@ -135,6 +135,10 @@ class RateLimitConfig:
     key: str = "ip"
     default: BucketPolicy | None = BucketPolicy(100, 10.0)
     policies: tuple[tuple[str, PolicyConfig], ...] = ()
+
+    def all_policies(self) -> dict[str, PolicyConfig]:
+        """Every policy by name, ``default`` (``key`` and ``default``) first."""
+        return {DEFAULT_POLICY: PolicyConfig(self.key, self.default), **dict(self.policies)}
     store: str = "memory"
     database_url: str | None = None
     on_store_error: str = "allow"
@@ -208,7 +212,3 @@ class Config:
         """Every pool, ``default`` (``balancer`` and ``health``) first."""
         return (PoolConfig("default", self.balancer, self.health), *self.pools)
 
-    def all_policies(self) -> dict[str, PolicyConfig]:
-        """Every rate-limit policy by name, ``default`` first."""
-        default = PolicyConfig(self.rate_limit.key, self.rate_limit.default)
-        return {DEFAULT_POLICY: default, **dict(self.rate_limit.policies)}
