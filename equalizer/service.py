@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import itertools
 import os
 import signal
 import sys
@@ -27,14 +28,12 @@ from equalizer.admin.api import AdminAPI
 from equalizer.balancer.checker import HTTPHealthChecker
 from equalizer.balancer.health import HealthMonitor
 from equalizer.balancer.outlier import OutlierDetector
-from equalizer.balancer.pool import BackendPool, DrainCancelled
+from equalizer.balancer.pool import BackendPool
 from equalizer.balancer.stats import TrafficStats
-from equalizer.balancer.strategies import make_strategy
 from equalizer.buckets.interface import IBucketStore
 from equalizer.buckets.leasing import LeasingStore
 from equalizer.buckets.memory import MemoryStore
 from equalizer.buckets.postgres.store import PostgresStore
-from equalizer.config.checks import url_identity
 from equalizer.config.loader import ConfigError, apply_overrides, load_config
 from equalizer.config.model import Config
 from equalizer.demo import demo_service, demo_urls
@@ -43,10 +42,11 @@ from equalizer.logs.service import LogFileError, LoggingService, open_logging
 from equalizer.metrics import EqualizerCollector, metrics_registry
 from equalizer.proxy.admission import ADMIT_ALL, RateLimiter
 from equalizer.proxy.exchange import Proxy
-from equalizer.proxy.keys import key_reader
 from equalizer.proxy.site import ProxySite
 from equalizer.proxy.upstream import UpstreamPool
 from equalizer.readiness import BucketService
+from equalizer.routing.pools import NamedPools, apply_backends, hash_key_of
+from equalizer.routing.table import RouteTable
 
 log = Logger()
 
@@ -154,8 +154,9 @@ class EqualizerService(MultiService):
         if logging_service is not None:
             logging_service.setServiceParent(self)  # first: starts first, stops last
         self.stats = TrafficStats(started=reactor.seconds())
+        ids = itertools.count(1)  # backend ids, unique across pools
         self.pool = BackendPool(config.balancer.backends, config.balancer.strategy,
-                                clock=reactor)
+                                clock=reactor, ids=ids)
         self.outlier = OutlierDetector(self.pool, config.health.outlier, reactor)
         if demo:
             demo_service(reactor).setServiceParent(self)
@@ -166,6 +167,8 @@ class EqualizerService(MultiService):
         self.readiness = buckets.readiness
         self.health = HealthMonitor(self.pool, config.health, HTTPHealthChecker(reactor), reactor)
         self.health.setServiceParent(self)
+        self.named_pools = NamedPools(reactor, ids, self.forget_backend)
+        self.named_pools.setServiceParent(self)
         timeouts = config.proxy.timeouts
         self.upstreams = UpstreamPool(reactor, reactor, connect_timeout=timeouts.connect,
                                       idle_timeout=timeouts.idle)
@@ -180,8 +183,9 @@ class EqualizerService(MultiService):
         self.admin = AdminAPI(
             self.pool, self.stats, reactor, self.store, config.rate_limit.default,
             self.forget_backend, config.admin.token, readiness=self.readiness,
-            metrics=metrics_registry(
-                EqualizerCollector(self.pool, self.stats, self.limiter, self.store, reactor)))
+            metrics=metrics_registry(EqualizerCollector(
+                self.pool, self.stats, self.limiter, self.store, reactor, pools=self.pools)),
+            pools=self.pools)
         self._apply_settings(config)
         self.proxy_listener = self._listen("proxy.listen", config.proxy.listen, self.proxy_site)
         self.proxy_listener.gate(self.readiness, self._proxy_listening, self._cannot_listen_late)
@@ -207,13 +211,25 @@ class EqualizerService(MultiService):
         self.store.configure(config.rate_limit)
         self.pool.configure(slow_start=config.balancer.slow_start, queue=config.balancer.queue)
         self.outlier.configure(config.health.outlier)
+        admission = ADMIT_ALL
+        if config.rate_limit.enabled:
+            admission = self.limiter.routed() if config.routes else self.limiter
         self.proxy.configure(
-            config.proxy, self.limiter if config.rate_limit.enabled else ADMIT_ALL,
-            hash_key=(key_reader(config.balancer.hash_key)
-                      if config.balancer.strategy == "hash" else None),
+            config.proxy, admission, hash_key=hash_key_of(config.balancer),
             log_access=config.logging.access_log,
             outlier=self.outlier if config.health.outlier.enabled else None)
+        self.named_pools.apply(config.pools)
+        self.proxy.route_with(RouteTable(
+            config.routes, {"default": self.proxy.default_unit, **self.named_pools.units},
+            self.limiter.policies) if config.routes else None)
         self.admin.default_policy = config.rate_limit.default
+        self.admin.policies = config.rate_limit.all_policies()
+        self.admin.routes = config.routes
+
+    def pools(self) -> dict[str, BackendPool]:
+        """Every pool by name, ``default`` first."""
+        return {"default": self.pool,
+                **{name: unit.pool for name, unit in self.named_pools.units.items()}}
 
     # -- SIGHUP reload ----------------------------------------------------------------
 
@@ -243,7 +259,7 @@ class EqualizerService(MultiService):
         config = with_running_settings(config, self.config)
         self._apply_backends(config)
         if config.balancer.strategy != self.config.balancer.strategy:
-            self.pool.strategy = make_strategy(config.balancer.strategy)
+            self.pool.use_strategy(config.balancer.strategy)
         self._apply_settings(config)
         self.health.reconfigure(config.health)
         if self.logging_service is not None:
@@ -252,21 +268,7 @@ class EqualizerService(MultiService):
 
     def _apply_backends(self, config: Config) -> None:
         """The file's backends win: new ones join, missing ones drain and leave."""
-        wanted = {url_identity(b.url): b for b in config.balancer.backends}
-        for backend in list(self.pool.backends):
-            entry = wanted.pop(url_identity(backend.url), None)
-            if entry is None:
-                self.pool.drain(backend).addCallbacks(
-                    lambda _, b=backend: self.remove_backend(b),
-                    lambda failure: failure.trap(DrainCancelled))
-            else:
-                self.pool.set_weight(backend, entry.weight)
-                self.pool.set_limits(backend, entry.max_requests, entry.backup)
-                if backend.draining:
-                    self.pool.cancel_drain(backend)
-        for entry in wanted.values():
-            self.pool.add(entry.url, entry.weight, max_requests=entry.max_requests,
-                          backup=entry.backup)
+        apply_backends(self.pool, config.balancer.backends, self.remove_backend)
 
     def remove_backend(self, backend) -> None:
         if backend in self.pool.backends:
