@@ -36,7 +36,7 @@ from equalizer.buckets.memory import MemoryStore
 from equalizer.buckets.postgres.store import PostgresStore
 from equalizer.config.loader import ConfigError, apply_overrides, load_config
 from equalizer.config.model import Config
-from equalizer.demo import demo_service, demo_urls
+from equalizer.demo import demo_api_service, demo_routing, demo_service, demo_urls
 from equalizer.listeners import Listener, ListenFailed
 from equalizer.logs.service import LogFileError, LoggingService, open_logging
 from equalizer.metrics import EqualizerCollector, metrics_registry
@@ -60,7 +60,8 @@ class Options(usage.Options):
         ["admin", None, None, "admin API endpoint, e.g. tcp:8081:interface=127.0.0.1"],
         ["database-url", None, None, "PostgreSQL DSN for the bucket store"],
     ]
-    optFlags = [["demo", None, "start three whoami backends on loopback and balance over them"]]
+    optFlags = [["demo", None, "start whoami backends on loopback and balance over them "
+                               "(three, and /api/ routed to a fourth in its own pool)"]]
 
     def __init__(self) -> None:
         super().__init__()
@@ -74,6 +75,8 @@ class Options(usage.Options):
 def read_config(options: Options, environ: dict[str, str]) -> Config:
     """The configuration from file, environment and flags, or ConfigError."""
     config = load_config(options["config"])
+    if options["demo"]:
+        config = demo_routing(config)
     backends = tuple(options["backends"]) or (demo_urls() if options["demo"] else ())
     return apply_overrides(
         config,
@@ -160,6 +163,7 @@ class EqualizerService(MultiService):
         self.outlier = OutlierDetector(self.pool, config.health.outlier, reactor)
         if demo:
             demo_service(reactor).setServiceParent(self)
+            demo_api_service(reactor).setServiceParent(self)
         self.store = make_store(config, reactor) if store is None else store
         buckets = BucketService(self.store, reactor,
                                 needs_connection=not isinstance(self.store, MemoryStore))
