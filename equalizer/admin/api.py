@@ -140,7 +140,7 @@ class AdminAPI(PoolEndpoints):
         serve, and takes over when none can. Degraded: a backend meant to serve (enabled,
         not draining) cannot, or the store is unreachable.
         """
-        backends = self._pool.backends
+        backends = [backend for pool in self._pools().values() for backend in pool.backends]
         healthy = sum(1 for backend in backends if backend.available)
         meant_to_serve = sum(1 for backend in backends
                              if backend.enabled and not backend.draining)
