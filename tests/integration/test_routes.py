@@ -331,3 +331,29 @@ async def test_a_route_naming_an_unknown_pool_or_policy_stops_start_up(tmp_path)
     assert process.process.returncode == 1
     assert "routes[0].pool: unknown pool 'nope'" in process.output()
     assert "routes[1].rate_limit: unknown policy 'missing'" in process.output()
+
+
+def failing(backend, request) -> bytes:
+    request.setResponseCode(500)
+    return backend.name.encode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_traffic_management_works_per_pool(backends, equalizer, http):
+    """Outlier detection of a named pool ejects its failing backend (its own settings, not
+    the default pool's), and its requests then go to the pool's other backend; the
+    default pool is untouched."""
+    good, bad, web = backends("good"), backends("bad", failing), backends("web")
+    document = routed({}, [{"match": {"path_prefix": "/api/"}, "pool": "api"}],
+                      default=[web.url])
+    document["pools"]["api"] = {
+        "backends": [{"url": good.url}, {"url": bad.url}],
+        "health": {"outlier": {"consecutive_5xx": 2, "base_ejection": "60s"}}}
+    balancer = await equalizer(document)
+    statuses = [(await send(balancer, "/api/x")).status for _ in range(8)]
+    assert statuses.count(500) == 2  # then ejected: the rest go to the good backend
+    assert statuses[-4:] == [200] * 4
+    pools = (await get_json(http, balancer.admin_url + "/pools"))[1]
+    api = {b["url"]: b for b in pools["items"][1]["backends"]}
+    assert api[bad.url]["ejected_until"] is not None and api[bad.url]["ejections"] == 1
+    assert all(b["ejections"] == 0 for b in pools["items"][0]["backends"])
