@@ -244,12 +244,15 @@ class AdminAPI(PoolEndpoints):
 
 
     def _policy(self, name: object) -> tuple[str, BucketPolicy | None]:
-        """A policy the configuration names (SPEC 8) and its default bucket, or 400."""
+        """A policy the configuration names (SPEC 8) and its default bucket, or 404: no
+        bucket can be under a policy that does not exist (400 for a name not a string)."""
         if name == DEFAULT_POLICY:
             return DEFAULT_POLICY, self.default_policy
-        if not isinstance(name, str) or name not in self.policies:
+        if not isinstance(name, str):
+            raise bad_request("policy: must be a string")
+        if name not in self.policies:
             known = ", ".join(self.policies) or DEFAULT_POLICY
-            raise bad_request(f"policy: unknown policy {name!r}; policies: {known}")
+            raise not_found(f"policy: unknown policy {name!r}; policies: {known}")
         return name, self.policies[name].default
 
     def _query_policy(self, request: IRequest) -> str:

@@ -50,8 +50,10 @@ class PoolEndpoints:
         body = read_json_object(request)
         name = body.pop("pool", "default")
         pools = self._pools()
-        if not isinstance(name, str) or name not in pools:
-            raise bad_request(f"pool: unknown pool {name!r}; pools: {', '.join(pools)}")
+        if not isinstance(name, str):
+            raise bad_request("pool: must be a string")
+        if name not in pools:  # like a bucket under an unknown policy: nothing to add to
+            raise not_found(f"pool: unknown pool {name!r}; pools: {', '.join(pools)}")
         pool = pools[name]
         wanted = backend_create(body)
         url = wanted.url

@@ -468,7 +468,7 @@ def _backend_paths() -> dict[str, Any]:
             "post": _operation(
                 "addBackend", "Add a backend; it takes traffic at once",
                 {"201": {**_response("added", "Backend", _LOCATION), "links": _BACKEND_LINKS},
-                 "409": _error("Conflict")},
+                 "404": _error("NotFound"), "409": _error("Conflict")},
                 tags=backend_ops, body="BackendCreate", writes=True),
         },
         "/backends/{backend_id}": {
@@ -499,13 +499,14 @@ def _bucket_paths() -> dict[str, Any]:
         "/buckets": {
             "get": _operation("listBuckets", "A page of buckets, ordered by client_id",
                               {"200": _response("the page", "BucketList"),
-                               "400": _error("BadRequest"), **store_down},
+                               "400": _error("BadRequest"), "404": _error("NotFound"),
+                               **store_down},
                               tags=bucket_ops,
                               parameters=[_LIMIT, _OFFSET, routing.POLICY_PARAMETER]),
             "post": _operation(
                 "createBucket", "Create a client's bucket",
                 {"201": {**_response("created", "Bucket", _LOCATION), "links": _BUCKET_LINKS},
-                 "409": _error("Conflict"), **store_down},
+                 "404": _error("NotFound"), "409": _error("Conflict"), **store_down},
                 tags=bucket_ops, body="BucketCreate", writes=True),
         },
         "/buckets/{client_id}": {

@@ -10,7 +10,7 @@ POOL_PROPERTY = {"type": "string", "example": "default",
 
 POOL_CREATE_PROPERTY = {"type": "string", "default": "default",
                         "description": "the pool to add the backend to: default or a name "
-                                       "under pools: (else 400)"}
+                                       "under pools: (else 404)"}
 
 POLICY_PROPERTY = {"type": "string", "example": "default",
                    "description": "the rate-limit policy the bucket belongs to (SPEC 8); "
@@ -18,12 +18,12 @@ POLICY_PROPERTY = {"type": "string", "example": "default",
 
 POLICY_CREATE_PROPERTY = {"type": "string", "default": "default",
                           "description": "default or a name under rate_limit.policies "
-                                         "(else 400); tokens and refill_rate default to that "
+                                         "(else 404); tokens and refill_rate default to that "
                                          "policy's default bucket"}
 
 POLICY_PARAMETER = {"name": "policy", "in": "query", "required": False,
                     "description": "the rate-limit policy (SPEC 8): default or a name under "
-                                   "rate_limit.policies (else 400)",
+                                   "rate_limit.policies (else 404)",
                     "schema": {"type": "string", "default": "default"}}
 
 _REF = "#/components/schemas/"
