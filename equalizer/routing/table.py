@@ -1,8 +1,8 @@
 """The route table, compiled once per (re)load into one regular expression.
 
 Each route becomes one alternative of a single pattern over a short subject
-(``METHOD host\\npath`` and then one ``\\n=value`` or ``\\n!`` per header field any
-route looks at), in the routes' order: the regular expression engine tries the
+(the path, host and method, and then one value per header field any route looks
+at, see :func:`_pattern`), in the routes' order: the regular expression engine tries the
 alternatives left to right and stops at the first that matches, which is exactly
 "first match wins", in C, whatever the number of routes. The proxy asks once per
 request, and only when routes are configured.
@@ -28,7 +28,7 @@ class Route:
     not limited) and the changes to the path and header fields."""
 
     __slots__ = ("index", "unit", "policy", "strip", "remove_request", "request_lines",
-                 "remove_response", "response_fields")
+                 "remove_response", "response_fields", "rewrites_request", "rewrites_response")
 
     def __init__(self, index: int, config: RouteConfig, unit: PoolUnit, policy: Any) -> None:
         self.index = index
@@ -46,6 +46,8 @@ class Route:
             name.lower().encode("latin-1") for name in (*response.remove, *dict(response.set)))
         self.response_fields = [(name.encode("latin-1"), value.encode("latin-1"))
                                 for name, value in response.set]
+        self.rewrites_request = bool(self.remove_request or self.request_lines)
+        self.rewrites_response = bool(self.remove_response or self.response_fields)
 
     def rewrite_request(self, lines: list[bytes]) -> list[bytes]:
         """The request's header lines (``Name: value\\r\\n``) with this route's changes."""
@@ -74,23 +76,35 @@ def bare_host(host: bytes | None) -> bytes:
 
 
 def _pattern(config: RouteConfig, header_names: list[str]) -> bytes:
+    """One route's alternative over the subject ``path\nhost\nmethod`` (then one
+    ``\n=value`` or ``\n!`` per header name), the path without its leading ``/``.
+
+    Built so a route that does not match fails in a few steps: the path comes first,
+    so a route with a path prefix starts with a literal character, which the regular
+    expression engine checks before it even enters the alternative; and every ``any``
+    part is possessive (``*+``), never backtracked into.
+    """
     match = config.match
-    methods = (b"(?:%s)" % b"|".join(re.escape(m.encode("ascii")) for m in match.methods)
-               if match.methods else b"[^ ]*")
+    prefix = match.path_prefix
+    path = (re.escape(prefix[1:].encode("latin-1")) if prefix else b"") + ANY
     host = match.host
     if host is None:
-        host_part = b"[^\n]*"
+        host_part = ANY
     elif host.startswith("*."):
         host_part = b"[^\n]*" + re.escape(host[1:].encode("ascii"))
     else:
         host_part = re.escape(host.encode("ascii"))
-    prefix = match.path_prefix
-    path = (re.escape(prefix.encode("latin-1")) if prefix else b"") + b"[^\n]*"
+    methods = (b"(?:%s)" % b"|".join(re.escape(m.encode("ascii")) for m in match.methods)
+               if match.methods else ANY)
     wanted = {name.lower(): value for name, value in match.headers}
     headers = b"".join(
-        b"\n=" + re.escape(wanted[name].encode("latin-1")) if name in wanted else b"\n[^\n]*"
+        b"\n=" + re.escape(wanted[name].encode("latin-1")) if name in wanted else b"\n" + ANY
         for name in header_names)
-    return b"%s %s\n%s%s" % (methods, host_part, path, headers)
+    return b"%s\n%s\n%s%s" % (path, host_part, methods, headers)
+
+
+ANY = b"[^\n]*+"
+"""Any value of one part of the subject, taken whole (possessive: no backtracking)."""
 
 
 class RouteTable:
@@ -105,20 +119,22 @@ class RouteTable:
         self.default_policy = policies.get("default")
         names = sorted({name.lower() for route in routes for name, _ in route.match.headers})
         self.header_names = [name.encode("latin-1") for name in names]
-        alternatives = b"|".join(b"(?P<r%d>%s)" % (index, _pattern(route, names))
-                                 for index, route in enumerate(routes))
+        # Each alternative ends with an empty group, whose number (``lastindex``) says
+        # which matched; a group around it would hide its first character from the
+        # engine's quick check of each alternative.
+        alternatives = b"|".join(_pattern(route, names) + b"()" for route in routes)
         self._match = re.compile(b"(?:%s)\\Z" % alternatives).match
-        self._by_group = {f"r{index}": route for index, route in enumerate(self.routes)}
+        self._by_group = [None, *self.routes]
 
     def match(self, method: bytes, host: bytes | None, path: bytes,
               headers: Headers) -> Route | None:
         """The first route whose every condition holds, or None."""
-        subject = b"%s %s\n%s" % (method, bare_host(host), path)
+        subject = b"%s\n%s\n%s" % (path[1:], bare_host(host), method)
         for name in self.header_names:
             values = headers.getRawHeaders(name)
             subject += b"\n=" + b", ".join(values) if values else b"\n!"
         found = self._match(subject)
-        return None if found is None else self._by_group[found.lastgroup]
+        return None if found is None else self._by_group[found.lastindex]
 
 
 def route_exchange(exchange: Exchange, host: bytes | None, lines: list[bytes]) -> list[bytes]:
@@ -137,4 +153,4 @@ def route_exchange(exchange: Exchange, host: bytes | None, lines: list[bytes]) -
     if strip is not None:
         target = exchange.target[len(strip):]
         exchange.target = target if target[:1] == b"/" else b"/" + target
-    return route.rewrite_request(lines)
+    return route.rewrite_request(lines) if route.rewrites_request else lines
