@@ -124,3 +124,22 @@ def test_no_routes_is_the_configuration_as_before():
     config = parse_config({"balancer": {"backends": [{"url": "http://h"}]}})
     assert (config.pools, config.routes, config.rate_limit.policies) == ((), (), ())
     assert RouteConfig().rate_limit == "default"
+
+
+def test_classes_are_kept_up_to_a_bound_and_match_the_same_past_it(monkeypatch):
+    """Each class of request (method, host, watched header values) gets its path matcher
+    once; past MAX_CLASSES a class is matched without being kept, with the same answer."""
+    routes = table({"match": {"host": "*.a.com", "headers": {"X-A": "1"}}, "pool": "a"},
+                   {"match": {"host": "b.com", "path_prefix": "/x"}, "pool": "b"},
+                   {"match": {"methods": ["PUT"]}, "pool": "a"})
+    cases = [((b"GET", b"w.a.com"), {"X_A": "1"}, 0), ((b"GET", b"a.com"), {"X_A": "1"}, None),
+             ((b"GET", b"B.com:80"), {}, None), ((b"PUT", b"b.com"), {}, 2)]
+    for (method, host), headers, wanted in cases:
+        assert pick(routes, method, host, **headers) == wanted
+    assert pick(routes, host=b"b.com", path=b"/xy") == 1
+    assert len(routes._classes) == 4
+    monkeypatch.setattr("equalizer.routing.table.MAX_CLASSES", 0)
+    fresh = table({"match": {"host": "b.com", "path_prefix": "/x"}, "pool": "b"})
+    assert pick(fresh, host=b"b.com", path=b"/x") == 0
+    assert pick(fresh, host=b"c.com", path=b"/x") is None
+    assert fresh._classes == {}

@@ -1,12 +1,5 @@
-"""The route table, compiled once per (re)load into one regular expression.
-
-Each route becomes one alternative of a single pattern over a short subject
-(the path, host and method, and then one value per header field any route looks
-at, see :func:`_pattern`), in the routes' order: the regular expression engine tries the
-alternatives left to right and stops at the first that matches, which is exactly
-"first match wins", in C, whatever the number of routes. The proxy asks once per
-request, and only when routes are configured.
-"""
+"""The route table, compiled once per (re)load (see :class:`RouteTable`): the proxy asks
+it once per request, and only when routes are configured."""
 
 from __future__ import annotations
 
@@ -75,66 +68,107 @@ def bare_host(host: bytes | None) -> bytes:
     return host.split(b":", 1)[0].lower()
 
 
-def _pattern(config: RouteConfig, header_names: list[str]) -> bytes:
-    """One route's alternative over the subject ``path\nhost\nmethod`` (then one
-    ``\n=value`` or ``\n!`` per header name), the path without its leading ``/``.
+MAX_CLASSES = 4096
+"""Request classes whose path matcher is kept; past it a class is matched route by route."""
 
-    Built so a route that does not match fails in a few steps: the path comes first,
-    so a route with a path prefix starts with a literal character, which the regular
-    expression engine checks before it even enters the alternative; and every ``any``
-    part is possessive (``*+``), never backtracked into.
-    """
-    match = config.match
-    prefix = match.path_prefix
-    path = (re.escape(prefix[1:].encode("latin-1")) if prefix else b"") + ANY
-    host = match.host
-    if host is None:
-        host_part = ANY
-    elif host.startswith("*."):
-        host_part = b"[^\n]*" + re.escape(host[1:].encode("ascii"))
-    else:
-        host_part = re.escape(host.encode("ascii"))
-    methods = (b"(?:%s)" % b"|".join(re.escape(m.encode("ascii")) for m in match.methods)
-               if match.methods else ANY)
-    wanted = {name.lower(): value for name, value in match.headers}
-    headers = b"".join(
-        b"\n=" + re.escape(wanted[name].encode("latin-1")) if name in wanted else b"\n" + ANY
-        for name in header_names)
-    return b"%s\n%s\n%s%s" % (path, host_part, methods, headers)
-
-
-ANY = b"[^\n]*+"
-"""Any value of one part of the subject, taken whole (possessive: no backtracking)."""
+Key = tuple[Any, ...]
+"""A request's class: method, host and header values as far as any route tells them apart."""
 
 
 class RouteTable:
-    """Routes in order, compiled; :meth:`match` gives the first that matches a request."""
+    """Routes in order, compiled; :meth:`match` gives the first that matches a request.
+
+    A request's method, host and watched header values sort it into a class: the value
+    itself when some route names it, else "none of them". Every route either admits a
+    whole class or none of it, so per class only the path is left to test: the class's
+    candidate routes become one regular expression of their path prefixes, in order
+    (the engine tries alternatives left to right, skipping in C those whose first
+    character differs: first match wins), compiled when the class is first seen and
+    kept (at most :data:`MAX_CLASSES`; they are bounded by the configuration anyway).
+    """
 
     def __init__(self, routes: tuple[RouteConfig, ...], units: Mapping[str, PoolUnit],
                  policies: Mapping[str, Any]) -> None:
         self.routes = [Route(index, route, units[route.pool],
                              None if route.rate_limit is None else policies[route.rate_limit])
                        for index, route in enumerate(routes)]
+        self._configs = routes
         self.default_unit = units["default"]
         self.default_policy = policies.get("default")
+        hosts = {route.match.host for route in routes if route.match.host}
+        self._exact = {host.encode("ascii") for host in hosts if not host.startswith("*.")}
+        self._wildcards = {host[1:].encode("ascii") for host in hosts if host.startswith("*.")}
+        self._methods = {m.encode("ascii") for route in routes for m in route.match.methods}
         names = sorted({name.lower() for route in routes for name, _ in route.match.headers})
         self.header_names = [name.encode("latin-1") for name in names]
-        # Each alternative ends with an empty group, whose number (``lastindex``) says
-        # which matched; a group around it would hide its first character from the
-        # engine's quick check of each alternative.
-        alternatives = b"|".join(_pattern(route, names) + b"()" for route in routes)
-        self._match = re.compile(b"(?:%s)\\Z" % alternatives).match
-        self._by_group = [None, *self.routes]
+        self._values = [{value.encode("latin-1") for route in routes
+                         for field, value in route.match.headers if field.lower() == name}
+                        for name in names]
+        self._classes: dict[Key, tuple[Any, list[Route]]] = {}
 
     def match(self, method: bytes, host: bytes | None, path: bytes,
               headers: Headers) -> Route | None:
         """The first route whose every condition holds, or None."""
-        subject = b"%s\n%s\n%s" % (path[1:], bare_host(host), method)
-        for name in self.header_names:
-            values = headers.getRawHeaders(name)
-            subject += b"\n=" + b", ".join(values) if values else b"\n!"
-        found = self._match(subject)
-        return None if found is None else self._by_group[found.lastindex]
+        key = self._key(method, host, headers)
+        matcher = self._classes.get(key)
+        if matcher is None:
+            matcher = self._matcher(key)
+        test, candidates = matcher
+        if test is None:
+            return None
+        found = test(path[1:])
+        return None if found is None else candidates[found.lastindex - 1]
+
+    def _key(self, method: bytes, host: bytes | None, headers: Headers) -> Key:
+        exact = matched = values = None
+        if self._exact or self._wildcards:
+            bare = bare_host(host)
+            if bare in self._exact:
+                exact = bare
+            wildcards = self._wildcards
+            if wildcards:
+                matched = tuple(bare[i:] for i in range(1, len(bare))
+                                if bare[i] == 46 and bare[i:] in wildcards)  # 46: "."
+        if self.header_names:
+            values = []
+            for name, known in zip(self.header_names, self._values, strict=True):
+                found = headers.getRawHeaders(name)
+                value = b", ".join(found) if found else None
+                values.append(value if value in known else None)
+            values = tuple(values)
+        return (method if method in self._methods else None, exact, matched, values)
+
+    def _matcher(self, key: Key) -> tuple[Any, list[Route]]:
+        """The path test of a class and its candidate routes (kept for the next request)."""
+        candidates = [route for route, config in zip(self.routes, self._configs, strict=True)
+                      if _admits(config, key, self.header_names)]
+        # Each alternative ends with an empty group, whose number (``lastindex``) says
+        # which matched; a group around it would hide its first character from the
+        # engine's quick check of each alternative.
+        pattern = b"|".join(
+            re.escape(prefix[1:].encode("latin-1")) + b"()" if prefix else b"()"
+            for prefix in (self._configs[route.index].match.path_prefix
+                           for route in candidates))
+        matcher = (re.compile(pattern).match if candidates else None, candidates)
+        if len(self._classes) < MAX_CLASSES:
+            self._classes[key] = matcher
+        return matcher
+
+
+def _admits(config: RouteConfig, key: Key, header_names: list[bytes]) -> bool:
+    """Whether every request of class ``key`` meets the route's conditions but the path."""
+    match = config.match
+    method, exact, wildcards, values = key
+    if match.methods and (method is None or method.decode("ascii") not in match.methods):
+        return False
+    host = match.host
+    if host is not None:
+        wanted = host.encode("ascii")
+        if not (wanted == exact or (host.startswith("*.") and wanted[1:] in (wildcards or ()))):
+            return False
+    by_name = dict(zip(header_names, values or (), strict=True))
+    return all(by_name[name.lower().encode("latin-1")] == value.encode("latin-1")
+               for name, value in match.headers)
 
 
 def route_exchange(exchange: Exchange, host: bytes | None, lines: list[bytes]) -> list[bytes]:
