@@ -35,10 +35,10 @@ from equalizer.buckets.leasing import LeasingStore
 from equalizer.buckets.memory import MemoryStore
 from equalizer.buckets.postgres.store import PostgresStore
 from equalizer.config.checks import url_identity
-from equalizer.config.loader import ConfigError, apply_overrides, load_config
+from equalizer.config.loader import ConfigError, apply_overrides, config_path, load_config
 from equalizer.config.model import Config
 from equalizer.demo import demo_service, demo_urls
-from equalizer.listeners import Listener, ListenFailed
+from equalizer.listeners import Listener, ListenFailed, probe_addresses
 from equalizer.logs.service import LogFileError, LoggingService, open_logging
 from equalizer.metrics import EqualizerCollector, metrics_registry
 from equalizer.proxy.admission import ADMIT_ALL, RateLimiter
@@ -47,6 +47,7 @@ from equalizer.proxy.keys import key_reader
 from equalizer.proxy.site import ProxySite
 from equalizer.proxy.upstream import UpstreamPool
 from equalizer.readiness import BucketService
+from equalizer.startup import check, help_text, log_summary, print_config_error, version_text
 
 log = Logger()
 
@@ -54,17 +55,34 @@ class Options(usage.Options):
     """Flags override the YAML file; see SPEC section 2."""
 
     synopsis = "[options]"
+    longdesc = ""  # getUsage adds HELP, paragraph by paragraph
     optParameters = [
         ["config", "c", None, "YAML configuration file (default: config/equalizer.yml if present)"],
         ["listen", None, None, "proxy endpoint, e.g. tcp:8080"],
         ["admin", None, None, "admin API endpoint, e.g. tcp:8081:interface=127.0.0.1"],
         ["database-url", None, None, "PostgreSQL DSN for the bucket store"],
     ]
-    optFlags = [["demo", None, "start three whoami backends on loopback and balance over them"]]
+    optFlags = [
+        ["demo", None, "start three whoami backends on loopback and balance over them"],
+        ["check", None, "validate the configuration, print its summary, exit 0 (valid) or 1"],
+    ]
 
     def __init__(self) -> None:
         super().__init__()
         self["backends"] = []
+
+    def getUsage(self, width: int | None = None) -> str:
+        return super().getUsage(width) + help_text(width or 80)
+
+    def opt_version(self) -> None:
+        """print equalizer's version (and Twisted's, Python's) and exit"""
+        print(version_text())
+        raise SystemExit(0)
+
+    def postOptions(self) -> None:
+        if self["check"]:
+            raise SystemExit(check(lambda: read_config(self, os.environ),
+                                   config_path(self["config"])))
 
     def opt_backend(self, url: str) -> None:
         """backend URL (repeatable; replaces the configured backends)"""
@@ -92,9 +110,13 @@ def makeService(options: Options, reactor=None) -> MultiService:
     try:
         config = read_config(options, os.environ)
     except ConfigError as error:
-        for problem in error.problems:
-            print(f"config error: {problem}", file=sys.stderr)
+        print_config_error(error)
         raise SystemExit(1) from None
+    taken = probe_addresses({"proxy.listen": config.proxy.listen,
+                             "admin.listen": config.admin.listen})
+    if taken is not None:
+        print(f"error: {taken}", file=sys.stderr)
+        raise SystemExit(1)
     try:
         logging_service = open_logging(config.logging, reactor, options.parent)
     except LogFileError as error:
@@ -102,6 +124,7 @@ def makeService(options: Options, reactor=None) -> MultiService:
         raise SystemExit(1) from None
     return EqualizerService(config, reactor, demo=options["demo"],
                             reread=lambda: read_config(options, os.environ),
+                            config_path=config_path(options["config"]),
                             logging_service=logging_service,
                             stop_process=lambda status: stop_twistd(reactor, status))
 
@@ -143,9 +166,11 @@ class EqualizerService(MultiService):
                  logging_service: LoggingService | None = None,
                  store: IBucketStore | None = None,
                  stop_process: Callable[[int], None] = lambda status: None,
-                 probe: Callable[[str], None] | None = None) -> None:
+                 probe: Callable[[str], None] | None = None,
+                 config_path: str | None = None) -> None:
         super().__init__()
         self.config = config
+        self.config_path = config_path
         self.reactor = reactor
         self.reread = reread
         self.stop_process = stop_process
@@ -309,6 +334,8 @@ class EqualizerService(MultiService):
     # -- start and graceful stop ----------------------------------------------------------
 
     def startService(self) -> None:
+        log_summary(self.config, self.config_path, self.proxy_listener.address(),
+                    self.admin_listener.address())
         super().startService()
         # Everything built so far (modules, config, services) lives as long as the
         # process: move it out of the cyclic collector's sight. Full collections then

@@ -263,11 +263,16 @@ def load_config(path: str | None = None) -> Config:
     Raises:
         ConfigError: the file cannot be read or parsed, or is not a valid configuration.
     """
-    if path is None:
-        if not os.path.exists(DEFAULT_CONFIG_PATH):
-            return Config()
-        path = DEFAULT_CONFIG_PATH
-    return parse_config(_read_yaml(path))
+    path = config_path(path)
+    return Config() if path is None else parse_config(_read_yaml(path))
+
+
+def config_path(path: str | None) -> str | None:
+    """The file ``load_config(path)`` reads: ``path``, else ``config/equalizer.yml`` when
+    it exists in the current directory, else None (the built-in defaults)."""
+    if path is None and os.path.exists(DEFAULT_CONFIG_PATH):
+        return DEFAULT_CONFIG_PATH
+    return path
 
 
 def _check_flag(problems: list[str], flag: str, check: checks.Check, value: object) -> Any:
