@@ -24,6 +24,7 @@ from tests.integration.harness import (
     twistd_command,
     wait_until,
 )
+from tests.integration.test_readiness import health_store_ok
 from tests.integration.test_service_startup import (
     START_TIMEOUT,
     assert_one_line_exit,
@@ -183,6 +184,8 @@ async def test_summary_names_the_database_without_its_password(
     document = equalizer_config([backends("b1").url], rate_limit={
         "enabled": True, "store": "postgres", "database_url": dsn})
     process = await twistd_process(document, http)
+    # connected before it is stopped (a stop during the first connection is another test's)
+    await wait_until(lambda: health_store_ok(http, process), message="the store to connect")
     lines = summary_of(process.output())
     assert f"store: postgres {database_target(dsn)} (leased tokens)" in lines
     assert "pa55word" not in process.output()
