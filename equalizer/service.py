@@ -274,22 +274,45 @@ class EqualizerService(MultiService):
         self.config = config
 
     def _apply_backends(self, config: Config) -> None:
-        """The file's backends win: new ones join, missing ones drain and leave."""
+        """The file wins for what it says: which backends there are, their weights,
+        ``max_requests`` and ``backup`` (the defaults where an entry has none).
+        ``enabled`` is not a file setting, so a backend
+        disabled through the API stays disabled. Each change to the pool is logged."""
         wanted = {url_identity(b.url): b for b in config.balancer.backends}
         for backend in list(self.pool.backends):
             entry = wanted.pop(url_identity(backend.url), None)
             if entry is None:
+                log.info("reload: backend {id} ({url}) is not in the file; draining it, then "
+                         "removing it", id=backend.id, url=backend.url)
                 self.pool.drain(backend).addCallbacks(
                     lambda _, b=backend: self.remove_backend(b),
                     lambda failure: failure.trap(DrainCancelled))
-            else:
+                continue
+            if backend.weight != entry.weight:
+                log.info("reload: backend {id} ({url}) weight {running} -> {weight}, the "
+                         "file's", id=backend.id, url=backend.url, running=backend.weight,
+                         weight=entry.weight)
                 self.pool.set_weight(backend, entry.weight)
+            if (backend.max_requests, backend.backup) != (entry.max_requests, entry.backup):
+                log.info("reload: backend {id} ({url}) max_requests {running_max} -> {max}, "
+                         "backup {running_backup} -> {backup}, the file's", id=backend.id,
+                         url=backend.url, running_max=backend.max_requests,
+                         max=entry.max_requests, running_backup=backend.backup,
+                         backup=entry.backup)
                 self.pool.set_limits(backend, entry.max_requests, entry.backup)
-                if backend.draining:
-                    self.pool.cancel_drain(backend)
+            if backend.draining:
+                log.info("reload: backend {id} ({url}) is in the file: it stays (the DELETE "
+                         "waiting for its drain is answered 409)", id=backend.id,
+                         url=backend.url)
+                self.pool.cancel_drain(backend)
+            if not backend.enabled:
+                log.info("reload: backend {id} ({url}) stays disabled (set through the API; "
+                         "the file has no enabled setting)", id=backend.id, url=backend.url)
         for entry in wanted.values():
-            self.pool.add(entry.url, entry.weight, max_requests=entry.max_requests,
-                          backup=entry.backup)
+            backend = self.pool.add(entry.url, entry.weight, max_requests=entry.max_requests,
+                                    backup=entry.backup)
+            log.info("reload: backend {id} ({url}) added, weight {weight}", id=backend.id,
+                     url=backend.url, weight=backend.weight)
 
     def remove_backend(self, backend) -> None:
         if backend in self.pool.backends:
