@@ -24,7 +24,7 @@ from tests.integration.harness import (
     twistd_command,
     wait_until,
 )
-from tests.integration.test_readiness import health_store_ok
+from tests.integration.test_readiness import health_store_ok, held_migration_lock
 from tests.integration.test_service_startup import (
     START_TIMEOUT,
     assert_one_line_exit,
@@ -214,3 +214,19 @@ async def test_database_down_is_one_line_naming_its_target(twistd_process, http,
         f"eq@{LOOPBACK}:{port}/eqdb: Connection refused; Is the server running on that host "
         "and accepting TCP/IP connections?; retrying every 2s")
     assert "pa55word" not in process.output()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_while_migrating_is_quiet(twistd_process, http, backends, postgres_dsn):
+    """SIGTERM while the start-up migration waits (another instance holds its lock) stops
+    cleanly: the migration's connection is closed without a traceback in the log."""
+    document = equalizer_config([backends("b1").url], rate_limit={
+        "enabled": True, "store": "postgres", "database_url": postgres_dsn})
+    holder = await held_migration_lock(postgres_dsn)
+    try:
+        process = await twistd_process(document, http)
+        output = await process.stop()
+    finally:
+        holder.close()
+    assert "Server Shut Down." in output
+    assert "Traceback" not in output and "Unhandled" not in output, output

@@ -182,6 +182,27 @@ def describe(error: BaseException) -> str:
     return _SERVER_AT.sub("", "; ".join(line for line in lines if line)) or type(error).__name__
 
 
+async def _in_transaction(connection: _Connection, scripts: list[Migration]) -> None:
+    """Migrate in one transaction, rolled back if it fails.
+
+    Not txpostgres's ``runInteraction``: when stop() or a timeout has closed the
+    connection under it, its rollback fails and it logs that as an unhandled error
+    with a traceback; here the rollback of a closed connection is skipped (the
+    server ends the session and its transaction anyway).
+    """
+    cursor = connection.cursor()
+    await cursor.execute("BEGIN")
+    try:
+        await migrate(cursor, scripts)
+    except BaseException:
+        try:
+            await cursor.execute("ROLLBACK")
+        except psycopg2.Error:
+            pass  # the connection is gone, and the transaction with it
+        raise
+    await cursor.execute("COMMIT")
+
+
 class Database:
     """A pool of sessions on one PostgreSQL database that reconnects by itself
     (module docstring). Every query answers with its rows or fails with
@@ -278,8 +299,7 @@ class Database:
                 connection.connect(self._dsn), self._connect_timeout, connection.shut
             )
             await self._guarded(
-                connection.runInteraction(
-                    lambda cursor: Deferred.fromCoroutine(migrate(cursor, scripts))),
+                Deferred.fromCoroutine(_in_transaction(connection, scripts)),
                 self._migrate_timeout,
                 connection.shut,
             )
