@@ -12,7 +12,7 @@ import gc
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import attrs
 from twisted.application.service import MultiService, Service
@@ -27,7 +27,7 @@ from equalizer.admin.api import AdminAPI
 from equalizer.balancer.checker import HTTPHealthChecker
 from equalizer.balancer.health import HealthMonitor
 from equalizer.balancer.outlier import OutlierDetector
-from equalizer.balancer.pool import BackendPool, DrainCancelled
+from equalizer.balancer.pool import Backend, BackendPool, DrainCancelled
 from equalizer.balancer.stats import TrafficStats
 from equalizer.balancer.strategies import make_strategy
 from equalizer.buckets.interface import IBucketStore
@@ -36,7 +36,7 @@ from equalizer.buckets.memory import MemoryStore
 from equalizer.buckets.postgres.store import PostgresStore
 from equalizer.config.checks import url_identity
 from equalizer.config.loader import ConfigError, apply_overrides, config_path, load_config
-from equalizer.config.model import Config
+from equalizer.config.model import BackendConfig, Config
 from equalizer.demo import demo_service, demo_urls
 from equalizer.listeners import Listener, ListenFailed, probe_addresses
 from equalizer.logs.service import LogFileError, LoggingService, open_logging
@@ -264,7 +264,7 @@ class EqualizerService(MultiService):
         for key in restart_only_changes(self.config, config):
             _warn_restart_only(key, setting(self.config, key), setting(config, key))
         config = with_running_settings(config, self.config)
-        self._apply_backends(config)
+        reload_backends(self.pool, config.balancer.backends, self.remove_backend)
         if config.balancer.strategy != self.config.balancer.strategy:
             self.pool.strategy = make_strategy(config.balancer.strategy)
         self._apply_settings(config)
@@ -272,47 +272,6 @@ class EqualizerService(MultiService):
         if self.logging_service is not None:
             self.logging_service.reconfigure(config.logging)
         self.config = config
-
-    def _apply_backends(self, config: Config) -> None:
-        """The file wins for what it says: which backends there are, their weights,
-        ``max_requests`` and ``backup`` (the defaults where an entry has none).
-        ``enabled`` is not a file setting, so a backend
-        disabled through the API stays disabled. Each change to the pool is logged."""
-        wanted = {url_identity(b.url): b for b in config.balancer.backends}
-        for backend in list(self.pool.backends):
-            entry = wanted.pop(url_identity(backend.url), None)
-            if entry is None:
-                log.info("reload: backend {id} ({url}) is not in the file; draining it, then "
-                         "removing it", id=backend.id, url=backend.url)
-                self.pool.drain(backend).addCallbacks(
-                    lambda _, b=backend: self.remove_backend(b),
-                    lambda failure: failure.trap(DrainCancelled))
-                continue
-            if backend.weight != entry.weight:
-                log.info("reload: backend {id} ({url}) weight {running} -> {weight}, the "
-                         "file's", id=backend.id, url=backend.url, running=backend.weight,
-                         weight=entry.weight)
-                self.pool.set_weight(backend, entry.weight)
-            if (backend.max_requests, backend.backup) != (entry.max_requests, entry.backup):
-                log.info("reload: backend {id} ({url}) max_requests {running_max} -> {max}, "
-                         "backup {running_backup} -> {backup}, the file's", id=backend.id,
-                         url=backend.url, running_max=backend.max_requests,
-                         max=entry.max_requests, running_backup=backend.backup,
-                         backup=entry.backup)
-                self.pool.set_limits(backend, entry.max_requests, entry.backup)
-            if backend.draining:
-                log.info("reload: backend {id} ({url}) is in the file: it stays (the DELETE "
-                         "waiting for its drain is answered 409)", id=backend.id,
-                         url=backend.url)
-                self.pool.cancel_drain(backend)
-            if not backend.enabled:
-                log.info("reload: backend {id} ({url}) stays disabled (set through the API; "
-                         "the file has no enabled setting)", id=backend.id, url=backend.url)
-        for entry in wanted.values():
-            backend = self.pool.add(entry.url, entry.weight, max_requests=entry.max_requests,
-                                    backup=entry.backup)
-            log.info("reload: backend {id} ({url}) added, weight {weight}", id=backend.id,
-                     url=backend.url, weight=backend.weight)
 
     def remove_backend(self, backend) -> None:
         if backend in self.pool.backends:
@@ -405,6 +364,49 @@ class EqualizerService(MultiService):
         listener = Listener(endpoint, factory, key, description, probe=self._probe)
         listener.setServiceParent(self)
         return listener
+
+
+def reload_backends(pool: BackendPool, entries: Iterable[BackendConfig],
+                    remove: Callable[[Backend], None]) -> None:
+    """The file wins for what it says: which backends there are, their weights,
+    ``max_requests`` and ``backup`` (the defaults where an entry has none).
+    ``enabled`` is not a file setting, so a backend
+    disabled through the API stays disabled. Each change to the pool is logged."""
+    wanted = {url_identity(b.url): b for b in entries}
+    for backend in list(pool.backends):
+        entry = wanted.pop(url_identity(backend.url), None)
+        if entry is None:
+            log.info("reload: backend {id} ({url}) is not in the file; draining it, then "
+                     "removing it", id=backend.id, url=backend.url)
+            pool.drain(backend).addCallbacks(
+                lambda _, b=backend: remove(b),
+                lambda failure: failure.trap(DrainCancelled))
+            continue
+        if backend.weight != entry.weight:
+            log.info("reload: backend {id} ({url}) weight {running} -> {weight}, the "
+                     "file's", id=backend.id, url=backend.url, running=backend.weight,
+                     weight=entry.weight)
+            pool.set_weight(backend, entry.weight)
+        if (backend.max_requests, backend.backup) != (entry.max_requests, entry.backup):
+            log.info("reload: backend {id} ({url}) max_requests {running_max} -> {max}, "
+                     "backup {running_backup} -> {backup}, the file's", id=backend.id,
+                     url=backend.url, running_max=backend.max_requests,
+                     max=entry.max_requests, running_backup=backend.backup,
+                     backup=entry.backup)
+            pool.set_limits(backend, entry.max_requests, entry.backup)
+        if backend.draining:
+            log.info("reload: backend {id} ({url}) is in the file: it stays (the DELETE "
+                     "waiting for its drain is answered 409)", id=backend.id,
+                     url=backend.url)
+            pool.cancel_drain(backend)
+        if not backend.enabled:
+            log.info("reload: backend {id} ({url}) stays disabled (set through the API; "
+                     "the file has no enabled setting)", id=backend.id, url=backend.url)
+    for entry in wanted.values():
+        backend = pool.add(entry.url, entry.weight, max_requests=entry.max_requests,
+                                backup=entry.backup)
+        log.info("reload: backend {id} ({url}) added, weight {weight}", id=backend.id,
+                 url=backend.url, weight=backend.weight)
 
 
 RESTART_ONLY = ("proxy.listen", "admin.listen", "admin.token", "rate_limit.store",
