@@ -25,6 +25,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
 
 from equalizer.config.model import MAX_WEIGHT, RETRY_ON_NAMES, Network
+from equalizer.config.rules import describe
 
 KeyPath = tuple[str | int, ...]
 Problem = tuple[KeyPath, str]
@@ -55,23 +56,6 @@ def format_path(path: KeyPath) -> str:
     for part in path:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
     return text or "config"
-
-
-def describe(value: object) -> str:
-    """Name a YAML value's type for an error message, in YAML's words."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"a boolean ({str(value).lower()})"
-    if isinstance(value, int | float):
-        return f"a number ({value!r})"
-    if isinstance(value, str):
-        return f"a string ({value!r})"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    return f"a {type(value).__name__} ({value!r})"
 
 
 # -- leaf checks ------------------------------------------------------------------------

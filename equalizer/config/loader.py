@@ -39,7 +39,7 @@ from equalizer.config.model import (
     RotateConfig,
     Timeouts,
 )
-from equalizer.config.rules import validate_capacity, validate_refill_rate
+from equalizer.config.rules import describe, validate_capacity, validate_refill_rate
 
 DEFAULT_CONFIG_PATH = "config/equalizer.yml"
 ENV_DATABASE_URL = "EQUALIZER_DATABASE_URL"
@@ -65,7 +65,7 @@ _backend = checks.record(
 def _backends(value: object) -> tuple[BackendConfig, ...]:
     """A non-empty list of backends, no server listed twice."""
     if not isinstance(value, list):
-        raise ValueError(f"expected a list, got {checks.describe(value)}")
+        raise ValueError(f"expected a list, got {describe(value)}")
     if not value:
         raise ValueError("at least one backend is required")
     problems: list[checks.Problem] = []
