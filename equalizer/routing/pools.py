@@ -18,7 +18,6 @@ from equalizer.balancer.checker import HTTPHealthChecker
 from equalizer.balancer.health import HealthMonitor
 from equalizer.balancer.outlier import OutlierDetector
 from equalizer.balancer.pool import BackendPool, DrainCancelled
-from equalizer.config.checks import url_identity
 from equalizer.proxy.keys import key_reader
 
 if TYPE_CHECKING:
@@ -49,32 +48,17 @@ def hash_key_of(balancer: BalancerConfig) -> Callable[[Any], str] | None:
     return key_reader(balancer.hash_key) if balancer.strategy == "hash" else None
 
 
-def apply_backends(pool: BackendPool, backends: tuple[BackendConfig, ...],
-                   remove: Callable[[Backend], None]) -> None:
-    """The file's backends win: new ones join, missing ones drain and then ``remove``
-    is called with them, kept ones take their weight and limits."""
-    wanted = {url_identity(b.url): b for b in backends}
-    for backend in list(pool.backends):
-        entry = wanted.pop(url_identity(backend.url), None)
-        if entry is None:
-            pool.drain(backend).addCallbacks(
-                lambda _, b=backend: remove(b),
-                lambda failure: failure.trap(DrainCancelled))
-        else:
-            pool.set_weight(backend, entry.weight)
-            pool.set_limits(backend, entry.max_requests, entry.backup)
-            if backend.draining:
-                pool.cancel_drain(backend)
-    for entry in wanted.values():
-        pool.add(entry.url, entry.weight, max_requests=entry.max_requests, backup=entry.backup)
-
-
 class NamedPools(MultiService):
     """The pools of ``pools:``, each with its health monitor (a child service)."""
 
     def __init__(self, reactor: Any, ids: Iterator[int],
-                 forget_backend: Callable[[Backend], None]) -> None:
+                 forget_backend: Callable[[Backend], None],
+                 reload_backends: Callable[[BackendPool, tuple[BackendConfig, ...],
+                                            Callable[[Backend], None]], None]) -> None:
+        """``reload_backends(pool, backends, remove)`` makes a pool's backends the file's
+        on reload, as it does for ``default``."""
         super().__init__()
+        self._reload_backends = reload_backends
         self._reactor = reactor
         self._ids = ids
         self._forget = forget_backend
@@ -114,7 +98,8 @@ class NamedPools(MultiService):
     def _update(self, unit: PoolUnit, config: PoolConfig) -> None:
         balancer = config.balancer
         pool = unit.pool
-        apply_backends(pool, balancer.backends, lambda backend: self._remove(pool, backend))
+        self._reload_backends(pool, balancer.backends,
+                              lambda backend: self._remove(pool, backend))
         if balancer.strategy != pool.strategy_name:
             pool.use_strategy(balancer.strategy)
         pool.configure(slow_start=balancer.slow_start, queue=balancer.queue)
