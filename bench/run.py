@@ -86,6 +86,7 @@ class Scenario:
     keys: int = 0  # client keys: 1 is the client address (SPEC's default `ip`, no header);
     # more are that many X-Client values (key `header:X-Client`)
     baseline: str | None = None  # scenario whose stock median is the ratio base
+    routes: int = 0  # routes configured (SPEC 8); the request matches the last one only
 
     @property
     def ratio_base(self) -> str:
@@ -102,6 +103,8 @@ SCENARIOS = (
     Scenario(
         "1k-c32-limit-pg-10k", "/1k", 32, ("equalizer",), "postgres", 10_000, baseline="1k-c32"
     ),
+    *(Scenario(f"1k-c32-routes-{n}", "/1k", 32, ("equalizer",), baseline="1k-c32", routes=n)
+      for n in (1, 10, 200)),
 )
 QUICK_SCENARIOS = ("1k-c32",)
 
@@ -481,9 +484,25 @@ def equalizer_config(ctx: Context, server: Server, scenario: Scenario) -> Path:
             "access_log": EQUALIZER_ACCESS_LOG,
         },
     }
+    if scenario.routes:
+        config["routes"] = bench_routes(scenario.routes, scenario.path)
     path = server.workdir / "equalizer.yml"
     path.write_text(json.dumps(config, indent=2) + "\n")
     return path
+
+
+def bench_routes(count: int, path: str) -> list[dict]:
+    """``count`` routes of which only the last matches ``path``: the others differ in host,
+    path prefix, method or a header value, so the matcher weighs every kind of condition
+    before it finds the match."""
+    def other(i: int) -> dict:
+        return [{"match": {"host": f"svc{i}.example.com"}},
+                {"match": {"path_prefix": f"/svc{i}/"}},
+                {"match": {"path_prefix": path, "methods": ["POST"]}},
+                {"match": {"path_prefix": path, "headers": {"X-Route": f"r{i}"}}}][i % 4]
+
+    routes = [other(i) for i in range(count - 1)]
+    return [*routes, {"match": {"path_prefix": path}, "pool": "default"}]
 
 
 def proxy_argv(ctx: Context, name: str, server: Server, scenario: Scenario) -> list[str]:

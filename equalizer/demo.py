@@ -1,17 +1,31 @@
-"""The ``--demo`` backends: three tiny "whoami" servers on loopback.
+"""The ``--demo`` backends: three tiny "whoami" servers on loopback, and a fourth in a
+pool of its own that a route sends ``/api/`` to (SPEC 8).
 
 Each answers any request with its own name and the request it saw, so a
-newcomer can watch the balancer spread requests with no other setup.
+newcomer can watch the balancer spread requests, and route them, with no other setup.
 """
 
 from __future__ import annotations
 
+import attrs
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.web import resource, server
 
+from equalizer.config.model import (
+    BackendConfig,
+    BalancerConfig,
+    Config,
+    HeaderRewrite,
+    MatchConfig,
+    PoolConfig,
+    RouteConfig,
+)
+
 DEMO_PORTS = (9001, 9002, 9003)
+DEMO_API_PORT = 9004
+"""The whoami of the demo's ``api`` pool."""
 
 
 class QuietSite(server.Site):
@@ -57,3 +71,22 @@ def demo_service(reactor) -> MultiService:
         endpoint = TCP4ServerEndpoint(reactor, port, interface="127.0.0.1")
         StreamServerEndpointService(endpoint, site).setServiceParent(parent)
     return parent
+
+
+def demo_api_service(reactor) -> StreamServerEndpointService:
+    """The whoami of the ``api`` pool, on 127.0.0.1."""
+    endpoint = TCP4ServerEndpoint(reactor, DEMO_API_PORT, interface="127.0.0.1")
+    return StreamServerEndpointService(endpoint, QuietSite(WhoAmI("demo-api")))
+
+
+def demo_routing(config: Config) -> Config:
+    """``config`` with the demo's second pool and its route, unless it has pools or routes
+    of its own: ``/api/...`` goes to the ``api`` pool as ``/...``, answered with
+    ``X-Route: api``; everything else to the three default whoami servers."""
+    if config.pools or config.routes:
+        return config
+    api = PoolConfig("api", BalancerConfig(
+        backends=(BackendConfig(f"http://127.0.0.1:{DEMO_API_PORT}"),)), config.health)
+    route = RouteConfig(match=MatchConfig(path_prefix="/api/"), pool="api", strip_prefix=True,
+                        response_headers=HeaderRewrite(set=(("X-Route", "api"),)))
+    return attrs.evolve(config, pools=(api,), routes=(route,))

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import platform
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -41,21 +41,39 @@ class EqualizerCollector(Collector):
     """
 
     def __init__(self, pool: BackendPool, stats: TrafficStats, limiter: RateLimiter,
-                 store: IBucketStore, clock: IReactorTime) -> None:
+                 store: IBucketStore, clock: IReactorTime,
+                 pools: Callable[[], dict[str, BackendPool]] | None = None) -> None:
         self._pool = pool
+        self._pools = pools or (lambda: {"default": pool})
         self._stats = stats
         self._limiter = limiter
         self._store = store
         self._clock = clock
 
     def collect(self) -> Iterator:
+        """Every family; with pools configured (SPEC 8) per-backend series and the queue
+        figures carry a ``pool`` label too (without, they are as they always were)."""
+        pools = self._pools()
+        if len(pools) == 1:
+            yield from self._families([self._pool])
+            return
+        by_id = {backend.id: name for name, pool in pools.items() for backend in pool.backends}
+        for family in self._families(list(pools.values())):
+            for sample in family.samples:
+                backend = sample.labels.get("backend")
+                if backend in by_id:
+                    sample.labels["pool"] = by_id[backend]
+            yield family
+
+    def _families(self, pools: list[BackendPool]) -> Iterator:
         stats = self._stats
+        backends = [backend for pool in pools for backend in pool.backends]
         yield build_info()
         yield GaugeMetricFamily("equalizer_uptime_seconds", "Seconds since the service started",
                                 value=stats.uptime(self._clock))
-        yield from traffic_metrics(self._pool.backends, stats)
-        yield from backend_metrics(self._pool.backends)
-        yield from backend_settings(self._pool.backends)
+        yield from traffic_metrics(backends, stats)
+        yield from backend_metrics(backends)
+        yield from backend_settings(backends)
         yield from process_figures(stats)
         decisions = CounterMetricFamily("equalizer_rate_limit_decisions",
                                         "Rate-limiter outcomes (store_error: the store was "
@@ -72,7 +90,7 @@ class EqualizerCollector(Collector):
                             self._store.query_durations)
         if isinstance(self._store, LeasingStore):
             yield from lease_metrics(self._store)
-        yield from management_metrics(self._pool)
+        yield from management_metrics(pools)
 
 
 def build_info() -> GaugeMetricFamily:

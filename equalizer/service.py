@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import itertools
 import os
 import signal
 import sys
@@ -29,7 +30,6 @@ from equalizer.balancer.health import HealthMonitor
 from equalizer.balancer.outlier import OutlierDetector
 from equalizer.balancer.pool import Backend, BackendPool, DrainCancelled
 from equalizer.balancer.stats import TrafficStats
-from equalizer.balancer.strategies import make_strategy
 from equalizer.buckets.interface import IBucketStore
 from equalizer.buckets.leasing import LeasingStore
 from equalizer.buckets.memory import MemoryStore
@@ -37,16 +37,17 @@ from equalizer.buckets.postgres.store import PostgresStore
 from equalizer.config.checks import url_identity
 from equalizer.config.loader import ConfigError, apply_overrides, config_path, load_config
 from equalizer.config.model import BackendConfig, Config
-from equalizer.demo import demo_service, demo_urls
+from equalizer.demo import demo_api_service, demo_routing, demo_service, demo_urls
 from equalizer.listeners import Listener, ListenFailed, probe_addresses
 from equalizer.logs.service import LogFileError, LoggingService, open_logging
 from equalizer.metrics import EqualizerCollector, metrics_registry
 from equalizer.proxy.admission import ADMIT_ALL, RateLimiter
 from equalizer.proxy.exchange import Proxy
-from equalizer.proxy.keys import key_reader
 from equalizer.proxy.site import ProxySite
 from equalizer.proxy.upstream import UpstreamPool
 from equalizer.readiness import BucketService
+from equalizer.routing.pools import NamedPools, hash_key_of
+from equalizer.routing.table import RouteTable
 from equalizer.startup import check, help_text, log_summary, print_config_error, version_text
 
 log = Logger()
@@ -63,7 +64,8 @@ class Options(usage.Options):
         ["database-url", None, None, "PostgreSQL DSN for the bucket store"],
     ]
     optFlags = [
-        ["demo", None, "start three whoami backends on loopback and balance over them"],
+        ["demo", None, "start whoami backends on loopback and balance over them "
+                       "(three, and /api/ routed to a fourth in its own pool)"],
         ["check", None, "validate the configuration, print its summary, exit 0 (valid) or 1"],
     ]
 
@@ -92,6 +94,8 @@ class Options(usage.Options):
 def read_config(options: Options, environ: dict[str, str]) -> Config:
     """The configuration from file, environment and flags, or ConfigError."""
     config = load_config(options["config"])
+    if options["demo"]:
+        config = demo_routing(config)
     backends = tuple(options["backends"]) or (demo_urls() if options["demo"] else ())
     return apply_overrides(
         config,
@@ -179,11 +183,13 @@ class EqualizerService(MultiService):
         if logging_service is not None:
             logging_service.setServiceParent(self)  # first: starts first, stops last
         self.stats = TrafficStats(started=reactor.seconds())
+        ids = itertools.count(1)  # backend ids, unique across pools
         self.pool = BackendPool(config.balancer.backends, config.balancer.strategy,
-                                clock=reactor)
+                                clock=reactor, ids=ids)
         self.outlier = OutlierDetector(self.pool, config.health.outlier, reactor)
         if demo:
             demo_service(reactor).setServiceParent(self)
+            demo_api_service(reactor).setServiceParent(self)
         self.store = make_store(config, reactor) if store is None else store
         buckets = BucketService(self.store, reactor,
                                 needs_connection=not isinstance(self.store, MemoryStore))
@@ -191,6 +197,8 @@ class EqualizerService(MultiService):
         self.readiness = buckets.readiness
         self.health = HealthMonitor(self.pool, config.health, HTTPHealthChecker(reactor), reactor)
         self.health.setServiceParent(self)
+        self.named_pools = NamedPools(reactor, ids, self.forget_backend, reload_backends)
+        self.named_pools.setServiceParent(self)
         timeouts = config.proxy.timeouts
         self.upstreams = UpstreamPool(reactor, reactor, connect_timeout=timeouts.connect,
                                       idle_timeout=timeouts.idle)
@@ -205,8 +213,9 @@ class EqualizerService(MultiService):
         self.admin = AdminAPI(
             self.pool, self.stats, reactor, self.store, config.rate_limit.default,
             self.forget_backend, config.admin.token, readiness=self.readiness,
-            metrics=metrics_registry(
-                EqualizerCollector(self.pool, self.stats, self.limiter, self.store, reactor)))
+            metrics=metrics_registry(EqualizerCollector(
+                self.pool, self.stats, self.limiter, self.store, reactor, pools=self.pools)),
+            pools=self.pools)
         self._apply_settings(config)
         self.proxy_listener = self._listen("proxy.listen", config.proxy.listen, self.proxy_site)
         self.proxy_listener.gate(self.readiness, self._proxy_listening, self._cannot_listen_late)
@@ -232,13 +241,25 @@ class EqualizerService(MultiService):
         self.store.configure(config.rate_limit)
         self.pool.configure(slow_start=config.balancer.slow_start, queue=config.balancer.queue)
         self.outlier.configure(config.health.outlier)
+        admission = ADMIT_ALL
+        if config.rate_limit.enabled:
+            admission = self.limiter.routed() if config.routes else self.limiter
         self.proxy.configure(
-            config.proxy, self.limiter if config.rate_limit.enabled else ADMIT_ALL,
-            hash_key=(key_reader(config.balancer.hash_key)
-                      if config.balancer.strategy == "hash" else None),
+            config.proxy, admission, hash_key=hash_key_of(config.balancer),
             log_access=config.logging.access_log,
             outlier=self.outlier if config.health.outlier.enabled else None)
+        self.named_pools.apply(config.pools)
+        self.proxy.route_with(RouteTable(
+            config.routes, {"default": self.proxy.default_unit, **self.named_pools.units},
+            self.limiter.policies) if config.routes else None)
         self.admin.default_policy = config.rate_limit.default
+        self.admin.policies = config.rate_limit.all_policies()
+        self.admin.routes = config.routes
+
+    def pools(self) -> dict[str, BackendPool]:
+        """Every pool by name, ``default`` first."""
+        return {"default": self.pool,
+                **{name: unit.pool for name, unit in self.named_pools.units.items()}}
 
     # -- SIGHUP reload ----------------------------------------------------------------
 
@@ -268,7 +289,7 @@ class EqualizerService(MultiService):
         config = with_running_settings(config, self.config)
         reload_backends(self.pool, config.balancer.backends, self.remove_backend)
         if config.balancer.strategy != self.config.balancer.strategy:
-            self.pool.strategy = make_strategy(config.balancer.strategy)
+            self.pool.use_strategy(config.balancer.strategy)
         self._apply_settings(config)
         self.health.reconfigure(config.health)
         if self.logging_service is not None:

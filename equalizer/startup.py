@@ -149,6 +149,12 @@ def _backend_lines(config: Config) -> Iterator[str]:
     if len(backends) > SHOWN_BACKENDS:
         named.append(f"and {len(backends) - SHOWN_BACKENDS} more")
     yield f"backends ({len(backends)}, {config.balancer.strategy}): {', '.join(named)}"
+    for pool in config.pools:  # SPEC 8: only when configured, so the block is as before
+        yield (f"pool {pool.name} ({len(pool.balancer.backends)}, {pool.balancer.strategy}): "
+               + ", ".join(backend.url for backend in pool.balancer.backends[:SHOWN_BACKENDS]))
+    if config.routes:
+        yield (f"routes: {len(config.routes)}; rate-limit policies: "
+               + ", ".join(config.rate_limit.all_policies()))
 
 
 def dashboard_url(endpoint: str, bound: Address | None = None) -> str:

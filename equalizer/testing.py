@@ -199,16 +199,16 @@ class SlowReadsDatabase(FakeLeaseDatabase):
 
     def __init__(self, clock: Any) -> None:
         super().__init__(clock)
-        self.reads: list[tuple[str, Deferred[Any]]] = []
+        self.reads: list[tuple[str, str, Deferred[Any]]] = []
 
-    def get(self, client_id: str) -> Deferred[Any]:
+    def get(self, client_id: str, policy: str = "default") -> Deferred[Any]:
         d: Deferred[Any] = Deferred()
-        self.reads.append((client_id, d))
+        self.reads.append((client_id, policy, d))
         return d
 
     def answer_read(self) -> None:
-        client_id, d = self.reads.pop(0)
-        MemoryStore.get(self, client_id).chainDeferred(d)
+        client_id, policy, d = self.reads.pop(0)
+        MemoryStore.get(self, client_id, policy).chainDeferred(d)
 
 
 # -- the proxy ------------------------------------------------------------------------------

@@ -12,20 +12,25 @@ if TYPE_CHECKING:
     from equalizer.balancer.pool import BackendPool
 
 
-def management_metrics(pool: BackendPool) -> Iterator:
-    """Queue length and outcomes; each backend's ejection state, ejections, max_requests
-    and backup flag."""
-    queue = pool.queue
-    yield GaugeMetricFamily("equalizer_queue_length",
-                            "Requests waiting in the pool queue for a backend slot",
-                            value=len(queue))
+def management_metrics(pools: list[BackendPool]) -> Iterator:
+    """Queue length and outcomes (by ``pool`` when there are several); each backend's
+    ejection state, ejections, max_requests and backup flag."""
+    by_pool = ["pool"] if len(pools) > 1 else []
+    length = GaugeMetricFamily("equalizer_queue_length",
+                               "Requests waiting in the pool queue for a backend slot",
+                               labels=by_pool)
     outcomes = CounterMetricFamily("equalizer_queue_requests",
                                    "Requests that found every backend full, by outcome "
                                    "(queued; refused at once, queue full; refused at the "
-                                   "timeout)", labels=["outcome"])
-    for outcome, count in (("queued", queue.queued), ("refused", queue.refused),
-                           ("timed_out", queue.timed_out)):
-        outcomes.add_metric([outcome], count)
+                                   "timeout)", labels=["outcome", *by_pool])
+    for pool in pools:
+        queue = pool.queue
+        name = [pool.name] if by_pool else []
+        length.add_metric(name, len(queue))
+        for outcome, count in (("queued", queue.queued), ("refused", queue.refused),
+                               ("timed_out", queue.timed_out)):
+            outcomes.add_metric([outcome, *name], count)
+    yield length
     yield outcomes
     labels = ["backend", "url"]
     ejected = GaugeMetricFamily("equalizer_backend_ejected",
@@ -39,7 +44,7 @@ def management_metrics(pool: BackendPool) -> Iterator:
                                      "(0 = no limit)", labels=labels)
     backup = GaugeMetricFamily("equalizer_backend_backup", "1 for a backup backend",
                                labels=labels)
-    for backend in pool.backends:
+    for backend in (backend for pool in pools for backend in pool.backends):
         names = [backend.id, backend.url]
         ejected.add_metric(names, 0 if backend.ejected_until is None else 1)
         ejections.add_metric(names, backend.ejections)

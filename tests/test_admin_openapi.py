@@ -97,7 +97,8 @@ def test_request_bodies_are_closed_and_constrained() -> None:
     weight = schemas["BackendCreate"]["properties"]["weight"]
     assert (weight["minimum"], weight["maximum"]) == (1, 1000)
     assert schemas["BackendUpdate"]["properties"]["enabled"] == {"type": "boolean"}
-    limit, offset = openapi_document()["paths"]["/buckets"]["get"]["parameters"]
+    limit, offset, policy = openapi_document()["paths"]["/buckets"]["get"]["parameters"]
+    assert (policy["name"], policy["schema"]["default"]) == ("policy", "default")
     assert (limit["schema"]["minimum"], limit["schema"]["maximum"]) == (1, 1000)
     assert offset["schema"]["minimum"] == 0
 

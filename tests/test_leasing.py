@@ -778,3 +778,21 @@ def test_a_read_started_while_stopping_holds_nothing_back(clock):
     assert stopped == [None]
     db.answer_read()
     assert read[0].tokens == 999
+
+
+def test_keys_are_policy_and_client_id(store, db, clock):
+    """One client id under two policies leases from two buckets (SPEC 8): the settlement
+    carries each as its own key, and the admin calls reach each by (policy, client id)."""
+    tight, loose = BucketPolicy(2, 0), BucketPolicy(100, 0)
+    first = [store.take("c", tight, "api") for _ in range(3)]
+    other = store.take("c", loose)
+    settle(clock)
+    assert [result_of(d).allowed for d in first] == [True, True, False]
+    assert result_of(other).allowed
+    assert set(db.settlements[0]) == {"api\x1fc", "c"}
+    assert result_of(store.get("c", "api")).policy == "api"
+    assert result_of(store.get("c", "api")).capacity == 2
+    assert result_of(store.get("c")).capacity == 100
+    assert result_of(store.list(10, 0, "api"))[1] == 1
+    assert result_of(store.delete("c", "api"))
+    assert result_of(store.get("c", "api")) is None and result_of(store.get("c")) is not None

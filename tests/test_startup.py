@@ -50,3 +50,17 @@ def test_help_keeps_its_paragraphs_within_the_width() -> None:
     assert all(len(line) <= 60 for line in text.splitlines())
     paragraphs = [p for p in text.split("\n\n") if p.strip()]
     assert [p.split()[0] for p in paragraphs] == ["Signals:", "Environment:", "--check"]
+
+
+def test_summary_names_pools_routes_and_policies_only_when_configured() -> None:
+    """SPEC 8: each pool beyond default gets a line, and the routes and policies one; a
+    file without them has the same block as before."""
+    config = parse_config({
+        "pools": {"api": {"strategy": "random", "backends": [{"url": "http://10.0.0.9"}]}},
+        "routes": [{"match": {"path_prefix": "/api/"}, "pool": "api"}],
+        "rate_limit": {"policies": {"tight": {"default": {"capacity": 1}}}}})
+    lines = summary(config, None)
+    assert "pool api (1, random): http://10.0.0.9" in lines
+    assert "routes: 1; rate-limit policies: default, tight" in lines
+    plain = summary(parse_config({}), None)
+    assert not any(line.startswith(("pool ", "routes:")) for line in plain)

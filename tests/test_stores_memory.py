@@ -281,9 +281,11 @@ def test_deleted_client_starts_again_from_default(store):
 
 
 def test_to_json_shape(store):
-    """to_json gives the SPEC section 6 fields with ISO-8601 UTC timestamps."""
+    """to_json gives the SPEC section 6 fields, with the policy of section 8, with ISO-8601
+    UTC timestamps."""
     record = result_of(store.create("j", capacity=5, tokens=1.25, refill_rate=0.5))
     assert record.to_json() == {
+        "policy": "default",
         "client_id": "j",
         "capacity": 5,
         "tokens": 1.25,
@@ -291,3 +293,24 @@ def test_to_json_shape(store):
         "created_at": "2023-11-14T22:13:20.000Z",
         "updated_at": "2023-11-14T22:13:20.000Z",
     }
+
+
+def test_a_bucket_belongs_to_a_policy(store):
+    """(policy, client_id) is a bucket's identity (SPEC 8): the same client id under two
+    policies is two buckets, each listed, read, changed and deleted under its policy only;
+    without a policy every call means ``default``."""
+    assert result_of(store.take("c", BucketPolicy(1, 0), "api")).allowed
+    assert not result_of(store.take("c", BucketPolicy(1, 0), "api")).allowed
+    assert result_of(store.take("c", BucketPolicy(1, 0))).allowed
+    created = result_of(store.create("d", 5, 5, 0, "api"))
+    assert created.to_json()["policy"] == "api"
+    with pytest.raises(BucketExists):
+        result_of(store.create("d", 5, 5, 0, "api"))
+    assert result_of(store.create("d", 7, 7, 0)).policy == "default"
+    records, total = result_of(store.list(10, 0, "api"))
+    assert (total, [(r.policy, r.client_id) for r in records]) == (2, [("api", "c"), ("api", "d")])
+    assert [r.client_id for r in result_of(store.list(10, 0))[0]] == ["c", "d"]
+    assert result_of(store.update("d", capacity=9, policy="api")).capacity == 9
+    assert result_of(store.get("d")).capacity == 7
+    assert result_of(store.delete("d", "api")) and result_of(store.get("d", "api")) is None
+    assert result_of(store.get("d")) is not None

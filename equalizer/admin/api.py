@@ -10,18 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from importlib.resources import files
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
-from klein import Klein
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from twisted.web.iweb import IRequest
 from twisted.web.server import Site
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from equalizer.admin.bodies import (
-    backend_change,
-    backend_create,
     bucket_changes,
     bucket_create,
     query_integer,
@@ -39,17 +36,16 @@ from equalizer.admin.errors import (
     not_found,
 )
 from equalizer.admin.guard import admin_site
+from equalizer.admin.pools import PoolEndpoints
 from equalizer.admin.schema import MAX_PAGE, openapi_document
-from equalizer.admin.views import backend_json, stats_json
-from equalizer.balancer.pool import DrainCancelled
+from equalizer.admin.views import stats_json
 from equalizer.buckets.interface import (
     BucketExists,
     InvalidBucket,
     StoreDataError,
     StoreUnavailable,
 )
-from equalizer.config.checks import url_identity
-from equalizer.config.model import BackendConfig
+from equalizer.config.model import DEFAULT_POLICY
 from equalizer.readiness import Readiness
 
 if TYPE_CHECKING:
@@ -58,7 +54,9 @@ if TYPE_CHECKING:
     from equalizer.balancer.pool import Backend, BackendPool
     from equalizer.balancer.stats import TrafficStats
     from equalizer.buckets.interface import BucketRecord, IBucketStore
-    from equalizer.config.model import BucketPolicy
+    from equalizer.config.model import BucketPolicy, PolicyConfig, RouteConfig
+
+T = TypeVar("T")
 
 MAX_STORE_OFFSET = 2**63 - 1
 """The largest offset handed to a store; larger ones are past the end all the same."""
@@ -80,28 +78,34 @@ def bucket_json(record: BucketRecord) -> dict[str, Any]:
     return body
 
 
-class AdminAPI:
+class AdminAPI(PoolEndpoints):
     """The admin endpoints over the live pool, counters and store.
 
     ``readiness`` holds bucket calls back while the store's first connection attempt
     runs (SPEC 4.5); ``metrics`` is the registry ``GET /metrics`` exposes.
     """
 
-    app = Klein()
+    app = PoolEndpoints.app
 
     def __init__(self, pool: BackendPool, stats: TrafficStats, clock: IReactorTime,
                  store: IBucketStore, default_policy: BucketPolicy | None,
                  forget_backend: Callable[[Backend], None] = lambda backend: None,
                  token: str | None = None, *, readiness: Readiness | None = None,
-                 metrics: CollectorRegistry | None = None) -> None:
+                 metrics: CollectorRegistry | None = None,
+                 pools: Callable[[], dict[str, BackendPool]] | None = None) -> None:
         self.token = token
         self.metrics_registry = metrics or CollectorRegistry(auto_describe=False)
         self._pool = pool
+        self._pools = pools or (lambda: {"default": pool})
         self._forget_backend = forget_backend
         self._stats = stats
         self._clock = clock
         self._store = store
         self.default_policy = default_policy
+        self.routes: tuple[RouteConfig, ...] = ()
+        """The routes /stats shows (the service sets them, SPEC 8)."""
+        self.policies: dict[str, PolicyConfig] = {}
+        """Every rate-limit policy but ``default`` is looked up here (SPEC 8)."""
         self.readiness = readiness or Readiness(ready=True)
 
     def site(self) -> Site:
@@ -136,7 +140,7 @@ class AdminAPI:
         serve, and takes over when none can. Degraded: a backend meant to serve (enabled,
         not draining) cannot, or the store is unreachable.
         """
-        backends = self._pool.backends
+        backends = [backend for pool in self._pools().values() for backend in pool.backends]
         healthy = sum(1 for backend in backends if backend.available)
         meant_to_serve = sum(1 for backend in backends
                              if backend.enabled and not backend.draining)
@@ -175,91 +179,43 @@ class AdminAPI:
     @app.route("/stats", methods=["GET"])
     def stats(self, request: IRequest) -> bytes:
         return json_response(request, stats_json(self._pool, self._stats, self._store,
-                                                 self._clock))
-
-    # -- backends ----------------------------------------------------------------------
-
-    @app.route("/backends", methods=["GET"])
-    def list_backends(self, request: IRequest) -> bytes:
-        items = [backend_json(backend, self._pool) for backend in self._pool.backends]
-        return json_response(request, {"items": items, "total": len(items)})
-
-    @app.route("/backends", methods=["POST"])
-    def add_backend(self, request: IRequest) -> bytes:
-        wanted = backend_create(read_json_object(request))
-        url = wanted.url
-        identity = url_identity(url)
-        if any(url_identity(backend.url) == identity for backend in self._pool.backends):
-            raise conflict(f"a backend with url {url!r} exists")
-        backend = self._pool.add(url, wanted.weight, max_requests=wanted.max_requests,
-                                 backup=wanted.backup)
-        request.setHeader(b"Location", f"/backends/{backend.id}".encode())
-        return json_response(request, backend_json(backend, self._pool), 201)
-
-    @app.route("/backends/<string:backend_id>", methods=["GET"])
-    def get_backend(self, request: IRequest, backend_id: str) -> bytes:
-        return json_response(request, backend_json(self._backend(backend_id), self._pool))
-
-    @app.route("/backends/<string:backend_id>", methods=["PUT"])
-    def change_backend(self, request: IRequest, backend_id: str) -> bytes:
-        backend = self._backend(backend_id)
-        current = BackendConfig(backend.url, backend.weight, backend.max_requests, backend.backup)
-        wanted, enabled = backend_change(read_json_object(request), current, backend.enabled)
-        self._pool.set_weight(backend, wanted.weight)
-        self._pool.set_limits(backend, wanted.max_requests, wanted.backup)
-        self._pool.set_enabled(backend, enabled)
-        return json_response(request, backend_json(backend, self._pool))
-
-    @app.route("/backends/<string:backend_id>", methods=["DELETE"])
-    async def remove_backend(self, request: IRequest, backend_id: str) -> bytes:
-        """Drain, then remove: no new requests, the ones in flight finish first."""
-        backend = self._backend(backend_id)
-        try:
-            await self._pool.drain(backend)
-        except DrainCancelled:
-            raise conflict(f"a configuration reload kept backend {backend_id!r}") from None
-        if backend in self._pool.backends:
-            self._pool.remove(backend)
-            self._forget_backend(backend)
-        request.setResponseCode(204)
-        return b""
-
-    def _backend(self, backend_id: str) -> Backend:
-        backend = self._pool.get(backend_id)
-        if backend is None:
-            raise not_found(f"no backend with id {backend_id!r}")
-        return backend
+                                                 self._clock, self._pools(), self.routes))
 
     # -- buckets -----------------------------------------------------------------------
 
     @app.route("/buckets", methods=["POST"])
     async def create_bucket(self, request: IRequest) -> bytes:
-        client_id, capacity, tokens, refill_rate = bucket_create(read_json_object(request),
-                                                                 self.default_policy)
+        body = read_json_object(request)
+        policy, default = self._policy(body.pop("policy", DEFAULT_POLICY))
+        client_id, capacity, tokens, refill_rate = bucket_create(body, default)
         await self.readiness.wait()
         try:
-            record = await self._store.create(client_id, capacity, tokens, refill_rate)
+            record = await under(policy, self._store.create, client_id, capacity, tokens,
+                                 refill_rate)
         except BucketExists:
             raise conflict(f"bucket {client_id!r} already exists") from None
         except InvalidBucket as error:
             raise bad_request(str(error)) from None
-        request.setHeader(b"Location", bucket_location(client_id))
+        request.setHeader(b"Location", bucket_location(client_id, policy))
         return json_response(request, bucket_json(record), 201)
 
     @app.route("/buckets", methods=["GET"])
     async def list_buckets(self, request: IRequest) -> bytes:
         limit = query_integer(request, "limit", 50, 1, MAX_PAGE)
         offset = query_integer(request, "offset", 0, 0, None)
+        policy = self._query_policy(request)
         await self.readiness.wait()
         # Past the largest OFFSET PostgreSQL takes (bigint) every page is empty anyway.
-        records, total = await self._store.list(limit, min(offset, MAX_STORE_OFFSET))
+        records, total = await under(policy, self._store.list, limit,
+                                     min(offset, MAX_STORE_OFFSET))
         return json_response(request, {"items": [bucket_json(r) for r in records], "total": total,
                                        "limit": limit, "offset": offset})
 
     @app.route("/buckets/<path:client_id>", methods=["GET"])
     async def get_bucket(self, request: IRequest, client_id: str) -> bytes:
+        policy = self._query_policy(request)
         await self.readiness.wait()
-        record = await self._store.get(client_id)
+        record = await under(policy, self._store.get, client_id)
         if record is None:
             raise no_bucket(client_id)
         return json_response(request, bucket_json(record))
@@ -267,9 +223,10 @@ class AdminAPI:
     @app.route("/buckets/<path:client_id>", methods=["PUT"])
     async def update_bucket(self, request: IRequest, client_id: str) -> bytes:
         changes = bucket_changes(read_json_object(request))
+        policy = self._query_policy(request)
         await self.readiness.wait()
         try:
-            record = await self._store.update(client_id, **changes)
+            record = await under(policy, self._store.update, client_id, **changes)
         except ValueError as error:
             raise bad_request(str(error)) from None
         if record is None:
@@ -278,15 +235,44 @@ class AdminAPI:
 
     @app.route("/buckets/<path:client_id>", methods=["DELETE"])
     async def delete_bucket(self, request: IRequest, client_id: str) -> bytes:
+        policy = self._query_policy(request)
         await self.readiness.wait()
-        if not await self._store.delete(client_id):
+        if not await under(policy, self._store.delete, client_id):
             raise no_bucket(client_id)
         request.setResponseCode(204)
         return b""
 
 
-def bucket_location(client_id: str) -> bytes:
-    return b"/buckets/" + quote(client_id, safe="").encode("ascii")
+    def _policy(self, name: object) -> tuple[str, BucketPolicy | None]:
+        """A policy the configuration names (SPEC 8) and its default bucket, or 404: no
+        bucket can be under a policy that does not exist (400 for a name not a string)."""
+        if name == DEFAULT_POLICY:
+            return DEFAULT_POLICY, self.default_policy
+        if not isinstance(name, str):
+            raise bad_request("policy: must be a string")
+        if name not in self.policies:
+            known = ", ".join(self.policies) or DEFAULT_POLICY
+            raise not_found(f"policy: unknown policy {name!r}; policies: {known}")
+        return name, self.policies[name].default
+
+    def _query_policy(self, request: IRequest) -> str:
+        values = request.args.get(b"policy")
+        return self._policy(values[0].decode("utf-8", "replace") if values
+                            else DEFAULT_POLICY)[0]
+
+def under(policy: str, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """A store call for a bucket of ``policy``: without the argument for ``default``, so
+    every call of SPEC section 6 reaches the store exactly as before."""
+    if policy != DEFAULT_POLICY:
+        kwargs["policy"] = policy
+    return call(*args, **kwargs)
+
+
+def bucket_location(client_id: str, policy: str = DEFAULT_POLICY) -> bytes:
+    location = b"/buckets/" + quote(client_id, safe="").encode("ascii")
+    if policy != DEFAULT_POLICY:
+        location += b"?policy=" + quote(policy, safe="").encode("ascii")
+    return location
 
 
 def no_bucket(client_id: str) -> ApiError:

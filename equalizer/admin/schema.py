@@ -17,6 +17,7 @@ import copy
 from typing import Any
 
 from equalizer import __version__
+from equalizer.admin import schema_routing as routing
 from equalizer.balancer.stats import TOP_COUNTERS, TOP_SHOWN
 from equalizer.config.model import MAX_BACKEND_REQUESTS, MAX_WEIGHT
 from equalizer.config.rules import (
@@ -138,6 +139,7 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "id": {"type": "string", "example": "b1"},
             "url": {"type": "string", "example": "http://127.0.0.1:9001"},
+            "pool": routing.POOL_PROPERTY,
             "healthy": {"type": "boolean", "nullable": True,
                         "description": "null (unknown) while active checks run and none has "
                                        "finished for this backend yet; it takes traffic"},
@@ -196,6 +198,7 @@ _SCHEMAS: dict[str, Any] = {
             "weight": {"type": "integer", "minimum": 1, "maximum": MAX_WEIGHT, "default": 1},
             "max_requests": {**_MAX_REQUESTS, "default": 0},
             "backup": {**_BACKUP, "default": False},
+            "pool": routing.POOL_CREATE_PROPERTY,
         },
     },
     "BackendUpdate": {
@@ -213,6 +216,7 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["uptime_seconds", "requests", "backends"],
         "properties": {
+            **routing.STATS_PROPERTIES,
             "uptime_seconds": {"type": "number", "minimum": 0},
             "requests": {
                 "type": "object",
@@ -284,9 +288,10 @@ _SCHEMAS: dict[str, Any] = {
     },
     "Bucket": {
         "type": "object",
-        "required": ["client_id", "capacity", "tokens", "refill_rate", "created_at",
+        "required": ["policy", "client_id", "capacity", "tokens", "refill_rate", "created_at",
                      "updated_at"],
         "properties": {
+            "policy": routing.POLICY_PROPERTY,
             "client_id": {"type": "string", "description": "the rate-limit key's value"},
             "capacity": {"type": "integer", "minimum": 1, "maximum": MAX_CAPACITY},
             "tokens": {"type": "number", "minimum": 0, "maximum": MAX_CAPACITY,
@@ -323,6 +328,7 @@ _SCHEMAS: dict[str, Any] = {
             "refill_rate": {**_REFILL_RATE,
                             "description": _REFILL_RATE["description"] + "; default: "
                             "rate_limit.default's (400 when no default is configured)"},
+            "policy": routing.POLICY_CREATE_PROPERTY,
         },
     },
     "BucketUpdate": {
@@ -414,7 +420,10 @@ def _operation(operation_id: str, summary: str, responses: dict[str, Any], *,
 
 
 def _paths() -> dict[str, Any]:
-    return {**_observability_paths(), **_backend_paths(), **_bucket_paths()}
+    pools = {"/pools": {"get": _operation(
+        "listPools", "Every pool with its backends (SPEC 8)",
+        {"200": _response("the pools", "PoolList")}, tags=["backends"])}}
+    return {**_observability_paths(), **pools, **_backend_paths(), **_bucket_paths()}
 
 
 def _observability_paths() -> dict[str, Any]:
@@ -459,7 +468,7 @@ def _backend_paths() -> dict[str, Any]:
             "post": _operation(
                 "addBackend", "Add a backend; it takes traffic at once",
                 {"201": {**_response("added", "Backend", _LOCATION), "links": _BACKEND_LINKS},
-                 "409": _error("Conflict")},
+                 "404": _error("NotFound"), "409": _error("Conflict")},
                 tags=backend_ops, body="BackendCreate", writes=True),
         },
         "/backends/{backend_id}": {
@@ -490,28 +499,32 @@ def _bucket_paths() -> dict[str, Any]:
         "/buckets": {
             "get": _operation("listBuckets", "A page of buckets, ordered by client_id",
                               {"200": _response("the page", "BucketList"),
-                               "400": _error("BadRequest"), **store_down},
-                              tags=bucket_ops, parameters=[_LIMIT, _OFFSET]),
+                               "400": _error("BadRequest"), "404": _error("NotFound"),
+                               **store_down},
+                              tags=bucket_ops,
+                              parameters=[_LIMIT, _OFFSET, routing.POLICY_PARAMETER]),
             "post": _operation(
                 "createBucket", "Create a client's bucket",
                 {"201": {**_response("created", "Bucket", _LOCATION), "links": _BUCKET_LINKS},
-                 "409": _error("Conflict"), **store_down},
+                 "404": _error("NotFound"), "409": _error("Conflict"), **store_down},
                 tags=bucket_ops, body="BucketCreate", writes=True),
         },
         "/buckets/{client_id}": {
             "get": _operation("getBucket", "A client's bucket, tokens as of now",
                               {"200": _response("the bucket", "Bucket"),
                                "404": _error("NotFound"), **store_down},
-                              tags=bucket_ops, parameters=[_CLIENT_ID]),
+                              tags=bucket_ops, parameters=[_CLIENT_ID, routing.POLICY_PARAMETER]),
             "put": _operation("updateBucket", "Change some of capacity, tokens, refill_rate",
                               {"200": _response("the bucket as changed", "Bucket"),
                                "404": _error("NotFound"), **store_down},
-                              tags=bucket_ops, parameters=[_CLIENT_ID], body="BucketUpdate",
+                              tags=bucket_ops, parameters=[_CLIENT_ID, routing.POLICY_PARAMETER],
+                              body="BucketUpdate",
                               writes=True),
             "delete": _operation("deleteBucket", "Delete a client's bucket",
                                  {"204": {"description": "deleted"}, "404": _error("NotFound"),
                                   **store_down},
-                                 tags=bucket_ops, parameters=[_CLIENT_ID], writes=True),
+                                 tags=bucket_ops,
+                                 parameters=[_CLIENT_ID, routing.POLICY_PARAMETER], writes=True),
         },
     }
 
@@ -547,7 +560,7 @@ _DOCUMENT: dict[str, Any] = {
     "components": {
         "securitySchemes": {BEARER: {"type": "http", "scheme": "bearer",
                                      "description": "admin.token or EQUALIZER_ADMIN_TOKEN"}},
-        "schemas": _SCHEMAS,
+        "schemas": {**_SCHEMAS, **routing.SCHEMAS},
         "responses": _RESPONSES,
     },
 }

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from equalizer.balancer.pool import Backend, BackendPool
     from equalizer.balancer.stats import TrafficStats
     from equalizer.buckets.interface import IBucketStore
+    from equalizer.config.model import RouteConfig
 
 
 def backend_json(backend: Backend, pool: BackendPool) -> dict[str, Any]:
@@ -23,6 +24,7 @@ def backend_json(backend: Backend, pool: BackendPool) -> dict[str, Any]:
     return {
         "id": backend.id,
         "url": backend.url,
+        "pool": backend.pool,
         "healthy": pool.health_state(backend),
         "down_since": backend.down_since,
         "enabled": backend.enabled,
@@ -49,7 +51,8 @@ def store_json(store: IBucketStore) -> dict[str, Any]:
 
 
 def stats_json(pool: BackendPool, stats: TrafficStats, store: IBucketStore,
-               clock: IReactorTime) -> dict[str, Any]:
+               clock: IReactorTime, pools: dict[str, BackendPool] | None = None,
+               routes: tuple[RouteConfig, ...] = ()) -> dict[str, Any]:
     """GET /stats: version, uptime, traffic, every backend, the store and its buckets, and
     the clients refused most often (``TrafficStats.limited_clients``)."""
     requests = stats.to_json()
@@ -59,9 +62,36 @@ def stats_json(pool: BackendPool, stats: TrafficStats, store: IBucketStore,
         "uptime_seconds": stats.uptime(clock),
         "connections": stats.connections,
         "requests": requests,
-        "backends": [backend_json(backend, pool) for backend in pool.backends],
+        "backends": [backend_json(backend, each) for each in (pools or {"": pool}).values()
+                     for backend in each.backends],
         "store": store_json(store),
         "buckets": bucket_counts(store),
         "limited_clients": stats.limited_clients.top(),
         "queue": pool.queue.to_json(),
+        **routing_json(pools or {}, routes),
     }
+
+
+def routing_json(pools: dict[str, BackendPool], routes: tuple[RouteConfig, ...]
+                 ) -> dict[str, Any]:
+    """``pools`` and ``routes`` of /stats, each only when configured (SPEC 8): without
+    them /stats is as it always was."""
+    shown: dict[str, Any] = {}
+    if len(pools) > 1:
+        shown["pools"] = [
+            {"name": name, "strategy": pool.strategy_name, "backends": len(pool.backends),
+             "healthy": sum(1 for backend in pool.backends if backend.available)}
+            for name, pool in pools.items()]
+    if routes:
+        shown["routes"] = [route_json(route) for route in routes]
+    return shown
+
+
+def route_json(route: RouteConfig) -> dict[str, Any]:
+    """One route as /stats shows it: the conditions given, its pool and policy."""
+    match = {name: value for name, value in (
+        ("host", route.match.host), ("path_prefix", route.match.path_prefix),
+        ("methods", list(route.match.methods) or None),
+        ("headers", dict(route.match.headers) or None)) if value is not None}
+    return {"match": match, "pool": route.pool, "rate_limit": route.rate_limit,
+            "strip_prefix": route.strip_prefix}

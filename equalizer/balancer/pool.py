@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -68,6 +68,7 @@ class Backend:
     prefix: bytes
     host_header: bytes
     address: str = ""
+    pool: str = "default"
     enabled: bool = True
     draining: bool = False
     healthy: bool = True
@@ -160,13 +161,17 @@ class BackendPool:
 
     def __init__(self, backends: Iterable[BackendConfig], strategy: str = "round_robin", *,
                  clock: IReactorTime | None = None, slow_start: float = 0.0,
-                 queue: QueueConfig | None = None) -> None:
-        self._ids = itertools.count(1)
+                 queue: QueueConfig | None = None, name: str = "default",
+                 ids: Iterator[int] | None = None) -> None:
+        self.name = name
+        """The pool's name (SPEC 8); its backends carry it."""
+        self._ids = itertools.count(1) if ids is None else ids  # shared by every pool
         self.active_checks = False
         """Whether active health checks run (the health monitor says): until a backend's
         first check its health is then unknown (``health_state``)."""
         self.backends: list[Backend] = []
         self.strategy: Strategy = make_strategy(strategy)
+        self.strategy_name = strategy
         self._available: list[Backend] = []
         self._limited = False
         self._using_backups = False
@@ -182,6 +187,11 @@ class BackendPool:
         # Backends present at start-up take their full share at once; later ones ramp.
         self.slow_start.configure(slow_start)
 
+    def use_strategy(self, name: str) -> None:
+        """Pick with a new strategy (reload), from its first choice on."""
+        self.strategy = make_strategy(name)
+        self.strategy_name = name
+
     def configure(self, *, slow_start: float, queue: QueueConfig) -> None:
         """New slow-start window and queue bounds (start-up and reload)."""
         self.slow_start.configure(slow_start)
@@ -191,6 +201,7 @@ class BackendPool:
             backup: bool = False) -> Backend:
         backend = Backend.from_url(f"b{next(self._ids)}", url, weight,
                                    max_requests=max_requests, backup=backup)
+        backend.pool = self.name
         self.backends.append(backend)
         self._came_back(backend)
         self._changed()

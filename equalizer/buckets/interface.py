@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, fail
 from zope.interface import Attribute, Interface
 
 from equalizer.buckets.maths import Decision, window
-from equalizer.config.model import BucketPolicy, RateLimitConfig
+from equalizer.config.model import DEFAULT_POLICY, BucketPolicy, RateLimitConfig
 from equalizer.config.rules import (
     client_id_problem,
     key_digest,
@@ -68,10 +68,13 @@ class BucketRecord:
     refill_rate: float
     created_at: datetime
     updated_at: datetime
+    policy: str = DEFAULT_POLICY
 
     def to_json(self) -> dict[str, Any]:
-        """The SPEC section 6 shape, with ISO-8601 UTC timestamps (``...Z``)."""
+        """The SPEC section 6 shape with the policy of SPEC 8, with ISO-8601 UTC timestamps
+        (``...Z``)."""
         return {
+            "policy": self.policy,
             "client_id": self.client_id,
             "capacity": self.capacity,
             "tokens": round(self.tokens, 6),
@@ -82,7 +85,8 @@ class BucketRecord:
 
 
 class IBucketStore(Interface):
-    """Token buckets keyed by client id. Every method answers with a Deferred."""
+    """Token buckets keyed by (policy, client id): every method takes ``policy``, by
+    default ``default`` (SPEC 8). Every method answers with a Deferred."""
 
     available = Attribute(
         "bool: False while the backing database is unreachable (for /health). "
@@ -102,7 +106,8 @@ class IBucketStore(Interface):
     def stop() -> Deferred[None]:
         """Release connections and timers; pending calls fail with StoreUnavailable."""
 
-    def take(client_id: str, default: BucketPolicy | None) -> Deferred[Decision | None]:
+    def take(client_id: str, default: BucketPolicy | None,
+             policy: str = DEFAULT_POLICY) -> Deferred[Decision | None]:
         """Take one token from the client's bucket, atomically.
 
         A client without a bucket gets one from ``default``, full, on first sight;
@@ -112,21 +117,25 @@ class IBucketStore(Interface):
         """
 
     def create(
-        client_id: str, capacity: int, tokens: float, refill_rate: float
+        client_id: str, capacity: int, tokens: float, refill_rate: float,
+        policy: str = DEFAULT_POLICY,
     ) -> Deferred[BucketRecord]:
         """Create a bucket; fails with BucketExists or InvalidBucket."""
 
-    def get(client_id: str) -> Deferred[BucketRecord | None]:
+    def get(client_id: str, policy: str = DEFAULT_POLICY) -> Deferred[BucketRecord | None]:
         """The bucket, tokens as of now, or None (also for a client id no bucket can have)."""
 
-    def list(limit: int, offset: int) -> Deferred[tuple[list[BucketRecord], int]]:
-        """A page of buckets ordered by client id (code-point order), and the total count."""
+    def list(limit: int, offset: int,
+             policy: str = DEFAULT_POLICY) -> Deferred[tuple[list[BucketRecord], int]]:
+        """A page of the policy's buckets ordered by client id (code-point order), and
+        their total count."""
 
     def update(
         client_id: str,
         capacity: int | None = None,
         tokens: float | None = None,
         refill_rate: float | None = None,
+        policy: str = DEFAULT_POLICY,
     ) -> Deferred[BucketRecord | None]:
         """Change the given fields; None when there is no such bucket.
 
@@ -135,7 +144,7 @@ class IBucketStore(Interface):
         explicit ``tokens`` above the capacity fail with InvalidBucket.
         """
 
-    def delete(client_id: str) -> Deferred[bool]:
+    def delete(client_id: str, policy: str = DEFAULT_POLICY) -> Deferred[bool]:
         """Remove the bucket; whether there was one."""
 
 
@@ -165,15 +174,36 @@ def take_key(client_id: str) -> str:
     return key_digest(client_id.encode("utf-8", "surrogatepass"))
 
 
-def take_elsewhere(store: IBucketStore, client_id: str,
-                   default: BucketPolicy | None) -> Deferred[Decision | None] | None:
+def take_elsewhere(store: IBucketStore, client_id: str, default: BucketPolicy | None,
+                   policy: str = DEFAULT_POLICY) -> Deferred[Decision | None] | None:
     """For a take: None when ``client_id`` is its own take key; else the take under its
     digest, or the InvalidBucket failure of an empty id. Only first sights pay for it."""
     try:
         key = take_key(client_id)
     except InvalidBucket as error:
         return fail(error)
-    return None if key == client_id else store.take(key, default)
+    if key == client_id:
+        return None
+    return store.take(key, default) if policy == DEFAULT_POLICY else \
+        store.take(key, default, policy)
+
+
+KEY_SEPARATOR = "\x1f"
+"""Between the policy and the client id in a :func:`bucket_key`."""
+
+
+def bucket_key(policy: str, client_id: str) -> str:
+    """One string for (policy, client id), for stores that key buckets by one: the client
+    id itself under ``default`` (so those keys are as before), else ``policy US id``
+    (US is chr(31): no client id holds a control character; migration 0005 of the
+    PostgreSQL schema splits leased keys the same way)."""
+    return client_id if policy == DEFAULT_POLICY else f"{policy}{KEY_SEPARATOR}{client_id}"
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """(policy, client id) of a :func:`bucket_key`."""
+    policy, separator, client_id = key.partition(KEY_SEPARATOR)
+    return (policy, client_id) if separator else (DEFAULT_POLICY, key)
 
 
 

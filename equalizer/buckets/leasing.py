@@ -167,12 +167,18 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from equalizer.buckets.interface import IBucketStore, StoreUnavailable, take_elsewhere
+from equalizer.buckets.interface import (
+    IBucketStore,
+    StoreUnavailable,
+    bucket_key,
+    take_elsewhere,
+)
 from equalizer.buckets.leases.admin import AdminCalls
 from equalizer.buckets.leases.allowances import Allowances, Key
 from equalizer.buckets.leases.settlement import Settlements
 from equalizer.buckets.leases.sweep import Sweep
 from equalizer.buckets.maths import Decision
+from equalizer.config.model import DEFAULT_POLICY
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
@@ -328,7 +334,11 @@ class LeasingStore:
 
     # the hot path ----------------------------------------------------------------------
 
-    def take(self, client_id: str, default: BucketPolicy | None) -> Deferred[Decision | None]:
+    def take(self, client_id: str, default: BucketPolicy | None,
+             policy: str = DEFAULT_POLICY) -> Deferred[Decision | None]:
+        raw_id = client_id
+        if policy != DEFAULT_POLICY:  # leased by one key: see bucket_key
+            client_id = bucket_key(policy, client_id)
         key = self._keys.get(client_id)
         if key is not None:
             now = self._clock.seconds()
@@ -349,7 +359,7 @@ class LeasingStore:
             return fail(StoreUnavailable("the store is not running"))
         else:
             # A client id no row can have (it would fail the whole settlement) goes by its digest.
-            elsewhere = take_elsewhere(self, client_id, default)
+            elsewhere = take_elsewhere(self, raw_id, default, policy)
             if elsewhere is not None:
                 return elsewhere
             if len(self._keys) >= self._allowances.max_buckets:
@@ -361,15 +371,17 @@ class LeasingStore:
     # admin -------------------------------------------------------------------------------
 
     def create(
-        self, client_id: str, capacity: int, tokens: float, refill_rate: float
+        self, client_id: str, capacity: int, tokens: float, refill_rate: float,
+        policy: str = DEFAULT_POLICY,
     ) -> Deferred[BucketRecord]:
-        return self._admin.create(client_id, capacity, tokens, refill_rate)
+        return self._admin.create(client_id, capacity, tokens, refill_rate, policy)
 
-    def get(self, client_id: str) -> Deferred[BucketRecord | None]:
-        return self._admin.get(client_id)
+    def get(self, client_id: str, policy: str = DEFAULT_POLICY) -> Deferred[BucketRecord | None]:
+        return self._admin.get(client_id, policy)
 
-    def list(self, limit: int, offset: int) -> Deferred[tuple[list[BucketRecord], int]]:
-        return self._admin.list(limit, offset)
+    def list(self, limit: int, offset: int,
+             policy: str = DEFAULT_POLICY) -> Deferred[tuple[list[BucketRecord], int]]:
+        return self._admin.list(limit, offset, policy)
 
     def update(
         self,
@@ -377,8 +389,9 @@ class LeasingStore:
         capacity: int | None = None,
         tokens: float | None = None,
         refill_rate: float | None = None,
+        policy: str = DEFAULT_POLICY,
     ) -> Deferred[BucketRecord | None]:
-        return self._admin.update(client_id, capacity, tokens, refill_rate)
+        return self._admin.update(client_id, capacity, tokens, refill_rate, policy)
 
-    def delete(self, client_id: str) -> Deferred[bool]:
-        return self._admin.delete(client_id)
+    def delete(self, client_id: str, policy: str = DEFAULT_POLICY) -> Deferred[bool]:
+        return self._admin.delete(client_id, policy)

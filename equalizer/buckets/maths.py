@@ -200,7 +200,7 @@ def _none(decision: Decision) -> bytes:
 _RENDERERS = {"both": _both, "draft": _draft, "legacy": _legacy, "none": _none}
 
 
-def header_renderer(mode: str) -> Callable[[Decision], bytes]:
+def header_renderer(mode: str, policy: str = "default") -> Callable[[Decision], bytes]:
     """The function rendering a decision's response fields in ``mode`` (both, draft,
     legacy, none) as header lines, each ending in CRLF, ready to go into a response
     head; a refused decision also gets ``Retry-After``, in every mode.
@@ -211,6 +211,11 @@ def header_renderer(mode: str) -> Callable[[Decision], bytes]:
     Raises ``KeyError`` for an unknown mode (the configuration is validated first).
     """
     lines_of = _RENDERERS[mode]
+    if policy != "default":  # RateLimit-Policy and RateLimit name the policy (SPEC 8)
+        named, quoted = lines_of, b'"%s"' % policy.encode("ascii")
+
+        def lines_of(decision: Decision) -> bytes:
+            return named(decision).replace(b'"default"', quoted)
 
     def render(decision: Decision) -> bytes:
         if decision.allowed:

@@ -15,12 +15,15 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from equalizer.buckets.interface import (
+    KEY_SEPARATOR,
     MAX_SWEEP_INTERVAL,
     BucketExists,
     BucketRecord,
     IBucketStore,
     InvalidBucket,
+    bucket_key,
     new_bucket_problem,
+    split_key,
     sweep_interval,
     take_elsewhere,
     tokens_above_capacity,
@@ -28,7 +31,12 @@ from equalizer.buckets.interface import (
 )
 from equalizer.buckets.maths import Bucket, Decision, is_full, refill, window
 from equalizer.buckets.maths import take as take_token
-from equalizer.config.model import DEFAULT_MAX_BUCKETS, BucketPolicy, RateLimitConfig
+from equalizer.config.model import (
+    DEFAULT_MAX_BUCKETS,
+    DEFAULT_POLICY,
+    BucketPolicy,
+    RateLimitConfig,
+)
 
 log = Logger()
 
@@ -172,11 +180,13 @@ class MemoryStore:
         return Decision(False, default.capacity, 0, retry, retry,
                         window(default.capacity, default.refill_rate))
 
-    def take(self, client_id: str, default: BucketPolicy | None) -> Deferred[Decision | None]:
+    def take(self, client_id: str, default: BucketPolicy | None,
+             policy: str = DEFAULT_POLICY) -> Deferred[Decision | None]:
         now = self._clock.seconds()
-        entry = self._buckets.get(client_id)
+        key = client_id if policy == DEFAULT_POLICY else bucket_key(policy, client_id)
+        entry = self._buckets.get(key)
         if entry is None:
-            elsewhere = take_elsewhere(self, client_id, default)
+            elsewhere = take_elsewhere(self, client_id, default, policy)
             if elsewhere is not None:
                 return elsewhere
             if default is None:
@@ -188,10 +198,11 @@ class MemoryStore:
         else:
             bucket, created = entry
         bucket, decision = take_token(bucket, now)
-        self._buckets[client_id] = (bucket, created)
+        self._buckets[key] = (bucket, created)
         return succeed(decision)
 
-    def _record(self, client_id: str, bucket: Bucket, created: float) -> BucketRecord:
+    def _record(self, key: str, bucket: Bucket, created: float) -> BucketRecord:
+        policy, client_id = split_key(key)
         return BucketRecord(
             client_id,
             bucket.capacity,
@@ -199,9 +210,11 @@ class MemoryStore:
             bucket.refill_rate,
             _moment(created),
             _moment(bucket.updated),
+            policy,
         )
 
-    def _as_of_now(self, client_id: str, entry: tuple[Bucket, float], now: float) -> BucketRecord:
+    def _as_of_now(self, key: str, entry: tuple[Bucket, float], now: float) -> BucketRecord:
+        policy, client_id = split_key(key)
         bucket, created = entry
         stored = bucket.updated
         current = refill(bucket, now)
@@ -212,36 +225,44 @@ class MemoryStore:
             current.refill_rate,
             _moment(created),
             _moment(stored),
+            policy,
         )
 
     def create(
-        self, client_id: str, capacity: int, tokens: float, refill_rate: float
+        self, client_id: str, capacity: int, tokens: float, refill_rate: float,
+        policy: str = DEFAULT_POLICY,
     ) -> Deferred[BucketRecord]:
         now = self._clock.seconds()
         problem = new_bucket_problem(client_id, capacity, tokens, refill_rate)
         if problem is not None:
             return fail(problem)
-        if client_id in self._buckets:
+        key = bucket_key(policy, client_id)
+        if key in self._buckets:
             return fail(BucketExists(client_id))
         bucket = Bucket(capacity, float(tokens), float(refill_rate), now)
-        self._buckets[client_id] = (bucket, now)
-        self._kept.add(client_id)
-        return succeed(self._record(client_id, bucket, now))
+        self._buckets[key] = (bucket, now)
+        self._kept.add(key)
+        return succeed(self._record(key, bucket, now))
 
-    def get(self, client_id: str) -> Deferred[BucketRecord | None]:
+    def get(self, client_id: str, policy: str = DEFAULT_POLICY) -> Deferred[BucketRecord | None]:
         now = self._clock.seconds()
-        entry = self._buckets.get(client_id)
+        key = bucket_key(policy, client_id)
+        entry = self._buckets.get(key)
         if entry is None:
             return succeed(None)
-        return succeed(self._as_of_now(client_id, entry, now))
+        return succeed(self._as_of_now(key, entry, now))
 
-    def list(self, limit: int, offset: int) -> Deferred[tuple[list[BucketRecord], int]]:
+    def list(self, limit: int, offset: int,
+             policy: str = DEFAULT_POLICY) -> Deferred[tuple[list[BucketRecord], int]]:
         now = self._clock.seconds()
         if limit < 0 or offset < 0:
             return fail(ValueError("limit and offset must be >= 0"))
-        page = sorted(self._buckets)[offset : offset + limit]
+        prefix = "" if policy == DEFAULT_POLICY else bucket_key(policy, "")
+        keys = sorted(key for key in self._buckets
+                      if (key.startswith(prefix) if prefix else KEY_SEPARATOR not in key))
+        page = keys[offset : offset + limit]
         records = [self._as_of_now(key, self._buckets[key], now) for key in page]
-        return succeed((records, len(self._buckets)))
+        return succeed((records, len(keys)))
 
     def update(
         self,
@@ -249,13 +270,15 @@ class MemoryStore:
         capacity: int | None = None,
         tokens: float | None = None,
         refill_rate: float | None = None,
+        policy: str = DEFAULT_POLICY,
     ) -> Deferred[BucketRecord | None]:
         now = self._clock.seconds()
         try:
             validate_fields(capacity, tokens, refill_rate)
         except InvalidBucket as e:
             return fail(e)
-        entry = self._buckets.get(client_id)
+        key = bucket_key(policy, client_id)
+        entry = self._buckets.get(key)
         if entry is None:
             return succeed(None)
         bucket, created = entry
@@ -269,11 +292,12 @@ class MemoryStore:
             new_tokens = float(tokens)
         new_rate = current.refill_rate if refill_rate is None else float(refill_rate)
         updated = Bucket(new_capacity, new_tokens, new_rate, max(now, bucket.updated))
-        self._buckets[client_id] = (updated, created)
-        self._kept.add(client_id)
-        return succeed(self._record(client_id, updated, created))
+        self._buckets[key] = (updated, created)
+        self._kept.add(key)
+        return succeed(self._record(key, updated, created))
 
-    def delete(self, client_id: str) -> Deferred[bool]:
-        self._kept.discard(client_id)
-        return succeed(self._buckets.pop(client_id, None) is not None)
+    def delete(self, client_id: str, policy: str = DEFAULT_POLICY) -> Deferred[bool]:
+        key = bucket_key(policy, client_id)
+        self._kept.discard(key)
+        return succeed(self._buckets.pop(key, None) is not None)
 

@@ -39,6 +39,7 @@ from equalizer.config.model import (
     RotateConfig,
     Timeouts,
 )
+from equalizer.config.routes import parse_routing
 from equalizer.config.rules import describe, validate_capacity, validate_refill_rate
 
 DEFAULT_CONFIG_PATH = "config/equalizer.yml"
@@ -68,6 +69,18 @@ def _backends(value: object) -> tuple[BackendConfig, ...]:
         raise ValueError(f"expected a list, got {describe(value)}")
     if not value:
         raise ValueError("at least one backend is required")
+    return _backend_list(value)
+
+
+def _default_backends(value: object) -> tuple[BackendConfig, ...]:
+    """``balancer.backends``: may be empty when routes send every request elsewhere
+    (the cross-check is :func:`~equalizer.config.routes.parse_routing`'s)."""
+    if value == []:
+        return ()
+    return _backends(value)
+
+
+def _backend_list(value: list) -> tuple[BackendConfig, ...]:
     problems: list[checks.Problem] = []
     backends = [checks.collect(problems, i, _backend, item) for i, item in enumerate(value)]
     urls = [backend and backend.url for backend in backends]
@@ -79,6 +92,35 @@ def _backends(value: object) -> tuple[BackendConfig, ...]:
         raise checks.Invalid(sorted(problems, key=lambda problem: problem[0]))
     return tuple(backends)
 
+
+_BALANCER_KEYS: dict[str, checks.Check] = {
+    "strategy": checks.choice(*STRATEGY_NAMES),
+    "hash_key": checks.client_key("header", "cookie"),
+    "backends": _backends,
+    "slow_start": parse_duration,
+    "queue": checks.record(QueueConfig(), {
+        "max": checks.integer(0, MAX_QUEUE),
+        "timeout": checks.positive_duration,
+    }),
+}
+"""The keys of ``balancer``, and of each pool (SPEC 8)."""
+
+_HEALTH_KEYS: dict[str, checks.Check] = {
+    "path": checks.health_path,
+    "interval": parse_duration,
+    "timeout": checks.positive_duration,
+    "fail_timeout": parse_duration,
+    "unhealthy_threshold": checks.integer(1),
+    "healthy_threshold": checks.integer(1),
+    "expected_status": checks.status_range,
+    "outlier": checks.record(OutlierConfig(), {
+        "consecutive_5xx": checks.integer(0),
+        "consecutive_gateway_errors": checks.integer(0),
+        "base_ejection": checks.positive_duration,
+        "max_ejection_percent": checks.integer(0, 100),
+    }),
+}
+"""The keys of ``health``, and of each pool's ``health``."""
 
 _SCHEMA = checks.record(Config(), {
     "proxy": checks.record(ProxyConfig(), {
@@ -99,31 +141,9 @@ _SCHEMA = checks.record(Config(), {
         "listen": checks.endpoint,
         "token": checks.optional(checks.string),
     }),
-    "balancer": checks.record(BalancerConfig(), {
-        "strategy": checks.choice(*STRATEGY_NAMES),
-        "hash_key": checks.client_key("header", "cookie"),
-        "backends": _backends,
-        "slow_start": parse_duration,
-        "queue": checks.record(QueueConfig(), {
-            "max": checks.integer(0, MAX_QUEUE),
-            "timeout": checks.positive_duration,
-        }),
-    }),
-    "health": checks.record(HealthConfig(), {
-        "path": checks.health_path,
-        "interval": parse_duration,
-        "timeout": checks.positive_duration,
-        "fail_timeout": parse_duration,
-        "unhealthy_threshold": checks.integer(1),
-        "healthy_threshold": checks.integer(1),
-        "expected_status": checks.status_range,
-        "outlier": checks.record(OutlierConfig(), {
-            "consecutive_5xx": checks.integer(0),
-            "consecutive_gateway_errors": checks.integer(0),
-            "base_ejection": checks.positive_duration,
-            "max_ejection_percent": checks.integer(0, 100),
-        }),
-    }),
+    "balancer": checks.record(BalancerConfig(), {**_BALANCER_KEYS,
+                                                 "backends": _default_backends}),
+    "health": checks.record(HealthConfig(), _HEALTH_KEYS),
     "rate_limit": checks.record(RateLimitConfig(), {
         "enabled": checks.boolean,
         "key": checks.client_key("header"),
@@ -158,12 +178,25 @@ def parse_config(data: object) -> Config:
     Raises:
         ConfigError: listing every problem found, not just the first.
     """
+    raw: dict[str, object] = {}
+    if isinstance(data, dict):
+        data = dict(data)
+        raw = {"pools": data.pop("pools", None), "routes": data.pop("routes", None)}
+        rate_limit = data.get("rate_limit")
+        if isinstance(rate_limit, dict) and "policies" in rate_limit:
+            data["rate_limit"] = {k: v for k, v in rate_limit.items() if k != "policies"}
+            raw["policies"] = rate_limit["policies"]
     try:
-        return _SCHEMA(data)
+        config = _SCHEMA(data)
     except ValueError as e:
         problems: list[checks.Problem] = [((), str(e))]
     except checks.Invalid as e:
         problems = e.problems
+    else:
+        try:
+            return parse_routing(config, raw, _BALANCER_KEYS, _HEALTH_KEYS)
+        except checks.Invalid as e:
+            problems = e.problems
     raise ConfigError([f"{checks.format_path(path)}: {message}" for path, message in problems])
 
 

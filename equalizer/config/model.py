@@ -117,16 +117,68 @@ class BucketPolicy:
 
 
 
+DEFAULT_POLICY = "default"
+"""The rate-limit policy ``rate_limit.key`` and ``rate_limit.default`` make (SPEC 8)."""
+
+
+@frozen
+class PolicyConfig:
+    """A named rate-limit policy: its own client key and default bucket."""
+
+    key: str = "ip"
+    default: BucketPolicy | None = BucketPolicy(100, 10.0)
+
+
 @frozen
 class RateLimitConfig:
     enabled: bool = True
     key: str = "ip"
     default: BucketPolicy | None = BucketPolicy(100, 10.0)
+    policies: tuple[tuple[str, PolicyConfig], ...] = ()
+
+    def all_policies(self) -> dict[str, PolicyConfig]:
+        """Every policy by name, ``default`` (``key`` and ``default``) first."""
+        return {DEFAULT_POLICY: PolicyConfig(self.key, self.default), **dict(self.policies)}
     store: str = "memory"
     database_url: str | None = None
     on_store_error: str = "allow"
     headers: str = "both"
     max_buckets: int = DEFAULT_MAX_BUCKETS
+
+
+@frozen
+class PoolConfig:
+    """A named pool (SPEC 8): the keys of ``balancer`` and its own ``health``."""
+
+    name: str
+    balancer: BalancerConfig
+    health: HealthConfig
+
+
+@frozen
+class HeaderRewrite:
+    """Header fields a route sets (name, value) and removes (lower-case names)."""
+
+    set: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+
+@frozen
+class MatchConfig:
+    host: str | None = None
+    path_prefix: str | None = None
+    methods: tuple[str, ...] = ()
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@frozen
+class RouteConfig:
+    match: MatchConfig = MatchConfig()
+    pool: str = "default"
+    strip_prefix: bool = False
+    rate_limit: str | None = DEFAULT_POLICY
+    request_headers: HeaderRewrite = HeaderRewrite()
+    response_headers: HeaderRewrite = HeaderRewrite()
 
 
 @frozen
@@ -153,3 +205,10 @@ class Config:
     health: HealthConfig = field(factory=HealthConfig)
     rate_limit: RateLimitConfig = field(factory=RateLimitConfig)
     logging: LoggingConfig = field(factory=LoggingConfig)
+    pools: tuple[PoolConfig, ...] = ()
+    routes: tuple[RouteConfig, ...] = ()
+
+    def all_pools(self) -> tuple[PoolConfig, ...]:
+        """Every pool, ``default`` (``balancer`` and ``health``) first."""
+        return (PoolConfig("default", self.balancer, self.health), *self.pools)
+

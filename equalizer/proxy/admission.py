@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 
 from equalizer.buckets.interface import StoreDataError, StoreUnavailable
 from equalizer.buckets.maths import Decision, field_pairs, header_renderer
+from equalizer.config.model import DEFAULT_POLICY, PolicyConfig
 from equalizer.proxy.keys import key_reader
 
 if TYPE_CHECKING:
@@ -64,8 +65,22 @@ class AdmitAll:
 ADMIT_ALL = AdmitAll()
 
 
+class Policy:
+    """A named rate-limit policy as the limiter applies it (SPEC 8): how a client is
+    keyed, the bucket a new one gets, and the RateLimit fields naming it."""
+
+    __slots__ = ("name", "client_key", "default", "render")
+
+    def __init__(self, name: str, config: PolicyConfig, headers: str) -> None:
+        self.name = name
+        self.client_key = key_reader(config.key)
+        self.default = config.default
+        self.render = header_renderer(headers, name)
+
+
 class RateLimiter:
-    """Admits or refuses each exchange by its client's token bucket."""
+    """Admits or refuses each exchange by its client's token bucket, under the policy of
+    its route (``default`` without routes)."""
 
     def __init__(self, store: IBucketStore, config: RateLimitConfig, stats: TrafficStats) -> None:
         self.store = store
@@ -78,6 +93,9 @@ class RateLimiter:
         self.config = config
         self.client_key = key_reader(config.key)
         self._render = header_renderer(config.headers)
+        self.policies = {name: Policy(name, policy, config.headers)
+                         for name, policy in config.all_policies().items()}
+        self.default_policy = self.policies[DEFAULT_POLICY]
         # Lower-case names of the fields an admitted response gets: the backend's
         # fields of those names give way to ours.
         self.owned_fields = frozenset(
@@ -100,6 +118,31 @@ class RateLimiter:
         taken.addCallbacks(self._decided, self._store_failed, (exchange,), None,
                            (exchange,), None)
 
+    def admit_routed(self, exchange: Exchange) -> None:
+        """``admit`` when routes are configured: under the policy of the exchange's route
+        (``default`` without one), or not limited when the route says ``null``."""
+        route = exchange.route
+        policy = self.default_policy if route is None else route.policy
+        if policy is None:
+            self._decided(None, exchange)
+            return
+        exchange.policy = policy
+        if policy.name == DEFAULT_POLICY:
+            taken = self.store.take(policy.client_key(exchange), policy.default)
+        else:
+            taken = self.store.take(policy.client_key(exchange), policy.default, policy.name)
+        taken.addCallbacks(self._decided, self._store_failed, (exchange,), None,
+                           (exchange,), None)
+
+    def routed_response_lines(self, exchange: Exchange) -> bytes:
+        """``response_lines`` when routes are configured: the fields name the policy."""
+        decision = exchange.decision
+        return b"" if decision is None else exchange.policy.render(decision)
+
+    def routed(self) -> Admission:
+        """This limiter as the admission of a proxy with routes."""
+        return RoutedAdmission(self)
+
     def _decided(self, decision: Decision | None, exchange: Exchange) -> None:
         if decision is None:
             self._count(exchange, "unlimited")
@@ -112,7 +155,9 @@ class RateLimiter:
             return
         self._count(exchange, "limited")
         self.stats.rate_limited += 1
-        self.stats.limited_clients.add(self.client_key(exchange))
+        policy = getattr(exchange, "policy", None)  # None: not routed
+        self.stats.limited_clients.add(
+            self.client_key(exchange) if policy is None else policy.client_key(exchange))
         exchange.respond_locally(429, "rate_limited", "too many requests; retry later")
 
     def _store_failed(self, failure: Failure, exchange: Exchange) -> None:
@@ -137,3 +182,12 @@ class RateLimiter:
         as header lines ending in CRLF."""
         decision = exchange.decision
         return self._render(decision) if decision is not None else b""
+
+
+class RoutedAdmission:
+    """A :class:`RateLimiter` as the admission of a proxy with routes (SPEC 8)."""
+
+    def __init__(self, limiter: RateLimiter) -> None:
+        self.owned_fields = limiter.owned_fields
+        self.admit = limiter.admit_routed
+        self.response_lines = limiter.routed_response_lines

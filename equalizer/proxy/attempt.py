@@ -18,6 +18,7 @@ from twisted.web import http
 from equalizer.balancer.failures import is_local_resource_error
 from equalizer.proxy.backpressure import UploadThrottle
 from equalizer.proxy.framing import UpstreamError
+from equalizer.proxy.queueing import out_of_resources
 from equalizer.proxy.response import relay_informational, write_head
 from equalizer.proxy.retry import (
     IDEMPOTENT_METHODS,
@@ -87,7 +88,7 @@ class Attempt:
     def _connected(self, connection: UpstreamConnection) -> None:
         self.pending = None
         proxy = self.exchange.proxy
-        proxy.passive.record_connect_success(connection.backend)
+        self.exchange.unit.passive.record_connect_success(connection.backend)
         if self.exchange.finished:
             proxy.upstreams.release(connection)
             return
@@ -101,11 +102,11 @@ class Attempt:
         backend = self.backend
         self.leave_backend()
         if is_local_resource_error(reason):
-            exchange.out_of_resources(backend, reason)
+            out_of_resources(exchange, backend, reason)
             return
         exchange.last_failure = reason
         kind = failure_reason(reason, connecting=True)
-        exchange.proxy.passive.record_connect_failure(backend, reason.getErrorMessage(), kind)
+        exchange.unit.passive.record_connect_failure(backend, reason.getErrorMessage(), kind)
         log.debug("connect to {url} failed: {error}", url=backend.url,
                   error=reason.getErrorMessage())
         after_connect_failure(exchange, backend, kind)
@@ -166,8 +167,8 @@ class Attempt:
                       chunked: bool, codings: bytes) -> None:
         exchange = self.exchange
         proxy = exchange.proxy
-        if proxy.outlier is not None:
-            proxy.outlier.answered(self.backend, status)
+        if exchange.unit.outlier is not None:
+            exchange.unit.outlier.answered(self.backend, status)
         if status in proxy.retry_statuses and may_retry(self):
             self._retry_elsewhere(self.backend, "status")
             return
@@ -229,8 +230,8 @@ class Attempt:
             return
         kind = failure_reason(reason, connecting=False)
         backend.fail(kind)
-        if exchange.proxy.outlier is not None:
-            exchange.proxy.outlier.gateway_error(backend, "broken response")
+        if exchange.unit.outlier is not None:
+            exchange.unit.outlier.gateway_error(backend, "broken response")
         if exchange.method in IDEMPOTENT_METHODS and not self.body_sent:
             exchange.retry_or_fail(backend, kind)
         else:
@@ -251,7 +252,7 @@ class Attempt:
         if backend is not None:
             backend.in_flight -= 1
             self.backend = None
-            self.exchange.proxy.backend_released(backend)
+            self.exchange.proxy.backend_released(backend, self.exchange.unit.pool)
 
     def abandon(self):
         """Drop the connection (or the connect under way, returned for the exchange to

@@ -27,6 +27,8 @@ from equalizer.proxy.request_head import NOT_A_PATH, host_problem, split_absolut
 from equalizer.proxy.response import JSON_HEADERS, OWN_REASONS, error_body, write_head
 from equalizer.proxy.retry import RetryPolicy
 from equalizer.proxy.upstream import UpstreamError
+from equalizer.routing.pools import PoolUnit
+from equalizer.routing.table import route_exchange
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
     from equalizer.config.model import ProxyConfig
     from equalizer.proxy.site import ProxyRequest
     from equalizer.proxy.upstream import UpstreamPool
+    from equalizer.routing.table import Route, RouteTable
 
 log = Logger()
 
@@ -60,6 +63,7 @@ class Exchange:
         "body_chunks", "body_ended", "fresh_only", "bytes_sent", "status", "finished",
         "headers_block", "host", "chunked_body", "body_follows", "head_request",
         "rate_limit", "decision", "last_failure", "problem", "ticket", "bytes_received",
+        "unit", "route", "target", "policy",
     )
 
     def __init__(self, proxy: Proxy, request: ProxyRequest) -> None:
@@ -85,6 +89,9 @@ class Exchange:
         self.chunked_body = length is None
         self.body_follows = length != 0
         self.head_request = self.method == b"HEAD"
+        self.unit: PoolUnit | None = proxy.default_unit
+        self.route: Route | None = None
+        self.policy = None
         self._read_request_head()
 
     # -- request head --------------------------------------------------------------
@@ -99,6 +106,9 @@ class Exchange:
         self.request_id = request_id or os.urandom(16).hex().encode("ascii")
         lines.append(forwarded_lines(peer, forwarded_for, proxy.scheme, self.request_id))
         self.problem, host = refusal(request, hosts)
+        self.target = request.uri
+        if proxy.router is not None and self.problem is None:
+            lines = route_exchange(self, host, lines)
         if host is not None:
             lines.append(b"X-Forwarded-Host: %s\r\n" % host)
         if self.chunked_body:
@@ -112,13 +122,16 @@ class Exchange:
     def head_for(self, backend: Backend) -> bytes:
         host = self.host if self.proxy.config.preserve_host and self.host else backend.host_header
         return b"%s %s%s HTTP/1.1\r\nHost: %s\r\n%s" % (
-            self.method, backend.prefix, self.request.uri, host, self.headers_block)
+            self.method, backend.prefix, self.target, host, self.headers_block)
 
     # -- choosing a backend ----------------------------------------------------------
 
     def start(self) -> None:
         problem = self.problem
         if problem is None:
+            if self.unit is None:
+                self.respond_locally(404, "no_route", "no route matches this request")
+                return
             self.proxy.admit(self)
         else:
             self.request.channel.persistent = False
@@ -130,7 +143,7 @@ class Exchange:
             return
         backend = self.choose()
         if backend is None:
-            if self.proxy.pool.all_full(self.tried):
+            if self.unit.pool.all_full(self.tried):
                 wait_for_slot(self)
             elif self.tried:
                 self.gateway_failure()
@@ -142,9 +155,9 @@ class Exchange:
 
     def choose(self) -> Backend | None:
         """A candidate not tried yet (nor full), by the pool's strategy."""
-        proxy = self.proxy
-        hash_key = proxy.hash_key
-        return proxy.pool.choose(
+        unit = self.unit
+        hash_key = unit.hash_key
+        return unit.pool.choose(
             hash_key(self).encode("utf-8", "surrogateescape") if hash_key else None, self.tried)
 
     def send_to(self, backend: Backend) -> None:
@@ -152,16 +165,6 @@ class Exchange:
         backend.in_flight += 1
         attempt = self.attempt = Attempt(self, backend)
         attempt.start(None if self.fresh_only else self.proxy.upstreams.get_idle(backend))
-
-    def out_of_resources(self, backend: Backend, reason: Failure) -> None:
-        """The proxy could not even create a socket (EMFILE and the like): its own shortage,
-        not the backend's failure, and no other backend would fare better. 503 with
-        Retry-After, no attempt recorded, and a warning at most every few seconds."""
-        self.tried.remove(backend)
-        self.proxy.resource_warning.report(reason.getErrorMessage())
-        self.respond_locally(503, "proxy_overloaded",
-                             "the proxy is out of connections (file descriptors); retry shortly",
-                             RETRY_AFTER)
 
     def retry_or_fail(self, backend: Backend, reason: str) -> None:
         """Another backend after ``backend`` failed (``RETRY_REASONS``), or the gateway error."""
@@ -287,7 +290,7 @@ class Exchange:
         ticket = self.ticket
         if ticket is not None:
             self.ticket = None
-            self.proxy.pool.queue.leave(ticket)  # gone from the queue at once
+            self.unit.pool.queue.leave(ticket)  # gone from the queue at once
         attempt = self.attempt
         pending = attempt.abandon() if attempt is not None else None
         self.status = self.status or 499
@@ -359,6 +362,8 @@ class Proxy:
                  clock: IReactorTime, stats: TrafficStats, passive: PassiveHealth, *,
                  scheme: bytes = b"http", admission: Admission = ADMIT_ALL) -> None:
         self.pool = pool
+        self.default_unit = PoolUnit("default", pool, passive)
+        self.router: RouteTable | None = None
         self.upstreams = upstreams
         self.clock = clock
         self.stats = stats
@@ -378,9 +383,9 @@ class Proxy:
         goes through (once), the client key ``hash`` balancing uses, if it does, and
         outlier detection, when on."""
         self.config = config
-        self.hash_key = hash_key
+        self.hash_key = self.default_unit.hash_key = hash_key
         self.log_access = log_access
-        self.outlier = outlier
+        self.outlier = self.default_unit.outlier = outlier
         self.retry = RetryPolicy.from_names(config.retry_on)
         self.retry_statuses = self.retry.statuses
         # Bound once here, called once or twice per request.
@@ -388,12 +393,18 @@ class Proxy:
         self.response_lines = admission.response_lines
         self.owned_fields: frozenset[bytes] = admission.owned_fields
 
-    def backend_released(self, backend: Backend) -> None:
+    def route_with(self, router: RouteTable | None) -> None:
+        """Take a new route table (start-up and reload), None without routes; exchanges
+        under way keep the route they had."""
+        self.router = router
+
+    def backend_released(self, backend: Backend, pool: BackendPool | None = None) -> None:
         """A backend has one request fewer in flight; a draining one may be done, and a
-        request waiting in the queue may take the slot."""
+        request waiting in its pool's queue may take the slot."""
+        pool = pool or self.pool
         if backend.draining and backend.in_flight == 0:
-            self.pool.drained(backend)
-        queue = self.pool.queue
+            pool.drained(backend)
+        queue = pool.queue
         if queue.waiting:
             queue.wake()
 

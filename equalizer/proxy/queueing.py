@@ -13,6 +13,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from twisted.python.failure import Failure
+
+    from equalizer.balancer.pool import Backend
     from equalizer.proxy.exchange import Exchange
 
 RETRY_AFTER = ((b"Retry-After", b"1"),)
@@ -20,7 +23,7 @@ RETRY_AFTER = ((b"Retry-After", b"1"),)
 
 def wait_for_slot(exchange: Exchange) -> None:
     """Queue ``exchange`` for a slot, or refuse it when the queue is full."""
-    queue = exchange.proxy.pool.queue
+    queue = exchange.unit.pool.queue
     ticket = queue.join(lambda: _take_slot(exchange), lambda: _expired(exchange))
     if ticket is None:
         overloaded(exchange, "every backend is at its max_requests and the queue is full")
@@ -47,3 +50,14 @@ def _expired(exchange: Exchange) -> None:
 def overloaded(exchange: Exchange, message: str) -> None:
     exchange.ticket = None
     exchange.respond_locally(503, "overloaded", message, RETRY_AFTER)
+
+
+def out_of_resources(exchange: Exchange, backend: Backend, reason: Failure) -> None:
+    """The proxy could not even create a socket (EMFILE and the like): its own shortage,
+    not the backend's failure, and no other backend would fare better. 503 with
+    Retry-After, no attempt recorded, and a warning at most every few seconds."""
+    exchange.tried.remove(backend)
+    exchange.proxy.resource_warning.report(reason.getErrorMessage())
+    exchange.respond_locally(503, "proxy_overloaded",
+                             "the proxy is out of connections (file descriptors); retry shortly",
+                             RETRY_AFTER)

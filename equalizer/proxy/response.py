@@ -72,6 +72,9 @@ def write_head(exchange: Exchange, status: int, reason: bytes,
         length_known = length_known and b"content-length" not in named
     if not request_id_seen:
         fields.append((b"X-Request-ID", exchange.request_id))
+    route = exchange.route
+    if route is not None and route.rewrites_response:
+        fields = route.rewrite_response(fields)
     for name, values in request.responseHeaders.getAllRawHeaders():
         fields.extend((name, value) for value in values)
     version = request.clientproto

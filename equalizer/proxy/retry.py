@@ -52,7 +52,7 @@ def may_retry(attempt: Attempt) -> bool:
     tried = exchange.tried
     if len(tried) > proxy.config.retries:
         return False
-    return any(backend not in tried for backend in proxy.pool.available)
+    return any(backend not in tried for backend in exchange.unit.pool.available)
 
 
 def after_connect_failure(exchange: Exchange, backend: Backend, kind: str) -> None:
@@ -60,8 +60,9 @@ def after_connect_failure(exchange: Exchange, backend: Backend, kind: str) -> No
     counted): outlier detection hears of it, and the request goes to another backend if
     ``connect_failure`` is listed."""
     proxy = exchange.proxy
-    if proxy.outlier is not None:
-        proxy.outlier.gateway_error(backend, "connection failed")
+    outlier = exchange.unit.outlier
+    if outlier is not None:
+        outlier.gateway_error(backend, "connection failed")
     if proxy.retry.connect_failure:
         exchange.retry_or_fail(backend, kind)
     else:
@@ -72,8 +73,9 @@ def retry_after_timeout(attempt: Attempt, backend: Backend) -> bool:
     """No response head within ``timeouts.response``: outlier detection hears of it, and
     whether the request goes to another backend (``timeout`` listed, see ``may_retry``)."""
     proxy = attempt.exchange.proxy
-    if proxy.outlier is not None:
-        proxy.outlier.gateway_error(backend, "response timeout")
+    outlier = attempt.exchange.unit.outlier
+    if outlier is not None:
+        outlier.gateway_error(backend, "response timeout")
     return proxy.retry.timeout and may_retry(attempt)
 
 

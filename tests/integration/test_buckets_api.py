@@ -29,7 +29,7 @@ from tests.integration.harness import equalizer_config, sleep
 
 pytestmark = pytest.mark.usefixtures("no_logged_errors")
 
-FIELDS = {"client_id", "capacity", "tokens", "refill_rate", "created_at", "updated_at"}
+FIELDS = {"policy", "client_id", "capacity", "tokens", "refill_rate", "created_at", "updated_at"}
 DEFAULT_REFILL = 7.5
 CLIENT_IDS = ["plain", "a b/c", "zürich/ß?x=1&y#frag", "日本語 %2F 🙂", "127.0.0.1"]
 DEEP_ARRAY = b"[" * 60000 + b"]" * 5000

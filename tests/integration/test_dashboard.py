@@ -329,3 +329,32 @@ async def test_dashboard_logs_in_with_the_token_and_shows_live_figures(
     ], fireOnOneErrback=True, consumeErrors=True)
     with open(LOGGED_IN_SCREENSHOT, "rb") as shot:
         assert shot.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_dashboard_shows_pools_and_routes(http, backends, twistd_process, tmp_path):
+    """With pools and routes configured, the page lists each pool (strategy, healthy over
+    total) and each route in order (its conditions, pool and policy); backend rows name
+    their pool."""
+    binary = chromium()
+    web, api = backends("web"), backends("api")
+    document = equalizer_config([web.url])
+    document["pools"] = {"api": {"strategy": "least_connections",
+                                 "backends": [{"url": api.url}]}}
+    document["routes"] = [
+        {"match": {"host": "api.example.com", "path_prefix": "/v1/"}, "pool": "api",
+         "strip_prefix": True, "rate_limit": None},
+        {"match": {"methods": ["POST"]}, "pool": "default"}]
+    balancer = await twistd_process(document, http)
+    dom = (await run_chromium(binary, str(tmp_path / "profile-routes"),
+                              "--virtual-time-budget=5000", "--dump-dom",
+                              balancer.admin_url + "/dashboard")).decode("utf-8")
+    texts = Headings()
+    texts.feed(dom)
+    # cell texts run together in the element's text
+    assert texts.text["pools"] == "defaultround_robin1 / 1apileast_connections1 / 1"
+    assert texts.text["routes"] == ("0host api.example.com · path /v1/* (stripped)api"
+                                    "not limited1POSTdefaultdefault")
+    rows = BackendRows()
+    rows.feed(dom)
+    assert sorted(cells[0] for _, cells in rows.rows.values()) == ["b1", "b2 · api"]

@@ -27,7 +27,9 @@ from typing import TYPE_CHECKING, TypeVar
 import attrs
 from twisted.internet.defer import Deferred
 
+from equalizer.buckets.interface import bucket_key
 from equalizer.buckets.maths import credit
+from equalizer.config.model import DEFAULT_POLICY
 
 if TYPE_CHECKING:
     from equalizer.buckets.interface import BucketRecord, IBucketStore
@@ -54,13 +56,16 @@ class AdminCalls:
 
     # reads ---------------------------------------------------------------------------------
 
-    def get(self, client_id: str) -> Deferred[BucketRecord | None]:
+    def get(self, client_id: str, policy: str = DEFAULT_POLICY
+            ) -> Deferred[BucketRecord | None]:
         return Deferred.fromCoroutine(self._settlements.apart(
-            client_id, lambda: self._store.get(client_id).addCallback(self._with_leased)))
+            bucket_key(policy, client_id),
+            lambda: self._store.get(client_id, policy).addCallback(self._with_leased)))
 
-    def list(self, limit: int, offset: int) -> Deferred[tuple[list[BucketRecord], int]]:
+    def list(self, limit: int, offset: int,
+             policy: str = DEFAULT_POLICY) -> Deferred[tuple[list[BucketRecord], int]]:
         return Deferred.fromCoroutine(self._settlements.apart_all(
-            lambda: self._store.list(limit, offset).addCallback(self._page)))
+            lambda: self._store.list(limit, offset, policy).addCallback(self._page)))
 
     def _page(self, page: tuple[list[BucketRecord], int]) -> tuple[list[BucketRecord], int]:
         records, total = page
@@ -71,7 +76,7 @@ class AdminCalls:
         client's. Exact with one instance; other instances' leases count as taken."""
         if record is None:
             return None
-        leased = self._allowances.leased(record.client_id)
+        leased = self._allowances.leased(bucket_key(record.policy, record.client_id))
         if not leased:
             return record
         return attrs.evolve(record, tokens=credit(record.capacity, record.tokens, leased))
@@ -79,17 +84,19 @@ class AdminCalls:
     # writes --------------------------------------------------------------------------------
 
     def create(self, client_id: str, capacity: int, tokens: float,
-               refill_rate: float) -> Deferred[BucketRecord]:
-        return self._change(
-            client_id, lambda: self._store.create(client_id, capacity, tokens, refill_rate))
+               refill_rate: float, policy: str = DEFAULT_POLICY) -> Deferred[BucketRecord]:
+        return self._change(bucket_key(policy, client_id), lambda: self._store.create(
+            client_id, capacity, tokens, refill_rate, policy))
 
     def update(self, client_id: str, capacity: int | None, tokens: float | None,
-               refill_rate: float | None) -> Deferred[BucketRecord | None]:
-        return self._change(
-            client_id, lambda: self._store.update(client_id, capacity, tokens, refill_rate))
+               refill_rate: float | None,
+               policy: str = DEFAULT_POLICY) -> Deferred[BucketRecord | None]:
+        return self._change(bucket_key(policy, client_id), lambda: self._store.update(
+            client_id, capacity, tokens, refill_rate, policy))
 
-    def delete(self, client_id: str) -> Deferred[bool]:
-        return self._change(client_id, lambda: self._store.delete(client_id))
+    def delete(self, client_id: str, policy: str = DEFAULT_POLICY) -> Deferred[bool]:
+        return self._change(bucket_key(policy, client_id),
+                            lambda: self._store.delete(client_id, policy))
 
     def _change(self, client_id: str, write: Callable[[], Awaitable[T]]) -> Deferred[T]:
         self._allowances.drop(client_id)

@@ -34,26 +34,28 @@ _NOW = "(SELECT clock_timestamp() AS now) AS n"
 _REFILLED_NOW = _REFILLED.format(now="n.now")
 _TAKE_RETURNING = " RETURNING b.capacity, b.tokens, b.refill_rate, b.last_allowed"
 _RECORD_RETURNING = (
-    " RETURNING b.client_id, b.capacity, b.tokens, b.refill_rate, b.created_at, b.updated_at"
+    " RETURNING b.client_id, b.capacity, b.tokens, b.refill_rate, b.created_at, b.updated_at,"
+    " b.policy"
 )
 
 # A take. With a default policy ($2 capacity, $3 refill rate) the bucket is created
 # on first sight, full, minus this request; without one only an existing bucket is
-# touched. $1 is the client id.
+# touched. $1 is the client id, $4 (or $2) the policy.
 TAKE_OR_CREATE = (
-    "INSERT INTO buckets AS b (client_id, capacity, tokens, refill_rate, last_allowed,"
+    "INSERT INTO buckets AS b (policy, client_id, capacity, tokens, refill_rate, last_allowed,"
     " created_at, updated_at, from_default)"
-    f" SELECT $1, $2, $2::float8 - 1, $3, true, n.now, n.now, true FROM {_NOW}"
-    f" ON CONFLICT (client_id) DO UPDATE SET {_taking('EXCLUDED.updated_at')}" + _TAKE_RETURNING
+    f" SELECT $4, $1, $2, $2::float8 - 1, $3, true, n.now, n.now, true FROM {_NOW}"
+    f" ON CONFLICT (policy, client_id) DO UPDATE SET {_taking('EXCLUDED.updated_at')}"
+    + _TAKE_RETURNING
 )
 TAKE_EXISTING = (
-    f"UPDATE buckets AS b SET {_taking('n.now')} FROM {_NOW} WHERE b.client_id = $1"
-    + _TAKE_RETURNING
+    f"UPDATE buckets AS b SET {_taking('n.now')} FROM {_NOW}"
+    " WHERE b.policy = $2 AND b.client_id = $1" + _TAKE_RETURNING
 )
 _TAKE_STATEMENTS = {
     # name: (parameter types, SQL with $n parameters)
-    "equalizer_take_or_create": ("text, integer, float8", TAKE_OR_CREATE),
-    "equalizer_take_existing": ("text", TAKE_EXISTING),
+    "equalizer_take_or_create": ("text, integer, float8, text", TAKE_OR_CREATE),
+    "equalizer_take_existing": ("text, text", TAKE_EXISTING),
 }
 
 
@@ -71,20 +73,23 @@ PREPARE = "; ".join(
 _DURABLY = "SET LOCAL synchronous_commit TO on; "
 
 _RECORD_COLUMNS = (
-    f"b.client_id, b.capacity, {_REFILLED_NOW}, b.refill_rate, b.created_at, b.updated_at"
+    f"b.client_id, b.capacity, {_REFILLED_NOW}, b.refill_rate, b.created_at, b.updated_at,"
+    " b.policy"
 )
-GET = f"SELECT {_RECORD_COLUMNS} FROM buckets AS b, {_NOW} WHERE b.client_id = %s"
+GET = (f"SELECT {_RECORD_COLUMNS} FROM buckets AS b, {_NOW}"
+       " WHERE b.client_id = %s AND b.policy = %s")
 LIST = (
     f"WITH page AS (SELECT {_RECORD_COLUMNS} FROM buckets AS b, {_NOW}"
-    " ORDER BY b.client_id LIMIT %s OFFSET %s)"
-    " SELECT t.total, page.* FROM (SELECT count(*) AS total FROM buckets) AS t"
+    " WHERE b.policy = %(policy)s ORDER BY b.client_id LIMIT %(limit)s OFFSET %(offset)s)"
+    " SELECT t.total, page.* FROM"
+    " (SELECT count(*) AS total FROM buckets WHERE policy = %(policy)s) AS t"
     " LEFT JOIN page ON true ORDER BY page.client_id"
 )
 CREATE = (
     _DURABLY + "INSERT INTO buckets AS b"
-    " (client_id, capacity, tokens, refill_rate, created_at, updated_at)"
-    f" SELECT %s, %s, %s, %s, n.now, n.now FROM {_NOW}"
-    " ON CONFLICT (client_id) DO NOTHING" + _RECORD_RETURNING
+    " (client_id, capacity, tokens, refill_rate, created_at, updated_at, policy)"
+    f" SELECT %s, %s, %s, %s, n.now, n.now, %s FROM {_NOW}"
+    " ON CONFLICT (policy, client_id) DO NOTHING" + _RECORD_RETURNING
 )
 UPDATE = (
     _DURABLY + "UPDATE buckets AS b SET"
@@ -93,9 +98,10 @@ UPDATE = (
     " tokens = coalesce(%(tokens)s::float8,"
     f" least(coalesce(%(capacity)s::integer, b.capacity)::float8, {_REFILLED_NOW})),"
     " updated_at = greatest(b.updated_at, n.now), from_default = false"
-    f" FROM {_NOW} WHERE b.client_id = %(client_id)s" + _RECORD_RETURNING
+    f" FROM {_NOW} WHERE b.client_id = %(client_id)s AND b.policy = %(policy)s"
+    + _RECORD_RETURNING
 )
-DELETE = _DURABLY + "DELETE FROM buckets WHERE client_id = %s RETURNING 1"
+DELETE = _DURABLY + "DELETE FROM buckets WHERE client_id = %s AND policy = %s RETURNING 1"
 
 SWEEP_LOCK = MIGRATION_LOCK + 1  # held by a sweep statement, so instances take turns
 
@@ -110,16 +116,19 @@ _FULL = _REFILLED.format(now="clock_timestamp()") + " >= b.capacity"
 # and the rows deleted.
 SWEEP = (
     "WITH sweeper AS (SELECT pg_try_advisory_xact_lock(%(lock)s) AS got),"
-    f" examined AS (SELECT b.client_id, {_FULL} AS is_full FROM buckets AS b, sweeper"
-    " WHERE sweeper.got AND b.from_default AND b.client_id > %(after)s"
-    " ORDER BY b.client_id LIMIT %(batch)s),"
-    " doomed AS (SELECT b.client_id FROM buckets AS b"
-    " WHERE b.client_id IN (SELECT e.client_id FROM examined AS e WHERE e.is_full)"
+    f" examined AS (SELECT b.policy, b.client_id, {_FULL} AS is_full"
+    " FROM buckets AS b, sweeper WHERE sweeper.got AND b.from_default"
+    " AND (b.policy, b.client_id) > (%(after_policy)s, %(after)s)"
+    " ORDER BY b.policy, b.client_id LIMIT %(batch)s),"
+    " doomed AS (SELECT b.policy, b.client_id FROM buckets AS b"
+    " WHERE (b.policy, b.client_id) IN"
+    " (SELECT e.policy, e.client_id FROM examined AS e WHERE e.is_full)"
     f" AND b.from_default AND {_FULL} FOR UPDATE SKIP LOCKED),"
     " gone AS (DELETE FROM buckets AS b USING doomed AS d"
-    " WHERE b.client_id = d.client_id RETURNING 1)"
+    " WHERE b.policy = d.policy AND b.client_id = d.client_id RETURNING 1)"
     " SELECT (SELECT got FROM sweeper), (SELECT count(*) FROM examined),"
-    " (SELECT max(e.client_id) FROM examined AS e), (SELECT count(*) FROM gone)"
+    " (SELECT ARRAY[e.policy, e.client_id] FROM examined AS e"
+    " ORDER BY e.policy DESC, e.client_id DESC LIMIT 1), (SELECT count(*) FROM gone)"
 )
 COUNT = "SELECT count(*) FROM buckets"
 
@@ -128,6 +137,7 @@ CONSTRAINT_FIELDS = {
     "buckets_capacity_check": "capacity",
     "buckets_tokens_check": "tokens",
     "buckets_refill_rate_check": "refill_rate",
+    "buckets_policy_check": "policy",
 }
 
 

@@ -62,7 +62,7 @@ from equalizer.buckets.postgres import sql
 from equalizer.buckets.postgres.connection import Database, Rows
 from equalizer.buckets.postgres.leases import LeaseDatabase
 from equalizer.buckets.postgres.migrations import migrations
-from equalizer.config.model import BucketPolicy, RateLimitConfig
+from equalizer.config.model import DEFAULT_POLICY, BucketPolicy, RateLimitConfig
 from equalizer.histogram import DurationHistogram
 
 log = Logger()
@@ -111,8 +111,9 @@ class PostgresStore:
         self._reactor = reactor
         if prepare:
             setup = f"{sql.SESSION_SETUP}; {sql.PREPARE}"
-            self._take_or_create = "EXECUTE equalizer_take_or_create(%(p1)s, %(p2)s, %(p3)s)"
-            self._take_existing = "EXECUTE equalizer_take_existing(%(p1)s)"
+            self._take_or_create = ("EXECUTE equalizer_take_or_create"
+                                    "(%(p1)s, %(p2)s, %(p3)s, %(p4)s)")
+            self._take_existing = "EXECUTE equalizer_take_existing(%(p1)s, %(p2)s)"
         else:
             setup = sql.SESSION_SETUP
             self._take_or_create = sql.inline(sql.TAKE_OR_CREATE)
@@ -127,7 +128,7 @@ class PostgresStore:
         """Rows in the table (every instance's) as of the last sweep; None before it."""
         self.swept = 0
         """Full default rows this instance's sweeps deleted."""
-        self._sweep_after = ""  # the last client id the sweep looked at
+        self._sweep_after = ("", "")  # the last (policy, client id) the sweep looked at
         self._sweep_call: IDelayedCall | None = None
 
     @property
@@ -211,34 +212,39 @@ class PostgresStore:
         """
         gone = 0
         for _ in range(SWEEP_MAX_BATCHES):
-            params = {"lock": sql.SWEEP_LOCK, "after": self._sweep_after, "batch": SWEEP_BATCH}
+            after_policy, after = self._sweep_after
+            params = {"lock": sql.SWEEP_LOCK, "after_policy": after_policy, "after": after,
+                      "batch": SWEEP_BATCH}
             got, examined, last, deleted = (await self._query(sql.SWEEP, params))[0]
             if not got:
                 break
             gone += deleted
             self.swept += deleted
             if examined < SWEEP_BATCH:
-                self._sweep_after = ""
+                self._sweep_after = ("", "")
                 break
-            self._sweep_after = last
+            self._sweep_after = tuple(last)
         self.bucket_count = (await self._query(sql.COUNT, None))[0][0]
         return gone
 
     # IBucketStore ----------------------------------------------------------------------
 
-    def take(self, client_id: str, default: BucketPolicy | None) -> Deferred[Decision | None]:
-        elsewhere = take_elsewhere(self, client_id, default)
+    def take(self, client_id: str, default: BucketPolicy | None,
+             policy: str = DEFAULT_POLICY) -> Deferred[Decision | None]:
+        elsewhere = take_elsewhere(self, client_id, default, policy)
         if elsewhere is not None:
             return elsewhere
         if default is None:
-            d = self._query(self._take_existing, {"p1": client_id})
+            d = self._query(self._take_existing, {"p1": client_id, "p2": policy})
         else:
-            params = {"p1": client_id, "p2": default.capacity, "p3": default.refill_rate}
+            params = {"p1": client_id, "p2": default.capacity, "p3": default.refill_rate,
+                      "p4": policy}
             d = self._query(self._take_or_create, params)
         return d.addCallback(_decision)
 
     def create(
-        self, client_id: str, capacity: int, tokens: float, refill_rate: float
+        self, client_id: str, capacity: int, tokens: float, refill_rate: float,
+        policy: str = DEFAULT_POLICY,
     ) -> Deferred[BucketRecord]:
         problem = new_bucket_problem(client_id, capacity, tokens, refill_rate)
         if problem is not None:
@@ -249,15 +255,17 @@ class PostgresStore:
                 raise BucketExists(client_id)
             return BucketRecord(*rows[0])
 
-        d = self._query(sql.CREATE, (client_id, capacity, float(tokens), float(refill_rate)))
+        d = self._query(sql.CREATE, (client_id, capacity, float(tokens), float(refill_rate),
+                                     policy))
         return d.addCallbacks(created, _invalid)
 
-    def get(self, client_id: str) -> Deferred[BucketRecord | None]:
+    def get(self, client_id: str, policy: str = DEFAULT_POLICY) -> Deferred[BucketRecord | None]:
         if client_id_error(client_id) is not None:
             return succeed(None)  # no bucket has it (and PostgreSQL could not be sent it)
-        return self._query(sql.GET, (client_id,)).addCallback(_record_or_none)
+        return self._query(sql.GET, (client_id, policy)).addCallback(_record_or_none)
 
-    def list(self, limit: int, offset: int) -> Deferred[tuple[list[BucketRecord], int]]:
+    def list(self, limit: int, offset: int,
+             policy: str = DEFAULT_POLICY) -> Deferred[tuple[list[BucketRecord], int]]:
         if limit < 0 or offset < 0:
             return fail(ValueError("limit and offset must be >= 0"))
 
@@ -265,7 +273,8 @@ class PostgresStore:
             records = [BucketRecord(*row[1:]) for row in rows if row[1] is not None]
             return records, rows[0][0]
 
-        return self._query(sql.LIST, (limit, offset)).addCallback(page)
+        params = {"limit": limit, "offset": offset, "policy": policy}
+        return self._query(sql.LIST, params).addCallback(page)
 
     def update(
         self,
@@ -273,6 +282,7 @@ class PostgresStore:
         capacity: int | None = None,
         tokens: float | None = None,
         refill_rate: float | None = None,
+        policy: str = DEFAULT_POLICY,
     ) -> Deferred[BucketRecord | None]:
         try:
             validate_fields(capacity, tokens, refill_rate)
@@ -282,16 +292,17 @@ class PostgresStore:
             return succeed(None)
         params = {
             "client_id": client_id,
+            "policy": policy,
             "capacity": capacity,
             "tokens": None if tokens is None else float(tokens),
             "refill_rate": None if refill_rate is None else float(refill_rate),
         }
         return self._query(sql.UPDATE, params).addCallbacks(_record_or_none, _invalid)
 
-    def delete(self, client_id: str) -> Deferred[bool]:
+    def delete(self, client_id: str, policy: str = DEFAULT_POLICY) -> Deferred[bool]:
         if client_id_error(client_id) is not None:
             return succeed(False)
-        return self._query(sql.DELETE, (client_id,)).addCallback(bool)
+        return self._query(sql.DELETE, (client_id, policy)).addCallback(bool)
 
 
 

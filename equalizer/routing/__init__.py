@@ -1,0 +1,1 @@
+"""Routes and pools (SPEC 8): which pool, policy and header changes a request gets."""
