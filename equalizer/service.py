@@ -59,6 +59,7 @@ class Options(usage.Options):
         ["listen", None, None, "proxy endpoint, e.g. tcp:8080"],
         ["admin", None, None, "admin API endpoint, e.g. tcp:8081:interface=127.0.0.1"],
         ["database-url", None, None, "PostgreSQL DSN for the bucket store"],
+        ["workers", None, None, "proxy worker processes: a number or auto (proxy.workers)"],
     ]
     optFlags = [["demo", None, "start three whoami backends on loopback and balance over them"]]
 
@@ -82,6 +83,7 @@ def read_config(options: Options, environ: dict[str, str]) -> Config:
         backends=backends,
         database_url=options["database-url"],
         env=environ,
+        workers=options.get("workers"),
     )
 
 
@@ -100,10 +102,14 @@ def makeService(options: Options, reactor=None) -> MultiService:
     except LogFileError as error:
         print(f"config error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
-    return EqualizerService(config, reactor, demo=options["demo"],
-                            reread=lambda: read_config(options, os.environ),
-                            logging_service=logging_service,
-                            stop_process=lambda status: stop_twistd(reactor, status))
+    service = EqualizerService(config, reactor, demo=options["demo"],
+                               reread=lambda: read_config(options, os.environ),
+                               logging_service=logging_service,
+                               stop_process=lambda status: stop_twistd(reactor, status))
+    if config.proxy.workers > 1:  # SPEC 9: this process supervises, workers proxy
+        from equalizer.workers.supervisor import Supervisor, worker_options
+        Supervisor(service, worker_options(options)).attach()
+    return service
 
 
 def stop_twistd(reactor, status: int) -> None:
@@ -188,6 +194,8 @@ class EqualizerService(MultiService):
         self.admin_listener = self._listen("admin.listen", config.admin.listen, self.admin.site())
         self._previous_sighup = None
         self._previous_sigusr1 = None
+        self.on_reload: list[Callable[[], None]] = []
+        """Called after each good reload (worker processes reload too)."""
         self._starting_since = reactor.seconds()
         self.exit_status = 0
 
@@ -230,6 +238,8 @@ class EqualizerService(MultiService):
         self.apply(config)
         self.stats.reloaded(True, self.reactor.seconds())
         log.info("configuration reloaded")
+        for call in self.on_reload:
+            call()
         return True
 
     def apply(self, config: Config) -> None:

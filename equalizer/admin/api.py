@@ -103,6 +103,8 @@ class AdminAPI:
         self._store = store
         self.default_policy = default_policy
         self.readiness = readiness or Readiness(ready=True)
+        self.workers: Callable[[], list[dict]] | None = None
+        """The worker processes /stats lists (SPEC 9), when there are several."""
 
     def site(self) -> Site:
         """The admin site: bearer-token guard, bounded bodies, then the Klein routes."""
@@ -174,8 +176,10 @@ class AdminAPI:
 
     @app.route("/stats", methods=["GET"])
     def stats(self, request: IRequest) -> bytes:
-        return json_response(request, stats_json(self._pool, self._stats, self._store,
-                                                 self._clock))
+        body = stats_json(self._pool, self._stats, self._store, self._clock)
+        if self.workers is not None:  # SPEC 9: one entry per worker process
+            body["workers"] = self.workers()
+        return json_response(request, body)
 
     # -- backends ----------------------------------------------------------------------
 

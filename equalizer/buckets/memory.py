@@ -73,6 +73,12 @@ class MemoryStore:
         self._pass: list[str] | None = None  # client ids the sweep under way has yet to see
 
     @property
+    def buckets(self) -> dict[str, tuple[Bucket, float]]:
+        """Client id -> (bucket, created at): for settling workers' leases
+        (:func:`equalizer.workers.leases.settle_in_memory`)."""
+        return self._buckets
+
+    @property
     def bucket_count(self) -> int:
         """Buckets held now."""
         return len(self._buckets)
