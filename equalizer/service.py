@@ -369,7 +369,7 @@ class EqualizerService(MultiService):
         return listener
 
 
-RESTART_ONLY = ("proxy.listen", "admin.listen", "admin.token", "rate_limit.store",
+RESTART_ONLY = ("proxy.listen", "proxy.workers", "admin.listen", "admin.token", "rate_limit.store",
                 "rate_limit.database_url", "logging.file", "logging.rotate")
 """Settings a reload cannot change: sockets, the store and the log are opened once."""
 

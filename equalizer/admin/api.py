@@ -103,8 +103,9 @@ class AdminAPI:
         self._store = store
         self.default_policy = default_policy
         self.readiness = readiness or Readiness(ready=True)
-        self.workers: Callable[[], list[dict]] | None = None
-        """The worker processes /stats lists (SPEC 9), when there are several."""
+        self.workers = None
+        """The worker processes' supervisor, when there are several (SPEC 9): /stats
+        lists them (its ``json()``)."""
 
     def site(self) -> Site:
         """The admin site: bearer-token guard, bounded bodies, then the Klein routes."""
@@ -178,7 +179,7 @@ class AdminAPI:
     def stats(self, request: IRequest) -> bytes:
         body = stats_json(self._pool, self._stats, self._store, self._clock)
         if self.workers is not None:  # SPEC 9: one entry per worker process
-            body["workers"] = self.workers()
+            body["workers"] = self.workers.json()
         return json_response(request, body)
 
     # -- backends ----------------------------------------------------------------------

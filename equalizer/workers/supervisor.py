@@ -153,7 +153,6 @@ class Supervisor(Service):
         self._sync.clock = self.reactor
         self._snapshots = LoopingCall(self.collect)
         self._snapshots.clock = self.reactor
-        self._pool_drain = service.pool.drain
 
     def attach(self) -> None:
         """Become part of ``service``: its proxy listener opens for the workers, drains
@@ -162,9 +161,9 @@ class Supervisor(Service):
         self.setServiceParent(service)
         service.proxy_listener.gate(service.readiness, self._listening,
                                     service._cannot_listen_late)
-        service.pool.drain = self.drain
+        service.pool.elsewhere = self
         service.on_reload.append(self.reload)
-        service.admin.workers = self.workers_json
+        service.admin.workers = self
 
     # -- start, replace, stop ------------------------------------------------------
 
@@ -265,8 +264,8 @@ class Supervisor(Service):
         channel.callRemote(commands.SetBackends, state=state).addErrback(_lost)
 
     def drain(self, backend) -> Deferred[None]:
-        """Drain on every worker: fires once none has a request in flight on it."""
-        self._pool_drain(backend).addErrback(lambda f: f.trap(DrainCancelled))
+        """Drain on every worker (the pool marked it draining): fires once none has a
+        request in flight on it."""
         self.sync()
         return Deferred.fromCoroutine(self._drain(backend.id))
 
@@ -294,7 +293,7 @@ class Supervisor(Service):
             self.aggregate.live[pid] = json.loads(answer["figures"])
             self.aggregate.write_into(self.service.stats, self.service.pool)
 
-    def workers_json(self) -> list[dict[str, Any]]:
+    def json(self) -> list[dict[str, Any]]:
         return [w.json(self.aggregate.live.get(w.pid)) for w in self.workers]
 
     def settle(self, batch: list) -> Deferred[list]:

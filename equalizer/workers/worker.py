@@ -129,6 +129,13 @@ class AdoptedListener(Service):
         return port.stopListening() if port is not None else None
 
 
+class NoListener(Service):
+    """The admin listener of a worker: the supervisor has the admin API."""
+
+    def gate(self, readiness, on_open, on_failure) -> None:
+        """Never opens."""
+
+
 class WorkerService(EqualizerService):
     """An EqualizerService without the control plane: its admin listener is never
     opened, its backends come from the supervisor, its store leases from it."""
@@ -143,9 +150,7 @@ class WorkerService(EqualizerService):
 
     def _listen(self, key: str, description: str, factory: Any) -> Any:
         listener: Service = (AdoptedListener(self.reactor, LISTEN_FD, factory)
-                             if key == "proxy.listen" else Service())
-        if key != "proxy.listen":
-            listener.gate = lambda *args: None  # type: ignore[attr-defined]
+                             if key == "proxy.listen" else NoListener())
         listener.setServiceParent(self)
         return listener
 
