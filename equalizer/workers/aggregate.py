@@ -23,8 +23,8 @@ if TYPE_CHECKING:
 LATENCIES_SENT = 256
 """Most recent latencies per backend a snapshot carries (for merged percentiles)."""
 
-COUNTERS = ("total", "rate_limited", "errors", "retries", "connections", "bytes_in",
-            "bytes_out")
+COUNTERS = ("total", "rate_limited", "errors", "retries", "bytes_in", "bytes_out")
+GAUGES = ("in_flight", "connections")
 BACKEND_COUNTERS = ("requests", "failures")
 CODE_MAPS = ("by_code", "unproxied_by_code")
 BACKEND_MAPS = ("by_code", "failure_reasons", "retries")
@@ -41,6 +41,7 @@ def snapshot(stats: TrafficStats, pool: BackendPool, in_flight: int) -> dict[str
     figures["unproxied_by_code"] = stats.unproxied_by_code
     figures["unproxied_durations"] = _histogram(stats.unproxied_durations)
     figures["in_flight"] = in_flight
+    figures["connections"] = stats.connections
     figures["backends"] = {b.id: _backend(b) for b in pool.backends}
     return figures
 
@@ -74,7 +75,8 @@ def merge(total: dict[str, Any], figures: dict[str, Any], gauges: bool = True) -
         _add_map(total.setdefault(name, {}), figures.get(name, {}), True)
     _add_histogram(total.setdefault("unproxied_durations", []), figures["unproxied_durations"])
     if gauges:
-        total["in_flight"] = total.get("in_flight", 0) + figures.get("in_flight", 0)
+        for name in GAUGES:
+            total[name] = total.get(name, 0) + figures.get(name, 0)
     backends = total.setdefault("backends", {})
     for backend_id, more in figures.get("backends", {}).items():
         into = backends.setdefault(backend_id, {"latencies": []})
@@ -113,7 +115,7 @@ class Aggregate:
         if not self.live and not self.retired:
             return
         total = self.total()
-        for name in COUNTERS:
+        for name in (*COUNTERS, "connections"):
             setattr(stats, name, total.get(name, 0))
         stats.by_code = total.get("by_code", {})
         stats.unproxied_by_code = total.get("unproxied_by_code", {})

@@ -79,4 +79,4 @@ class Lines(amp.Command):
     """Whole log lines (access and error log), in the supervisor's format already."""
 
     arguments = [(b"text", BigUnicode())]
-    requiresAnswer = False
+    response: list = []

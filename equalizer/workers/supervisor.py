@@ -30,11 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols import amp
 
+import equalizer
 from equalizer.balancer.pool import DrainCancelled
 from equalizer.buckets.interface import StoreUnavailable
 from equalizer.buckets.memory import MemoryStore
@@ -67,8 +69,20 @@ OPTION_KEYS = ("config", "listen", "admin", "database-url", "backends", "demo")
 
 
 def worker_options(options: Mapping[str, Any]) -> str:
-    """The command-line options a worker reads its configuration with, as JSON."""
-    return json.dumps({key: options[key] for key in OPTION_KEYS})
+    """The command-line options a worker reads its configuration with, as JSON (the
+    file's path made absolute: a daemon's workers may start elsewhere)."""
+    chosen = {key: options[key] for key in OPTION_KEYS}
+    if chosen["config"]:
+        chosen["config"] = os.path.abspath(chosen["config"])
+    return json.dumps(chosen)
+
+
+def worker_environment() -> dict[str, str]:
+    """This process's environment, with this equalizer package first on the path."""
+    env = dict(os.environ)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(equalizer.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (here, env.get("PYTHONPATH"))))
+    return env
 
 
 def backend_state(pool) -> list[list[Any]]:
@@ -195,7 +209,7 @@ class Supervisor(Service):
             process, sys.executable,
             [sys.executable, "-m", "equalizer.workers.worker", self.options_json,
              str(os.getpid())],
-            env=dict(os.environ), childFDs={0: "w", 1: 1, 2: 2, 3: self.listen_fd,
+            env=worker_environment(), childFDs={0: "w", 1: 1, 2: 2, 3: self.listen_fd,
                                             4: theirs.fileno()})
         theirs.close()
         worker.pid = worker.process.pid
@@ -270,8 +284,8 @@ class Supervisor(Service):
         return Deferred.fromCoroutine(self._drain(backend.id))
 
     async def _drain(self, backend_id: str) -> None:
-        calls = [c.callRemote(commands.Drain, backend_id=backend_id).addErrback(
-            lambda f: {"cancelled": False}) for c in self.channels()]  # a lost worker: drained
+        calls = [c.callRemote(commands.Drain, backend_id=backend_id).addErrback(_drained)
+                 for c in self.channels()]
         answers = await DeferredList(calls, consumeErrors=True)
         if any(ok and answer["cancelled"] for ok, answer in answers):
             raise DrainCancelled(backend_id)
@@ -308,6 +322,12 @@ class Supervisor(Service):
             logging_service.writer.write(text)
         else:
             sys.stdout.write(text)
+
+
+def _drained(failure) -> dict[str, bool]:
+    """A worker lost during a drain has nothing in flight any more."""
+    failure.trap(ConnectionLost, ConnectionDone)
+    return {"cancelled": False}
 
 
 def _lost(failure) -> None:

@@ -23,6 +23,8 @@ from typing import Any
 import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ReactorNotRunning
+from twisted.internet.task import deferLater
 from twisted.logger import FilteringLogObserver, Logger, globalLogBeginner
 from twisted.protocols import amp
 
@@ -42,6 +44,8 @@ CONTROL_FD = 4
 PR_SET_PDEATHSIG = 1
 LINES_BATCH = 32_768
 """Characters of log lines sent in one message at most."""
+FLUSH_GRACE = 0.1
+"""Seconds a stopping worker lets its last answers be written before it exits."""
 LINES_DELAY = 0.05
 """Seconds a log line may wait to go with others."""
 
@@ -70,17 +74,19 @@ class LineBatcher:
         elif self._call is None:
             self._call = self._reactor.callLater(LINES_DELAY, self.flush)
 
-    def flush(self) -> None:
+    def flush(self) -> Deferred[Any] | None:
+        """Send what is waiting; the Deferred fires once the supervisor has it."""
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
         text, self._lines, self._size = "".join(self._lines), [], 0
         if not text:
-            return
+            return None
         if self._channel.connected:
-            self._channel.callRemote(commands.Lines, text=text)
-        else:
-            sys.stderr.write(text)
+            return self._channel.callRemote(commands.Lines, text=text).addErrback(
+                lambda failure: sys.stderr.write(text))
+        sys.stderr.write(text)
+        return None
 
 
 @attrs.define
@@ -260,9 +266,29 @@ class WorkerChannel(amp.AMP):
         return {"figures": json.dumps(self.service.figures())}
 
 
+async def _stop(service: WorkerService, lines: LineBatcher) -> None:
+    await service.stopService()
+    # The reactor's shutdown drops connections without writing what they buffered:
+    # give the last answers a moment to go out first.
+    await deferLater(service.reactor, FLUSH_GRACE, lambda: None)
+    sent = lines.flush()
+    if sent is not None:  # the last lines reach the supervisor before this process ends
+        await sent
+
+
+def stop(service: WorkerService, lines: LineBatcher) -> Deferred[None]:
+    """Drain and stop; signals that come meanwhile (the supervisor's SIGTERM, then the
+    kernel's as it exits, or a terminal's SIGINT) change nothing."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return Deferred.fromCoroutine(_stop(service, lines))
+
+
 def _stop_reactor(reactor: Any) -> None:
-    if reactor.running:
+    try:
         reactor.stop()
+    except ReactorNotRunning:
+        pass  # already stopping (SIGTERM came first)
 
 
 def die_with_parent(parent: int) -> None:
@@ -283,9 +309,6 @@ def main(argv: list[str]) -> None:
     from twisted.internet.protocol import Factory
 
     channel = WorkerChannel(reactor)
-    reactor.adoptStreamConnection(CONTROL_FD, socket.AF_UNIX,
-                                  Factory.forProtocol(lambda: channel))
-    os.close(CONTROL_FD)
 
     def reread() -> Config:
         return worker_config(read_config(options, os.environ))
@@ -295,10 +318,12 @@ def main(argv: list[str]) -> None:
     globalLogBeginner.beginLoggingTo([logging.observer()], redirectStandardIO=False)
     service = WorkerService(config, reactor, channel, reread)
     channel.service = service
+    reactor.adoptStreamConnection(CONTROL_FD, socket.AF_UNIX,
+                                  Factory.forProtocol(lambda: channel))
+    os.close(CONTROL_FD)
     service.proxy.access_log.attach(logging)
     service.startService()
-    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    reactor.addSystemEventTrigger("after", "shutdown", logging.writer.flush)
+    reactor.addSystemEventTrigger("before", "shutdown", stop, service, logging.writer)
     reactor.run()
 
 

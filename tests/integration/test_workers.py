@@ -149,11 +149,11 @@ async def test_admin_changes_and_health_results_reach_every_worker(
 async def test_a_drain_waits_for_requests_in_flight_on_every_worker(
         twistd_process, backends, http):
     finished: list = []
-    slow = backends("slow", slow_path_handler(finished))
+    slow = backends("slow", slow_path_handler([finished.append]))
     balancer = await twistd_process(workers_config([slow]), http)
     await until_both_served(balancer, http)
     in_flight = gatherResults([fresh_get(balancer, "/slow") for _ in range(6)])
-    await wait_until(lambda: sum(1 for r in slow.requests if r.path == "/slow") == 6, 10,
+    await wait_until(lambda: sum(1 for r in slow.requests if r.uri == b"/slow") == 6, 10,
                      message="the slow requests to reach the backend")
     workers = await workers_of(balancer, http)
     reply = await call(http, "DELETE", balancer.admin_url + "/backends/b1",
@@ -208,19 +208,18 @@ async def test_a_killed_worker_is_replaced_and_the_others_keep_serving(
 
 @pytest_twisted.ensureDeferred
 async def test_sigterm_drains_every_worker_then_exits(twistd_process, backends, http):
-    finished: list = []
-    slow = backends("slow", slow_path_handler(finished))
+    slow = backends("slow", slow_path_handler([]))
     balancer = await twistd_process(workers_config(
         [slow], proxy={"timeouts": {"shutdown": "10s"}}), http)
     workers = await until_both_served(balancer, http)
     in_flight = fresh_get(balancer, "/slow")
-    await wait_until(lambda: any(r.path == "/slow" for r in slow.requests), 10,
+    await wait_until(lambda: any(r.uri == b"/slow" for r in slow.requests), 10,
                      message="the slow request to reach the backend")
     os.kill(balancer.pid, signal.SIGTERM)
     code, body = await within(in_flight, SLOW_SECONDS + 10)
     assert (code, body) == (200, b"slow")
     await wait_until(lambda: balancer.process.poll() is not None, 15, message="exit")
-    assert balancer.process.returncode == 0
+    assert balancer.process.returncode == -signal.SIGTERM  # as twistd exits after SIGTERM
     assert not any(alive(w["pid"]) for w in workers)
 
 
