@@ -13,7 +13,8 @@ import uuid
 import pytest_twisted
 import treq
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
+from twisted.internet.defer import Deferred, FirstError, ensureDeferred, gatherResults
+from twisted.internet.error import ConnectionRefusedError
 
 from tests.integration.buckets_support import call, store_section
 from tests.integration.harness import (
@@ -59,7 +60,11 @@ async def _fresh_get(balancer, path: str, headers: dict | None):
 async def until_both_served(balancer, http) -> list[dict]:
     """Send requests until each worker has answered some (the kernel spreads them)."""
     async def both() -> bool:
-        await gatherResults([fresh_get(balancer) for _ in range(8)])
+        try:
+            await gatherResults([fresh_get(balancer) for _ in range(8)], consumeErrors=True)
+        except FirstError as error:  # the listener opens once the store is ready (SPEC 4.5)
+            error.subFailure.trap(ConnectionRefusedError)
+            return False
         workers = await workers_of(balancer, http)
         return all(w["requests"] > 0 for w in workers) and workers
 
