@@ -12,19 +12,24 @@ import uuid
 
 import pytest_twisted
 import treq
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred, FirstError, ensureDeferred, gatherResults
 from twisted.internet.error import ConnectionRefusedError
 
 from tests.integration.buckets_support import call, store_section
 from tests.integration.harness import (
+    LOOPBACK,
+    ListeningEqualizer,
     equalizer_config,
+    free_port,
     get_json,
     http_client,
     raw_request,
     wait_until,
     within,
 )
+from tests.integration.test_log_reopen import alive, start_daemon
 from tests.integration.test_runtime_control import SLOW_SECONDS, slow_path_handler
 
 GET = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
@@ -69,14 +74,6 @@ async def until_both_served(balancer, http) -> list[dict]:
         return all(w["requests"] > 0 for w in workers) and workers
 
     return await wait_until(both, 20, interval=0.05, message="both workers to serve")
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return "\nState:\tZ" not in f.read()
-    except FileNotFoundError:
-        return False
 
 
 @pytest_twisted.ensureDeferred
@@ -243,3 +240,48 @@ async def test_no_worker_serves_after_the_supervisor_is_killed(twistd_process, b
     except Exception:
         answer = b""
     assert answer == b""  # refused: nothing listens any more
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_daemon_with_workers_reloads_them_all_on_sighup(tmp_path, http, backends):
+    """``twistd equalizer`` daemonized runs its workers; SIGHUP reaches each of them (here:
+    rate-limit headers turned off); SIGTERM by the pidfile's PID stops them all."""
+    admin_port, proxy_port = free_port(), free_port()
+    document = workers_config(
+        [backends("one")], rate_limit={"enabled": True, "headers": "both"},
+        proxy={"listen": f"tcp:{proxy_port}:interface={LOOPBACK}"},
+        admin={"listen": f"tcp:{admin_port}:interface={LOOPBACK}"})
+    balancer = ListeningEqualizer()
+    balancer.proxy_port, balancer.admin_port = proxy_port, admin_port
+    pid = start_daemon(tmp_path, document)
+    try:
+        await wait_until(lambda: "serving" in (tmp_path / "eq.log").read_text(), 20,
+                         message="a worker serving")
+        workers = await until_both_served(balancer, http)
+        assert all(alive(w["pid"]) for w in workers)
+
+        async def limit_headers() -> set[bool]:
+            client, pool = http_client(persistent=False)
+            try:
+                responses = await gatherResults([within(client.get(balancer.proxy_url))
+                                                 for _ in range(16)])
+                for response in responses:
+                    await within(treq.content(response))
+                return {response.headers.hasHeader(b"RateLimit-Limit")
+                        for response in responses}
+            finally:
+                await pool.closeCachedConnections()
+
+        assert await limit_headers() == {True}
+        document["rate_limit"]["headers"] = "none"
+        (tmp_path / "equalizer.yml").write_text(yaml.safe_dump(document))
+        os.kill(pid, signal.SIGHUP)
+        await wait_until(lambda: ensureDeferred(limit_headers()).addCallback(
+            lambda seen: seen == {False}), 10, interval=0.05, message="every worker reloaded")
+    finally:
+        if alive(pid):
+            os.kill(pid, signal.SIGTERM)
+    await wait_until(lambda: not alive(pid), 15, message="the daemon to exit")
+    assert not any(alive(w["pid"]) for w in workers)
+    assert not (tmp_path / "twistd.pid").exists()
+    assert "Traceback" not in (tmp_path / "eq.log").read_text()
