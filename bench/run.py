@@ -86,6 +86,8 @@ class Scenario:
     keys: int = 0  # client keys: 1 is the client address (SPEC's default `ip`, no header);
     # more are that many X-Client values (key `header:X-Client`)
     baseline: str | None = None  # scenario whose stock median is the ratio base
+    workers: int = 1  # equalizer's proxy.workers
+    cpus: str = PROXY_CPU  # where the proxy runs (its workers share these cores)
 
     @property
     def ratio_base(self) -> str:
@@ -102,7 +104,12 @@ SCENARIOS = (
     Scenario(
         "1k-c32-limit-pg-10k", "/1k", 32, ("equalizer",), "postgres", 10_000, baseline="1k-c32"
     ),
+    # Workers (SPEC 9): the proxy may use both cores (wrk and the backend still share CPU 1),
+    # one process against two, same load; compare the two rows with each other.
+    Scenario("1k-c64-workers-1", "/1k", 64, ("equalizer",), cpus="0,1"),
+    Scenario("1k-c64-workers-2", "/1k", 64, ("equalizer",), workers=2, cpus="0,1"),
 )
+WORKERS_SCENARIOS = ("1k-c64-workers-1", "1k-c64-workers-2")
 QUICK_SCENARIOS = ("1k-c32",)
 
 KEYS_SCRIPT = """\
@@ -470,6 +477,7 @@ def equalizer_config(ctx: Context, server: Server, scenario: Scenario) -> Path:
         "proxy": {
             "listen": f"tcp:{server.port}:interface=127.0.0.1",
             "timeouts": {"shutdown": "1s"},
+            **({"workers": scenario.workers} if scenario.workers != 1 else {}),
         },
         "admin": {"listen": f"tcp:{server.admin_port}:interface=127.0.0.1"},
         "balancer": {"backends": [{"url": ctx.backend_url}]},
@@ -527,7 +535,7 @@ def child_env() -> dict[str, str]:
 def start_proxy(ctx: Context, name: str, scenario: Scenario) -> Server:
     """Start proxy ``name`` on PROXY_CPU, on fresh loopback ports."""
     server = Server(ctx.new_dir(name), free_port(), free_port())
-    argv = pinned(PROXY_CPU, proxy_argv(ctx, name, server, scenario))
+    argv = pinned(scenario.cpus, proxy_argv(ctx, name, server, scenario))
     server.proc = ctx.processes.start(argv, server.log, cwd=source_dir(ctx, name),
                                       env=child_env())
     return server
