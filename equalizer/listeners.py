@@ -109,12 +109,17 @@ class Listener(Service):
         self._listening = listening
         self._on_open()
 
+    def address(self) -> tuple[str, int] | None:
+        """The (host, port) listened on, once listening on TCP; else None."""
+        host = self.port.getHost() if self.port is not None else None
+        return (host.host, host.port) if hasattr(host, "port") else None
+
     def _opened(self, port: IListeningPort) -> IListeningPort:
         self.port = port
         return port
 
     def _fail(self, error: Exception) -> NoReturn:
-        message = f"cannot listen on {self.key} {self.description!r}: {_reason(error)}"
+        message = cannot_listen(self.key, self.description, error)
         log.error("{message}; exiting", message=message)  # a daemon's record of why
         if sys.__stderr__ is not None:
             print(f"error: {message}", file=sys.__stderr__, flush=True)
@@ -138,6 +143,26 @@ class Listener(Service):
         if listening is None:
             return defer.succeed(None)
         return listening.addCallback(lambda port: port and port.stopListening())
+
+
+def cannot_listen(key: str, description: str, error: Exception) -> str:
+    """``cannot listen on proxy.listen 'tcp:8080': Address already in use``."""
+    return f"cannot listen on {key} {description!r}: {_reason(error)}"
+
+
+def probe_addresses(endpoints: dict[str, str]) -> str | None:
+    """Probe each endpoint (by its key path) with :func:`probe_address`: the message for
+    the first that cannot be bound, or None.
+
+    Called before twistd daemonizes, so a port in use is one line on the terminal and
+    exit status 1, not a daemon's truncated exception repr after the fork.
+    """
+    for key, description in endpoints.items():
+        try:
+            probe_address(description)
+        except OSError as error:
+            return cannot_listen(key, description, error)
+    return None
 
 
 def probe_address(description: str) -> None:

@@ -18,6 +18,8 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
+from equalizer.buckets.outage import OutageLog
+
 if TYPE_CHECKING:
     from equalizer.buckets.interface import IBucketStore
 
@@ -83,6 +85,7 @@ class BucketService(Service):
         self._ready_timer = None
         self._ready_timeout = ready_timeout
         self._late = False  # serving without the store: say when it comes
+        self._outage = OutageLog(clock, "bucket store")
         self.readiness = Readiness(ready=not needs_connection)
 
     def startService(self) -> None:
@@ -97,6 +100,7 @@ class BucketService(Service):
 
     def _connected(self, result: object = None) -> None:
         if self._late:
+            self._outage.forget()
             log.info("bucket store available")
         self._attempted()
 
@@ -124,8 +128,8 @@ class BucketService(Service):
         self._attempted()
         if not self.running:
             return
-        log.error("bucket store unavailable at start-up, retrying in {seconds}s: {error}",
-                  seconds=STORE_RETRY_SECONDS, error=failure.getErrorMessage())
+        self._outage.failed(failure.getErrorMessage(),
+                            retry=f"retrying every {STORE_RETRY_SECONDS:g}s")
         self._retry = self._clock.callLater(STORE_RETRY_SECONDS, self._start)
 
     def stopService(self):

@@ -12,7 +12,7 @@ import gc
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import attrs
 from twisted.application.service import MultiService, Service
@@ -27,7 +27,7 @@ from equalizer.admin.api import AdminAPI
 from equalizer.balancer.checker import HTTPHealthChecker
 from equalizer.balancer.health import HealthMonitor
 from equalizer.balancer.outlier import OutlierDetector
-from equalizer.balancer.pool import BackendPool, DrainCancelled
+from equalizer.balancer.pool import Backend, BackendPool, DrainCancelled
 from equalizer.balancer.stats import TrafficStats
 from equalizer.balancer.strategies import make_strategy
 from equalizer.buckets.interface import IBucketStore
@@ -35,10 +35,10 @@ from equalizer.buckets.leasing import LeasingStore
 from equalizer.buckets.memory import MemoryStore
 from equalizer.buckets.postgres.store import PostgresStore
 from equalizer.config.checks import url_identity
-from equalizer.config.loader import ConfigError, apply_overrides, load_config
-from equalizer.config.model import Config
+from equalizer.config.loader import ConfigError, apply_overrides, config_path, load_config
+from equalizer.config.model import BackendConfig, Config
 from equalizer.demo import demo_service, demo_urls
-from equalizer.listeners import Listener, ListenFailed
+from equalizer.listeners import Listener, ListenFailed, probe_addresses
 from equalizer.logs.service import LogFileError, LoggingService, open_logging
 from equalizer.metrics import EqualizerCollector, metrics_registry
 from equalizer.proxy.admission import ADMIT_ALL, RateLimiter
@@ -47,6 +47,7 @@ from equalizer.proxy.keys import key_reader
 from equalizer.proxy.site import ProxySite
 from equalizer.proxy.upstream import UpstreamPool
 from equalizer.readiness import BucketService
+from equalizer.startup import check, help_text, log_summary, print_config_error, version_text
 
 log = Logger()
 
@@ -54,6 +55,7 @@ class Options(usage.Options):
     """Flags override the YAML file; see SPEC section 2."""
 
     synopsis = "[options]"
+    longdesc = ""  # getUsage adds HELP, paragraph by paragraph
     optParameters = [
         ["config", "c", None, "YAML configuration file (default: config/equalizer.yml if present)"],
         ["listen", None, None, "proxy endpoint, e.g. tcp:8080"],
@@ -61,11 +63,27 @@ class Options(usage.Options):
         ["database-url", None, None, "PostgreSQL DSN for the bucket store"],
         ["workers", None, None, "proxy worker processes: a number or auto (proxy.workers)"],
     ]
-    optFlags = [["demo", None, "start three whoami backends on loopback and balance over them"]]
+    optFlags = [
+        ["demo", None, "start three whoami backends on loopback and balance over them"],
+        ["check", None, "validate the configuration, print its summary, exit 0 (valid) or 1"],
+    ]
 
     def __init__(self) -> None:
         super().__init__()
         self["backends"] = []
+
+    def getUsage(self, width: int | None = None) -> str:
+        return super().getUsage(width) + help_text(width or 80)
+
+    def opt_version(self) -> None:
+        """print equalizer's version (and Twisted's, Python's) and exit"""
+        print(version_text())
+        raise SystemExit(0)
+
+    def postOptions(self) -> None:
+        if self["check"]:
+            raise SystemExit(check(lambda: read_config(self, os.environ),
+                                   config_path(self["config"])))
 
     def opt_backend(self, url: str) -> None:
         """backend URL (repeatable; replaces the configured backends)"""
@@ -94,9 +112,13 @@ def makeService(options: Options, reactor=None) -> MultiService:
     try:
         config = read_config(options, os.environ)
     except ConfigError as error:
-        for problem in error.problems:
-            print(f"config error: {problem}", file=sys.stderr)
+        print_config_error(error)
         raise SystemExit(1) from None
+    taken = probe_addresses({"proxy.listen": config.proxy.listen,
+                             "admin.listen": config.admin.listen})
+    if taken is not None:
+        print(f"error: {taken}", file=sys.stderr)
+        raise SystemExit(1)
     try:
         logging_service = open_logging(config.logging, reactor, options.parent)
     except LogFileError as error:
@@ -104,6 +126,7 @@ def makeService(options: Options, reactor=None) -> MultiService:
         raise SystemExit(1) from None
     service = EqualizerService(config, reactor, demo=options["demo"],
                                reread=lambda: read_config(options, os.environ),
+                               config_path=config_path(options["config"]),
                                logging_service=logging_service,
                                stop_process=lambda status: stop_twistd(reactor, status))
     if config.proxy.workers > 1:  # SPEC 9: this process supervises, workers proxy
@@ -149,9 +172,11 @@ class EqualizerService(MultiService):
                  logging_service: LoggingService | None = None,
                  store: IBucketStore | None = None,
                  stop_process: Callable[[int], None] = lambda status: None,
-                 probe: Callable[[str], None] | None = None) -> None:
+                 probe: Callable[[str], None] | None = None,
+                 config_path: str | None = None) -> None:
         super().__init__()
         self.config = config
+        self.config_path = config_path
         self.reactor = reactor
         self.reread = reread
         self.stop_process = stop_process
@@ -261,22 +286,8 @@ class EqualizerService(MultiService):
         self.config = config
 
     def _apply_backends(self, config: Config) -> None:
-        """The file's backends win: new ones join, missing ones drain and leave."""
-        wanted = {url_identity(b.url): b for b in config.balancer.backends}
-        for backend in list(self.pool.backends):
-            entry = wanted.pop(url_identity(backend.url), None)
-            if entry is None:
-                self.pool.drain(backend).addCallbacks(
-                    lambda _, b=backend: self.remove_backend(b),
-                    lambda failure: failure.trap(DrainCancelled))
-            else:
-                self.pool.set_weight(backend, entry.weight)
-                self.pool.set_limits(backend, entry.max_requests, entry.backup)
-                if backend.draining:
-                    self.pool.cancel_drain(backend)
-        for entry in wanted.values():
-            self.pool.add(entry.url, entry.weight, max_requests=entry.max_requests,
-                          backup=entry.backup)
+        """The file's backends (a worker process takes the supervisor's instead)."""
+        reload_backends(self.pool, config.balancer.backends, self.remove_backend)
 
     def remove_backend(self, backend) -> None:
         if backend in self.pool.backends:
@@ -321,6 +332,8 @@ class EqualizerService(MultiService):
     # -- start and graceful stop ----------------------------------------------------------
 
     def startService(self) -> None:
+        log_summary(self.config, self.config_path, self.proxy_listener.address(),
+                    self.admin_listener.address())
         super().startService()
         # Everything built so far (modules, config, services) lives as long as the
         # process: move it out of the cyclic collector's sight. Full collections then
@@ -369,8 +382,51 @@ class EqualizerService(MultiService):
         return listener
 
 
-RESTART_ONLY = ("proxy.listen", "proxy.workers", "admin.listen", "admin.token", "rate_limit.store",
-                "rate_limit.database_url", "logging.file", "logging.rotate")
+def reload_backends(pool: BackendPool, entries: Iterable[BackendConfig],
+                    remove: Callable[[Backend], None]) -> None:
+    """The file wins for what it says: which backends there are, their weights,
+    ``max_requests`` and ``backup`` (the defaults where an entry has none).
+    ``enabled`` is not a file setting, so a backend
+    disabled through the API stays disabled. Each change to the pool is logged."""
+    wanted = {url_identity(b.url): b for b in entries}
+    for backend in list(pool.backends):
+        entry = wanted.pop(url_identity(backend.url), None)
+        if entry is None:
+            log.info("reload: backend {id} ({url}) is not in the file; draining it, then "
+                     "removing it", id=backend.id, url=backend.url)
+            pool.drain(backend).addCallbacks(
+                lambda _, b=backend: remove(b),
+                lambda failure: failure.trap(DrainCancelled))
+            continue
+        if backend.weight != entry.weight:
+            log.info("reload: backend {id} ({url}) weight {running} -> {weight}, the "
+                     "file's", id=backend.id, url=backend.url, running=backend.weight,
+                     weight=entry.weight)
+            pool.set_weight(backend, entry.weight)
+        if (backend.max_requests, backend.backup) != (entry.max_requests, entry.backup):
+            log.info("reload: backend {id} ({url}) max_requests {running_max} -> {max}, "
+                     "backup {running_backup} -> {backup}, the file's", id=backend.id,
+                     url=backend.url, running_max=backend.max_requests,
+                     max=entry.max_requests, running_backup=backend.backup,
+                     backup=entry.backup)
+            pool.set_limits(backend, entry.max_requests, entry.backup)
+        if backend.draining:
+            log.info("reload: backend {id} ({url}) is in the file: it stays (the DELETE "
+                     "waiting for its drain is answered 409)", id=backend.id,
+                     url=backend.url)
+            pool.cancel_drain(backend)
+        if not backend.enabled:
+            log.info("reload: backend {id} ({url}) stays disabled (set through the API; "
+                     "the file has no enabled setting)", id=backend.id, url=backend.url)
+    for entry in wanted.values():
+        backend = pool.add(entry.url, entry.weight, max_requests=entry.max_requests,
+                                backup=entry.backup)
+        log.info("reload: backend {id} ({url}) added, weight {weight}", id=backend.id,
+                 url=backend.url, weight=backend.weight)
+
+
+RESTART_ONLY = ("proxy.listen", "proxy.workers", "admin.listen", "admin.token",
+                "rate_limit.store", "rate_limit.database_url", "logging.file", "logging.rotate")
 """Settings a reload cannot change: sockets, the store and the log are opened once."""
 
 SECRETS = {"admin.token": "token", "rate_limit.database_url": "database URL"}

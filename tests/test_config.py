@@ -270,7 +270,13 @@ def test_top_level_must_be_mapping() -> None:
     ("url", "message"),
     [
         ("ftp://x", "not an http(s) URL: 'ftp://x'"),
-        ("127.0.0.1:9001", "not an http(s) URL: '127.0.0.1:9001'"),
+        ("127.0.0.1:9001",
+         "not an http(s) URL: '127.0.0.1:9001' (did you mean 'http://127.0.0.1:9001'?)"),
+        ("backend.internal/app",
+         "not an http(s) URL: 'backend.internal/app' (did you mean 'http://backend.internal/app'?)"),
+        ("app:8080", "not an http(s) URL: 'app:8080' (did you mean 'http://app:8080'?)"),
+        ("[::1]:80", "not an http(s) URL: '[::1]:80' (did you mean 'http://[::1]:80'?)"),
+        ("x", "not an http(s) URL: 'x'"),
         ("http://", "not an http(s) URL: 'http://'"),
         ("http://a b", "not an http(s) URL: 'http://a b'"),
         ("http://x:99999", "invalid port in URL: 'http://x:99999'"),
@@ -333,6 +339,16 @@ def test_max_header_bytes_minimum() -> None:
     ("endpoint", "message"),
     [
         ("foo:80", "invalid endpoint 'foo:80': Unknown endpoint type: 'foo'"),
+        ("18080", "invalid endpoint '18080': Unknown endpoint type: '18080' "
+                  "(did you mean 'tcp:18080'?)"),
+        (":18080", "invalid endpoint ':18080': Unknown endpoint type: '' "
+                   "(did you mean 'tcp:18080'?)"),
+        ("127.0.0.1:8080", "invalid endpoint '127.0.0.1:8080': Unknown endpoint type: "
+                           "'127.0.0.1' (did you mean 'tcp:8080:interface=127.0.0.1'?)"),
+        ("localhost:8080", "invalid endpoint 'localhost:8080': Unknown endpoint type: "
+                           "'localhost' (did you mean 'tcp:8080:interface=127.0.0.1'?)"),
+        ("[::1]:8080", "invalid endpoint '[::1]:8080': Unknown endpoint type: '[' "
+                       "(did you mean 'tcp6:8080:interface=\\:\\:1'?)"),
         ("tcp:http", "invalid endpoint 'tcp:http': port must be 0-65535; got 'http'"),
         ("tcp:70000", "invalid endpoint 'tcp:70000': port must be 0-65535; got '70000'"),
         ("tcp6:", "invalid endpoint 'tcp6:': port must be 0-65535; got ''"),
@@ -562,15 +578,38 @@ def test_missing_file() -> None:
 
 
 def test_yaml_syntax_error_names_line_and_column(tmp_path: Path) -> None:
-    """A YAML syntax error is reported with its 1-based line and column."""
+    """A YAML syntax error is reported with its 1-based line and column, and the file's
+    line there (and the one before it) with a caret under the column."""
     path = tmp_path / "bad.yml"
     path.write_text("proxy:\n  listen: tcp:8080\n    retries: 2\n")
     with pytest.raises(ConfigError) as caught:
         load_config(str(path))
     assert caught.value.problems == [
         f"config: YAML syntax error in {str(path)!r} at line 3, column 12: "
-        "mapping values are not allowed here"
+        "mapping values are not allowed here\n"
+        "  2 |   listen: tcp:8080\n"
+        "  3 |     retries: 2\n"
+        "    |            ^"
     ]
+
+
+@pytest.mark.parametrize(
+    ("text", "excerpt"),
+    [
+        ('proxy: {listen: "tcp:80\n',
+         ['  1 | proxy: {listen: "tcp:80', "    |                        ^"]),
+        ("a: [1, 2\nb: 3\n", ["  1 | a: [1, 2", "  2 | b: 3", "    |  ^"]),
+        ("\n" * 9 + "a: b: c\n", ["   9 | ", "  10 | a: b: c", "     |     ^"]),
+    ],
+)
+def test_yaml_syntax_error_shows_the_lines(tmp_path: Path, text: str, excerpt: list[str]) -> None:
+    """At the end of the file, the last line is shown; line numbers are aligned."""
+    path = tmp_path / "bad.yml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path))
+    (problem,) = caught.value.problems
+    assert problem.splitlines()[1:] == excerpt
 
 
 @pytest.mark.parametrize(

@@ -12,18 +12,23 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import psycopg2
 import pytest
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import CannotListenError
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 from equalizer.buckets.interface import StoreUnavailable
 from equalizer.buckets.memory import MemoryStore
+from equalizer.buckets.outage import OutageLog
+from equalizer.buckets.postgres.connection import describe
+from equalizer.config.checks import database_target
 from equalizer.config.loader import parse_config
 from equalizer.proxy.site import ProxySite
-from equalizer.readiness import READY_TIMEOUT, BucketService, Readiness
+from equalizer.readiness import READY_TIMEOUT, STORE_RETRY_SECONDS, BucketService, Readiness
 from equalizer.service import EqualizerService
 from tests.helpers import result_of
 
@@ -319,3 +324,74 @@ def test_bucket_service_without_connection_is_ready_from_the_start() -> None:
     # The memory store's own sweep timer is the only one.
     assert [call for call in reactor.getDelayedCalls()
             if getattr(call.func, "__self__", None) is not store] == []
+
+
+# -- how an outage of the store is logged -----------------------------------------------------
+
+
+def lines(events: list[dict]) -> list[str]:
+    """The messages OutageLog logged."""
+    return [formatEvent(event) for event in events
+            if event.get("log_namespace") == "equalizer.buckets.outage"]
+
+
+def test_an_outage_is_logged_when_it_starts_changes_every_minute_and_ends(events) -> None:
+    """Failures retried every 2 s give one line at the first, one when the reason changes,
+    one a minute later while it lasts, and one when it is over: not one per retry."""
+    clock = Clock()
+    outage = OutageLog(clock, "bucket store")
+    for _ in range(10):
+        outage.failed("PostgreSQL at eq@db:5432/eq: Connection refused", retry="reconnecting")
+        clock.advance(2)
+    outage.failed("PostgreSQL at eq@db:5432/eq: the database system is starting up")
+    for _ in range(31):
+        clock.advance(2)
+        outage.failed("PostgreSQL at eq@db:5432/eq: the database system is starting up")
+    outage.recovered()
+    outage.recovered()
+    assert lines(events) == [
+        "bucket store unavailable: PostgreSQL at eq@db:5432/eq: Connection refused; reconnecting",
+        "bucket store unavailable for 20s (11 failed attempts): PostgreSQL at eq@db:5432/eq: "
+        "the database system is starting up",
+        "bucket store unavailable for 80s (41 failed attempts): PostgreSQL at eq@db:5432/eq: "
+        "the database system is starting up",
+        "bucket store available again after 82.0s (42 failed attempts)",
+    ]
+
+
+def test_start_up_retries_are_not_logged_every_two_seconds(events) -> None:
+    """A database down at start-up is retried every 2 s but logged once a minute."""
+    reactor = MemoryReactorClock()
+    store = FirstAttemptStore(reactor)
+    started(reactor, store)
+    for attempt in range(31):
+        store.attempts[attempt].errback(StoreUnavailable("PostgreSQL at db:5432/eq: refused"))
+        reactor.advance(STORE_RETRY_SECONDS)
+    assert lines(events) == [
+        "bucket store unavailable: PostgreSQL at db:5432/eq: refused; retrying every 2s",
+        "bucket store unavailable for 60s (31 failed attempts): PostgreSQL at db:5432/eq: "
+        "refused; retrying every 2s",
+    ]
+
+
+@pytest.mark.parametrize(("dsn", "target"), [
+    ("postgresql://eq:pa55@127.0.0.1:5433/eqdb", "eq@127.0.0.1:5433/eqdb"),
+    ("host=db user=eq password=pa55", "eq@db:5432/eq"),
+    ("postgresql:///eqdb", "local socket:5432/eqdb"),
+    ("postgresql://u@[::1]/d", "u@[::1]:5432/d"),
+    ("host=a,b port=1,2 dbname=x", "a,b:1,2/x"),
+])
+def test_database_target_never_shows_the_password(dsn: str, target: str) -> None:
+    assert database_target(dsn) == target
+
+
+def test_libpq_errors_are_one_line_without_the_address() -> None:
+    """The address libpq repeats is dropped (the target names it); lines join with '; '."""
+    error = psycopg2.OperationalError(
+        'connection to server at "127.0.0.1", port 5433 failed: Connection refused\n'
+        "\tIs the server running on that host and accepting TCP/IP connections?\n")
+    assert describe(error) == ("Connection refused; Is the server running on that host and "
+                               "accepting TCP/IP connections?")
+    assert describe(psycopg2.OperationalError(
+        'connection to server at "127.0.0.1", port 5432 failed: FATAL:  role "x" does not '
+        "exist\n")) == 'FATAL: role "x" does not exist'

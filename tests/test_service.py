@@ -13,7 +13,7 @@ import pytest
 import yaml
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from equalizer import service as service_module
 from equalizer.buckets.leasing import LeasingStore
@@ -284,3 +284,35 @@ def test_store_stopped_before_its_retry_retries_no_more() -> None:
     reactor.advance(60)
     assert len(store.attempts) == 1 and store.stopped
     assert not any(call.active() for call in reactor.getDelayedCalls())
+
+
+def test_reload_rule_the_file_wins_for_what_it_says(events: list[dict]) -> None:
+    """After API changes, a reload gives listed backends the file's weight (1 where the
+    entry has none), max_requests and backup, keeps `enabled: false` (not a file setting),
+    drains backends the file does not list (API-added ones too), and logs each of these."""
+    service = started(MemoryReactorClock())
+    try:
+        first, second = service.pool.backends
+        service.pool.set_weight(first, 7)
+        service.pool.set_limits(first, 5, True)
+        service.pool.set_weight(second, 9)
+        service.pool.set_enabled(second, False)
+        added = service.pool.add("http://127.0.0.1:9005", 3)
+        events.clear()
+        service.apply(service.config)
+        assert [(b.url, b.weight, b.max_requests, b.backup, b.enabled)
+                for b in service.pool.backends] == [
+            ("http://127.0.0.1:9001", 1, 0, False, True),
+            ("http://127.0.0.1:9002", 2, 0, False, False)]
+        assert added not in service.pool.backends
+        assert [formatEvent(e) for e in events if e.get("log_format", "").startswith("reload")] \
+            == [f"reload: backend {first.id} (http://127.0.0.1:9001) weight 7 -> 1, the file's",
+                f"reload: backend {first.id} (http://127.0.0.1:9001) max_requests 5 -> 0, "
+                "backup True -> False, the file's",
+                f"reload: backend {second.id} (http://127.0.0.1:9002) weight 9 -> 2, the file's",
+                f"reload: backend {second.id} (http://127.0.0.1:9002) stays disabled (set "
+                "through the API; the file has no enabled setting)",
+                f"reload: backend {added.id} (http://127.0.0.1:9005) is not in the file; "
+                "draining it, then removing it"]
+    finally:
+        result_of(service.stopService())

@@ -26,6 +26,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
 
 from equalizer.config.model import MAX_WEIGHT, RETRY_ON_NAMES, Network
+from equalizer.config.rules import describe
 
 KeyPath = tuple[str | int, ...]
 Problem = tuple[KeyPath, str]
@@ -56,23 +57,6 @@ def format_path(path: KeyPath) -> str:
     for part in path:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
     return text or "config"
-
-
-def describe(value: object) -> str:
-    """Name a YAML value's type for an error message, in YAML's words."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"a boolean ({str(value).lower()})"
-    if isinstance(value, int | float):
-        return f"a number ({value!r})"
-    if isinstance(value, str):
-        return f"a string ({value!r})"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    return f"a {type(value).__name__} ({value!r})"
 
 
 # -- leaf checks ------------------------------------------------------------------------
@@ -282,8 +266,35 @@ def endpoint(value: object) -> str:
     try:
         serverFromString(MemoryReactor(), text)
     except Exception as e:  # whatever the parser refuses is a mistake in the string
-        raise ValueError(f"invalid endpoint {text!r}: {_reason(e)}") from None
+        raise ValueError(f"invalid endpoint {text!r}: {_reason(e)}{_endpoint_hint(text)}") \
+            from None
     return text
+
+
+_HOST_PORT = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]*)):(?P<port>[0-9]{1,5})")
+
+
+def _endpoint_hint(text: str) -> str:
+    """A suggestion for a port or ``address:port`` written where an endpoint string goes
+    (nginx's ``listen 8080`` habit): ``8080`` -> ``tcp:8080``, ``127.0.0.1:8080`` ->
+    ``tcp:8080:interface=127.0.0.1``; empty when it looks like neither."""
+    if re.fullmatch("[0-9]{1,5}", text):
+        return f" (did you mean 'tcp:{text}'?)"
+    match = _HOST_PORT.fullmatch(text)
+    if match is None:
+        return ""
+    host, port = match["v6"] or match["host"], match["port"]
+    if host == "localhost":
+        host = "127.0.0.1"
+    if not host or host == "*":
+        return f" (did you mean 'tcp:{port}'?)"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return ""
+    interface = str(address).replace(":", "\\:")
+    kind = "tcp6" if address.version == 6 else "tcp"
+    return f" (did you mean '{kind}:{port}:interface={interface}'?)"
 
 
 def _reason(error: Exception) -> str:
@@ -330,6 +341,20 @@ def validate_database_url(value: object) -> str:
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_SCHEMELESS = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]*\.[A-Za-z0-9.-]*|localhost"
+                         r"|[A-Za-z0-9.-]+(?=:[0-9]))(?::[0-9]{1,5})?(?:/\S*)?")
+
+
+def _scheme_hint(text: str) -> str:
+    """`` (did you mean 'http://HOST:PORT'?)`` for ``HOST:PORT`` written without its scheme
+    (a dotted name, an address, ``localhost`` or a ``name:port``); else empty."""
+    if "://" in text or not _SCHEMELESS.fullmatch(text):
+        return ""
+    try:
+        validate_backend_url(f"http://{text}")
+    except ValueError:
+        return ""
+    return f" (did you mean 'http://{text}'?)"
 
 
 def validate_backend_url(value: object) -> str:
@@ -342,7 +367,7 @@ def validate_backend_url(value: object) -> str:
         ValueError: with a message suitable for an operator or an API client.
     """
     text = string(value)
-    not_http = ValueError(f"not an http(s) URL: {text!r}")
+    not_http = ValueError(f"not an http(s) URL: {text!r}{_scheme_hint(text)}")
     try:
         parts = urlsplit(text)
     except ValueError:  # an unclosed IPv6 bracket, for one
@@ -440,3 +465,27 @@ def list_of(check_item: Check) -> Check:
         return items
 
     return check
+
+
+def database_target(dsn: str) -> str:
+    """Where a DSN points, for messages: ``user@host:port/dbname`` without the password.
+
+    Parts the DSN leaves out show libpq's defaults (port 5432, the local socket); several
+    hosts (``host=a,b``) are shown as written.
+    """
+    try:
+        options = parse_dsn(dsn)
+    except psycopg2.ProgrammingError:
+        return "(a DSN that cannot be parsed)"
+    host = options.get("host") or options.get("hostaddr") or "local socket"
+    if ":" in host and "," not in host:
+        host = f"[{host}]"
+    user = options.get("user")
+    where = f"{host}:{options.get('port') or 5432}"
+    dbname = options.get("dbname") or user
+    return f"{user + '@' if user else ''}{where}{'/' + dbname if dbname else ''}"
+
+
+def one_line(text: str) -> str:
+    """``text`` with every run of whitespace (newlines, tabs) as one space."""
+    return " ".join(text.split())

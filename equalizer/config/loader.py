@@ -39,7 +39,7 @@ from equalizer.config.model import (
     RotateConfig,
     Timeouts,
 )
-from equalizer.config.rules import validate_capacity, validate_refill_rate
+from equalizer.config.rules import describe, validate_capacity, validate_refill_rate
 
 DEFAULT_CONFIG_PATH = "config/equalizer.yml"
 ENV_DATABASE_URL = "EQUALIZER_DATABASE_URL"
@@ -65,7 +65,7 @@ _backend = checks.record(
 def _backends(value: object) -> tuple[BackendConfig, ...]:
     """A non-empty list of backends, no server listed twice."""
     if not isinstance(value, list):
-        raise ValueError(f"expected a list, got {checks.describe(value)}")
+        raise ValueError(f"expected a list, got {describe(value)}")
     if not value:
         raise ValueError("at least one backend is required")
     problems: list[checks.Problem] = []
@@ -216,9 +216,11 @@ def _node_paths(root: yaml.Node) -> dict[int, checks.KeyPath]:
 
 def _read_yaml(path: str) -> object:
     """Read and parse a YAML file, turning every failure into a one-line ConfigError."""
+    text = ""
     try:
         with open(path, encoding="utf-8") as f:
-            return yaml.load(f, Loader=_StrictLoader)  # noqa: S506 -- a SafeLoader subclass
+            text = f.read()
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 -- a SafeLoader subclass
     except OSError as e:
         raise ConfigError([f"config: cannot read {path!r}: {e.strerror}"]) from None
     except UnicodeDecodeError as e:
@@ -228,10 +230,23 @@ def _read_yaml(path: str) -> object:
             from None
     except yaml.MarkedYAMLError as e:
         problem = " ".join(str(e.problem).split())
-        raise ConfigError([f"config: YAML syntax error in {path!r}{_where(e)}: {problem}"]) \
-            from None
+        raise ConfigError([f"config: YAML syntax error in {path!r}{_where(e)}: {problem}"
+                           f"{_excerpt(text, e.problem_mark)}"]) from None
     except yaml.YAMLError as e:
         raise ConfigError([f"config: YAML error in {path!r}: {' '.join(str(e).split())}"]) from None
+
+
+def _excerpt(text: str, mark: yaml.Mark | None) -> str:
+    """The file's lines at ``mark`` (the one before it too, where the cause often is) and a
+    caret under its column, each line on a line of its own after the message."""
+    lines = text.splitlines()
+    if mark is None or not lines:
+        return ""
+    number = min(mark.line, len(lines) - 1)
+    column = mark.column if number == mark.line else len(lines[number])
+    width = len(str(number + 1))
+    shown = [f"  {n + 1:>{width}} | {lines[n]}" for n in range(max(0, number - 1), number + 1)]
+    return "\n" + "\n".join([*shown, f"  {'':>{width}} | {' ' * column}^"])
 
 
 def _where(error: yaml.MarkedYAMLError) -> str:
@@ -249,11 +264,16 @@ def load_config(path: str | None = None) -> Config:
     Raises:
         ConfigError: the file cannot be read or parsed, or is not a valid configuration.
     """
-    if path is None:
-        if not os.path.exists(DEFAULT_CONFIG_PATH):
-            return Config()
-        path = DEFAULT_CONFIG_PATH
-    return parse_config(_read_yaml(path))
+    path = config_path(path)
+    return Config() if path is None else parse_config(_read_yaml(path))
+
+
+def config_path(path: str | None) -> str | None:
+    """The file ``load_config(path)`` reads: ``path``, else ``config/equalizer.yml`` when
+    it exists in the current directory, else None (the built-in defaults)."""
+    if path is None and os.path.exists(DEFAULT_CONFIG_PATH):
+        return DEFAULT_CONFIG_PATH
+    return path
 
 
 def _check_flag(problems: list[str], flag: str, check: checks.Check, value: object) -> Any:

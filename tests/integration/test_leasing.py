@@ -17,13 +17,15 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import Clock
 from txpostgres.txpostgres import Connection
 
 from equalizer.buckets.interface import StoreUnavailable
-from equalizer.buckets.leasing import MIN_LEASE, LeasingStore
+from equalizer.buckets.leasing import LINGER, MIN_LEASE, LeasingStore
 from equalizer.buckets.postgres.store import PostgresStore
 from equalizer.config.model import BucketPolicy
 from equalizer.config.rules import MAX_CAPACITY, MAX_REFILL_RATE, MIN_REFILL_RATE
+from tests.integration.harness import wait_until
 from tests.integration.test_postgres_store import sleep, within
 from tests.postgres import buckets_locked, sql, wait_available
 
@@ -38,8 +40,8 @@ async def leasing(postgres_dsn: str) -> AsyncIterator[Factory]:
     buckets table; all stopped afterwards."""
     made: list[LeasingStore] = []
 
-    async def make(ttl: float = TTL, **kwargs: Any) -> LeasingStore:
-        store = LeasingStore(PostgresStore(postgres_dsn, reactor, **kwargs), reactor, ttl=ttl)
+    async def make(ttl: float = TTL, clock: Any = reactor, **kwargs: Any) -> LeasingStore:
+        store = LeasingStore(PostgresStore(postgres_dsn, reactor, **kwargs), clock, ttl=ttl)
         await within(store.start())
         if not made:
             await sql(postgres_dsn, "TRUNCATE buckets")
@@ -54,6 +56,14 @@ async def leasing(postgres_dsn: str) -> AsyncIterator[Factory]:
 async def tokens(dsn: str, client_id: str) -> float:
     rows = await sql(dsn, "SELECT tokens FROM buckets WHERE client_id = %s", (client_id,), True)
     return rows[0][0]
+
+
+async def advance(store: LeasingStore, clock: Clock, seconds: float) -> None:
+    """Move ``store``'s clock on by ``seconds`` in steps of LINGER; after each step, wait
+    for the settlement it sent (if any) to be answered by the database."""
+    for _ in range(round(seconds / LINGER)):
+        clock.advance(LINGER)
+        await wait_until(lambda: not store._settlements.in_flight, message="the settlement to land")
 
 
 async def take_all(calls: list[Deferred[Any]]) -> list[Any]:
@@ -266,13 +276,20 @@ async def test_unknown_client_without_default_is_not_limited(leasing, postgres_d
 
 @pytest_twisted.ensureDeferred
 async def test_idle_keys_are_released(leasing, postgres_dsn):
-    """Keys nobody uses any more leave no state behind, and their tokens go back."""
-    store = await leasing()
+    """Keys nobody uses any more leave no state behind, and their tokens go back.
+
+    The store's own time runs on a test clock, moved on in steps, each step's settlement
+    (on the real database) landing before the next: a busy machine changes nothing."""
+    clock = Clock()
+    store = await leasing(clock=clock)
     ids = [f"idle-{i}" for i in range(2000)]
-    await take_all([store.take(c, BucketPolicy(10, 0)) for c in ids])
+    takes = [store.take(c, BucketPolicy(10, 0)) for c in ids]
+    await advance(store, clock, 10 * LINGER)  # two statements of MAX_BATCH keys
+    await take_all(takes)
     assert len(store._keys) == 2000
-    await sleep(TTL * 2.5)
+    await advance(store, clock, TTL * 2.5)
     assert not store._keys and not store._allowances.returns and not store._settlements.pending
+    assert not store._settlements.in_flight
     rows = await sql(postgres_dsn, "SELECT min(tokens), max(tokens) FROM buckets", fetch=True)
     assert rows == [(9.0, 9.0)]
 

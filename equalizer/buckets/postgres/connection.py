@@ -17,6 +17,7 @@ the values it computes (a data exception, SQLSTATE class 22) fails that call wit
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -30,7 +31,9 @@ from twisted.python.failure import Failure
 from txpostgres.txpostgres import Connection, ConnectionPool
 
 from equalizer.buckets.interface import StoreDataError, StoreUnavailable
+from equalizer.buckets.outage import OutageLog
 from equalizer.buckets.postgres.migrations import Migration, migrate
+from equalizer.config.checks import database_target
 from equalizer.histogram import DurationHistogram
 
 log = Logger()
@@ -124,7 +127,8 @@ class _Pool(ConnectionPool):
 
 
 def _within(
-    d: Deferred[Any], clock: IReactorTime, seconds: float, on_timeout: Callable[[], object]
+    d: Deferred[Any], clock: IReactorTime, seconds: float, on_timeout: Callable[[], object],
+    what: str = "PostgreSQL",
 ) -> Deferred[Any]:
     """A Deferred with ``d``'s result, or StoreUnavailable after ``seconds``.
 
@@ -142,7 +146,7 @@ def _within(
     def expire() -> None:
         if not result.called:
             on_timeout()
-            result.errback(StoreUnavailable(f"PostgreSQL did not answer within {seconds:g}s"))
+            result.errback(StoreUnavailable(f"{what} did not answer within {seconds:g}s"))
 
     def done(value: object) -> None:
         if result.called:
@@ -166,6 +170,38 @@ def _unwrap(failure: Failure) -> BaseException:
         else:
             return error
 
+
+_SERVER_AT = re.compile(r'^connection to server (?:at "[^"]*"(?: \([^)]*\))?, port \d+|on socket '
+                        r'"[^"]*") failed: ')
+
+
+def describe(error: BaseException) -> str:
+    """A libpq error on one line, without the address it repeats (the target says it):
+    ``Connection refused; Is the server running on that host and accepting TCP/IP
+    connections?``."""
+    lines = [" ".join(line.split()) for line in str(error).splitlines()]
+    return _SERVER_AT.sub("", "; ".join(line for line in lines if line)) or type(error).__name__
+
+
+async def _in_transaction(connection: _Connection, scripts: list[Migration]) -> None:
+    """Migrate in one transaction, rolled back if it fails.
+
+    Not txpostgres's ``runInteraction``: when stop() or a timeout has closed the
+    connection under it, its rollback fails and it logs that as an unhandled error
+    with a traceback; here the rollback of a closed connection is skipped (the
+    server ends the session and its transaction anyway).
+    """
+    cursor = connection.cursor()
+    await cursor.execute("BEGIN")
+    try:
+        await migrate(cursor, scripts)
+    except BaseException:
+        try:
+            await cursor.execute("ROLLBACK")
+        except psycopg2.Error:
+            pass  # the connection is gone, and the transaction with it
+        raise
+    await cursor.execute("COMMIT")
 
 
 class Database:
@@ -199,6 +235,9 @@ class Database:
         max_backoff: float = 2.0,
     ) -> None:
         self._dsn = dsn
+        self.where = f"PostgreSQL at {database_target(dsn)}"
+        """What and where the database is, for messages (``PostgreSQL at user@host:5432/db``)."""
+        self.outage = OutageLog(reactor, "bucket store")
         self._reactor = reactor
         self._setup = setup
         self._pool_size = pool_size
@@ -263,8 +302,7 @@ class Database:
                 connection.connect(self._dsn), self._connect_timeout, connection.shut
             )
             await self._guarded(
-                connection.runInteraction(
-                    lambda cursor: Deferred.fromCoroutine(migrate(cursor, scripts))),
+                Deferred.fromCoroutine(_in_transaction(connection, scripts)),
                 self._migrate_timeout,
                 connection.shut,
             )
@@ -296,7 +334,7 @@ class Database:
         """``pool`` is broken: stop using it, and reconnect in the background."""
         if pool is not self._pool:
             return  # already replaced (or stopped), or not installed yet
-        log.warn("PostgreSQL store unavailable ({why}); reconnecting", why=why)
+        self.outage.failed(f"{self.where}: {why}", retry="reconnecting")
         self.available = False
         self._pool = None
         # Not from inside txpostgres's own callbacks: close on the next turn.
@@ -315,11 +353,10 @@ class Database:
                 pool.shut()
                 return
             self._install(pool)
-            log.info("PostgreSQL store available again")
+            self.outage.recovered()
 
         def failed(failure: Failure) -> None:
-            emit = log.warn if delay == self._min_backoff else log.debug
-            emit("reconnecting to PostgreSQL failed: {error}", error=failure.value)
+            self.outage.failed(failure.getErrorMessage(), retry="reconnecting")
             self._schedule_reconnect(min(delay * 2, self._max_backoff))
 
         Deferred.fromCoroutine(self._connect()).addCallbacks(connected, failed)
@@ -328,7 +365,8 @@ class Database:
         self, d: Deferred[Any], timeout: float, on_timeout: Callable[[], object]
     ) -> Deferred[Any]:
         """``d`` bounded by ``timeout``, with connection failures as StoreUnavailable."""
-        return _within(d, self._reactor, timeout, on_timeout).addErrback(self._translate, None)
+        return _within(d, self._reactor, timeout, on_timeout, self.where).addErrback(
+            self._translate, None)
 
     def _translate(self, failure: Failure, pool: _Pool | None) -> Failure:
         error = _unwrap(failure)
@@ -336,8 +374,8 @@ class Database:
             return failure if error is failure.value else Failure(error)
         if _is_connection_error(error):
             if pool is not None:
-                self._lost(pool, str(error).strip() or type(error).__name__)
-            return Failure(StoreUnavailable(f"PostgreSQL unreachable: {error}".strip()))
+                self._lost(pool, describe(error))
+            return Failure(StoreUnavailable(f"{self.where}: {describe(error)}"))
         if isinstance(error, psycopg2.DataError):
             # A value the statement cannot compute: this call fails, the store stays up.
             message = " ".join(str(error).split())
@@ -356,13 +394,14 @@ class Database:
         """
         pool = self._pool
         if pool is None:
-            return fail(StoreUnavailable("PostgreSQL unreachable; reconnecting"))
+            return fail(StoreUnavailable(f"{self.where}: unreachable; reconnecting"))
         started = self._reactor.seconds()
         d = _within(
             pool.runQuery(sql, params).addCallback(pool.answered),
             self._reactor,
             self._query_timeout,
             lambda: self._timed_out(pool),
+            self.where,
         )
         d.addBoth(self._timed, started)
         return d.addErrback(self._translate, pool)
