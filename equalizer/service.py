@@ -331,9 +331,13 @@ class EqualizerService(MultiService):
 
     # -- start and graceful stop ----------------------------------------------------------
 
+    summary = True
+    """Log the start-up summary (a worker process does not: its supervisor did)."""
+
     def startService(self) -> None:
-        log_summary(self.config, self.config_path, self.proxy_listener.address(),
-                    self.admin_listener.address())
+        if self.summary:
+            log_summary(self.config, self.config_path, self.proxy_listener.address(),
+                        self.admin_listener.address())
         super().startService()
         # Everything built so far (modules, config, services) lives as long as the
         # process: move it out of the cyclic collector's sight. Full collections then

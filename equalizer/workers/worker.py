@@ -146,6 +146,8 @@ class WorkerService(EqualizerService):
     """An EqualizerService without the control plane: its admin listener is never
     opened, its backends come from the supervisor, its store leases from it."""
 
+    summary = False
+
     def __init__(self, config: Config, reactor: Any, channel: WorkerChannel,
                  reread: Any) -> None:
         self.channel = channel
