@@ -87,6 +87,8 @@ class Scenario:
     # more are that many X-Client values (key `header:X-Client`)
     baseline: str | None = None  # scenario whose stock median is the ratio base
     routes: int = 0  # routes configured (SPEC 8); the request matches the last one only
+    workers: int = 1  # equalizer's proxy.workers
+    cpus: str = PROXY_CPU  # where the proxy runs (its workers share these cores)
 
     @property
     def ratio_base(self) -> str:
@@ -105,7 +107,12 @@ SCENARIOS = (
     ),
     *(Scenario(f"1k-c32-routes-{n}", "/1k", 32, ("equalizer",), baseline="1k-c32", routes=n)
       for n in (1, 10, 200)),
+    # Workers (SPEC 9): the proxy may use both cores (wrk and the backend still share CPU 1),
+    # one process against two, same load; compare the two rows with each other.
+    Scenario("1k-c64-workers-1", "/1k", 64, ("equalizer",), cpus="0,1"),
+    Scenario("1k-c64-workers-2", "/1k", 64, ("equalizer",), workers=2, cpus="0,1"),
 )
+WORKERS_SCENARIOS = ("1k-c64-workers-1", "1k-c64-workers-2")
 QUICK_SCENARIOS = ("1k-c32",)
 
 KEYS_SCRIPT = """\
@@ -473,6 +480,7 @@ def equalizer_config(ctx: Context, server: Server, scenario: Scenario) -> Path:
         "proxy": {
             "listen": f"tcp:{server.port}:interface=127.0.0.1",
             "timeouts": {"shutdown": "1s"},
+            **({"workers": scenario.workers} if scenario.workers != 1 else {}),
         },
         "admin": {"listen": f"tcp:{server.admin_port}:interface=127.0.0.1"},
         "balancer": {"backends": [{"url": ctx.backend_url}]},
@@ -546,7 +554,7 @@ def child_env() -> dict[str, str]:
 def start_proxy(ctx: Context, name: str, scenario: Scenario) -> Server:
     """Start proxy ``name`` on PROXY_CPU, on fresh loopback ports."""
     server = Server(ctx.new_dir(name), free_port(), free_port())
-    argv = pinned(PROXY_CPU, proxy_argv(ctx, name, server, scenario))
+    argv = pinned(scenario.cpus, proxy_argv(ctx, name, server, scenario))
     server.proc = ctx.processes.start(argv, server.log, cwd=source_dir(ctx, name),
                                       env=child_env())
     return server

@@ -62,6 +62,7 @@ class Options(usage.Options):
         ["listen", None, None, "proxy endpoint, e.g. tcp:8080"],
         ["admin", None, None, "admin API endpoint, e.g. tcp:8081:interface=127.0.0.1"],
         ["database-url", None, None, "PostgreSQL DSN for the bucket store"],
+        ["workers", None, None, "proxy worker processes: a number or auto (proxy.workers)"],
     ]
     optFlags = [
         ["demo", None, "start whoami backends on loopback and balance over them "
@@ -93,18 +94,19 @@ class Options(usage.Options):
 
 def read_config(options: Options, environ: dict[str, str]) -> Config:
     """The configuration from file, environment and flags, or ConfigError."""
-    config = load_config(options["config"])
-    if options["demo"]:
-        config = demo_routing(config)
     backends = tuple(options["backends"]) or (demo_urls() if options["demo"] else ())
-    return apply_overrides(
-        config,
+    config = apply_overrides(
+        load_config(options["config"]),
         listen=options["listen"],
         admin=options["admin"],
         backends=backends,
         database_url=options["database-url"],
         env=environ,
+        workers=options.get("workers"),
     )
+    if options["demo"] and config.proxy.workers == 1:  # workers do not route yet
+        config = demo_routing(config)
+    return config
 
 
 def makeService(options: Options, reactor=None) -> MultiService:
@@ -126,11 +128,15 @@ def makeService(options: Options, reactor=None) -> MultiService:
     except LogFileError as error:
         print(f"config error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
-    return EqualizerService(config, reactor, demo=options["demo"],
-                            reread=lambda: read_config(options, os.environ),
-                            config_path=config_path(options["config"]),
-                            logging_service=logging_service,
-                            stop_process=lambda status: stop_twistd(reactor, status))
+    service = EqualizerService(config, reactor, demo=options["demo"],
+                               reread=lambda: read_config(options, os.environ),
+                               config_path=config_path(options["config"]),
+                               logging_service=logging_service,
+                               stop_process=lambda status: stop_twistd(reactor, status))
+    if config.proxy.workers > 1:  # SPEC 9: this process supervises, workers proxy
+        from equalizer.workers.supervisor import Supervisor, worker_options
+        Supervisor(service, worker_options(options)).attach()
+    return service
 
 
 def stop_twistd(reactor, status: int) -> None:
@@ -222,6 +228,8 @@ class EqualizerService(MultiService):
         self.admin_listener = self._listen("admin.listen", config.admin.listen, self.admin.site())
         self._previous_sighup = None
         self._previous_sigusr1 = None
+        self.on_reload: list[Callable[[], None]] = []
+        """Called after each good reload (worker processes reload too)."""
         self._starting_since = reactor.seconds()
         self.exit_status = 0
 
@@ -276,6 +284,8 @@ class EqualizerService(MultiService):
         self.apply(config)
         self.stats.reloaded(True, self.reactor.seconds())
         log.info("configuration reloaded")
+        for call in self.on_reload:
+            call()
         return True
 
     def apply(self, config: Config) -> None:
@@ -287,7 +297,7 @@ class EqualizerService(MultiService):
         for key in restart_only_changes(self.config, config):
             _warn_restart_only(key, setting(self.config, key), setting(config, key))
         config = with_running_settings(config, self.config)
-        reload_backends(self.pool, config.balancer.backends, self.remove_backend)
+        self._apply_backends(config)
         if config.balancer.strategy != self.config.balancer.strategy:
             self.pool.use_strategy(config.balancer.strategy)
         self._apply_settings(config)
@@ -295,6 +305,10 @@ class EqualizerService(MultiService):
         if self.logging_service is not None:
             self.logging_service.reconfigure(config.logging)
         self.config = config
+
+    def _apply_backends(self, config: Config) -> None:
+        """The file's backends (a worker process takes the supervisor's instead)."""
+        reload_backends(self.pool, config.balancer.backends, self.remove_backend)
 
     def remove_backend(self, backend) -> None:
         if backend in self.pool.backends:
@@ -338,9 +352,13 @@ class EqualizerService(MultiService):
 
     # -- start and graceful stop ----------------------------------------------------------
 
+    summary = True
+    """Log the start-up summary (a worker process does not: its supervisor did)."""
+
     def startService(self) -> None:
-        log_summary(self.config, self.config_path, self.proxy_listener.address(),
-                    self.admin_listener.address())
+        if self.summary:
+            log_summary(self.config, self.config_path, self.proxy_listener.address(),
+                        self.admin_listener.address())
         super().startService()
         # Everything built so far (modules, config, services) lives as long as the
         # process: move it out of the cyclic collector's sight. Full collections then
@@ -432,8 +450,8 @@ def reload_backends(pool: BackendPool, entries: Iterable[BackendConfig],
                  url=backend.url, weight=backend.weight)
 
 
-RESTART_ONLY = ("proxy.listen", "admin.listen", "admin.token", "rate_limit.store",
-                "rate_limit.database_url", "logging.file", "logging.rotate")
+RESTART_ONLY = ("proxy.listen", "proxy.workers", "admin.listen", "admin.token",
+                "rate_limit.store", "rate_limit.database_url", "logging.file", "logging.rotate")
 """Settings a reload cannot change: sockets, the store and the log are opened once."""
 
 SECRETS = {"admin.token": "token", "rate_limit.database_url": "database URL"}

@@ -113,7 +113,8 @@ def summary(config: Config, path: str | None, proxy: Address | None = None,
             *_backend_lines(config),
             f"proxy: {config.proxy.listen}{_bound(config.proxy.listen, proxy)}"
             + (" (opens once the bucket store has answered, within 10s)"
-               if proxy is None and config.rate_limit.store == "postgres" else ""),
+               if proxy is None and config.rate_limit.store == "postgres" else "")
+            + (f", {config.proxy.workers} worker processes" if config.proxy.workers > 1 else ""),
             f"admin: {config.admin.listen}{_bound(config.admin.listen, admin)} "
             + ("(bearer token required)" if config.admin.token else "(no token)"),
             f"dashboard: {dashboard_url(config.admin.listen, admin)}"]

@@ -164,7 +164,7 @@ class FakeLeaseDatabase(MemoryStore):
 
     def tokens(self, client_id: str) -> float:
         """The tokens of the client's row, as of now."""
-        stored, _ = self._buckets[client_id]
+        stored, _ = self.buckets[client_id]
         return refill(stored, self._clock.seconds()).tokens
 
     def _apply(self, text: str) -> list[tuple[Any, ...]]:
@@ -173,7 +173,7 @@ class FakeLeaseDatabase(MemoryStore):
         for client_id, want, extra, back, dcap, drate in json.loads(text):
             if client_id in self.hidden:
                 continue
-            entry = self._buckets.get(client_id)
+            entry = self.buckets.get(client_id)
             if entry is not None:
                 stored, created = entry
                 bucket = refill(stored, now)
@@ -182,13 +182,13 @@ class FakeLeaseDatabase(MemoryStore):
                 granted = min(math.floor(held), want + min(extra, max(1, capacity // 10)))
                 tokens = held - granted
                 updated = max(now, stored.updated)
-                self._buckets[client_id] = (
+                self.buckets[client_id] = (
                     Bucket(capacity, tokens, bucket.refill_rate, updated), created)
                 rows.append((client_id, granted, tokens, capacity, bucket.refill_rate))
             elif want > 0 and dcap is not None:
                 granted = min(dcap, want + min(extra, max(1, dcap // 10)))
                 tokens = float(dcap - granted)
-                self._buckets[client_id] = (Bucket(dcap, tokens, drate, now), now)
+                self.buckets[client_id] = (Bucket(dcap, tokens, drate, now), now)
                 rows.append((client_id, granted, tokens, dcap, drate))
         return rows
 

@@ -181,10 +181,10 @@ def test_a_large_sweep_gives_the_dict_room_back(clock):
     store = make_store(clock)
     for i in range(50_000):
         store.take(f"k{i}", POLICY)
-    grown = sys.getsizeof(store._buckets)
+    grown = sys.getsizeof(store.buckets)
     clock.advance(4)
     assert store.bucket_count == 0
-    assert sys.getsizeof(store._buckets) < grown // 100
+    assert sys.getsizeof(store.buckets) < grown // 100
 
 
 def test_bucket_counts_for_stats(clock):

@@ -107,6 +107,9 @@ class AdminAPI(PoolEndpoints):
         self.policies: dict[str, PolicyConfig] = {}
         """Every rate-limit policy but ``default`` is looked up here (SPEC 8)."""
         self.readiness = readiness or Readiness(ready=True)
+        self.workers = None
+        """The worker processes' supervisor, when there are several (SPEC 9): /stats
+        lists them (its ``json()``)."""
 
     def site(self) -> Site:
         """The admin site: bearer-token guard, bounded bodies, then the Klein routes."""
@@ -178,8 +181,11 @@ class AdminAPI(PoolEndpoints):
 
     @app.route("/stats", methods=["GET"])
     def stats(self, request: IRequest) -> bytes:
-        return json_response(request, stats_json(self._pool, self._stats, self._store,
-                                                 self._clock, self._pools(), self.routes))
+        body = stats_json(self._pool, self._stats, self._store, self._clock, self._pools(),
+                          self.routes)
+        if self.workers is not None:  # SPEC 9: one entry per worker process
+            body["workers"] = self.workers.json()
+        return json_response(request, body)
 
     # -- buckets -----------------------------------------------------------------------
 

@@ -284,6 +284,23 @@ _SCHEMAS: dict[str, Any] = {
                     "timed_out": {"type": "integer", "minimum": 0},
                 },
             },
+            "workers": {
+                "type": "array",
+                "description": "only with proxy.workers above 1: one entry per worker process "
+                               "(its pid, null while it is being replaced; requests it "
+                               "answered; in flight now; times its slot was restarted); the "
+                               "figures above are their sum, at most 250 ms old",
+                "items": {
+                    "type": "object",
+                    "required": ["pid", "requests", "in_flight", "restarts"],
+                    "properties": {
+                        "pid": {"type": "integer", "nullable": True},
+                        "requests": {"type": "integer", "minimum": 0},
+                        "in_flight": {"type": "integer", "minimum": 0},
+                        "restarts": {"type": "integer", "minimum": 0},
+                    },
+                },
+            },
         },
     },
     "Bucket": {

@@ -166,6 +166,9 @@ class BackendPool:
         self.name = name
         """The pool's name (SPEC 8); its backends carry it."""
         self._ids = itertools.count(1) if ids is None else ids  # shared by every pool
+        self.elsewhere = None
+        """Where requests run instead of here (the worker processes' supervisor, SPEC 9):
+        its ``drain(backend)`` answers drains."""
         self.active_checks = False
         """Whether active health checks run (the health monitor says): until a backend's
         first check its health is then unknown (``health_state``)."""
@@ -222,9 +225,12 @@ class BackendPool:
         self._changed()
 
     def drain(self, backend: Backend) -> Deferred[None]:
-        """Stop sending new requests to ``backend``; fires once none is in flight."""
+        """Stop sending new requests to ``backend``; fires once none is in flight (here
+        and, through ``elsewhere``, in every worker process)."""
         backend.draining = True
         self._changed()
+        if self.elsewhere is not None:
+            return self.elsewhere.drain(backend)
         waiter: Deferred[None] = Deferred()
         if backend.in_flight == 0:
             waiter.callback(None)

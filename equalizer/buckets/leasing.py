@@ -260,6 +260,11 @@ class LeasingStore:
         self.waits = 0
         """Takes that found no allowance and waited for a settlement."""
 
+    def leases(self):
+        """The wrapped store's settlements: worker processes lease through the supervisor
+        (:mod:`equalizer.workers.leases`) as other instances do."""
+        return self._store.leases()
+
     @property
     def statements(self) -> int:
         """Settlement statements sent so far."""

@@ -67,8 +67,9 @@ class MemoryStore:
 
     def __init__(self, clock: IReactorTime, max_buckets: int = DEFAULT_MAX_BUCKETS) -> None:
         self._clock = clock
-        # client id -> (bucket, created at, in clock seconds)
-        self._buckets: dict[str, tuple[Bucket, float]] = {}
+        self.buckets: dict[str, tuple[Bucket, float]] = {}
+        """Key (:func:`bucket_key`) -> (bucket, created at, clock seconds); workers' leases
+        settle on it (:func:`equalizer.workers.leases.settle_in_memory`)."""
         self._kept: set[str] = set()  # made or changed through the admin API: never swept
         self.max_buckets = max_buckets
         self.interval = MAX_SWEEP_INTERVAL
@@ -83,7 +84,7 @@ class MemoryStore:
     @property
     def bucket_count(self) -> int:
         """Buckets held now."""
-        return len(self._buckets)
+        return len(self.buckets)
 
     def configure(self, config: RateLimitConfig) -> None:
         """Take the cap and the sweep interval of ``config`` (start-up and reload)."""
@@ -115,7 +116,7 @@ class MemoryStore:
         self._timer = None
         try:
             if self._pass is None:
-                self._pass = list(self._buckets)
+                self._pass = list(self.buckets)
                 self._peak = max(self._peak, len(self._pass))
             self.swept += self._forget_full(self._pass, self._clock.seconds())
         except Exception:
@@ -135,7 +136,7 @@ class MemoryStore:
         are consumed); how many went."""
         chunk = ids[-SWEEP_CHUNK:]
         del ids[-SWEEP_CHUNK:]
-        buckets = self._buckets
+        buckets = self.buckets
         kept = self._kept
         gone = 0
         for client_id in chunk:
@@ -148,9 +149,9 @@ class MemoryStore:
     def _compact(self) -> None:
         """Give back the dict's room once it holds far fewer buckets than it has room
         for: a dict never shrinks when keys are deleted, only when copied."""
-        held = len(self._buckets)
+        held = len(self.buckets)
         if held < self._peak // 4:
-            self._buckets = dict(self._buckets)
+            self.buckets = dict(self.buckets)
             self._peak = held
 
     _peak = 0
@@ -184,21 +185,21 @@ class MemoryStore:
              policy: str = DEFAULT_POLICY) -> Deferred[Decision | None]:
         now = self._clock.seconds()
         key = client_id if policy == DEFAULT_POLICY else bucket_key(policy, client_id)
-        entry = self._buckets.get(key)
+        entry = self.buckets.get(key)
         if entry is None:
             elsewhere = take_elsewhere(self, client_id, default, policy)
             if elsewhere is not None:
                 return elsewhere
             if default is None:
                 return succeed(None)
-            if len(self._buckets) >= self.max_buckets:
+            if len(self.buckets) >= self.max_buckets:
                 return succeed(self._at_cap(default))
             bucket = Bucket(default.capacity, float(default.capacity), default.refill_rate, now)
             created = now
         else:
             bucket, created = entry
         bucket, decision = take_token(bucket, now)
-        self._buckets[key] = (bucket, created)
+        self.buckets[key] = (bucket, created)
         return succeed(decision)
 
     def _record(self, key: str, bucket: Bucket, created: float) -> BucketRecord:
@@ -237,17 +238,17 @@ class MemoryStore:
         if problem is not None:
             return fail(problem)
         key = bucket_key(policy, client_id)
-        if key in self._buckets:
+        if key in self.buckets:
             return fail(BucketExists(client_id))
         bucket = Bucket(capacity, float(tokens), float(refill_rate), now)
-        self._buckets[key] = (bucket, now)
+        self.buckets[key] = (bucket, now)
         self._kept.add(key)
         return succeed(self._record(key, bucket, now))
 
     def get(self, client_id: str, policy: str = DEFAULT_POLICY) -> Deferred[BucketRecord | None]:
         now = self._clock.seconds()
         key = bucket_key(policy, client_id)
-        entry = self._buckets.get(key)
+        entry = self.buckets.get(key)
         if entry is None:
             return succeed(None)
         return succeed(self._as_of_now(key, entry, now))
@@ -258,10 +259,10 @@ class MemoryStore:
         if limit < 0 or offset < 0:
             return fail(ValueError("limit and offset must be >= 0"))
         prefix = "" if policy == DEFAULT_POLICY else bucket_key(policy, "")
-        keys = sorted(key for key in self._buckets
+        keys = sorted(key for key in self.buckets
                       if (key.startswith(prefix) if prefix else KEY_SEPARATOR not in key))
         page = keys[offset : offset + limit]
-        records = [self._as_of_now(key, self._buckets[key], now) for key in page]
+        records = [self._as_of_now(key, self.buckets[key], now) for key in page]
         return succeed((records, len(keys)))
 
     def update(
@@ -278,7 +279,7 @@ class MemoryStore:
         except InvalidBucket as e:
             return fail(e)
         key = bucket_key(policy, client_id)
-        entry = self._buckets.get(key)
+        entry = self.buckets.get(key)
         if entry is None:
             return succeed(None)
         bucket, created = entry
@@ -292,12 +293,12 @@ class MemoryStore:
             new_tokens = float(tokens)
         new_rate = current.refill_rate if refill_rate is None else float(refill_rate)
         updated = Bucket(new_capacity, new_tokens, new_rate, max(now, bucket.updated))
-        self._buckets[key] = (updated, created)
+        self.buckets[key] = (updated, created)
         self._kept.add(key)
         return succeed(self._record(key, updated, created))
 
     def delete(self, client_id: str, policy: str = DEFAULT_POLICY) -> Deferred[bool]:
         key = bucket_key(policy, client_id)
         self._kept.discard(key)
-        return succeed(self._buckets.pop(key, None) is not None)
+        return succeed(self.buckets.pop(key, None) is not None)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import os
 import re
 import sys
 from collections.abc import Callable, Collection, Mapping
@@ -117,6 +118,20 @@ def retry_reason(value: object) -> str:
         value = str(value)
     if not isinstance(value, str) or value not in RETRY_ON_NAMES:
         raise ValueError(f"must be one of {', '.join(RETRY_ON_NAMES)}; got {value!r}")
+    return value
+
+
+MAX_WORKERS = 256
+"""Most worker processes (``proxy.workers``)."""
+
+
+def workers(value: object) -> int:
+    """``proxy.workers``: a number of processes, or ``auto`` (one per CPU)."""
+    if value == "auto":
+        return max(1, os.cpu_count() or 1)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise ValueError(f"expected a number from 1 to {MAX_WORKERS} or 'auto', "
+                         f"got {describe(value)}")
     return value
 
 

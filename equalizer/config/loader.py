@@ -136,6 +136,7 @@ _SCHEMA = checks.record(Config(), {
         "trusted_proxies": checks.list_of(checks.network),
         "max_header_bytes": checks.size(1024),
         "retry_on": checks.list_of(checks.retry_reason),
+        "workers": checks.workers,
     }),
     "admin": checks.record(AdminConfig(), {
         "listen": checks.endpoint,
@@ -333,6 +334,7 @@ def apply_overrides(
     backends: Iterable[str] = (),
     database_url: str | None = None,
     env: Mapping[str, str],
+    workers: str | None = None,
 ) -> Config:
     """Lay command-line flags and environment variables over a file's configuration.
 
@@ -355,6 +357,16 @@ def apply_overrides(
             admin_config, listen=_check_flag(problems, "--admin", checks.endpoint, admin)
         )
     admin_config = attrs.evolve(admin_config, token=env.get(ENV_ADMIN_TOKEN) or admin_config.token)
+    if workers is not None:
+        count = _check_flag(problems, "--workers", checks.workers,
+                            int(workers) if workers.isdigit() else workers)
+        proxy = attrs.evolve(proxy, workers=count or proxy.workers)
+    if proxy.workers > 1 and proxy.listen.startswith("ssl:"):
+        problems.append("proxy.workers: more than one worker needs a tcp: or unix: "
+                        "proxy.listen (terminate TLS in front, or run one worker)")
+    if proxy.workers > 1 and (config.pools or config.routes):
+        problems.append("proxy.workers: more than one worker does not run with pools or "
+                        "routes yet (their backends' state reaches no worker); run one worker")
     urls = list(backends)
     if urls:
         balancer = attrs.evolve(balancer, backends=_flag_backends(problems, urls))

@@ -45,6 +45,7 @@ class ProxyConfig:
     trusted_proxies: tuple[Network, ...] = ()
     max_header_bytes: int = 16384
     retry_on: tuple[str, ...] = ("connect_failure",)
+    workers: int = 1
 
 
 @frozen

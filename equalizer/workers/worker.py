@@ -1,0 +1,333 @@
+"""A worker process (SPEC 9): ``python -m equalizer.workers.worker OPTIONS SUPERVISOR_PID``,
+started by the supervisor with the listening socket as fd 3 and its end of the control
+channel as fd 4.
+
+It runs the data plane of an EqualizerService: the proxy on the inherited socket, a
+leasing bucket store whose settlements go to the supervisor, passive health checks
+(active ones run in the supervisor, their results come with the backends). Its log
+lines go to the supervisor, whole, in batches. It ends when the supervisor says so
+(SIGTERM: drain, then exit) or goes away: the channel closing, or the kernel's
+``PR_SET_PDEATHSIG``, stop it accepting at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ReactorNotRunning
+from twisted.internet.task import deferLater
+from twisted.logger import FilteringLogObserver, Logger, globalLogBeginner
+from twisted.protocols import amp
+
+from equalizer.balancer.pool import DrainCancelled
+from equalizer.buckets.leasing import LeasingStore
+from equalizer.config.model import Config
+from equalizer.logs.formats import FORMATS, LineObserver, level_filter
+from equalizer.service import EqualizerService, read_config
+from equalizer.workers import commands
+from equalizer.workers.aggregate import snapshot
+from equalizer.workers.leases import RemoteStore
+
+log = Logger()
+
+LISTEN_FD = 3
+CONTROL_FD = 4
+PR_SET_PDEATHSIG = 1
+LINES_BATCH = 32_768
+"""Characters of log lines sent in one message at most."""
+FLUSH_GRACE = 0.1
+"""Seconds a stopping worker lets its last answers be written before it exits."""
+LINES_DELAY = 0.05
+"""Seconds a log line may wait to go with others."""
+
+
+def worker_config(config: Config) -> Config:
+    """The configuration as a worker applies it: no active health checks (the supervisor
+    runs them and sends their results)."""
+    return attrs.evolve(config, health=attrs.evolve(config.health, interval=0.0))
+
+
+class LineBatcher:
+    """Log lines to the supervisor, a batch at most every LINES_DELAY seconds."""
+
+    def __init__(self, reactor: Any, channel: WorkerChannel) -> None:
+        self._reactor = reactor
+        self._channel = channel
+        self._lines: list[str] = []
+        self._size = 0
+        self._call: Any = None
+
+    def write(self, line: str) -> None:
+        self._lines.append(line)
+        self._size += len(line)
+        if self._size >= LINES_BATCH:
+            self.flush()
+        elif self._call is None:
+            self._call = self._reactor.callLater(LINES_DELAY, self.flush)
+
+    def flush(self) -> Deferred[Any] | None:
+        """Send what is waiting; the Deferred fires once the supervisor has it."""
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        text, self._lines, self._size = "".join(self._lines), [], 0
+        if not text:
+            return None
+        if self._channel.connected:
+            return self._channel.callRemote(commands.Lines, text=text).addErrback(
+                lambda failure: sys.stderr.write(text))
+        sys.stderr.write(text)
+        return None
+
+
+@attrs.define
+class ForwardingLog:
+    """What the access log and the log observer need of a LoggingService."""
+
+    config: Any
+    writer: LineBatcher
+
+    def observer(self) -> FilteringLogObserver:
+        return FilteringLogObserver(LineObserver(FORMATS[self.config.format], self.writer.write),
+                                    [level_filter(self.config)])
+
+
+class AdoptedListener(Service):
+    """The proxy listener on the socket the supervisor bound, opened once ready."""
+
+    def __init__(self, reactor: Any, fd: int, factory: Any) -> None:
+        self.reactor = reactor
+        self.fd = fd
+        self.factory = factory
+        self.port: Any = None
+        self._gate: tuple | None = None
+
+    def gate(self, readiness, on_open, on_failure) -> None:
+        self._gate = (readiness, on_open)
+
+    def startService(self) -> None:
+        super().startService()
+        readiness, on_open = self._gate
+        readiness.wait().addCallback(lambda _: self._open(on_open))
+
+    def _open(self, on_open) -> None:
+        if not self.running or self.port is not None:
+            return
+        family = socket.socket(fileno=self.fd)
+        kind = family.family
+        family.detach()
+        self.port = self.reactor.adoptStreamPort(self.fd, kind, self.factory)
+        os.close(self.fd)
+        on_open()
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        port, self.port = self.port, None
+        return port.stopListening() if port is not None else None
+
+
+class NoListener(Service):
+    """The admin listener of a worker: the supervisor has the admin API."""
+
+    def gate(self, readiness, on_open, on_failure) -> None:
+        """Never opens."""
+
+
+class WorkerService(EqualizerService):
+    """An EqualizerService without the control plane: its admin listener is never
+    opened, its backends come from the supervisor, its store leases from it."""
+
+    summary = False
+
+    def __init__(self, config: Config, reactor: Any, channel: WorkerChannel,
+                 reread: Any) -> None:
+        self.channel = channel
+        self.first_backends: Deferred[None] = Deferred()
+        self._supervisor_health: dict[str, bool] = {}
+        store = LeasingStore(RemoteStore(channel.settle, self.first_backends), reactor)
+        super().__init__(config, reactor, reread=reread, store=store, probe=lambda d: None)
+
+    def _listen(self, key: str, description: str, factory: Any) -> Any:
+        listener: Service = (AdoptedListener(self.reactor, LISTEN_FD, factory)
+                             if key == "proxy.listen" else NoListener())
+        listener.setServiceParent(self)
+        return listener
+
+    def _apply_backends(self, config: Config) -> None:
+        """Backends come from the supervisor (``set_backends``), not from the file."""
+
+    def _proxy_listening(self) -> None:
+        log.info("worker {pid} serving", pid=os.getpid())
+
+    def set_backends(self, state: list[list[Any]]) -> None:
+        """Make the pool as the supervisor's: same ids, settings and health results."""
+        wanted = {entry[0]: entry for entry in state}
+        pool = self.pool
+        for backend in list(pool.backends):
+            entry = wanted.get(backend.id)
+            if entry is None or entry[1] != backend.url:
+                pool.remove(backend)
+                self.forget_backend(backend)
+        known = {backend.id: backend for backend in pool.backends}
+        for backend_id, url, weight, enabled, draining, healthy, max_requests, backup in state:
+            backend = known.get(backend_id)
+            if backend is None:
+                backend = pool.add(url, weight, max_requests=max_requests, backup=backup)
+                backend.id = backend_id
+            self._update(backend, weight, enabled, draining, healthy, max_requests, backup)
+        if not self.first_backends.called:
+            self.first_backends.callback(None)
+
+    def _update(self, backend, weight, enabled, draining, healthy, max_requests,
+                backup) -> None:
+        pool = self.pool
+        if backend.weight != weight:
+            pool.set_weight(backend, weight)
+        if (backend.max_requests, backend.backup) != (max_requests, backup):
+            pool.set_limits(backend, max_requests, backup)
+        if backend.enabled != enabled:
+            pool.set_enabled(backend, enabled)
+        if draining and not backend.draining:
+            pool.drain(backend).addErrback(lambda f: f.trap(DrainCancelled))
+        elif backend.draining and not draining:
+            pool.cancel_drain(backend)
+        if self._supervisor_health.get(backend.id) != healthy:  # the supervisor's news only
+            self._supervisor_health[backend.id] = healthy
+            pool.set_healthy(backend, healthy, "supervisor's health check",
+                             self.reactor.seconds())
+
+    def drain_backend(self, backend_id: str) -> Deferred[dict[str, bool]]:
+        backend = self.pool.get(backend_id)
+        if backend is None:
+            d: Deferred[dict[str, bool]] = Deferred()
+            d.callback({"cancelled": False})
+            return d
+        return self.pool.drain(backend).addCallbacks(
+            lambda _: {"cancelled": False},
+            lambda f: f.trap(DrainCancelled) and {"cancelled": True})
+
+    def figures(self) -> dict[str, Any]:
+        return snapshot(self.stats, self.pool, self.proxy.active)
+
+
+class WorkerChannel(amp.AMP):
+    """The worker's end of the control channel."""
+
+    service: WorkerService | None = None
+    connected = False
+
+    def __init__(self, reactor: Any) -> None:
+        super().__init__()
+        self.reactor = reactor
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.connected = True
+
+    def connectionLost(self, reason) -> None:
+        """The supervisor is gone: stop accepting now, finish what is in flight, exit."""
+        super().connectionLost(reason)
+        self.connected = False
+        if self.service is not None and self.service.running:
+            self.service.proxy_listener.stopService()
+            self.reactor.callLater(0, _stop_reactor, self.reactor)
+
+    def settle(self, batch: list) -> Deferred[str]:
+        if not self.connected:
+            from equalizer.buckets.interface import StoreUnavailable
+            d: Deferred[str] = Deferred()
+            d.errback(StoreUnavailable("the supervisor is gone"))
+            return d
+        return self.callRemote(commands.Settle, batch=json.dumps(batch, ensure_ascii=False)
+                               ).addCallback(lambda answer: answer["rows"])
+
+    @commands.SetBackends.responder
+    def set_backends(self, state: str) -> dict:
+        self.service.set_backends(json.loads(state))
+        return {}
+
+    @commands.Drain.responder
+    def drain(self, backend_id: str) -> Deferred[dict[str, bool]]:
+        return self.service.drain_backend(backend_id)
+
+    @commands.Reload.responder
+    def reload(self) -> dict[str, bool]:
+        return {"ok": self.service.reload()}
+
+    @commands.Snapshot.responder
+    def snapshot(self) -> dict[str, str]:
+        return {"figures": json.dumps(self.service.figures())}
+
+
+async def _stop(service: WorkerService, lines: LineBatcher) -> None:
+    await service.stopService()
+    # The reactor's shutdown drops connections without writing what they buffered:
+    # give the last answers a moment to go out first.
+    await deferLater(service.reactor, FLUSH_GRACE, lambda: None)
+    sent = lines.flush()
+    if sent is not None:  # the last lines reach the supervisor before this process ends
+        await sent
+
+
+def stop(service: WorkerService, lines: LineBatcher) -> Deferred[None]:
+    """Drain and stop; signals that come meanwhile (the supervisor's SIGTERM, then the
+    kernel's as it exits, or a terminal's SIGINT) change nothing."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return Deferred.fromCoroutine(_stop(service, lines))
+
+
+def _stop_reactor(reactor: Any) -> None:
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        pass  # already stopping (SIGTERM came first)
+
+
+def die_with_parent(parent: int) -> None:
+    """Have the kernel send SIGTERM when the supervisor dies; exit if it already has."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the channel closing stops the worker all the same
+    if os.getppid() != parent:
+        raise SystemExit(0)
+
+
+def main(argv: list[str]) -> None:
+    options, parent = json.loads(argv[1]), int(argv[2])
+    die_with_parent(parent)
+    from twisted.internet import reactor
+    from twisted.internet.protocol import Factory
+
+    channel = WorkerChannel(reactor)
+
+    def reread() -> Config:
+        return worker_config(read_config(options, os.environ))
+
+    config = reread()
+    logging = ForwardingLog(config.logging, LineBatcher(reactor, channel))
+    globalLogBeginner.beginLoggingTo([logging.observer()], redirectStandardIO=False)
+    service = WorkerService(config, reactor, channel, reread)
+    channel.service = service
+    reactor.adoptStreamConnection(CONTROL_FD, socket.AF_UNIX,
+                                  Factory.forProtocol(lambda: channel))
+    os.close(CONTROL_FD)
+    service.proxy.access_log.attach(logging)
+    service.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", stop, service, logging.writer)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main(sys.argv)

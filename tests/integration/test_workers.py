@@ -1,0 +1,287 @@
+"""Several worker processes (SPEC 9), against the real ``twistd -n equalizer``: the
+workers share the proxy listener, the supervisor keeps the admin API, health checks,
+the store and the log; for the operator it is one balancer."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+import uuid
+
+import pytest_twisted
+import treq
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.defer import Deferred, FirstError, ensureDeferred, gatherResults
+from twisted.internet.error import ConnectionRefusedError
+
+from tests.integration.buckets_support import call, store_section
+from tests.integration.harness import (
+    LOOPBACK,
+    ListeningEqualizer,
+    equalizer_config,
+    free_port,
+    get_json,
+    http_client,
+    raw_request,
+    wait_until,
+    within,
+)
+from tests.integration.test_log_reopen import alive, start_daemon
+from tests.integration.test_runtime_control import SLOW_SECONDS, slow_path_handler
+
+GET = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+
+def workers_config(backends, **sections) -> dict:
+    document = equalizer_config([b.url for b in backends], **sections)
+    document["proxy"]["workers"] = 2
+    return document
+
+
+async def workers_of(balancer, http) -> list[dict]:
+    _, stats = await get_json(http, balancer.admin_url + "/stats")
+    return stats["workers"]
+
+
+def fresh_get(balancer, path: str = "/", headers: dict | None = None) -> Deferred:
+    """One request on a connection of its own, so the kernel may pick any worker:
+    fires with (status, body)."""
+    return ensureDeferred(_fresh_get(balancer, path, headers))
+
+
+async def _fresh_get(balancer, path: str, headers: dict | None):
+    client, pool = http_client(persistent=False)
+    try:
+        response = await within(client.get(balancer.proxy_url + path, headers=headers))
+        body = await within(treq.content(response))
+        return response.code, body
+    finally:
+        await pool.closeCachedConnections()
+
+
+async def until_both_served(balancer, http) -> list[dict]:
+    """Send requests until each worker has answered some (the kernel spreads them)."""
+    async def both() -> bool:
+        try:
+            await gatherResults([fresh_get(balancer) for _ in range(8)], consumeErrors=True)
+        except FirstError as error:  # the listener opens once the store is ready (SPEC 4.5)
+            error.subFailure.trap(ConnectionRefusedError)
+            return False
+        workers = await workers_of(balancer, http)
+        return all(w["requests"] > 0 for w in workers) and workers
+
+    return await wait_until(both, 20, interval=0.05, message="both workers to serve")
+
+
+@pytest_twisted.ensureDeferred
+async def test_both_workers_serve_and_stats_and_metrics_count_them_together(
+        twistd_process, backends, http):
+    one, two = backends("one"), backends("two")
+    balancer = await twistd_process(workers_config([one, two]), http)
+    workers = await until_both_served(balancer, http)
+    assert len(workers) == 2 and len({w["pid"] for w in workers}) == 2
+    assert balancer.pid not in {w["pid"] for w in workers}
+
+    async def counted() -> bool:
+        _, stats = await get_json(http, balancer.admin_url + "/stats")
+        sent = len(one.requests) + len(two.requests)
+        per_worker = sum(w["requests"] for w in stats["workers"])
+        by_backend = sum(b["requests"] for b in stats["backends"])
+        return stats["requests"]["total"] == per_worker == by_backend == sent and stats
+
+    stats = await wait_until(counted, 10, interval=0.1, message="/stats to add up")
+    total = stats["requests"]["total"]
+    response = await within(http.get(balancer.admin_url + "/metrics"))
+    text = (await within(treq.content(response))).decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    requests = sum(s.value for s in families["equalizer_requests"].samples
+                   if s.name == "equalizer_requests_total" and "code" in s.labels)
+    assert requests == total
+    counts = [s.value for s in families["equalizer_request_duration_seconds"].samples
+              if s.name.endswith("_count")]
+    assert sum(counts) == total
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_limit_across_workers(twistd_process, backends, http, store_kind, dsn):
+    one = backends("one")
+    capacity = 20
+    balancer = await twistd_process(workers_config([one], rate_limit={
+        "enabled": True, "key": "header:X-Client", **store_section(store_kind, dsn),
+        "default": {"capacity": capacity, "refill_rate": 0}}), http)
+    await until_both_served(balancer, http)
+    client = f"c-{uuid.uuid4().hex}"
+    answers = await gatherResults([
+        fresh_get(balancer, headers={"X-Client": [client]}) for _ in range(3 * capacity)])
+    admitted = sum(1 for code, _ in answers if code == 200)
+    # Never more than the bucket; at most one lease (max(1, C // 10) tokens) per worker
+    # may be left unused on the worker that did not get the last requests.
+    assert capacity - 2 * max(1, capacity // 10) <= admitted <= capacity
+    assert {code for code, _ in answers} == {200, 429}
+
+
+@pytest_twisted.ensureDeferred
+async def test_admin_changes_and_health_results_reach_every_worker(
+        twistd_process, backends, http):
+    one, two = backends("one"), backends("two")
+    balancer = await twistd_process(workers_config(
+        [one, two], health={"interval": "200ms", "unhealthy_threshold": 1,
+                            "healthy_threshold": 1}), http)
+    await until_both_served(balancer, http)
+    reply = await call(http, "PUT", balancer.admin_url + "/backends/b1", {"enabled": False})
+    assert reply.status == 200
+
+    async def only(name: bytes) -> bool:
+        answers = await gatherResults([fresh_get(balancer) for _ in range(16)])
+        return {body for _, body in answers} == {name}
+
+    await wait_until(lambda: only(b"two"), 10, interval=0.05, message="b1 off everywhere")
+    await call(http, "PUT", balancer.admin_url + "/backends/b1", {"enabled": True})
+    two.health_status = 503
+    await wait_until(lambda: only(b"one"), 10, interval=0.05, message="b2 down everywhere")
+    await until_both_served(balancer, http)
+    assert {body for _, body in await gatherResults(
+        [fresh_get(balancer) for _ in range(16)])} == {b"one"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_drain_waits_for_requests_in_flight_on_every_worker(
+        twistd_process, backends, http):
+    finished: list = []
+    slow = backends("slow", slow_path_handler([finished.append]))
+    balancer = await twistd_process(workers_config([slow]), http)
+    await until_both_served(balancer, http)
+    in_flight = gatherResults([fresh_get(balancer, "/slow") for _ in range(6)])
+    await wait_until(lambda: sum(1 for r in slow.requests if r.uri == b"/slow") == 6, 10,
+                     message="the slow requests to reach the backend")
+    workers = await workers_of(balancer, http)
+    reply = await call(http, "DELETE", balancer.admin_url + "/backends/b1",
+                       timeout=SLOW_SECONDS + 10)
+    assert reply.status == 204
+    assert len(finished) == 6  # answered only once every worker's requests had finished
+    assert [code for code, _ in await in_flight] == [200] * 6
+    assert all(w["pid"] for w in workers)
+
+
+@pytest_twisted.ensureDeferred
+async def test_access_log_has_whole_lines_from_every_worker(
+        twistd_process, backends, http, tmp_path):
+    one = backends("one")
+    log_file = tmp_path / "equalizer.log"
+    balancer = await twistd_process(workers_config(
+        [one], logging={"access_log": True, "file": str(log_file)}), http)
+    await until_both_served(balancer, http)
+    await gatherResults([fresh_get(balancer, f"/n/{i}") for i in range(200)])
+    await balancer.stop()
+    lines = log_file.read_text().splitlines()
+    access = [line for line in lines if "[equalizer.access]" in line]
+    shape = re.compile(r'^\S+Z \[info\] \[equalizer\.access\] 127\.0\.0\.1 "GET (/\S*)" 200 '
+                       r'\d+ [\d.]+ms upstream_addr="127\.0\.0\.1:\d+" backend=b1 '
+                       r'request_id=[0-9a-f]+ rate_limit=\w+$')
+    assert all(shape.match(line) for line in access), [x for x in access if not shape.match(x)]
+    paths = {shape.match(line).group(1) for line in access}
+    assert {f"/n/{i}" for i in range(200)} <= paths
+    assert all(line[:4].isdigit() for line in lines)  # no line cut into another
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_killed_worker_is_replaced_and_the_others_keep_serving(
+        twistd_process, backends, http):
+    one = backends("one")
+    balancer = await twistd_process(workers_config([one]), http)
+    workers = await until_both_served(balancer, http)
+    victim = workers[0]["pid"]
+    killed = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+
+    async def replaced() -> bool:
+        now = await workers_of(balancer, http)
+        return now[0]["pid"] not in (None, victim) and now[0]["restarts"] == 1 and now
+
+    now = await wait_until(replaced, 10, interval=0.02, message="the worker's replacement")
+    assert time.monotonic() - killed < 5  # within 1 s on an idle machine
+    assert now[1]["pid"] == workers[1]["pid"]
+    await until_both_served(balancer, http)
+    assert f"(pid {victim}) ended" in balancer.output()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigterm_drains_every_worker_then_exits(twistd_process, backends, http):
+    slow = backends("slow", slow_path_handler([]))
+    balancer = await twistd_process(workers_config(
+        [slow], proxy={"timeouts": {"shutdown": "10s"}}), http)
+    workers = await until_both_served(balancer, http)
+    in_flight = fresh_get(balancer, "/slow")
+    await wait_until(lambda: any(r.uri == b"/slow" for r in slow.requests), 10,
+                     message="the slow request to reach the backend")
+    os.kill(balancer.pid, signal.SIGTERM)
+    code, body = await within(in_flight, SLOW_SECONDS + 10)
+    assert (code, body) == (200, b"slow")
+    await wait_until(lambda: balancer.process.poll() is not None, 15, message="exit")
+    assert balancer.process.returncode == -signal.SIGTERM  # as twistd exits after SIGTERM
+    assert not any(alive(w["pid"]) for w in workers)
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_worker_serves_after_the_supervisor_is_killed(twistd_process, backends, http):
+    one = backends("one")
+    balancer = await twistd_process(workers_config([one]), http)
+    workers = await until_both_served(balancer, http)
+    os.kill(balancer.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    await wait_until(lambda: not any(alive(w["pid"]) for w in workers), 10, interval=0.02,
+                     message="the workers to exit")
+    assert time.monotonic() - killed < 2
+    try:
+        answer = await raw_request(balancer.proxy_port, GET, timeout=2)
+    except Exception:
+        answer = b""
+    assert answer == b""  # refused: nothing listens any more
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_daemon_with_workers_reloads_them_all_on_sighup(tmp_path, http, backends):
+    """``twistd equalizer`` daemonized runs its workers; SIGHUP reaches each of them (here:
+    rate-limit headers turned off); SIGTERM by the pidfile's PID stops them all."""
+    admin_port, proxy_port = free_port(), free_port()
+    document = workers_config(
+        [backends("one")], rate_limit={"enabled": True, "headers": "both"},
+        proxy={"listen": f"tcp:{proxy_port}:interface={LOOPBACK}"},
+        admin={"listen": f"tcp:{admin_port}:interface={LOOPBACK}"})
+    balancer = ListeningEqualizer()
+    balancer.proxy_port, balancer.admin_port = proxy_port, admin_port
+    pid = start_daemon(tmp_path, document)
+    try:
+        await wait_until(lambda: "serving" in (tmp_path / "eq.log").read_text(), 20,
+                         message="a worker serving")
+        workers = await until_both_served(balancer, http)
+        assert all(alive(w["pid"]) for w in workers)
+
+        async def limit_headers() -> set[bool]:
+            client, pool = http_client(persistent=False)
+            try:
+                responses = await gatherResults([within(client.get(balancer.proxy_url))
+                                                 for _ in range(16)])
+                for response in responses:
+                    await within(treq.content(response))
+                return {response.headers.hasHeader(b"RateLimit-Limit")
+                        for response in responses}
+            finally:
+                await pool.closeCachedConnections()
+
+        assert await limit_headers() == {True}
+        document["rate_limit"]["headers"] = "none"
+        (tmp_path / "equalizer.yml").write_text(yaml.safe_dump(document))
+        os.kill(pid, signal.SIGHUP)
+        await wait_until(lambda: ensureDeferred(limit_headers()).addCallback(
+            lambda seen: seen == {False}), 10, interval=0.05, message="every worker reloaded")
+    finally:
+        if alive(pid):
+            os.kill(pid, signal.SIGTERM)
+    await wait_until(lambda: not alive(pid), 15, message="the daemon to exit")
+    assert not any(alive(w["pid"]) for w in workers)
+    assert not (tmp_path / "twistd.pid").exists()
+    assert "Traceback" not in (tmp_path / "eq.log").read_text()

@@ -1,0 +1,114 @@
+"""Workers (SPEC 9) without processes: the setting, the settlement of leases on the memory
+store, the sum of the workers' figures, and the control channel's long values."""
+
+from __future__ import annotations
+
+import os
+
+import attrs
+import pytest
+from twisted.internet.testing import MemoryReactorClock
+
+from equalizer.balancer.pool import BackendPool
+from equalizer.balancer.stats import TrafficStats
+from equalizer.buckets.memory import MemoryStore
+from equalizer.config.loader import ConfigError, apply_overrides, parse_config
+from equalizer.config.model import BackendConfig
+from equalizer.workers.aggregate import Aggregate, snapshot
+from equalizer.workers.commands import CHUNK, BigUnicode
+from equalizer.workers.leases import settle_in_memory
+
+
+@pytest.mark.parametrize(("value", "workers"), [(1, 1), (4, 4), ("auto", os.cpu_count())])
+def test_workers_setting(value, workers) -> None:
+    assert parse_config({"proxy": {"workers": value}}).proxy.workers == workers
+
+
+@pytest.mark.parametrize("value", [0, -1, 257, "two", True, 1.5])
+def test_workers_setting_refuses_what_is_no_count(value) -> None:
+    with pytest.raises(ConfigError, match=r"proxy\.workers: expected a number from 1 to 256"):
+        parse_config({"proxy": {"workers": value}})
+
+
+def test_workers_flag_overrides_the_file_and_ssl_needs_one_worker() -> None:
+    config = parse_config({"proxy": {"workers": 3}})
+    assert apply_overrides(config, env={}, workers="2").proxy.workers == 2
+    assert apply_overrides(config, env={}, workers="auto").proxy.workers == os.cpu_count()
+    with pytest.raises(ConfigError, match="--workers: expected a number"):
+        apply_overrides(config, env={}, workers="0")
+    tls = attrs.evolve(config, proxy=attrs.evolve(config.proxy, listen="ssl:8443:privateKey=k"))
+    with pytest.raises(ConfigError, match="proxy.workers: more than one worker needs a tcp:"):
+        apply_overrides(tls, env={}, workers="2")
+
+
+def test_workers_refuse_pools_and_routes_for_now() -> None:
+    """Workers take the default pool's state from the supervisor only: a config with pools
+    or routes runs one worker, and the demo's routing is left out with several."""
+    routed = parse_config({
+        "pools": {"api": {"backends": [{"url": "http://127.0.0.1:9004"}]}},
+        "routes": [{"match": {"path_prefix": "/api/"}, "pool": "api"}],
+    })
+    assert apply_overrides(routed, env={}).proxy.workers == 1
+    with pytest.raises(ConfigError, match="proxy.workers: more than one worker does not run "
+                                          "with pools or routes"):
+        apply_overrides(routed, env={}, workers="2")
+
+
+def test_memory_settlement_follows_the_sql_rule() -> None:
+    clock = MemoryReactorClock()
+    store = MemoryStore(clock)
+    store.create("kept", 100, 50, 10)
+    rows = settle_in_memory(store, [
+        ("new", 2, 256, 0, 30, 1.0),  # from the default, full: 2 waiting + min(256, 30 // 10)
+        ("kept", 1, 256, 0, 30, 1.0),  # its own bucket: 1 + min(256, 100 // 10) of 50
+        ("nobody", 1, 8, 0, None, None),  # no bucket, no default: not limited, no row
+    ], clock.seconds())
+    assert rows == [("new", 5, 25.0, 30, 1.0), ("kept", 11, 39.0, 100, 10.0)]
+    clock.advance(1)
+    rows = settle_in_memory(store, [("kept", 0, 0, 80, None, None)], clock.seconds())
+    assert rows == [("kept", 0, 100.0, 100, 10.0)]  # 39 + 10 refilled + 80 back, capped
+
+
+def test_memory_settlement_grants_no_more_than_the_bucket_holds() -> None:
+    clock = MemoryReactorClock()
+    store = MemoryStore(clock)
+    store.create("k", 10, 3.5, 0)
+    assert settle_in_memory(store, [("k", 5, 8, 0, None, None)], 0) == [("k", 3, 0.5, 10, 0.0)]
+
+
+def _worker(requests: int, in_flight: int, latency: float) -> dict:
+    stats = TrafficStats(started=0)
+    pool = BackendPool([BackendConfig("http://127.0.0.1:9001")])
+    backend = pool.backends[0]
+    for _ in range(requests):
+        stats.record(200, backend, latency)
+    stats.record(503, None, 0.001)
+    stats.connections = 2
+    backend.in_flight = in_flight
+    return snapshot(stats, pool, in_flight)
+
+
+def test_figures_of_all_workers_are_summed_and_a_dead_one_keeps_its_counts() -> None:
+    aggregate = Aggregate()
+    aggregate.live = {1: _worker(3, 1, 0.002), 2: _worker(5, 2, 0.2)}
+    stats = TrafficStats(started=0)
+    pool = BackendPool([BackendConfig("http://127.0.0.1:9001")])
+    aggregate.write_into(stats, pool)
+    backend = pool.backends[0]
+    assert (stats.total, stats.by_code, stats.connections) == (10, {200: 8, 503: 2}, 4)
+    assert (backend.requests, backend.in_flight, sum(backend.durations.counts)) == (8, 3, 8)
+    assert backend.durations.total == pytest.approx(3 * 0.002 + 5 * 0.2)
+    assert sorted(backend.latencies) == [0.002] * 3 + [0.2] * 5
+    aggregate.retire(2)
+    aggregate.write_into(stats, pool)
+    assert (stats.total, stats.connections, backend.requests, backend.in_flight) == (10, 2, 8, 1)
+
+
+def test_long_values_cross_the_channel_in_pieces() -> None:
+    text = "é" * CHUNK  # two bytes each: three AMP values
+    strings: dict = {}
+    BigUnicode().toBox(b"rows", strings, {"rows": text}, None)
+    assert len(strings) == 2 and all(len(v) <= CHUNK for v in strings.values())
+    objects: dict = {}
+    BigUnicode().fromBox(b"rows", strings, objects, None)
+    assert objects == {"rows": text}
