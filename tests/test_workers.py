@@ -3,6 +3,7 @@ store, the sum of the workers' figures, and the control channel's long values.""
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import attrs
@@ -17,6 +18,7 @@ from equalizer.config.model import BackendConfig
 from equalizer.workers.aggregate import Aggregate, snapshot
 from equalizer.workers.commands import CHUNK, BigUnicode
 from equalizer.workers.leases import settle_in_memory
+from equalizer.workers.supervisor import pools_state
 from equalizer.workers.worker import worker_config
 
 
@@ -105,6 +107,29 @@ def test_figures_of_all_workers_are_summed_and_a_dead_one_keeps_its_counts() -> 
     aggregate.retire(2)
     aggregate.write_into(stats, [pool])
     assert (stats.total, stats.connections, backend.requests, backend.in_flight) == (10, 2, 8, 1)
+
+
+def test_figures_of_every_pool_are_summed_and_its_state_goes_by_name() -> None:
+    """Backend ids are unique across pools: a worker's snapshot carries the backends of
+    every pool, and the sum lands on each pool's backend of that id."""
+    ids = itertools.count(1)
+    pools = {"default": BackendPool([BackendConfig("http://127.0.0.1:9001")], ids=ids),
+             "api": BackendPool([BackendConfig("http://127.0.0.1:9004")], name="api", ids=ids)}
+    web, api = pools["default"].backends[0], pools["api"].backends[0]
+    stats = TrafficStats(started=0)
+    stats.record(200, web, 0.001)
+    stats.record(200, api, 0.001)
+    stats.record(200, api, 0.001)
+    aggregate = Aggregate()
+    aggregate.live = {1: snapshot(stats, pools.values(), 0),
+                      2: snapshot(stats, pools.values(), 0)}
+    into = {name: BackendPool([BackendConfig(p.backends[0].url)], name=name, ids=iter([b]))
+            for (name, p), b in zip(pools.items(), (1, 2), strict=True)}
+    aggregate.write_into(TrafficStats(started=0), into.values())
+    assert [(p.backends[0].id, p.backends[0].requests) for p in into.values()] == [
+        ("b1", 2), ("b2", 4)]
+    assert pools_state(pools) == {"default": [["b1", web.url, 1, True, False, True, 0, False]],
+                                  "api": [["b2", api.url, 1, True, False, True, 0, False]]}
 
 
 def test_long_values_cross_the_channel_in_pieces() -> None:
