@@ -15,6 +15,7 @@ from equalizer.balancer.stats import TrafficStats
 from equalizer.buckets.memory import MemoryStore
 from equalizer.config.loader import ConfigError, apply_overrides, parse_config
 from equalizer.config.model import BackendConfig
+from equalizer.service import read_config
 from equalizer.workers.aggregate import Aggregate, snapshot
 from equalizer.workers.commands import CHUNK, BigUnicode
 from equalizer.workers.leases import settle_in_memory
@@ -57,6 +58,16 @@ def test_workers_run_with_pools_and_routes() -> None:
     assert [pool.name for pool in config.pools] == ["api"]
     assert [pool.health.interval for pool in worker_config(config).pools] == [0.0]
     assert worker_config(config).health.interval == 0.0
+
+
+def test_the_demo_routes_with_workers(tmp_path) -> None:
+    config_file = tmp_path / "equalizer.yml"
+    config_file.write_text("{}\n")
+    options = {"config": str(config_file), "listen": None, "admin": None, "backends": [],
+               "database-url": None, "demo": True, "workers": "2"}
+    config = read_config(options, {})
+    assert config.proxy.workers == 2
+    assert [pool.name for pool in config.pools] == ["api"] and len(config.routes) == 1
 
 
 def test_memory_settlement_follows_the_sql_rule() -> None:
