@@ -42,13 +42,12 @@ log = Logger()
 LISTEN_FD = 3
 CONTROL_FD = 4
 PR_SET_PDEATHSIG = 1
-LINES_BATCH = 262_144
-"""Characters of log lines sent in one message at most (then split over AMP values)."""
+LINES_BATCH = 32_768
+"""Characters of log lines sent in one message at most."""
 FLUSH_GRACE = 0.1
 """Seconds a stopping worker lets its last answers be written before it exits."""
-LINES_DELAY = 0.2
-"""Seconds a log line may wait to go with others: at full load a worker sends about five
-messages a second rather than tens, which the supervisor receives with less work."""
+LINES_DELAY = 0.05
+"""Seconds a log line may wait to go with others."""
 
 
 def worker_config(config: Config) -> Config:
