@@ -181,7 +181,8 @@ def histogram(name: str, documentation: str, durations: DurationHistogram
 
 
 def backend_settings(backends: list[Backend]) -> Iterator:
-    """What /stats shows of each backend besides its health: weight, enabled, draining."""
+    """What /stats shows of each backend besides its health: weight, enabled, draining,
+    max_requests and the backup flag."""
     labels = ["backend", "url"]
     weight = GaugeMetricFamily("equalizer_backend_weight", "The backend's weight",
                                labels=labels)
@@ -189,12 +190,19 @@ def backend_settings(backends: list[Backend]) -> Iterator:
                                 labels=labels)
     draining = GaugeMetricFamily("equalizer_backend_draining",
                                  "1 while the backend drains before removal", labels=labels)
+    max_requests = GaugeMetricFamily("equalizer_backend_max_requests",
+                                     "Requests in flight the backend takes at most "
+                                     "(0 = no limit)", labels=labels)
+    backup = GaugeMetricFamily("equalizer_backend_backup", "1 for a backup backend",
+                               labels=labels)
     for backend in backends:
         names = [backend.id, backend.url]
         weight.add_metric(names, backend.weight)
         enabled.add_metric(names, 1 if backend.enabled else 0)
         draining.add_metric(names, 1 if backend.draining else 0)
-    yield from (weight, enabled, draining)
+        max_requests.add_metric(names, backend.max_requests)
+        backup.add_metric(names, 1 if backend.backup else 0)
+    yield from (weight, enabled, draining, max_requests, backup)
 
 
 def bucket_metrics(store: IBucketStore) -> Iterator:

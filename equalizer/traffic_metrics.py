@@ -1,5 +1,5 @@
-"""``GET /metrics`` families of traffic management (SPEC 4.6): the pool queue, outlier
-ejections and the per-backend limits, read from the live pool at scrape time."""
+"""``GET /metrics`` families of traffic management (SPEC 4.6): the pool queue and outlier
+ejections, read from the live pools at scrape time."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ if TYPE_CHECKING:
 
 def management_metrics(pools: list[BackendPool]) -> Iterator:
     """Queue length and outcomes (by ``pool`` when there are several); each backend's
-    ejection state, ejections, max_requests and backup flag."""
+    ejection state and ejections (max_requests and backup are among the
+    backend settings of ``equalizer.metrics``)."""
     by_pool = ["pool"] if len(pools) > 1 else []
     length = GaugeMetricFamily("equalizer_queue_length",
                                "Requests waiting in the pool queue for a backend slot",
@@ -39,15 +40,8 @@ def management_metrics(pools: list[BackendPool]) -> Iterator:
     ejections = CounterMetricFamily("equalizer_backend_ejections",
                                     "Times outlier detection ejected the backend",
                                     labels=labels)
-    max_requests = GaugeMetricFamily("equalizer_backend_max_requests",
-                                     "Requests in flight the backend takes at most "
-                                     "(0 = no limit)", labels=labels)
-    backup = GaugeMetricFamily("equalizer_backend_backup", "1 for a backup backend",
-                               labels=labels)
     for backend in (backend for pool in pools for backend in pool.backends):
         names = [backend.id, backend.url]
         ejected.add_metric(names, 0 if backend.ejected_until is None else 1)
         ejections.add_metric(names, backend.ejections)
-        max_requests.add_metric(names, backend.max_requests)
-        backup.add_metric(names, 1 if backend.backup else 0)
-    yield from (ejected, ejections, max_requests, backup)
+    yield from (ejected, ejections)
