@@ -8,7 +8,6 @@ Nothing here opens a socket or reads a clock: a test hands in a
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -20,9 +19,10 @@ from twisted.web.server import Site
 
 from equalizer.balancer.pool import Backend
 from equalizer.buckets.interface import StoreUnavailable
-from equalizer.buckets.maths import Bucket, refill
+from equalizer.buckets.maths import refill
 from equalizer.buckets.memory import MemoryStore
 from equalizer.proxy.upstream import UpstreamConnection
+from equalizer.workers.leases import settle_in_memory
 
 
 @attrs.frozen
@@ -168,29 +168,8 @@ class FakeLeaseDatabase(MemoryStore):
         return refill(stored, self._clock.seconds()).tokens
 
     def _apply(self, text: str) -> list[tuple[Any, ...]]:
-        now = self._clock.seconds()
-        rows = []
-        for client_id, want, extra, back, dcap, drate in json.loads(text):
-            if client_id in self.hidden:
-                continue
-            entry = self.buckets.get(client_id)
-            if entry is not None:
-                stored, created = entry
-                bucket = refill(stored, now)
-                capacity = bucket.capacity
-                held = min(float(capacity), bucket.tokens + back)
-                granted = min(math.floor(held), want + min(extra, max(1, capacity // 10)))
-                tokens = held - granted
-                updated = max(now, stored.updated)
-                self.buckets[client_id] = (
-                    Bucket(capacity, tokens, bucket.refill_rate, updated), created)
-                rows.append((client_id, granted, tokens, capacity, bucket.refill_rate))
-            elif want > 0 and dcap is not None:
-                granted = min(dcap, want + min(extra, max(1, dcap // 10)))
-                tokens = float(dcap - granted)
-                self.buckets[client_id] = (Bucket(dcap, tokens, drate, now), now)
-                rows.append((client_id, granted, tokens, dcap, drate))
-        return rows
+        batch = [entry for entry in json.loads(text) if entry[0] not in self.hidden]
+        return settle_in_memory(self, batch, self._clock.seconds())
 
 
 class SlowReadsDatabase(FakeLeaseDatabase):

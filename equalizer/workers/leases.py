@@ -32,27 +32,28 @@ if TYPE_CHECKING:
 
 def settle_in_memory(store: MemoryStore, batch: list[Settlement],
                      now: float) -> list[tuple[Any, ...]]:
-    """``equalizer_settle`` (schema 0002) on a MemoryStore's buckets: per key, refill,
+    """``equalizer_settle`` (schema 0005) on a MemoryStore's buckets: per key, refill,
     take back what is given back, grant ``min(floor(T), waiting + min(extra,
-    max(1, C // 10)))``; a key without a bucket is made from its default (full), or,
-    with no default, answers no row (not limited)."""
+    max(1, C // 10)))``; a key without a bucket is made from its default (full) when
+    requests wait for it, or else answers no row (not limited)."""
     rows: list[tuple[Any, ...]] = []
     buckets = store.buckets
     for client_id, waiting, extra, back, default_capacity, default_rate in batch:
         entry = buckets.get(client_id)
         if entry is None:
-            if default_capacity is None:
+            if waiting == 0 or default_capacity is None:
                 continue
             bucket = Bucket(default_capacity, float(default_capacity), default_rate, now)
-            created = now
+            created = updated = now
         else:
-            bucket, created = entry
-            bucket = refill(bucket, now)
+            stored, created = entry
+            bucket = refill(stored, now)
+            updated = max(now, stored.updated)
         capacity = bucket.capacity
         tokens = credit(capacity, bucket.tokens, back)
         granted = min(math.floor(tokens), waiting + min(extra, max(1, capacity // 10)))
         tokens -= granted
-        buckets[client_id] = (Bucket(capacity, tokens, bucket.refill_rate, now), created)
+        buckets[client_id] = (Bucket(capacity, tokens, bucket.refill_rate, updated), created)
         rows.append((client_id, granted, tokens, capacity, bucket.refill_rate))
     return rows
 
