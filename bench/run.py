@@ -99,6 +99,7 @@ class Scenario:
 SCENARIOS = (
     Scenario("1k-c32", "/1k", 32),
     Scenario("1k-c128", "/1k", 128),
+    Scenario("1k-c256", "/1k", 256),
     Scenario("100k-c32", "/100k", 32),
     Scenario("1k-c32-limit-memory", "/1k", 32, ("equalizer",), "memory", 1, baseline="1k-c32"),
     Scenario("1k-c32-limit-pg-1key", "/1k", 32, ("equalizer",), "postgres", 1, baseline="1k-c32"),
@@ -110,7 +111,8 @@ SCENARIOS = (
     # Workers (SPEC 9): the proxy may use both cores (wrk and the backend still share CPU 1),
     # one process against two, same load; compare the two rows with each other.
     Scenario("1k-c64-workers-1", "/1k", 64, ("equalizer",), cpus="0,1"),
-    Scenario("1k-c64-workers-2", "/1k", 64, ("equalizer",), workers=2, cpus="0,1"),
+    Scenario("1k-c64-workers-2", "/1k", 64, ("equalizer",), workers=2, cpus="0,1",
+             baseline="1k-c64-workers-1"),
 )
 WORKERS_SCENARIOS = ("1k-c64-workers-1", "1k-c64-workers-2")
 QUICK_SCENARIOS = ("1k-c32",)
@@ -734,6 +736,28 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def cpu_times() -> dict[str, tuple[int, int]]:
+    """(busy, total) jiffies of each core since boot, from /proc/stat."""
+    times = {}
+    with open("/proc/stat") as stat:
+        for line in stat:
+            name, *fields = line.split()
+            if name.startswith("cpu") and name != "cpu":
+                ticks = [int(field) for field in fields]
+                idle = ticks[3] + ticks[4]  # idle and iowait
+                times[name] = (sum(ticks) - idle, sum(ticks))
+    return times
+
+
+def busy_shares(before: dict, after: dict) -> dict[str, float]:
+    """Each core's busy share between two ``cpu_times`` readings (0.0 to 1.0)."""
+    shares = {}
+    for name, (busy, total) in after.items():
+        elapsed = total - before[name][1]
+        shares[name] = (busy - before[name][0]) / elapsed if elapsed else 0.0
+    return shares
+
+
 class RssSampler(threading.Thread):
     """Peak resident memory of a process tree while a run lasts.
 
@@ -777,10 +801,12 @@ def run_case(ctx: Context, scenario: Scenario, proxy: str, rep: int) -> dict:
         run_wrk(ctx, port, scenario, WARMUP_SECONDS)
         sampler = RssSampler(proc.pid)
         sampler.start()
+        cpu_before = cpu_times()
         try:
             result = run_wrk(ctx, port, scenario, ctx.duration)
         finally:
             record["peak_rss_kib"] = sampler.finish()
+        record["cpu_busy"] = busy_shares(cpu_before, cpu_times())
         if proc.poll() is not None:
             raise BenchError(f"exited with status {proc.returncode} during the run")
         if scenario.limiter:
@@ -874,6 +900,10 @@ def summarize(records: list[dict], scenarios: list[Scenario], proxies: list[str]
                 if r["ok"] and r["scenario"] == scenario.baseline and r["proxy"] == proxy
             }  # fmt: skip
             paired = [r["rps"] / baseline[r["rep"]] for r in ok if r["rep"] in baseline]
+            busy = {
+                core: statistics.median(r["cpu_busy"][core] for r in ok)
+                for core in (ok[0].get("cpu_busy", {}) if ok else {})
+            }  # fmt: skip
             rows.append(
                 {
                     "scenario": scenario.name,
@@ -885,7 +915,8 @@ def summarize(records: list[dict], scenarios: list[Scenario], proxies: list[str]
                     "errors": sum(r["errors"] for r in ok),
                     "peak_rss_mib": None if rss is None else rss / 1024,
                     "vs_stock": rps / stock_rps if rps and stock_rps else None,
-                    "vs_limiter_off": statistics.median(paired) if paired else None,
+                    "vs_base": statistics.median(paired) if paired else None,
+                    "cpu_busy": busy,
                     "failure": next((r["error"] for r in mine if not r["ok"]), None),
                 }
             )
@@ -895,12 +926,12 @@ def summarize(records: list[dict], scenarios: list[Scenario], proxies: list[str]
 def markdown_table(rows: list[dict]) -> str:
     """The summary rows as a markdown table."""
     header = ("scenario", "proxy", "req/s", "p50", "p99", "errors", "peak RSS", "vs stock",
-              "vs limiter off", "runs")  # fmt: skip
+              "vs base", "busy per core", "runs")  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         if row["rps"] is None:
             cells = [row["scenario"], row["proxy"], f"ERROR: {row['failure']}",
-                     "", "", "", "", "", "", row["runs"]]  # fmt: skip
+                     "", "", "", "", "", "", "", row["runs"]]  # fmt: skip
         else:
             cells = [
                 row["scenario"],
@@ -911,7 +942,8 @@ def markdown_table(rows: list[dict]) -> str:
                 str(row["errors"]),
                 "-" if row["peak_rss_mib"] is None else f"{row['peak_rss_mib']:.1f} MiB",
                 "-" if row["vs_stock"] is None else f"{row['vs_stock']:.2f}x",
-                "-" if row["vs_limiter_off"] is None else f"{row['vs_limiter_off']:.0%}",
+                "-" if row["vs_base"] is None else f"{row['vs_base']:.0%}",
+                " ".join(f"{core} {share:.0%}" for core, share in row["cpu_busy"].items()) or "-",
                 row["runs"],
             ]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
