@@ -114,7 +114,6 @@ SCENARIOS = (
     Scenario("1k-c64-workers-2", "/1k", 64, ("equalizer",), workers=2, cpus="0,1",
              baseline="1k-c64-workers-1"),
 )
-WORKERS_SCENARIOS = ("1k-c64-workers-1", "1k-c64-workers-2")
 QUICK_SCENARIOS = ("1k-c32",)
 
 KEYS_SCRIPT = """\
