@@ -3,6 +3,7 @@ store, the sum of the workers' figures, and the control channel's long values.""
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import attrs
@@ -14,9 +15,12 @@ from equalizer.balancer.stats import TrafficStats
 from equalizer.buckets.memory import MemoryStore
 from equalizer.config.loader import ConfigError, apply_overrides, parse_config
 from equalizer.config.model import BackendConfig
+from equalizer.service import read_config
 from equalizer.workers.aggregate import Aggregate, snapshot
 from equalizer.workers.commands import CHUNK, BigUnicode
 from equalizer.workers.leases import settle_in_memory
+from equalizer.workers.supervisor import pools_state
+from equalizer.workers.worker import worker_config
 
 
 @pytest.mark.parametrize(("value", "workers"), [(1, 1), (4, 4), ("auto", os.cpu_count())])
@@ -41,17 +45,29 @@ def test_workers_flag_overrides_the_file_and_ssl_needs_one_worker() -> None:
         apply_overrides(tls, env={}, workers="2")
 
 
-def test_workers_refuse_pools_and_routes_for_now() -> None:
-    """Workers take the default pool's state from the supervisor only: a config with pools
-    or routes runs one worker, and the demo's routing is left out with several."""
+def test_workers_run_with_pools_and_routes() -> None:
+    """Workers take every pool's state from the supervisor: several workers with pools and
+    routes is a configuration like any other, and the workers' health checks are off in
+    every pool (the supervisor runs them)."""
     routed = parse_config({
         "pools": {"api": {"backends": [{"url": "http://127.0.0.1:9004"}]}},
         "routes": [{"match": {"path_prefix": "/api/"}, "pool": "api"}],
     })
-    assert apply_overrides(routed, env={}).proxy.workers == 1
-    with pytest.raises(ConfigError, match="proxy.workers: more than one worker does not run "
-                                          "with pools or routes"):
-        apply_overrides(routed, env={}, workers="2")
+    config = apply_overrides(routed, env={}, workers="2")
+    assert config.proxy.workers == 2
+    assert [pool.name for pool in config.pools] == ["api"]
+    assert [pool.health.interval for pool in worker_config(config).pools] == [0.0]
+    assert worker_config(config).health.interval == 0.0
+
+
+def test_the_demo_routes_with_workers(tmp_path) -> None:
+    config_file = tmp_path / "equalizer.yml"
+    config_file.write_text("{}\n")
+    options = {"config": str(config_file), "listen": None, "admin": None, "backends": [],
+               "database-url": None, "demo": True, "workers": "2"}
+    config = read_config(options, {})
+    assert config.proxy.workers == 2
+    assert [pool.name for pool in config.pools] == ["api"] and len(config.routes) == 1
 
 
 def test_memory_settlement_follows_the_sql_rule() -> None:
@@ -85,7 +101,7 @@ def _worker(requests: int, in_flight: int, latency: float) -> dict:
     stats.record(503, None, 0.001)
     stats.connections = 2
     backend.in_flight = in_flight
-    return snapshot(stats, pool, in_flight)
+    return snapshot(stats, [pool], in_flight)
 
 
 def test_figures_of_all_workers_are_summed_and_a_dead_one_keeps_its_counts() -> None:
@@ -93,15 +109,38 @@ def test_figures_of_all_workers_are_summed_and_a_dead_one_keeps_its_counts() -> 
     aggregate.live = {1: _worker(3, 1, 0.002), 2: _worker(5, 2, 0.2)}
     stats = TrafficStats(started=0)
     pool = BackendPool([BackendConfig("http://127.0.0.1:9001")])
-    aggregate.write_into(stats, pool)
+    aggregate.write_into(stats, [pool])
     backend = pool.backends[0]
     assert (stats.total, stats.by_code, stats.connections) == (10, {200: 8, 503: 2}, 4)
     assert (backend.requests, backend.in_flight, sum(backend.durations.counts)) == (8, 3, 8)
     assert backend.durations.total == pytest.approx(3 * 0.002 + 5 * 0.2)
     assert sorted(backend.latencies) == [0.002] * 3 + [0.2] * 5
     aggregate.retire(2)
-    aggregate.write_into(stats, pool)
+    aggregate.write_into(stats, [pool])
     assert (stats.total, stats.connections, backend.requests, backend.in_flight) == (10, 2, 8, 1)
+
+
+def test_figures_of_every_pool_are_summed_and_its_state_goes_by_name() -> None:
+    """Backend ids are unique across pools: a worker's snapshot carries the backends of
+    every pool, and the sum lands on each pool's backend of that id."""
+    ids = itertools.count(1)
+    pools = {"default": BackendPool([BackendConfig("http://127.0.0.1:9001")], ids=ids),
+             "api": BackendPool([BackendConfig("http://127.0.0.1:9004")], name="api", ids=ids)}
+    web, api = pools["default"].backends[0], pools["api"].backends[0]
+    stats = TrafficStats(started=0)
+    stats.record(200, web, 0.001)
+    stats.record(200, api, 0.001)
+    stats.record(200, api, 0.001)
+    aggregate = Aggregate()
+    aggregate.live = {1: snapshot(stats, pools.values(), 0),
+                      2: snapshot(stats, pools.values(), 0)}
+    into = {name: BackendPool([BackendConfig(p.backends[0].url)], name=name, ids=iter([b]))
+            for (name, p), b in zip(pools.items(), (1, 2), strict=True)}
+    aggregate.write_into(TrafficStats(started=0), into.values())
+    assert [(p.backends[0].id, p.backends[0].requests) for p in into.values()] == [
+        ("b1", 2), ("b2", 4)]
+    assert pools_state(pools) == {"default": [["b1", web.url, 1, True, False, True, 0, False]],
+                                  "api": [["b2", api.url, 1, True, False, True, 0, False]]}
 
 
 def test_long_values_cross_the_channel_in_pieces() -> None:

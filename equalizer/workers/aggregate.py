@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 from equalizer.balancer.pool import LATENCY_WINDOW
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from equalizer.balancer.pool import Backend, BackendPool
     from equalizer.balancer.stats import TrafficStats
     from equalizer.histogram import DurationHistogram
@@ -34,15 +36,17 @@ def _histogram(h: DurationHistogram) -> list:
     return [list(h.counts), h.total]
 
 
-def snapshot(stats: TrafficStats, pool: BackendPool, in_flight: int) -> dict[str, Any]:
-    """A worker's figures, as JSON-ready data."""
+def snapshot(stats: TrafficStats, pools: Iterable[BackendPool],
+             in_flight: int) -> dict[str, Any]:
+    """A worker's figures, as JSON-ready data (backends of every pool: their ids are
+    unique across pools)."""
     figures: dict[str, Any] = {name: getattr(stats, name) for name in COUNTERS}
     figures["by_code"] = stats.by_code
     figures["unproxied_by_code"] = stats.unproxied_by_code
     figures["unproxied_durations"] = _histogram(stats.unproxied_durations)
     figures["in_flight"] = in_flight
     figures["connections"] = stats.connections
-    figures["backends"] = {b.id: _backend(b) for b in pool.backends}
+    figures["backends"] = {b.id: _backend(b) for pool in pools for b in pool.backends}
     return figures
 
 
@@ -110,8 +114,8 @@ class Aggregate:
             merge(total, figures)
         return total
 
-    def write_into(self, stats: TrafficStats, pool: BackendPool) -> None:
-        """Show the total through the supervisor's own stats and backends."""
+    def write_into(self, stats: TrafficStats, pools: Iterable[BackendPool]) -> None:
+        """Show the total through the supervisor's own stats and backends (of every pool)."""
         if not self.live and not self.retired:
             return
         total = self.total()
@@ -121,10 +125,11 @@ class Aggregate:
         stats.unproxied_by_code = total.get("unproxied_by_code", {})
         _set_histogram(stats.unproxied_durations, total.get("unproxied_durations"))
         backends = total.get("backends", {})
-        for backend in pool.backends:
-            figures = backends.get(backend.id)
-            if figures is not None:
-                _write_backend(backend, figures)
+        for pool in pools:
+            for backend in pool.backends:
+                figures = backends.get(backend.id)
+                if figures is not None:
+                    _write_backend(backend, figures)
 
 
 def _set_histogram(h: DurationHistogram, value: list | None) -> None:
