@@ -8,19 +8,20 @@ import os
 
 import attrs
 import pytest
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.web.http_headers import Headers
 
 from equalizer.balancer.pool import BackendPool
 from equalizer.balancer.stats import TrafficStats
 from equalizer.buckets.memory import MemoryStore
 from equalizer.config.loader import ConfigError, apply_overrides, parse_config
 from equalizer.config.model import BackendConfig
-from equalizer.service import read_config
+from equalizer.service import EqualizerService, read_config
 from equalizer.workers.aggregate import Aggregate, snapshot
 from equalizer.workers.commands import CHUNK, BigUnicode
 from equalizer.workers.leases import settle_in_memory
-from equalizer.workers.supervisor import pools_state
-from equalizer.workers.worker import worker_config
+from equalizer.workers.supervisor import Supervisor, SupervisorChannel, pools_state
+from equalizer.workers.worker import WorkerChannel, WorkerService, worker_config
 
 
 @pytest.mark.parametrize(("value", "workers"), [(1, 1), (4, 4), ("auto", os.cpu_count())])
@@ -151,3 +152,53 @@ def test_long_values_cross_the_channel_in_pieces() -> None:
     objects: dict = {}
     BigUnicode().fromBox(b"rows", strings, objects, None)
     assert objects == {"rows": text}
+
+
+class Pipe:
+    """Both ends of a control channel, joined in memory: ``flow`` delivers what each
+    end wrote until neither has anything left to say."""
+
+    def __init__(self, supervisor_end, worker_end) -> None:
+        self.ends = [(supervisor_end, StringTransport()), (worker_end, StringTransport())]
+        for protocol, transport in self.ends:
+            protocol.makeConnection(transport)
+
+    def flow(self) -> None:
+        while any(transport.value() for _, transport in self.ends):
+            for (_, transport), (peer, _) in (self.ends, self.ends[::-1]):
+                data, _ = transport.value(), transport.clear()
+                if data:
+                    peer.dataReceived(data)
+
+
+def test_a_reload_brings_the_backends_of_the_pools_it_adds() -> None:
+    """SIGHUP adds a pool and a route to it: the moment a worker has taken the reload, the
+    route's pool has the supervisor's backends. Not one sync tick later (the clock does not
+    move here): until then the worker would answer 503 on the new route."""
+    running = {"balancer": {"backends": [{"url": "http://127.0.0.1:9001"}]},
+               "proxy": {"workers": 2}}
+    routed = {**running, "pools": {"new": {"backends": [{"url": "http://127.0.0.1:9002"}]}},
+              "routes": [{"match": {"path_prefix": "/new/"}, "pool": "new"}]}
+    document = running
+
+    def reread():
+        return parse_config(document)
+
+    service = EqualizerService(reread(), MemoryReactorClock(), reread=reread,
+                               store=MemoryStore(MemoryReactorClock()))
+    supervisor = Supervisor(service, "{}")
+    service.on_reload.append(supervisor.reload)
+    channel = WorkerChannel(MemoryReactorClock())
+    channel.service = WorkerService(worker_config(reread()), channel.reactor, channel,
+                                    lambda: worker_config(reread()))
+    pipe = Pipe(SupervisorChannel(supervisor, supervisor.workers[0]), channel)
+    pipe.flow()
+    assert [b.url for b in channel.service.pool.backends] == ["http://127.0.0.1:9001"]
+    document = routed
+    assert service.reload()
+    pipe.flow()
+    route = channel.service.proxy.router.match(b"GET", b"example.com", b"/new/x", Headers())
+    assert route is not None and route.unit.name == "new"
+    chosen = route.unit.pool.choose()
+    assert chosen is not None and chosen.url == "http://127.0.0.1:9002"
+    assert chosen.id == service.pools()["new"].backends[0].id

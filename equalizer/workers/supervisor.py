@@ -8,9 +8,10 @@ waiting in ``accept``. Each worker also inherits one end of a socketpair, the co
 channel (AMP, :mod:`equalizer.workers.commands`).
 
 Over it the supervisor sends the backends as its pools have them, every named pool
-with ``default`` (every
-:data:`SYNC_INTERVAL` when they changed: admin changes, health results, reloads),
-drains, reloads and asks for stats snapshots (every :data:`SNAPSHOT_INTERVAL`, summed
+with ``default`` (every :data:`SYNC_INTERVAL` when they changed: admin changes, health
+results), drains, reloads (each carrying the pools' state after the supervisor's own
+reload, so that a worker applies a new route and its pool's backends at once) and asks
+for stats snapshots (every :data:`SNAPSHOT_INTERVAL`, summed
 into its own figures, :mod:`equalizer.workers.aggregate`); workers send token
 settlements (:mod:`equalizer.workers.leases`) and log lines.
 
@@ -302,9 +303,12 @@ class Supervisor(Service):
             raise DrainCancelled(backend_id)
 
     def reload(self) -> None:
+        """Each worker reloads with the state of the pools as this reload left them."""
         self._reach_pools()
+        self._sent_state = pools_state(self.service.pools())
+        state = json.dumps(self._sent_state)
         for channel in self.channels():
-            channel.callRemote(commands.Reload).addErrback(_lost)
+            channel.callRemote(commands.Reload, state=state).addErrback(_lost)
 
     # -- what comes back ---------------------------------------------------------------
 

@@ -172,9 +172,17 @@ class WorkerService(EqualizerService):
     def _proxy_listening(self) -> None:
         log.info("worker {pid} serving", pid=os.getpid())
 
+    def reload_with(self, state: dict[str, list[list[Any]]]) -> bool:
+        """Reload, then take the supervisor's backends, in one turn of the reactor: no
+        request sees a new route whose pool has no backends yet."""
+        reloaded = self.reload()
+        self.set_backends(state)
+        return reloaded
+
     def set_backends(self, state: dict[str, list[list[Any]]]) -> None:
         """Make each pool as the supervisor's: same ids, settings and health results. A
-        pool this worker does not run (yet, or any more: its reload comes next) waits."""
+        pool this worker does not run is skipped (the state of a pool a reload adds comes
+        with that reload, :meth:`reload_with`)."""
         pools = self.pools()
         for name, entries in state.items():
             pool = pools.get(name)
@@ -275,8 +283,8 @@ class WorkerChannel(amp.AMP):
         return self.service.drain_backend(backend_id)
 
     @commands.Reload.responder
-    def reload(self) -> dict[str, bool]:
-        return {"ok": self.service.reload()}
+    def reload(self, state: str) -> dict[str, bool]:
+        return {"ok": self.service.reload_with(json.loads(state))}
 
     @commands.Snapshot.responder
     def snapshot(self) -> dict[str, str]:
