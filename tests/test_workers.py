@@ -12,10 +12,10 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.web.http_headers import Headers
 
 from equalizer.balancer.pool import BackendPool
-from equalizer.balancer.stats import TrafficStats
+from equalizer.balancer.stats import SpaceSaving, TrafficStats
 from equalizer.buckets.memory import MemoryStore
 from equalizer.config.loader import ConfigError, apply_overrides, parse_config
-from equalizer.config.model import BackendConfig
+from equalizer.config.model import BackendConfig, QueueConfig
 from equalizer.service import EqualizerService, read_config
 from equalizer.workers.aggregate import Aggregate, snapshot
 from equalizer.workers.commands import CHUNK, BigUnicode
@@ -142,6 +142,62 @@ def test_figures_of_every_pool_are_summed_and_its_state_goes_by_name() -> None:
         ("b1", 2), ("b2", 4)]
     assert pools_state(pools) == {"default": [["b1", web.url, 1, True, False, True, 0, False]],
                                   "api": [["b2", api.url, 1, True, False, True, 0, False]]}
+
+
+def _limiting_worker(clients: dict[str, int], queued: int, waiting: int, ejected: float | None,
+                     size: int = 100) -> dict:
+    """A worker's snapshot: clients refused so many times each, a queue that took
+    ``queued`` requests and holds ``waiting``, its backend ejected once until ``ejected``."""
+    stats = TrafficStats(started=0)
+    stats.limited_clients = SpaceSaving(size)
+    for client, times in clients.items():
+        for _ in range(times):
+            stats.limited_clients.add(client)
+    clock = MemoryReactorClock()
+    pool = BackendPool([BackendConfig("http://127.0.0.1:9001")], clock=clock,
+                       queue=QueueConfig(max=10))
+    for _ in range(queued):
+        pool.queue.join(lambda: None, lambda: None)
+    for ticket in list(pool.queue.waiting)[waiting:]:
+        pool.queue.leave(ticket)
+    pool.queue.refused = 1
+    if ejected is not None:
+        pool.set_ejected(pool.backends[0], ejected)
+    return snapshot(stats, [pool], 0)
+
+
+def test_queues_ejections_and_limited_clients_of_all_workers_are_summed() -> None:
+    aggregate = Aggregate()
+    aggregate.live = {1: _limiting_worker({"a": 3, "b": 1}, queued=3, waiting=2, ejected=50.0),
+                      2: _limiting_worker({"a": 2, "c": 4}, queued=1, waiting=1, ejected=None)}
+    stats = TrafficStats(started=0)
+    pool = BackendPool([BackendConfig("http://127.0.0.1:9001")])
+    aggregate.write_into(stats, [pool])
+    assert pool.queue.to_json() == {"length": 3, "max": 0, "timeout": 5.0, "queued": 4,
+                                    "refused": 2, "timed_out": 0}
+    backend = pool.backends[0]
+    assert (backend.ejections, backend.ejected_until) == (1, 50.0)
+    assert stats.limited_clients.top() == [{"client": "a", "count": 5, "error": 0},
+                                           {"client": "c", "count": 4, "error": 0},
+                                           {"client": "b", "count": 1, "error": 0}]
+    aggregate.retire(1)  # its counts stay, what it held waiting or ejected goes
+    aggregate.write_into(stats, [pool])
+    assert (pool.queue.length(), pool.queue.queued, backend.ejections) == (1, 4, 1)
+    assert backend.ejected_until is None
+    assert stats.limited_clients.top()[0] == {"client": "a", "count": 5, "error": 0}
+
+
+def test_a_client_a_full_summary_does_not_hold_counts_up_to_its_floor() -> None:
+    """Worker 1 holds two counters, both taken (its floor is 2): client "c", which only
+    worker 2 holds, may have been refused twice on worker 1 too."""
+    aggregate = Aggregate()
+    aggregate.live = {1: _limiting_worker({"a": 5, "b": 2}, 0, 0, None, size=2),
+                      2: _limiting_worker({"c": 3}, 0, 0, None, size=2)}
+    stats = TrafficStats(started=0)
+    aggregate.write_into(stats, [BackendPool([BackendConfig("http://127.0.0.1:9001")])])
+    assert stats.limited_clients.top() == [{"client": "a", "count": 5, "error": 0},
+                                           {"client": "c", "count": 5, "error": 2},
+                                           {"client": "b", "count": 2, "error": 0}]
 
 
 def test_long_values_cross_the_channel_in_pieces() -> None:

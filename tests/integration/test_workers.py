@@ -135,6 +135,14 @@ async def test_one_limit_across_workers(twistd_process, backends, http, store_ki
     # may be left unused on the worker that did not get the last requests.
     assert capacity - 2 * max(1, capacity // 10) <= admitted <= capacity
     assert {code for code, _ in answers} == {200, 429}
+    refused = {"client": client, "count": len(answers) - admitted, "error": 0}
+
+    async def refusals_summed() -> bool:
+        _, stats = await get_json(http, balancer.admin_url + "/stats")
+        return refused in stats["limited_clients"]
+
+    await wait_until(refusals_summed, 10, interval=0.1,
+                     message="/stats to list the refusals of both workers")
 
 
 @pytest_twisted.ensureDeferred
