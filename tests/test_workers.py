@@ -227,34 +227,72 @@ class Pipe:
                     peer.dataReceived(data)
 
 
+RUNNING = {"balancer": {"backends": [{"url": "http://127.0.0.1:9001"}]},
+           "proxy": {"workers": 2}}
+ROUTED = {**RUNNING, "pools": {"new": {"backends": [{"url": "http://127.0.0.1:9002"}]}},
+          "routes": [{"match": {"path_prefix": "/new/"}, "pool": "new"}]}
+
+
+class Balancer:
+    """A supervisor's service and one worker's, joined by a control channel in memory,
+    both reading ``document`` (the file) on reload. Time never moves."""
+
+    def __init__(self, document: dict) -> None:
+        self.document = document
+        self.clock = MemoryReactorClock()
+        self.service = EqualizerService(self.read(), self.clock, reread=self.read,
+                                        store=MemoryStore(self.clock))
+        supervisor = Supervisor(self.service, "{}")
+        self.service.on_reload.append(supervisor.reload)
+        self.channel = WorkerChannel(MemoryReactorClock())
+        self.worker = self.channel.service = WorkerService(
+            worker_config(self.read()), self.channel.reactor, self.channel,
+            lambda: worker_config(self.read()))
+        self.pipe = Pipe(SupervisorChannel(supervisor, supervisor.workers[0]), self.channel)
+        self.pipe.flow()
+
+    def read(self):
+        return parse_config(self.document)
+
+    def reload(self, document: dict) -> None:
+        self.document = document
+        assert self.service.reload()
+        self.pipe.flow()
+
+    def worker_route(self, path: bytes):
+        router = self.worker.proxy.router
+        return router and router.match(b"GET", b"example.com", path, Headers())
+
+
 def test_a_reload_brings_the_backends_of_the_pools_it_adds() -> None:
     """SIGHUP adds a pool and a route to it: the moment a worker has taken the reload, the
     route's pool has the supervisor's backends. Not one sync tick later (the clock does not
     move here): until then the worker would answer 503 on the new route."""
-    running = {"balancer": {"backends": [{"url": "http://127.0.0.1:9001"}]},
-               "proxy": {"workers": 2}}
-    routed = {**running, "pools": {"new": {"backends": [{"url": "http://127.0.0.1:9002"}]}},
-              "routes": [{"match": {"path_prefix": "/new/"}, "pool": "new"}]}
-    document = running
-
-    def reread():
-        return parse_config(document)
-
-    service = EqualizerService(reread(), MemoryReactorClock(), reread=reread,
-                               store=MemoryStore(MemoryReactorClock()))
-    supervisor = Supervisor(service, "{}")
-    service.on_reload.append(supervisor.reload)
-    channel = WorkerChannel(MemoryReactorClock())
-    channel.service = WorkerService(worker_config(reread()), channel.reactor, channel,
-                                    lambda: worker_config(reread()))
-    pipe = Pipe(SupervisorChannel(supervisor, supervisor.workers[0]), channel)
-    pipe.flow()
-    assert [b.url for b in channel.service.pool.backends] == ["http://127.0.0.1:9001"]
-    document = routed
-    assert service.reload()
-    pipe.flow()
-    route = channel.service.proxy.router.match(b"GET", b"example.com", b"/new/x", Headers())
+    balancer = Balancer(RUNNING)
+    assert [b.url for b in balancer.worker.pool.backends] == ["http://127.0.0.1:9001"]
+    balancer.reload(ROUTED)
+    route = balancer.worker_route(b"/new/x")
     assert route is not None and route.unit.name == "new"
     chosen = route.unit.pool.choose()
     assert chosen is not None and chosen.url == "http://127.0.0.1:9002"
-    assert chosen.id == service.pools()["new"].backends[0].id
+    assert chosen.id == balancer.service.pools()["new"].backends[0].id
+
+
+def test_a_reload_drops_a_pools_route_before_its_backends_drain() -> None:
+    """SIGHUP removes a pool and its route: the supervisor drains the pool's backends
+    everywhere, and that drain reaches a worker after the reload, never while the worker
+    still routes to the pool (its requests would find only draining backends: 503)."""
+    balancer = Balancer(ROUTED)
+    balancer.reload(ROUTED)  # the pools reach the workers' drains, as attach() does
+    routes_when_draining = []
+    drain = balancer.worker.drain_backend
+
+    def recorded(backend_id: str):
+        routes_when_draining.append(balancer.worker_route(b"/new/x"))
+        return drain(backend_id)
+
+    balancer.worker.drain_backend = recorded
+    balancer.reload(RUNNING)
+    balancer.clock.advance(0)  # the next turn, when drains are sent
+    balancer.pipe.flow()
+    assert routes_when_draining == [None]

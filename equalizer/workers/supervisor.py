@@ -34,7 +34,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Factory, ProcessProtocol
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.protocols import amp
 
@@ -291,9 +291,12 @@ class Supervisor(Service):
 
     def drain(self, backend) -> Deferred[None]:
         """Drain on every worker (the pool marked it draining): fires once none has a
-        request in flight on it."""
-        self.sync()
-        return Deferred.fromCoroutine(self._drain(backend.id))
+        request in flight on it. Sent on the next turn: a drain that a reload starts (of
+        a backend or a pool it removes) reaches the workers after that reload, so a
+        worker drops a removed pool's route before it drains the pool's backends, not
+        after (in between, the route would find no backend and answer 503)."""
+        return deferLater(self.reactor, 0, self.sync).addCallback(
+            lambda _: Deferred.fromCoroutine(self._drain(backend.id)))
 
     async def _drain(self, backend_id: str) -> None:
         calls = [c.callRemote(commands.Drain, backend_id=backend_id).addErrback(_drained)
