@@ -104,7 +104,7 @@ def read_config(options: Options, environ: dict[str, str]) -> Config:
         env=environ,
         workers=options.get("workers"),
     )
-    if options["demo"] and config.proxy.workers == 1:  # workers do not route yet
+    if options["demo"]:
         config = demo_routing(config)
     return config
 
@@ -203,7 +203,8 @@ class EqualizerService(MultiService):
         self.readiness = buckets.readiness
         self.health = HealthMonitor(self.pool, config.health, HTTPHealthChecker(reactor), reactor)
         self.health.setServiceParent(self)
-        self.named_pools = NamedPools(reactor, ids, self.forget_backend, reload_backends)
+        self.named_pools = NamedPools(reactor, ids, self.forget_backend,
+                                      reload_backends if self.backends_from_file else None)
         self.named_pools.setServiceParent(self)
         timeouts = config.proxy.timeouts
         self.upstreams = UpstreamPool(reactor, reactor, connect_timeout=timeouts.connect,
@@ -354,6 +355,9 @@ class EqualizerService(MultiService):
 
     summary = True
     """Log the start-up summary (a worker process does not: its supervisor did)."""
+
+    backends_from_file = True
+    """Pools take their backends from the file (a worker process: from its supervisor)."""
 
     def startService(self) -> None:
         if self.summary:

@@ -27,7 +27,7 @@ def management_metrics(pools: list[BackendPool]) -> Iterator:
     for pool in pools:
         queue = pool.queue
         name = [pool.name] if by_pool else []
-        length.add_metric(name, len(queue))
+        length.add_metric(name, queue.length())
         for outcome, count in (("queued", queue.queued), ("refused", queue.refused),
                                ("timed_out", queue.timed_out)):
             outcomes.add_metric([outcome, *name], count)

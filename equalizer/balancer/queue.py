@@ -42,6 +42,8 @@ class WaitQueue:
         self.queued = 0
         self.refused = 0
         self.timed_out = 0
+        self.elsewhere = 0
+        """Requests waiting in the queues of worker processes (the supervisor's sum)."""
 
     def configure(self, max: int, timeout: float) -> None:
         """New bounds (reload): requests already waiting keep their deadline."""
@@ -50,6 +52,10 @@ class WaitQueue:
 
     def __len__(self) -> int:
         return len(self.waiting)
+
+    def length(self) -> int:
+        """Requests waiting, here and in the workers' queues of this pool."""
+        return len(self.waiting) + self.elsewhere
 
     def join(self, try_slot: Callable[[], Callable[[], None] | None],
              expired: Callable[[], None]) -> Ticket | None:
@@ -88,5 +94,5 @@ class WaitQueue:
             ticket.expired()
 
     def to_json(self) -> dict[str, int | float]:
-        return {"length": len(self.waiting), "max": self.max, "timeout": self.timeout,
+        return {"length": self.length(), "max": self.max, "timeout": self.timeout,
                 "queued": self.queued, "refused": self.refused, "timed_out": self.timed_out}

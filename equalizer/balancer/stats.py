@@ -7,7 +7,7 @@ path pays for no label lookups or locks.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from attrs import define, field
 
@@ -69,6 +69,20 @@ class SpaceSaving:
         del self._errors[smallest]
         counts[key] = floor + 1
         self._errors[key] = floor
+
+    def summary(self) -> dict[str, Any]:
+        """Every counter, ``{client: [count, error]}``, and the floor: the count a client
+        not held may have had (the smallest counter once all are taken, else 0)."""
+        full = len(self._counts) >= self._size
+        return {"counters": {key: [count, self._errors[key]]
+                             for key, count in self._counts.items()},
+                "floor": min(self._counts.values()) if full else 0}
+
+    def hold(self, counters: dict[str, list[int]]) -> None:
+        """Keep the ``size`` largest of ``counters`` (a sum of summaries) instead."""
+        keys = sorted(counters, key=lambda key: counters[key][0], reverse=True)[:self._size]
+        self._counts = {key: counters[key][0] for key in keys}
+        self._errors = {key: counters[key][1] for key in keys}
 
     def top(self, n: int = TOP_SHOWN) -> list[dict[str, str | int]]:
         """The ``n`` largest counters, largest first: client, count, error."""

@@ -364,9 +364,6 @@ def apply_overrides(
     if proxy.workers > 1 and proxy.listen.startswith("ssl:"):
         problems.append("proxy.workers: more than one worker needs a tcp: or unix: "
                         "proxy.listen (terminate TLS in front, or run one worker)")
-    if proxy.workers > 1 and (config.pools or config.routes):
-        problems.append("proxy.workers: more than one worker does not run with pools or "
-                        "routes yet (their backends' state reaches no worker); run one worker")
     urls = list(backends)
     if urls:
         balancer = attrs.evolve(balancer, backends=_flag_backends(problems, urls))

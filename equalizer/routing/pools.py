@@ -54,9 +54,10 @@ class NamedPools(MultiService):
     def __init__(self, reactor: Any, ids: Iterator[int],
                  forget_backend: Callable[[Backend], None],
                  reload_backends: Callable[[BackendPool, tuple[BackendConfig, ...],
-                                            Callable[[Backend], None]], None]) -> None:
+                                            Callable[[Backend], None]], None] | None) -> None:
         """``reload_backends(pool, backends, remove)`` makes a pool's backends the file's
-        on reload, as it does for ``default``."""
+        on reload, as it does for ``default``; None: pools open empty and their backends
+        are set from elsewhere (a worker process takes the supervisor's)."""
         super().__init__()
         self._reload_backends = reload_backends
         self._reactor = reactor
@@ -82,7 +83,8 @@ class NamedPools(MultiService):
 
     def _open(self, config: PoolConfig) -> None:
         balancer = config.balancer
-        pool = BackendPool(balancer.backends, balancer.strategy, clock=self._reactor,
+        backends = balancer.backends if self._reload_backends is not None else ()
+        pool = BackendPool(backends, balancer.strategy, clock=self._reactor,
                            slow_start=balancer.slow_start, queue=balancer.queue,
                            name=config.name, ids=self._ids)
         monitor = HealthMonitor(pool, config.health, HTTPHealthChecker(self._reactor),
@@ -98,8 +100,9 @@ class NamedPools(MultiService):
     def _update(self, unit: PoolUnit, config: PoolConfig) -> None:
         balancer = config.balancer
         pool = unit.pool
-        self._reload_backends(pool, balancer.backends,
-                              lambda backend: self._remove(pool, backend))
+        if self._reload_backends is not None:
+            self._reload_backends(pool, balancer.backends,
+                                  lambda backend: self._remove(pool, backend))
         if balancer.strategy != pool.strategy_name:
             pool.use_strategy(balancer.strategy)
         pool.configure(slow_start=balancer.slow_start, queue=balancer.queue)

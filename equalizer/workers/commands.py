@@ -53,9 +53,12 @@ class Drain(amp.Command):
 
 
 class Reload(amp.Command):
-    """Read the configuration file again (SIGHUP reached the supervisor)."""
+    """Read the configuration file again (SIGHUP reached the supervisor), then take the
+    backends of every pool as the supervisor has them after its own reload (``state``, as
+    :class:`SetBackends`): one message, so a worker never routes to a pool it has not
+    been given the backends of yet."""
 
-    arguments: list = []
+    arguments = [(b"state", BigUnicode())]
     response = [(b"ok", amp.Boolean())]
 
 

@@ -7,9 +7,11 @@ it: each worker inherits the listening socket (``spawnProcess`` ``childFDs``, th
 waiting in ``accept``. Each worker also inherits one end of a socketpair, the control
 channel (AMP, :mod:`equalizer.workers.commands`).
 
-Over it the supervisor sends the backends as its pool has them (every
-:data:`SYNC_INTERVAL` when they changed: admin changes, health results, reloads),
-drains, reloads and asks for stats snapshots (every :data:`SNAPSHOT_INTERVAL`, summed
+Over it the supervisor sends the backends as its pools have them, every named pool
+with ``default`` (every :data:`SYNC_INTERVAL` when they changed: admin changes, health
+results), drains, reloads (each carrying the pools' state after the supervisor's own
+reload, so that a worker applies a new route and its pool's backends at once) and asks
+for stats snapshots (every :data:`SNAPSHOT_INTERVAL`, summed
 into its own figures, :mod:`equalizer.workers.aggregate`); workers send token
 settlements (:mod:`equalizer.workers.leases`) and log lines.
 
@@ -32,7 +34,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Factory, ProcessProtocol
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.protocols import amp
 
@@ -90,6 +92,11 @@ def backend_state(pool) -> list[list[Any]]:
     max_requests, backup."""
     return [[b.id, b.url, b.weight, b.enabled, b.draining, b.healthy, b.max_requests,
              b.backup] for b in pool.backends]
+
+
+def pools_state(pools: Mapping[str, Any]) -> dict[str, list[list[Any]]]:
+    """:func:`backend_state` of every pool, by pool name."""
+    return {name: backend_state(pool) for name, pool in pools.items()}
 
 
 class Worker:
@@ -175,7 +182,7 @@ class Supervisor(Service):
         self.setServiceParent(service)
         service.proxy_listener.gate(service.readiness, self._listening,
                                     service._cannot_listen_late)
-        service.pool.elsewhere = self
+        self._reach_pools()
         service.on_reload.append(self.reload)
         service.admin.workers = self
 
@@ -266,22 +273,30 @@ class Supervisor(Service):
     def channels(self) -> list[SupervisorChannel]:
         return [w.channel for w in self.workers if w.channel is not None]
 
+    def _reach_pools(self) -> None:
+        """Drains in every pool, named ones too (a reload may add some), go through here."""
+        for pool in self.service.pools().values():
+            pool.elsewhere = self
+
     def sync(self) -> None:
-        state = backend_state(self.service.pool)
+        state = pools_state(self.service.pools())
         if state != self._sent_state:
             self._sent_state = state
             for channel in self.channels():
                 self.send_backends(channel)
 
     def send_backends(self, channel: SupervisorChannel) -> None:
-        state = json.dumps(backend_state(self.service.pool))
+        state = json.dumps(pools_state(self.service.pools()))
         channel.callRemote(commands.SetBackends, state=state).addErrback(_lost)
 
     def drain(self, backend) -> Deferred[None]:
         """Drain on every worker (the pool marked it draining): fires once none has a
-        request in flight on it."""
-        self.sync()
-        return Deferred.fromCoroutine(self._drain(backend.id))
+        request in flight on it. Sent on the next turn: a drain that a reload starts (of
+        a backend or a pool it removes) reaches the workers after that reload, so a
+        worker drops a removed pool's route before it drains the pool's backends, not
+        after (in between, the route would find no backend and answer 503)."""
+        return deferLater(self.reactor, 0, self.sync).addCallback(
+            lambda _: Deferred.fromCoroutine(self._drain(backend.id)))
 
     async def _drain(self, backend_id: str) -> None:
         calls = [c.callRemote(commands.Drain, backend_id=backend_id).addErrback(_drained)
@@ -291,8 +306,12 @@ class Supervisor(Service):
             raise DrainCancelled(backend_id)
 
     def reload(self) -> None:
+        """Each worker reloads with the state of the pools as this reload left them."""
+        self._reach_pools()
+        self._sent_state = pools_state(self.service.pools())
+        state = json.dumps(self._sent_state)
         for channel in self.channels():
-            channel.callRemote(commands.Reload).addErrback(_lost)
+            channel.callRemote(commands.Reload, state=state).addErrback(_lost)
 
     # -- what comes back ---------------------------------------------------------------
 
@@ -305,7 +324,7 @@ class Supervisor(Service):
     def _collected(self, answer: dict[str, str], worker: Worker, pid: int | None) -> None:
         if pid is not None and worker.pid == pid:
             self.aggregate.live[pid] = json.loads(answer["figures"])
-            self.aggregate.write_into(self.service.stats, self.service.pool)
+            self.aggregate.write_into(self.service.stats, self.service.pools().values())
 
     def json(self) -> list[dict[str, Any]]:
         return [w.json(self.aggregate.live.get(w.pid)) for w in self.workers]

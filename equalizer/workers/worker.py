@@ -51,9 +51,12 @@ LINES_DELAY = 0.05
 
 
 def worker_config(config: Config) -> Config:
-    """The configuration as a worker applies it: no active health checks (the supervisor
-    runs them and sends their results)."""
-    return attrs.evolve(config, health=attrs.evolve(config.health, interval=0.0))
+    """The configuration as a worker applies it: no active health checks in any pool (the
+    supervisor runs them and sends their results)."""
+    pools = tuple(attrs.evolve(pool, health=attrs.evolve(pool.health, interval=0.0))
+                  for pool in config.pools)
+    return attrs.evolve(config, health=attrs.evolve(config.health, interval=0.0),
+                        pools=pools)
 
 
 class LineBatcher:
@@ -147,6 +150,7 @@ class WorkerService(EqualizerService):
     opened, its backends come from the supervisor, its store leases from it."""
 
     summary = False
+    backends_from_file = False
 
     def __init__(self, config: Config, reactor: Any, channel: WorkerChannel,
                  reread: Any) -> None:
@@ -168,10 +172,27 @@ class WorkerService(EqualizerService):
     def _proxy_listening(self) -> None:
         log.info("worker {pid} serving", pid=os.getpid())
 
-    def set_backends(self, state: list[list[Any]]) -> None:
-        """Make the pool as the supervisor's: same ids, settings and health results."""
+    def reload_with(self, state: dict[str, list[list[Any]]]) -> bool:
+        """Reload, then take the supervisor's backends, in one turn of the reactor: no
+        request sees a new route whose pool has no backends yet."""
+        reloaded = self.reload()
+        self.set_backends(state)
+        return reloaded
+
+    def set_backends(self, state: dict[str, list[list[Any]]]) -> None:
+        """Make each pool as the supervisor's: same ids, settings and health results. A
+        pool this worker does not run is skipped (the state of a pool a reload adds comes
+        with that reload, :meth:`reload_with`)."""
+        pools = self.pools()
+        for name, entries in state.items():
+            pool = pools.get(name)
+            if pool is not None:
+                self._set_pool(pool, entries)
+        if not self.first_backends.called:
+            self.first_backends.callback(None)
+
+    def _set_pool(self, pool, state: list[list[Any]]) -> None:
         wanted = {entry[0]: entry for entry in state}
-        pool = self.pool
         for backend in list(pool.backends):
             entry = wanted.get(backend.id)
             if entry is None or entry[1] != backend.url:
@@ -183,13 +204,11 @@ class WorkerService(EqualizerService):
             if backend is None:
                 backend = pool.add(url, weight, max_requests=max_requests, backup=backup)
                 backend.id = backend_id
-            self._update(backend, weight, enabled, draining, healthy, max_requests, backup)
-        if not self.first_backends.called:
-            self.first_backends.callback(None)
+            self._update(pool, backend, weight, enabled, draining, healthy, max_requests,
+                         backup)
 
-    def _update(self, backend, weight, enabled, draining, healthy, max_requests,
+    def _update(self, pool, backend, weight, enabled, draining, healthy, max_requests,
                 backup) -> None:
-        pool = self.pool
         if backend.weight != weight:
             pool.set_weight(backend, weight)
         if (backend.max_requests, backend.backup) != (max_requests, backup):
@@ -206,17 +225,21 @@ class WorkerService(EqualizerService):
                              self.reactor.seconds())
 
     def drain_backend(self, backend_id: str) -> Deferred[dict[str, bool]]:
-        backend = self.pool.get(backend_id)
-        if backend is None:
-            d: Deferred[dict[str, bool]] = Deferred()
-            d.callback({"cancelled": False})
-            return d
-        return self.pool.drain(backend).addCallbacks(
+        for pool in self.pools().values():
+            backend = pool.get(backend_id)
+            if backend is not None:
+                return self._drain(pool, backend)
+        d: Deferred[dict[str, bool]] = Deferred()
+        d.callback({"cancelled": False})
+        return d
+
+    def _drain(self, pool, backend) -> Deferred[dict[str, bool]]:
+        return pool.drain(backend).addCallbacks(
             lambda _: {"cancelled": False},
             lambda f: f.trap(DrainCancelled) and {"cancelled": True})
 
     def figures(self) -> dict[str, Any]:
-        return snapshot(self.stats, self.pool, self.proxy.active)
+        return snapshot(self.stats, self.pools().values(), self.proxy.active)
 
 
 class WorkerChannel(amp.AMP):
@@ -260,8 +283,8 @@ class WorkerChannel(amp.AMP):
         return self.service.drain_backend(backend_id)
 
     @commands.Reload.responder
-    def reload(self) -> dict[str, bool]:
-        return {"ok": self.service.reload()}
+    def reload(self, state: str) -> dict[str, bool]:
+        return {"ok": self.service.reload_with(json.loads(state))}
 
     @commands.Snapshot.responder
     def snapshot(self) -> dict[str, str]:

@@ -30,6 +30,7 @@ from tests.integration.harness import (
     within,
 )
 from tests.integration.test_log_reopen import alive, start_daemon
+from tests.integration.test_routes import hup_and_wait, write
 from tests.integration.test_runtime_control import SLOW_SECONDS, slow_path_handler
 
 GET = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
@@ -62,18 +63,38 @@ async def _fresh_get(balancer, path: str, headers: dict | None):
         await pool.closeCachedConnections()
 
 
-async def until_both_served(balancer, http) -> list[dict]:
-    """Send requests until each worker has answered some (the kernel spreads them)."""
+async def until_both_served(balancer, http, path: str = "/",
+                            bodies: list[bytes] | None = None) -> list[dict]:
+    """Send requests to ``path`` until each worker has answered more than before (the
+    kernel spreads them); every answer's body goes to ``bodies``."""
+    before = [w["requests"] for w in await workers_of(balancer, http)]
+
     async def both() -> bool:
         try:
-            await gatherResults([fresh_get(balancer) for _ in range(8)], consumeErrors=True)
+            answers = await gatherResults([fresh_get(balancer, path) for _ in range(8)],
+                                          consumeErrors=True)
         except FirstError as error:  # the listener opens once the store is ready (SPEC 4.5)
             error.subFailure.trap(ConnectionRefusedError)
             return False
+        if bodies is not None:
+            bodies.extend(body for _, body in answers)
         workers = await workers_of(balancer, http)
-        return all(w["requests"] > 0 for w in workers) and workers
+        return all(w["requests"] > n for w, n in zip(workers, before, strict=True)) and workers
 
     return await wait_until(both, 20, interval=0.05, message="both workers to serve")
+
+
+async def all_counted(balancer, http, servers, removed: bool = False) -> dict:
+    """/stats once every request the ``servers`` had is in the workers' figures (and in
+    its backends', unless some were ``removed``)."""
+    async def counted() -> bool:
+        _, stats = await get_json(http, balancer.admin_url + "/stats")
+        sent = sum(len(server.requests) for server in servers)
+        per_worker = sum(w["requests"] for w in stats["workers"])
+        by_backend = per_worker if removed else sum(b["requests"] for b in stats["backends"])
+        return stats["requests"]["total"] == per_worker == by_backend == sent and stats
+
+    return await wait_until(counted, 10, interval=0.1, message="/stats to add up")
 
 
 @pytest_twisted.ensureDeferred
@@ -85,14 +106,7 @@ async def test_both_workers_serve_and_stats_and_metrics_count_them_together(
     assert len(workers) == 2 and len({w["pid"] for w in workers}) == 2
     assert balancer.pid not in {w["pid"] for w in workers}
 
-    async def counted() -> bool:
-        _, stats = await get_json(http, balancer.admin_url + "/stats")
-        sent = len(one.requests) + len(two.requests)
-        per_worker = sum(w["requests"] for w in stats["workers"])
-        by_backend = sum(b["requests"] for b in stats["backends"])
-        return stats["requests"]["total"] == per_worker == by_backend == sent and stats
-
-    stats = await wait_until(counted, 10, interval=0.1, message="/stats to add up")
+    stats = await all_counted(balancer, http, [one, two])
     total = stats["requests"]["total"]
     response = await within(http.get(balancer.admin_url + "/metrics"))
     text = (await within(treq.content(response))).decode()
@@ -121,6 +135,122 @@ async def test_one_limit_across_workers(twistd_process, backends, http, store_ki
     # may be left unused on the worker that did not get the last requests.
     assert capacity - 2 * max(1, capacity // 10) <= admitted <= capacity
     assert {code for code, _ in answers} == {200, 429}
+    refused = {"client": client, "count": len(answers) - admitted, "error": 0}
+
+    async def refusals_summed() -> bool:
+        _, stats = await get_json(http, balancer.admin_url + "/stats")
+        return refused in stats["limited_clients"]
+
+    await wait_until(refusals_summed, 10, interval=0.1,
+                     message="/stats to list the refusals of both workers")
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_worker_routes_to_every_pool_and_hears_its_health(
+        twistd_process, backends, http):
+    """With two pools and a route, each worker sends the route's requests to the second
+    pool and the others to ``default``; a health check failing in the second pool
+    reaches every worker; /stats counts each pool's backends across workers."""
+    web, api, api2 = backends("web"), backends("api"), backends("api2")
+    document = workers_config([web], health={"interval": "200ms", "unhealthy_threshold": 1,
+                                             "healthy_threshold": 1})
+    document["pools"] = {"api": {"backends": [{"url": api.url}, {"url": api2.url}]}}
+    document["routes"] = [{"match": {"path_prefix": "/api/"}, "pool": "api"}]
+    balancer = await twistd_process(document, http)
+    await until_both_served(balancer, http)
+    await all_counted(balancer, http, [web])  # a worker's "more" below is the route's
+    routed: list[bytes] = []
+    await until_both_served(balancer, http, "/api/x", routed)
+    assert set(routed) == {b"api", b"api2"}
+    await all_counted(balancer, http, [web, api, api2])
+    others: list[bytes] = []
+    await until_both_served(balancer, http, "/x", others)
+    assert set(others) == {b"web"}
+    stats = await all_counted(balancer, http, [web, api, api2])
+    by_url = {b["url"]: b for b in stats["backends"]}
+    assert by_url[api.url]["pool"] == "api" and by_url[api.url]["requests"] == len(api.requests)
+    assert by_url[api2.url]["requests"] == len(api2.requests)
+
+    api2.health_status = 503
+
+    async def api_only() -> bool:
+        answers = await gatherResults([fresh_get(balancer, "/api/x") for _ in range(16)])
+        return {body for _, body in answers} == {b"api"}
+
+    await wait_until(api_only, 10, interval=0.05, message="api2 down everywhere")
+    await all_counted(balancer, http, [web, api, api2])  # the counts before are settled
+    after: list[bytes] = []
+    await until_both_served(balancer, http, "/api/x", after)
+    assert set(after) == {b"api"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_reloads_and_drains_of_named_pools_reach_every_worker(
+        twistd_process, backends, http):
+    """SIGHUP adding a pool and its route: both workers send the route there; removing
+    the backend of a named pool through the API drains it on every worker; SIGHUP
+    dropping the pool and route: its requests go to ``default`` again."""
+    web, new, extra = backends("web"), backends("new"), backends("extra")
+    document = workers_config([web])
+    balancer = await twistd_process(document, http)
+    await until_both_served(balancer, http)
+    document["pools"] = {"new": {"backends": [{"url": new.url}, {"url": extra.url}]}}
+    document["routes"] = [{"match": {"path_prefix": "/new/"}, "pool": "new"}]
+    write(balancer.config_path, document)
+    await hup_and_wait(balancer, "configuration reloaded")
+
+    async def settled_then_both(path: str, removed: bool = True) -> set[bytes]:
+        await all_counted(balancer, http, [web, new, extra], removed)
+        bodies: list[bytes] = []
+        await until_both_served(balancer, http, path, bodies)
+        return set(bodies)
+
+    await wait_until(lambda: gatherResults([fresh_get(balancer, "/new/x") for _ in range(8)])
+                     .addCallback(lambda answers: {b for _, b in answers} == {b"new", b"extra"}),
+                     10, interval=0.05, message="every worker to route to the new pool")
+    assert await settled_then_both("/new/x", removed=False) == {b"new", b"extra"}
+    stats = (await get_json(http, balancer.admin_url + "/stats"))[1]
+    extra_id = {b["url"]: b["id"] for b in stats["backends"]}[extra.url]
+    reply = await call(http, "DELETE", balancer.admin_url + f"/backends/{extra_id}")
+    assert reply.status == 204
+    assert await settled_then_both("/new/x") == {b"new"}
+    del document["pools"], document["routes"]
+    write(balancer.config_path, document)
+    await hup_and_wait(balancer, "configuration reloaded")
+    await wait_until(lambda: gatherResults([fresh_get(balancer, "/new/x") for _ in range(8)])
+                     .addCallback(lambda answers: {b for _, b in answers} == {b"web"}),
+                     10, interval=0.05, message="every worker to drop the pool")
+    assert await settled_then_both("/new/x") == {b"web"}
+    assert "Traceback" not in balancer.output()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_route_policy_is_one_limit_across_workers(twistd_process, backends, http):
+    """A route's rate-limit policy counts its buckets (keyed by policy and client) on the
+    supervisor's store: both workers together admit about its capacity, while the
+    default policy elsewhere is untouched."""
+    one = backends("one")
+    capacity = 20
+    document = workers_config([one], rate_limit={
+        "enabled": True, "key": "header:X-Client",
+        "default": {"capacity": 1000, "refill_rate": 0},
+        "policies": {"tight": {"default": {"capacity": capacity, "refill_rate": 0}}}})
+    document["routes"] = [{"match": {"path_prefix": "/tight/"}, "rate_limit": "tight"}]
+    balancer = await twistd_process(document, http)
+    await until_both_served(balancer, http)
+    client = f"c-{uuid.uuid4().hex}"
+    answers = await gatherResults([
+        fresh_get(balancer, "/tight/x", headers={"X-Client": [client]})
+        for _ in range(3 * capacity)])
+    admitted = sum(1 for code, _ in answers if code == 200)
+    # As for the default policy: at most one lease per worker may be left unused.
+    assert capacity - 2 * max(1, capacity // 10) <= admitted <= capacity
+    assert {code for code, _ in answers} == {200, 429}
+    elsewhere = await gatherResults([
+        fresh_get(balancer, "/x", headers={"X-Client": [client]}) for _ in range(16)])
+    assert {code for code, _ in elsewhere} == {200}
+    bucket = await call(http, "GET", balancer.admin_url + f"/buckets/{client}?policy=tight")
+    assert bucket.status == 200 and bucket.json["capacity"] == capacity
 
 
 @pytest_twisted.ensureDeferred
