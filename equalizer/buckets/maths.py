@@ -69,6 +69,9 @@ NO_REFILL_SECONDS = 3600
 
 _EPSILON = 1e-9
 
+RENDERED_KEPT = 4096
+"""Rendered header lines a renderer keeps, by decision; all are dropped when full."""
+
 
 class Bucket(NamedTuple):
     """A token bucket's state: ``tokens`` as measured at time ``updated`` (seconds)."""
@@ -206,7 +209,9 @@ def header_renderer(mode: str, policy: str = "default") -> Callable[[Decision], 
     head; a refused decision also gets ``Retry-After``, in every mode.
 
     Lines rather than (name, value) pairs: one formatting operation per response
-    instead of one per field, on every proxied request.
+    instead of one per field, on every proxied request. And most responses need none:
+    the lines are kept per decision (up to :data:`RENDERED_KEPT`), since a bucket's
+    few states (whole tokens left, seconds to reset) recur from request to request.
 
     Raises ``KeyError`` for an unknown mode (the configuration is validated first).
     """
@@ -217,12 +222,23 @@ def header_renderer(mode: str, policy: str = "default") -> Callable[[Decision], 
         def lines_of(decision: Decision) -> bytes:
             return named(decision).replace(b'"default"', quoted)
 
+    rendered: dict[Decision, bytes] = {}
+
     def render(decision: Decision) -> bytes:
-        if decision.allowed:
-            return lines_of(decision)
-        return lines_of(decision) + b"Retry-After: %d\r\n" % decision.retry_after
+        lines = rendered.get(decision)
+        if lines is None:
+            if len(rendered) >= RENDERED_KEPT:
+                rendered.clear()
+            lines = rendered[decision] = _with_retry_after(lines_of, decision)
+        return lines
 
     return render
+
+
+def _with_retry_after(lines_of: Callable[[Decision], bytes], decision: Decision) -> bytes:
+    if decision.allowed:
+        return lines_of(decision)
+    return lines_of(decision) + b"Retry-After: %d\r\n" % decision.retry_after
 
 
 def field_pairs(lines: bytes) -> Fields:

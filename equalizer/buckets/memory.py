@@ -21,6 +21,7 @@ from equalizer.buckets.interface import (
     BucketRecord,
     IBucketStore,
     InvalidBucket,
+    as_deferred,
     bucket_key,
     new_bucket_problem,
     split_key,
@@ -183,6 +184,10 @@ class MemoryStore:
 
     def take(self, client_id: str, default: BucketPolicy | None,
              policy: str = DEFAULT_POLICY) -> Deferred[Decision | None]:
+        return as_deferred(self.take_now(client_id, default, policy))
+
+    def take_now(self, client_id: str, default: BucketPolicy | None,
+                 policy: str = DEFAULT_POLICY) -> Decision | None | Deferred[Decision | None]:
         now = self._clock.seconds()
         key = client_id if policy == DEFAULT_POLICY else bucket_key(policy, client_id)
         entry = self.buckets.get(key)
@@ -191,16 +196,16 @@ class MemoryStore:
             if elsewhere is not None:
                 return elsewhere
             if default is None:
-                return succeed(None)
+                return None
             if len(self.buckets) >= self.max_buckets:
-                return succeed(self._at_cap(default))
+                return self._at_cap(default)
             bucket = Bucket(default.capacity, float(default.capacity), default.refill_rate, now)
             created = now
         else:
             bucket, created = entry
         bucket, decision = take_token(bucket, now)
         self.buckets[key] = (bucket, created)
-        return succeed(decision)
+        return decision
 
     def _record(self, key: str, bucket: Bucket, created: float) -> BucketRecord:
         policy, client_id = split_key(key)
