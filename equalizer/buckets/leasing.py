@@ -178,7 +178,7 @@ from equalizer.buckets.leases.admin import AdminCalls
 from equalizer.buckets.leases.allowances import Allowances, Key
 from equalizer.buckets.leases.settlement import Settlements
 from equalizer.buckets.leases.sweep import Sweep
-from equalizer.buckets.maths import Decision
+from equalizer.buckets.maths import Decision, make_tuple
 from equalizer.config.model import DEFAULT_POLICY
 
 if TYPE_CHECKING:
@@ -360,8 +360,8 @@ class LeasingStore:
                     key.expires = expires if expires < key.dies else key.dies
                     if key.allowance == key.low:
                         self._settlements.prefetch(client_id, key)
-                    return Decision(
-                        True, key.limit, key.base + key.allowance, 0, key.reset, key.window)
+                    return make_tuple(Decision, (
+                        True, key.limit, key.base + key.allowance, 0, key.reset, key.window))
                 self._allowances.give_back(client_id, key)
             elif now < key.until:
                 return key.cached
