@@ -162,7 +162,9 @@ def take(bucket: Bucket, now: float) -> tuple[Bucket, Decision]:
     """
     capacity, tokens, rate, updated = bucket
     if now > updated:
-        tokens = credit(capacity, tokens, rate * (now - updated))
+        tokens += rate * (now - updated)  # credit(), inline on every request's path
+        if tokens > capacity:
+            tokens = capacity
         updated = now
     allowed = tokens >= 1
     if allowed:
@@ -201,15 +203,15 @@ def _none(decision: Decision) -> bytes:
 _RENDERERS = {"both": _both, "draft": _draft, "legacy": _legacy, "none": _none}
 
 
-def header_renderer(mode: str, policy: str = "default") -> Callable[[Decision], bytes]:
-    """The function rendering a decision's response fields in ``mode`` (both, draft,
-    legacy, none) as header lines, each ending in CRLF, ready to go into a response
-    head; a refused decision also gets ``Retry-After``, in every mode.
+def header_renderer(mode: str, policy: str = "default") -> RenderedLines:
+    """The decision's response fields in ``mode`` (both, draft, legacy, none) as header
+    lines, each ending in CRLF, ready to go into a response head: ``lines[decision]``
+    (or ``lines(decision)``); a refused decision also gets ``Retry-After``, in every mode.
 
     Lines rather than (name, value) pairs: one formatting operation per response
     instead of one per field, on every proxied request. And most responses need none:
-    the lines are kept per decision (up to :data:`RENDERED_KEPT`), since a bucket's
-    few states (whole tokens left, seconds to reset) recur from request to request.
+    the lines are kept per decision (:class:`RenderedLines`), since a bucket's few
+    states (whole tokens left, seconds to reset) recur from request to request.
 
     Raises ``KeyError`` for an unknown mode (the configuration is validated first).
     """
@@ -220,23 +222,29 @@ def header_renderer(mode: str, policy: str = "default") -> Callable[[Decision], 
         def lines_of(decision: Decision) -> bytes:
             return named(decision).replace(b'"default"', quoted)
 
-    rendered: dict[Decision, bytes] = {}
+    return RenderedLines(lines_of)
 
-    def render(decision: Decision) -> bytes:
-        lines = rendered.get(decision)
-        if lines is None:
-            if len(rendered) >= RENDERED_KEPT:
-                rendered.clear()
-            lines = rendered[decision] = _with_retry_after(lines_of, decision)
+
+class RenderedLines(dict[Decision, bytes]):
+    """Header lines by decision, rendered on first sight and kept (all dropped once
+    :data:`RENDERED_KEPT` are held): a lookup that finds them runs no Python code."""
+
+    __slots__ = ("_lines_of",)
+
+    def __init__(self, lines_of: Callable[[Decision], bytes]) -> None:
+        super().__init__()
+        self._lines_of = lines_of
+
+    def __missing__(self, decision: Decision) -> bytes:
+        if len(self) >= RENDERED_KEPT:
+            self.clear()
+        lines = self._lines_of(decision)
+        if not decision.allowed:
+            lines += b"Retry-After: %d\r\n" % decision.retry_after
+        self[decision] = lines
         return lines
 
-    return render
-
-
-def _with_retry_after(lines_of: Callable[[Decision], bytes], decision: Decision) -> bytes:
-    if decision.allowed:
-        return lines_of(decision)
-    return lines_of(decision) + b"Retry-After: %d\r\n" % decision.retry_after
+    __call__ = dict.__getitem__
 
 
 def field_pairs(lines: bytes) -> Fields:

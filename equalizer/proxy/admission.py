@@ -102,7 +102,7 @@ class RateLimiter:
         # Lower-case names of the fields an admitted response gets: the backend's
         # fields of those names give way to ours.
         self.owned_fields = frozenset(
-            name.lower() for name, _ in field_pairs(self._render(Decision(True, 1, 1, 0, 1, 1))))
+            name.lower() for name, _ in field_pairs(self._render[Decision(True, 1, 1, 0, 1, 1)]))
         self.deny_on_store_error = config.on_store_error == "deny"
 
     def admit(self, exchange: Exchange) -> None:
@@ -148,7 +148,7 @@ class RateLimiter:
     def routed_response_lines(self, exchange: Exchange) -> bytes:
         """``response_lines`` when routes are configured: the fields name the policy."""
         decision = exchange.decision
-        return b"" if decision is None else exchange.policy.render(decision)
+        return b"" if decision is None else exchange.policy.render[decision]
 
     def routed(self) -> Admission:
         """This limiter as the admission of a proxy with routes."""
@@ -193,7 +193,7 @@ class RateLimiter:
         """The RateLimit fields (and Retry-After for a 429) of the exchange's response,
         as header lines ending in CRLF."""
         decision = exchange.decision
-        return self._render(decision) if decision is not None else b""
+        return self._render[decision] if decision is not None else b""
 
 
 class RoutedAdmission:
