@@ -69,8 +69,9 @@ NO_REFILL_SECONDS = 3600
 
 _EPSILON = 1e-9
 
-RENDERED_KEPT = 4096
-"""Rendered header lines a renderer keeps, by decision; all are dropped when full."""
+RENDERED_KEPT = 1024
+"""Rendered header lines a renderer keeps, by decision (some 300 KB at most, per policy);
+all are dropped when full. A bucket's states recur, so few are ever held."""
 
 
 class Bucket(NamedTuple):
