@@ -8,6 +8,7 @@ MemoryStore, which also serves the admin calls.
 from __future__ import annotations
 
 import pytest
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
@@ -22,6 +23,7 @@ from equalizer.buckets.leases.allowances import PREFETCH_FROM
 from equalizer.buckets.leases.answers import MAX_ATTEMPTS
 from equalizer.buckets.leases.sweep import SWEEP_CHUNK as LEASE_SWEEP_CHUNK
 from equalizer.buckets.leasing import LeasingStore
+from equalizer.buckets.maths import Decision
 from equalizer.config.model import BucketPolicy, RateLimitConfig
 from equalizer.testing import FakeLeaseDatabase, SlowReadsDatabase
 from tests.helpers import bounded, result_of, taken
@@ -796,3 +798,15 @@ def test_keys_are_policy_and_client_id(store, db, clock):
     assert result_of(store.list(10, 0, "api"))[1] == 1
     assert result_of(store.delete("c", "api"))
     assert result_of(store.get("c", "api")) is None and result_of(store.get("c")) is not None
+
+
+def test_take_now_answers_a_live_lease_as_a_value_and_a_wait_as_a_deferred(store, db, clock):
+    """On a live lease take_now answers with the decision itself (the limiter's hot path);
+    without one it is the Deferred of the settlement, as take is."""
+    waiting = store.take_now("a", BucketPolicy(1000, 0))
+    assert isinstance(waiting, Deferred) and not waiting.called
+    settle(clock)
+    assert result_of(waiting).allowed
+    decision = store.take_now("a", BucketPolicy(1000, 0))
+    assert isinstance(decision, Decision) and decision.allowed
+    assert store.statements == 1

@@ -6,6 +6,7 @@ import pytest
 
 from equalizer.buckets.maths import (
     NO_REFILL_SECONDS,
+    RENDERED_KEPT,
     Bucket,
     Decision,
     decide,
@@ -220,3 +221,17 @@ def test_unknown_mode_is_an_error():
     """An unknown header mode raises rather than silently sending nothing."""
     with pytest.raises(KeyError):
         rate_limit_headers(ALLOWED, "bogus")
+
+
+def test_rendered_lines_are_kept_per_decision_up_to_a_bound():
+    """A decision seen before is answered from the lines kept for it; once RENDERED_KEPT
+    decisions are held they are all dropped, and rendered again as needed."""
+    lines = header_renderer("both", "api")
+    first = lines[REFUSED]
+    assert lines(REFUSED) is first and first.endswith(b"Retry-After: %d\r\n" % REFUSED.retry_after)
+    for remaining in range(RENDERED_KEPT - 1):
+        lines[Decision(True, 10**6, remaining, 0, 1, 1)]
+    assert len(lines) == RENDERED_KEPT and lines[REFUSED] is first
+    lines[ALLOWED]  # one more: all dropped, then this one kept
+    assert len(lines) == 1
+    assert lines[REFUSED] == first and len(lines) == 2

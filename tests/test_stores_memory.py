@@ -16,7 +16,7 @@ from equalizer.buckets.interface import (
     InvalidBucket,
     take_key,
 )
-from equalizer.buckets.maths import NO_REFILL_SECONDS
+from equalizer.buckets.maths import NO_REFILL_SECONDS, Decision
 from equalizer.buckets.memory import MemoryStore
 from equalizer.config.model import BucketPolicy
 from equalizer.config.rules import (
@@ -314,3 +314,12 @@ def test_a_bucket_belongs_to_a_policy(store):
     assert result_of(store.get("d")).capacity == 7
     assert result_of(store.delete("d", "api")) and result_of(store.get("d", "api")) is None
     assert result_of(store.get("d")) is not None
+
+
+def test_take_now_answers_with_the_decision_itself(store):
+    """take_now is take without the Deferred: the decision (or None: not limited) as a value,
+    counted on the same bucket."""
+    decision = store.take_now("10.0.0.9", DEFAULT)
+    assert isinstance(decision, Decision) and decision.remaining == 2
+    assert result_of(store.take("10.0.0.9", DEFAULT)).remaining == 1
+    assert store.take_now("10.0.0.10", None) is None

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from attrs import frozen
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import Attribute, Interface
 
 from equalizer.buckets.maths import Decision, window
@@ -86,7 +86,7 @@ class BucketRecord:
 
 class IBucketStore(Interface):
     """Token buckets keyed by (policy, client id): every method takes ``policy``, by
-    default ``default`` (SPEC 8). Every method answers with a Deferred."""
+    default ``default`` (SPEC 8). Every method but ``take_now`` answers with a Deferred."""
 
     available = Attribute(
         "bool: False while the backing database is unreachable (for /health). "
@@ -115,6 +115,13 @@ class IBucketStore(Interface):
         no bucket can have (control characters, not UTF-8, too long) takes from the
         bucket of its digest (:func:`take_key`); an empty one fails with InvalidBucket.
         """
+
+    def take_now(client_id: str, default: BucketPolicy | None,
+                 policy: str = DEFAULT_POLICY) -> Decision | None | Deferred[Decision | None]:
+        """``take``, answered without a Deferred when the answer is known at once (the
+        memory store, a live lease): the limiter's hot path, where a Deferred per
+        request cost more than the arithmetic. A Deferred when the answer must wait
+        or is a failure."""
 
     def create(
         client_id: str, capacity: int, tokens: float, refill_rate: float,
@@ -186,6 +193,11 @@ def take_elsewhere(store: IBucketStore, client_id: str, default: BucketPolicy | 
         return None
     return store.take(key, default) if policy == DEFAULT_POLICY else \
         store.take(key, default, policy)
+
+
+def as_deferred(answer: Decision | None | Deferred[Decision | None]) -> Deferred[Decision | None]:
+    """A ``take_now`` answer as ``take`` gives it: always a Deferred."""
+    return answer if isinstance(answer, Deferred) else succeed(answer)
 
 
 KEY_SEPARATOR = "\x1f"

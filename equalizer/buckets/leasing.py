@@ -11,7 +11,7 @@ Leases
 For each client key the instance may hold an **allowance**: tokens already taken
 out of the bucket's row in the database, not yet handed to requests. A ``take``
 with a live allowance is a few dict and attribute operations and answers at once
-(``succeed``). Without one, the request waits for the next **settlement**.
+(``take_now``: no Deferred). Without one, the request waits for the next **settlement**.
 
 A settlement is one statement, ``SELECT * FROM equalizer_settle(batch)`` (a
 PL/pgSQL function, migration 0002, whose inner statements are planned once per
@@ -163,13 +163,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from equalizer.buckets.interface import (
     IBucketStore,
     StoreUnavailable,
+    as_deferred,
     bucket_key,
     take_elsewhere,
 )
@@ -177,7 +178,7 @@ from equalizer.buckets.leases.admin import AdminCalls
 from equalizer.buckets.leases.allowances import Allowances, Key
 from equalizer.buckets.leases.settlement import Settlements
 from equalizer.buckets.leases.sweep import Sweep
-from equalizer.buckets.maths import Decision
+from equalizer.buckets.maths import Decision, make_tuple
 from equalizer.config.model import DEFAULT_POLICY
 
 if TYPE_CHECKING:
@@ -341,6 +342,10 @@ class LeasingStore:
 
     def take(self, client_id: str, default: BucketPolicy | None,
              policy: str = DEFAULT_POLICY) -> Deferred[Decision | None]:
+        return as_deferred(self.take_now(client_id, default, policy))
+
+    def take_now(self, client_id: str, default: BucketPolicy | None,
+                 policy: str = DEFAULT_POLICY) -> Decision | None | Deferred[Decision | None]:
         raw_id = client_id
         if policy != DEFAULT_POLICY:  # leased by one key: see bucket_key
             client_id = bucket_key(policy, client_id)
@@ -355,11 +360,11 @@ class LeasingStore:
                     key.expires = expires if expires < key.dies else key.dies
                     if key.allowance == key.low:
                         self._settlements.prefetch(client_id, key)
-                    return succeed(Decision(
+                    return make_tuple(Decision, (
                         True, key.limit, key.base + key.allowance, 0, key.reset, key.window))
                 self._allowances.give_back(client_id, key)
             elif now < key.until:
-                return succeed(key.cached)
+                return key.cached
         elif not self._settlements.running:
             return fail(StoreUnavailable("the store is not running"))
         else:

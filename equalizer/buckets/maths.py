@@ -69,6 +69,10 @@ NO_REFILL_SECONDS = 3600
 
 _EPSILON = 1e-9
 
+RENDERED_KEPT = 1024
+"""Rendered header lines a renderer keeps, by decision (some 300 KB at most, per policy);
+all are dropped when full. A bucket's states recur, so few are ever held."""
+
 
 class Bucket(NamedTuple):
     """A token bucket's state: ``tokens`` as measured at time ``updated`` (seconds)."""
@@ -88,6 +92,12 @@ class Decision(NamedTuple):
     retry_after: int
     reset: int
     window: int
+
+
+make_tuple = tuple.__new__
+"""``make_tuple(Decision, fields)``: a named tuple from a tuple of its fields, at half the
+cost of calling the class (whose ``__new__`` is a Python function), for the tuples made
+on every request."""
 
 
 def _ceil(seconds: float) -> int:
@@ -140,16 +150,10 @@ def decide(allowed: bool, capacity: int, tokens: float, refill_rate: float) -> D
         reset = 0
     elif refill_rate <= 0:
         reset = NO_REFILL_SECONDS
-    else:
-        reset = _ceil((remaining + 1 - tokens) / refill_rate) or 1
-    return Decision(
-        allowed,
-        capacity,
-        remaining,
-        0 if allowed else reset,
-        reset,
-        window(capacity, refill_rate),
-    )
+    else:  # _ceil, inline: the quotient is > 0, so only the "or 1" bound applies
+        reset = math.ceil((remaining + 1 - tokens) / refill_rate - _EPSILON) or 1
+    return make_tuple(Decision, (allowed, capacity, remaining, 0 if allowed else reset, reset,
+                           window(capacity, refill_rate)))
 
 
 def take(bucket: Bucket, now: float) -> tuple[Bucket, Decision]:
@@ -157,17 +161,17 @@ def take(bucket: Bucket, now: float) -> tuple[Bucket, Decision]:
 
     Returns the new bucket state (store it) and the decision for the request.
     """
-    capacity = bucket.capacity
-    rate = bucket.refill_rate
-    tokens = bucket.tokens
-    updated = bucket.updated
+    capacity, tokens, rate, updated = bucket
     if now > updated:
-        tokens = credit(capacity, tokens, rate * (now - updated))
+        tokens += rate * (now - updated)  # credit(), inline on every request's path
+        if tokens > capacity:
+            tokens = capacity
         updated = now
     allowed = tokens >= 1
     if allowed:
         tokens -= 1
-    return Bucket(capacity, tokens, rate, updated), decide(allowed, capacity, tokens, rate)
+    bucket = make_tuple(Bucket, (capacity, tokens, rate, updated))
+    return bucket, decide(allowed, capacity, tokens, rate)
 
 
 # --- headers ---------------------------------------------------------------------
@@ -200,13 +204,15 @@ def _none(decision: Decision) -> bytes:
 _RENDERERS = {"both": _both, "draft": _draft, "legacy": _legacy, "none": _none}
 
 
-def header_renderer(mode: str, policy: str = "default") -> Callable[[Decision], bytes]:
-    """The function rendering a decision's response fields in ``mode`` (both, draft,
-    legacy, none) as header lines, each ending in CRLF, ready to go into a response
-    head; a refused decision also gets ``Retry-After``, in every mode.
+def header_renderer(mode: str, policy: str = "default") -> RenderedLines:
+    """The decision's response fields in ``mode`` (both, draft, legacy, none) as header
+    lines, each ending in CRLF, ready to go into a response head: ``lines[decision]``
+    (or ``lines(decision)``); a refused decision also gets ``Retry-After``, in every mode.
 
     Lines rather than (name, value) pairs: one formatting operation per response
-    instead of one per field, on every proxied request.
+    instead of one per field, on every proxied request. And most responses need none:
+    the lines are kept per decision (:class:`RenderedLines`), since a bucket's few
+    states (whole tokens left, seconds to reset) recur from request to request.
 
     Raises ``KeyError`` for an unknown mode (the configuration is validated first).
     """
@@ -217,12 +223,29 @@ def header_renderer(mode: str, policy: str = "default") -> Callable[[Decision], 
         def lines_of(decision: Decision) -> bytes:
             return named(decision).replace(b'"default"', quoted)
 
-    def render(decision: Decision) -> bytes:
-        if decision.allowed:
-            return lines_of(decision)
-        return lines_of(decision) + b"Retry-After: %d\r\n" % decision.retry_after
+    return RenderedLines(lines_of)
 
-    return render
+
+class RenderedLines(dict[Decision, bytes]):
+    """Header lines by decision, rendered on first sight and kept (all dropped once
+    :data:`RENDERED_KEPT` are held): a lookup that finds them runs no Python code."""
+
+    __slots__ = ("_lines_of",)
+
+    def __init__(self, lines_of: Callable[[Decision], bytes]) -> None:
+        super().__init__()
+        self._lines_of = lines_of
+
+    def __missing__(self, decision: Decision) -> bytes:
+        if len(self) >= RENDERED_KEPT:
+            self.clear()
+        lines = self._lines_of(decision)
+        if not decision.allowed:
+            lines += b"Retry-After: %d\r\n" % decision.retry_after
+        self[decision] = lines
+        return lines
+
+    __call__ = dict.__getitem__
 
 
 def field_pairs(lines: bytes) -> Fields:

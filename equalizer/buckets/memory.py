@@ -21,6 +21,7 @@ from equalizer.buckets.interface import (
     BucketRecord,
     IBucketStore,
     InvalidBucket,
+    as_deferred,
     bucket_key,
     new_bucket_problem,
     split_key,
@@ -44,10 +45,37 @@ SWEEP_CHUNK = 2_000
 """Buckets the memory store's sweep looks at per reactor turn (1 to 3 ms)."""
 
 
-
-
 def _moment(seconds: float) -> datetime:
     return datetime.fromtimestamp(seconds, UTC)
+
+
+def _record(key: str, bucket: Bucket, created: float) -> BucketRecord:
+    policy, client_id = split_key(key)
+    return BucketRecord(
+        client_id,
+        bucket.capacity,
+        bucket.tokens,
+        bucket.refill_rate,
+        _moment(created),
+        _moment(bucket.updated),
+        policy,
+    )
+
+
+def _as_of_now(key: str, entry: tuple[Bucket, float], now: float) -> BucketRecord:
+    policy, client_id = split_key(key)
+    bucket, created = entry
+    stored = bucket.updated
+    current = refill(bucket, now)
+    return BucketRecord(
+        client_id,
+        current.capacity,
+        current.tokens,
+        current.refill_rate,
+        _moment(created),
+        _moment(stored),
+        policy,
+    )
 
 
 @implementer(IBucketStore)
@@ -183,6 +211,10 @@ class MemoryStore:
 
     def take(self, client_id: str, default: BucketPolicy | None,
              policy: str = DEFAULT_POLICY) -> Deferred[Decision | None]:
+        return as_deferred(self.take_now(client_id, default, policy))
+
+    def take_now(self, client_id: str, default: BucketPolicy | None,
+                 policy: str = DEFAULT_POLICY) -> Decision | None | Deferred[Decision | None]:
         now = self._clock.seconds()
         key = client_id if policy == DEFAULT_POLICY else bucket_key(policy, client_id)
         entry = self.buckets.get(key)
@@ -191,43 +223,16 @@ class MemoryStore:
             if elsewhere is not None:
                 return elsewhere
             if default is None:
-                return succeed(None)
+                return None
             if len(self.buckets) >= self.max_buckets:
-                return succeed(self._at_cap(default))
+                return self._at_cap(default)
             bucket = Bucket(default.capacity, float(default.capacity), default.refill_rate, now)
             created = now
         else:
             bucket, created = entry
         bucket, decision = take_token(bucket, now)
         self.buckets[key] = (bucket, created)
-        return succeed(decision)
-
-    def _record(self, key: str, bucket: Bucket, created: float) -> BucketRecord:
-        policy, client_id = split_key(key)
-        return BucketRecord(
-            client_id,
-            bucket.capacity,
-            bucket.tokens,
-            bucket.refill_rate,
-            _moment(created),
-            _moment(bucket.updated),
-            policy,
-        )
-
-    def _as_of_now(self, key: str, entry: tuple[Bucket, float], now: float) -> BucketRecord:
-        policy, client_id = split_key(key)
-        bucket, created = entry
-        stored = bucket.updated
-        current = refill(bucket, now)
-        return BucketRecord(
-            client_id,
-            current.capacity,
-            current.tokens,
-            current.refill_rate,
-            _moment(created),
-            _moment(stored),
-            policy,
-        )
+        return decision
 
     def create(
         self, client_id: str, capacity: int, tokens: float, refill_rate: float,
@@ -243,7 +248,7 @@ class MemoryStore:
         bucket = Bucket(capacity, float(tokens), float(refill_rate), now)
         self.buckets[key] = (bucket, now)
         self._kept.add(key)
-        return succeed(self._record(key, bucket, now))
+        return succeed(_record(key, bucket, now))
 
     def get(self, client_id: str, policy: str = DEFAULT_POLICY) -> Deferred[BucketRecord | None]:
         now = self._clock.seconds()
@@ -251,7 +256,7 @@ class MemoryStore:
         entry = self.buckets.get(key)
         if entry is None:
             return succeed(None)
-        return succeed(self._as_of_now(key, entry, now))
+        return succeed(_as_of_now(key, entry, now))
 
     def list(self, limit: int, offset: int,
              policy: str = DEFAULT_POLICY) -> Deferred[tuple[list[BucketRecord], int]]:
@@ -262,7 +267,7 @@ class MemoryStore:
         keys = sorted(key for key in self.buckets
                       if (key.startswith(prefix) if prefix else KEY_SEPARATOR not in key))
         page = keys[offset : offset + limit]
-        records = [self._as_of_now(key, self.buckets[key], now) for key in page]
+        records = [_as_of_now(key, self.buckets[key], now) for key in page]
         return succeed((records, len(keys)))
 
     def update(
@@ -295,7 +300,7 @@ class MemoryStore:
         updated = Bucket(new_capacity, new_tokens, new_rate, max(now, bucket.updated))
         self.buckets[key] = (updated, created)
         self._kept.add(key)
-        return succeed(self._record(key, updated, created))
+        return succeed(_record(key, updated, created))
 
     def delete(self, client_id: str, policy: str = DEFAULT_POLICY) -> Deferred[bool]:
         key = bucket_key(policy, client_id)

@@ -4,6 +4,7 @@ balancing) — the client address, a header or a cookie."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
 from equalizer.config.rules import MAX_CLIENT_ID_LENGTH, key_digest
@@ -38,8 +39,8 @@ def key_reader(spec: str) -> Callable[[Exchange], str]:
     return _client_of
 
 
-def _client_of(exchange: Exchange) -> str:
-    return exchange.client
+_client_of = attrgetter("client")
+"""The client address of an exchange, read without a Python call (the default key)."""
 
 
 def _usable_key(value: bytes, exchange: Exchange) -> str:
