@@ -61,6 +61,7 @@ class ClientRequest:
         "connection", "transport", "method", "target", "path", "version", "requestHeaders",
         "body_length", "body_done", "exchange", "answered", "head_sent", "chunked",
         "early_body", "expects_continue", "peer_host", "cookies", "persistent", "close_asked",
+        "__weakref__",
     )
 
     def __init__(self, connection: FrontConnection) -> None:

@@ -94,6 +94,7 @@ class FrontConnection(Protocol):
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
         self.timer = None
+        self.parser = None  # it refers to this connection: no cycle is left behind
         requests, self.requests = self.requests, []
         for request in requests:
             request.connection_lost()
@@ -201,7 +202,9 @@ class FrontConnection(Protocol):
             requests[0].start()
         elif self.refusal is not None:
             self._answer_refusal(*self.refusal)
-        elif self.paused and self.upgraded is None:
+        elif self.upgraded is None:
+            # Reading may have been paused by the line, or by an upload's back-pressure
+            # whose throttle left with the request: the next request is read either way.
             self.paused = False
             self.transport.resumeProducing()
 
