@@ -61,12 +61,13 @@ class ClientRequest:
         "connection", "transport", "method", "target", "path", "version", "requestHeaders",
         "body_length", "body_done", "exchange", "answered", "head_sent", "chunked",
         "early_body", "expects_continue", "peer_host", "cookies", "persistent", "close_asked",
-        "__weakref__",
+        "send", "__weakref__",
     )
 
     def __init__(self, connection: FrontConnection) -> None:
         self.connection = connection
         self.transport = connection.transport
+        self.send = connection.send  # the transport's write, or one that sends at once
         self.peer_host = connection.peer_host
         self.method = b""
         self.target = b""
@@ -94,7 +95,7 @@ class ClientRequest:
         if proxy.stopping:
             self.persistent = False
         if self.expects_continue and not self.body_done:
-            self.transport.write(CONTINUE)
+            self.send(CONTINUE)
         exchange = self.exchange = Exchange(proxy, self)
         early, self.early_body = self.early_body, None
         exchange.start(early)
@@ -143,9 +144,9 @@ class ClientRequest:
         """Body bytes, in chunked framing when the head said so."""
         if self.chunked:
             if data:  # an empty chunk would end the body
-                self.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.send(b"%x\r\n%s\r\n" % (len(data), data))
         else:
-            self.transport.write(data)
+            self.send(data)
 
     def register_producer(self, producer) -> None:
         """The backend connection, paused while the client's socket is full."""
@@ -158,5 +159,5 @@ class ClientRequest:
     def finish(self) -> None:
         """The response is complete: the next request on the connection may begin."""
         if self.chunked:
-            self.transport.write(b"0\r\n\r\n")
+            self.send(b"0\r\n\r\n")
         self.connection.request_done(self)

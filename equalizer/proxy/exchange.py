@@ -245,7 +245,7 @@ class Exchange:
         write_head(self, status, reason, fields, False)
         if self.method != b"HEAD":
             self.bytes_sent = len(body)
-            request.transport.write(body)
+            request.send(body)
         self.complete()
 
     def complete(self) -> None:

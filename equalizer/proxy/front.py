@@ -71,6 +71,7 @@ class FrontConnection(Protocol):
         self.upgraded: list[bytes] | None = None  # bytes after an upgrade request
         self.paused = self.closing = False
         self.peer_host = ""
+        self.send: Callable[[bytes], None] | None = None
         self.last_active = 0.0
         self.timer = None
 
@@ -82,6 +83,7 @@ class FrontConnection(Protocol):
         if ITCPTransport.providedBy(transport):
             transport.setTcpNoDelay(True)
         self.peer_host = transport.getPeer().host
+        self.send = self.factory.writer(transport)
         self.factory.proxy.stats.connections += 1
         self.last_active = self.clock.seconds()
         self._arm(self.idle_seconds)
@@ -236,7 +238,7 @@ class FrontConnection(Protocol):
             self._answer_refusal(status, code, message)
 
     def _answer_refusal(self, status: int, code: str, message: str) -> None:
-        self.transport.write(refusal_response(status, code, message))
+        self.send(refusal_response(status, code, message))
         self.close()
 
     def close(self) -> None:

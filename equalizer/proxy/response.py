@@ -84,7 +84,7 @@ def write_head(exchange: Exchange, status: int, reason: bytes,
     request.head_sent = True
     # One joined write: the transport checks every piece of a writeSequence in a
     # Python call (four per field, a tenth of a proxied request's CPU in all).
-    request.transport.write(b"\r\n".join(lines) + b"\r\n")
+    request.send(b"\r\n".join(lines) + b"\r\n")
 
 
 def relay_informational(exchange: Exchange, status: int, reason: bytes,
@@ -105,4 +105,4 @@ def relay_informational(exchange: Exchange, status: int, reason: bytes,
     lines += [b"%s: %s\r\n" % (name, value) for name, value in headers
               if name.lower() not in INFORMATIONAL_DROPPED]
     lines.append(b"\r\n")
-    request.transport.write(b"".join(lines))
+    request.send(b"".join(lines))

@@ -8,10 +8,12 @@ here (``HeadRefusingChannel``) because that takes twisted.web's private parser s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IProtocolNegotiationFactory
 from twisted.internet.protocol import Factory
+from twisted.internet.tcp import Connection
 from twisted.web import http
 from zope.interface import implementer
 
@@ -128,6 +130,11 @@ class ProxySite(Factory):
     def buildProtocol(self, addr) -> FrontConnection:
         return FrontConnection(self)
 
+    @staticmethod
+    def writer(transport) -> Callable[[bytes], None]:
+        """How the connection writes to ``transport``: ``eager_writer``."""
+        return eager_writer(transport)
+
     def acceptableProtocols(self) -> list[bytes]:
         """What an ``ssl:`` listener offers over ALPN: HTTP/1.1 only.
 
@@ -135,3 +142,34 @@ class ProxySite(Factory):
         with a client that offers one (every browser, curl) and the handshake fails.
         """
         return [b"http/1.1"]
+
+
+def eager_writer(transport) -> Callable[[bytes], None]:
+    """A write that sends at once when nothing is queued, for a plain TCP connection.
+
+    Twisted's ``write`` only queues the bytes and asks the reactor to watch the socket for
+    writability, so every response costs an epoll round (two ``epoll_ctl`` calls and a
+    ``doWrite`` dispatch) before its first byte leaves; asyncio sends at once when it
+    can. With bytes already queued, while closing, or when the socket takes less than
+    all (or fails: Twisted sees the error on its own next try), the rest goes through
+    ``write`` as usual, so the order of bytes and back-pressure are Twisted's. Other
+    transports (TLS, the tests' in-memory ones) keep their ``write``.
+    """
+    if not isinstance(transport, Connection):
+        return transport.write
+    write = transport.write
+    send = transport.socket.send
+
+    def write_now(data: bytes) -> None:
+        if (transport._tempDataLen or len(transport.dataBuffer) > transport.offset
+                or transport.disconnecting or not transport.connected):
+            write(data)
+            return
+        try:
+            sent = send(data)
+        except OSError:
+            sent = 0
+        if sent < len(data):
+            write(data[sent:] if sent else data)
+
+    return write_now
