@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -32,6 +32,8 @@ from twisted.python.failure import Failure
 from equalizer.proxy.framing import UpstreamError, parse_response_head, response_framing
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from twisted.internet.interfaces import IReactorTCP, IReactorTime
 
     from equalizer.balancer.pool import Backend
@@ -92,6 +94,7 @@ class UpstreamConnection(TwistedProtocol):
 
     def connectionMade(self) -> None:
         self._socket = _socket_of(self.transport)  # once: peer_closed runs on every reuse
+        self.write = self.pool.writer(self.transport)
 
     # -- sending ---------------------------------------------------------------
 
@@ -108,17 +111,17 @@ class UpstreamConnection(TwistedProtocol):
         self._head_request = head_request
         self._chunked_request = chunked_body
         self._request_complete = not body_follows
-        self.transport.write(head)
+        self.write(head)
 
     def send_body(self, data: bytes) -> None:
         if self._chunked_request:
-            self.transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+            self.write(b"%x\r\n%s\r\n" % (len(data), data))
         else:
-            self.transport.write(data)
+            self.write(data)
 
     def end_body(self) -> None:
         if self._chunked_request:
-            self.transport.write(b"0\r\n\r\n")
+            self.write(b"0\r\n\r\n")
         self._request_complete = True
 
     # -- receiving ---------------------------------------------------------------
@@ -312,6 +315,11 @@ class UpstreamConnection(TwistedProtocol):
         self.abort()
 
 
+def transport_write(transport: Any) -> Callable[[bytes], None]:
+    """A transport's own write."""
+    return transport.write
+
+
 def _socket_of(transport: object) -> socket.socket | None:
     """The TCP socket under a transport (under TLS too), or None (a test's transport)."""
     for candidate in (transport, getattr(transport, "transport", None)):
@@ -355,8 +363,12 @@ class UpstreamPool(Service):
     """
 
     def __init__(self, reactor: IReactorTCP, clock: IReactorTime, *, connect_timeout: float,
-                 idle_timeout: float, max_idle_per_backend: int = 128) -> None:
+                 idle_timeout: float, max_idle_per_backend: int = 128,
+                 writer: Callable[[Any], Callable[[bytes], None]] | None = None) -> None:
+        """``writer`` makes a connection's write from its transport (``site.eager_writer``
+        sends at once when nothing is queued); without one, the transport's own."""
         self._reactor = reactor
+        self.writer = writer or transport_write
         self._clock = clock
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
