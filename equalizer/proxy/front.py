@@ -120,8 +120,9 @@ class FrontConnection(Protocol):
             if isinstance(error.__context__, HeadRefused):
                 self.refuse(*error.__context__.args)
             else:
-                self.refuse(400, "bad_request", malformed(
-                    data, self.reading is not None, self.head is not None and not self.fields))
+                in_line = self.head is not None and not self.fields \
+                    and "header" not in str(error)
+                self.refuse(400, "bad_request", malformed(data, self.reading is not None, in_line))
         if self.head is not None:
             self._bound_unfinished_head(len(data) if began is self.head else 0)
         if len(self.requests) > 1:
