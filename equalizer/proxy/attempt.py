@@ -184,7 +184,8 @@ class Attempt:
             self._refuse_codings()
             return
         self._arm(proxy.config.timeouts.idle)
-        write_head(exchange, status, reason, headers, chunked, codings)
+        write_head(exchange, status, reason, headers, chunked, codings,
+                   hold=self.connection.body_in_hand)
         request.register_producer(self.connection)
 
     def _refuse_codings(self) -> None:

@@ -61,13 +61,14 @@ class ClientRequest:
         "connection", "transport", "method", "target", "path", "version", "requestHeaders",
         "body_length", "body_done", "exchange", "answered", "head_sent", "chunked",
         "early_body", "expects_continue", "peer_host", "cookies", "persistent", "close_asked",
-        "send", "__weakref__",
+        "send", "held_head", "__weakref__",
     )
 
     def __init__(self, connection: FrontConnection) -> None:
         self.connection = connection
         self.transport = connection.transport
         self.send = connection.send  # the transport's write, or one that sends at once
+        self.held_head: bytes | None = None  # see ``response.write_head``
         self.peer_host = connection.peer_host
         self.method = b""
         self.target = b""
@@ -141,12 +142,16 @@ class ClientRequest:
         self.persistent = False
 
     def write(self, data: bytes) -> None:
-        """Body bytes, in chunked framing when the head said so."""
+        """Body bytes, in chunked framing when the head said so (with the head, if held)."""
         if self.chunked:
-            if data:  # an empty chunk would end the body
-                self.send(b"%x\r\n%s\r\n" % (len(data), data))
-        else:
-            self.send(data)
+            if not data:
+                return  # an empty chunk would end the body
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        head = self.held_head
+        if head is not None:
+            self.held_head = None
+            data = head + data
+        self.send(data)
 
     def register_producer(self, producer) -> None:
         """The backend connection, paused while the client's socket is full."""
@@ -158,6 +163,11 @@ class ClientRequest:
 
     def finish(self) -> None:
         """The response is complete: the next request on the connection may begin."""
-        if self.chunked:
-            self.send(b"0\r\n\r\n")
+        end = b"0\r\n\r\n" if self.chunked else b""
+        head = self.held_head
+        if head is not None:
+            self.held_head = None
+            end = head + end
+        if end:
+            self.send(end)
         self.connection.request_done(self)

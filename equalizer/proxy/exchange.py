@@ -242,10 +242,10 @@ class Exchange:
         reason = RESPONSES.get(status) or OWN_REASONS[status]
         fields = [*JSON_HEADERS, *extra_headers, (b"Content-Length", b"%d" % len(body)),
                   (b"Date", datetimeToString())]
-        write_head(self, status, reason, fields, False)
+        write_head(self, status, reason, fields, False, hold=True)
         if self.method != b"HEAD":
             self.bytes_sent = len(body)
-            request.send(body)
+            request.write(body)
         self.complete()
 
     def complete(self) -> None:

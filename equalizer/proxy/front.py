@@ -120,9 +120,8 @@ class FrontConnection(Protocol):
             if isinstance(error.__context__, HeadRefused):
                 self.refuse(*error.__context__.args)
             else:
-                in_line = self.head is not None and not self.fields \
-                    and "header" not in str(error)
-                self.refuse(400, "bad_request", malformed(data, self.reading is not None, in_line))
+                self.refuse(400, "bad_request", malformed(
+                    data, str(error), self.reading is not None, not self.fields))
         if self.head is not None:
             self._bound_unfinished_head(len(data) if began is self.head else 0)
         if len(self.requests) > 1:
@@ -302,22 +301,23 @@ class FrontConnection(Protocol):
             self.close()
 
 
-def malformed(data: bytes, in_body: bool, in_request_line: bool) -> str:
-    """Which part of the request llhttp refused, in the words of SPEC 4.4 (a field
-    whose value holds a control character by its name)."""
+def malformed(data: bytes, error: str, in_body: bool, no_field_yet: bool) -> str:
+    """Which part of the request llhttp refused (``error`` is its reason), in the words of
+    SPEC 4.4 (a field whose value holds a control character by its name)."""
     if in_body:
         return "the request body is malformed"
     bad_value = BAD_VALUE.search(data)
     if bad_value is not None:
         return f"the {bad_value.group(1).decode('latin-1')} field holds a character " \
                "not allowed in a field value"
-    if in_request_line:
+    if no_field_yet and "header" not in error:
         return BAD_LINE
     return "the request head or body framing is malformed"
 
 
 def refusal_response(status: int, code: str, message: str) -> bytes:
-    """The JSON error for a request the parser refused, closing the connection."""
+    """The JSON error for a request head the parser refused, closing the connection (the
+    admin channel's too)."""
     body = error_body(code, message)
     fields = [*JSON_HEADERS, (b"Content-Length", b"%d" % len(body)),
               (b"Connection", b"close"), (b"Date", datetimeToString())]

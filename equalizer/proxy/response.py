@@ -30,7 +30,8 @@ def error_body(code: str, message: str) -> bytes:
 
 
 def write_head(exchange: Exchange, status: int, reason: bytes,
-               headers: list[tuple[bytes, bytes]], chunked: bool, codings: bytes = b"") -> None:
+               headers: list[tuple[bytes, bytes]], chunked: bool, codings: bytes = b"", *,
+               hold: bool = False) -> None:
     """Send the response head to the client, in one write.
 
     The backend's fields were checked by the upstream parser (token names, no
@@ -38,7 +39,10 @@ def write_head(exchange: Exchange, status: int, reason: bytes,
     hop-by-hop ones. ``Transfer-Encoding: chunked`` goes to an HTTP/1.1 client when
     the length is unknown, and ``Connection: close`` when the connection closes after
     this response. Transfer codings other than chunked (``codings``) stay in that
-    field, ahead of chunked; a 204 never carries Content-Length (RFC 9110 8.6).
+    field, ahead of chunked; a 204 never carries Content-Length (RFC 9110 8.6). With
+    ``hold``, the head waits for the first body bytes or the end of the response, which
+    are due in the same turn of the reactor: one send instead of two (on loopback each
+    send also runs the receiver's side of TCP).
     """
     request = exchange.request
     proxy = exchange.proxy
@@ -84,7 +88,11 @@ def write_head(exchange: Exchange, status: int, reason: bytes,
     request.head_sent = True
     # One joined write: the transport checks every piece of a writeSequence in a
     # Python call (four per field, a tenth of a proxied request's CPU in all).
-    request.send(b"\r\n".join(lines) + b"\r\n")
+    head = b"\r\n".join(lines) + b"\r\n"
+    if hold:
+        request.held_head = head
+    else:
+        request.send(head)
 
 
 def relay_informational(exchange: Exchange, status: int, reason: bytes,

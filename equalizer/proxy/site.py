@@ -17,8 +17,7 @@ from twisted.internet.tcp import Connection
 from twisted.web import http
 from zope.interface import implementer
 
-from equalizer.proxy.front import FrontConnection
-from equalizer.proxy.response import JSON_HEADERS, OWN_REASONS, error_body
+from equalizer.proxy.front import FrontConnection, refusal_response
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
@@ -93,22 +92,9 @@ class HeadRefusingChannel(http.HTTPChannel):
         if transport is None or transport.disconnecting:
             return
         if not any(request.startedWriting for request in self.requests):
-            body = error_body(code, message)
-            reason = OWN_REASONS.get(status) or http.RESPONSES[status]
-            fields = [*JSON_HEADERS, (b"Content-Length", b"%d" % len(body)),
-                      (b"Connection", b"close"), (b"Date", http.datetimeToString())]
-            transport.write(b"HTTP/1.1 %d %s\r\n%s\r\n%s" % (
-                status, reason, b"".join(b"%s: %s\r\n" % field for field in fields), body))
+            transport.write(refusal_response(status, code, message))
         self.persistent = False
         self.loseConnection()
-
-
-class ProxyChannel(HeadRefusingChannel):
-    """twisted.web's HTTP/1.1 channel, reading ``Connection`` as the comma list it is.
-
-    ``HTTPChannel.checkPersistence`` splits the header on spaces only, so
-    ``Connection: close, X-Foo`` would keep the connection open.
-    """
 
 
 @implementer(IProtocolNegotiationFactory)

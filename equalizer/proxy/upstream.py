@@ -66,11 +66,10 @@ class ResponseHandler(Protocol):
 class UpstreamConnection(TwistedProtocol):
     """One keep-alive HTTP/1.1 connection to a backend, used by one exchange at a time.
 
-    The response is parsed by a small state machine: ``_head`` until the blank
-    line, then one of ``_body_length``, ``_body_chunked`` or ``_body_until_close``
-    (which also carries an upgraded connection's bytes after a 101).
-    The connection also serves as the push producer for the response body: the
-    client side pauses it when its own socket is full.
+    The response is parsed by a small state machine: ``_head`` until the blank line, then
+    one of ``_body_length``, ``_body_chunked`` or ``_body_until_close`` (which also carries
+    an upgraded connection's bytes after a 101). The connection also serves as the push
+    producer for the response body: the client side pauses it when its own socket is full.
     """
 
     def __init__(self, pool: UpstreamPool, backend: Backend) -> None:
@@ -157,6 +156,7 @@ class UpstreamConnection(TwistedProtocol):
         self._keep_alive = keep_alive
         if self._head_request or status in NO_BODY_STATUSES:
             length, chunked = 0, False
+        self.body_in_hand = (bool(rest) or length == 0) and not chunked
         self.handler.response_head(status, reason, headers, chunked, codings)
         if self.handler is None:
             return
@@ -288,11 +288,11 @@ class UpstreamConnection(TwistedProtocol):
         """Whether the backend closed this idle connection (or wrote to it unasked) in a way
         the reactor has not processed yet: one non-blocking peek at the socket.
 
-        A backend that answers and closes without ``Connection: close`` leaves its FIN in
-        the kernel while the reactor may already hand the connection to the next request;
-        writing there would send a request nobody reads. True is proof that nothing of
-        the next request can have reached the backend on this connection. Costs one
-        system call per reuse (about 1 µs; 2% of a request's user-space instructions).
+        A backend that answers and closes without ``Connection: close`` leaves its FIN in the
+        kernel while the reactor may already hand the connection to the next request; writing
+        there would send a request nobody reads. True is proof that nothing of the next request
+        can have reached the backend on this connection. Costs one system call per reuse (about
+        1 µs; 2% of a request's user-space instructions).
         """
         sock = self._socket
         return self.connected_lost if sock is None else _peeks_anything(sock)
