@@ -48,70 +48,63 @@ class HeadRefused(Exception):
     """Raised from a parser callback to stop parsing: the request gets this answer."""
 
 
-class FrontConnection(Protocol):
-    """One client connection: parses requests, starts each in turn, closes when told.
+class RequestReader(Protocol):
+    """The reading half of a client connection: bytes in, ``ClientRequest`` heads and
+    bodies out, through llhttp's callbacks, within the head bounds.
 
     ``requests`` holds the requests whose heads are in, first the one being answered;
-    the rest wait. A refusal of the parser waits behind them too (then the connection
-    closes), so responses never interleave. Reading pauses while requests wait.
+    the rest wait. What the line, refusals and upgrades do is ``FrontConnection``'s.
     """
 
-    def __init__(self, factory: ProxySite) -> None:
-        self.factory = factory
-        self.clock = factory.clock
-        self.limit = factory.max_header_bytes
-        self.idle_seconds = factory.timeOut
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
         self.parser: HttpRequestParser | None = HttpRequestParser(self)
         self.parser.set_dangerous_leniencies(lenient_headers=True)
         self.requests: list[ClientRequest] = []
         self.head: ClientRequest | None = None  # head being parsed
         self.reading: ClientRequest | None = None  # body being parsed
         self.head_bytes = self.fields = self.head_fed = 0
-        self.refusal: tuple[int, str, str] | None = None
         self.upgraded: list[bytes] | None = None  # bytes after an upgrade request
-        self.paused = self.closing = False
-        self.peer_host = ""
-        self.send: Callable[[bytes], None] | None = None
-        self.last_active = 0.0
-        self.timer = None
-
-    # -- the connection -----------------------------------------------------------------
-
-    def connectionMade(self) -> None:
-        transport = self.transport
-        transport.bufferSize = CLIENT_BUFFER_BYTES
-        if ITCPTransport.providedBy(transport):
-            transport.setTcpNoDelay(True)
-        self.peer_host = transport.getPeer().host
-        self.send = self.factory.writer(transport)
-        self.factory.proxy.stats.connections += 1
-        self.last_active = self.clock.seconds()
-        self._arm(self.idle_seconds)
-
-    def connectionLost(self, reason: Failure) -> None:
-        """One client connection fewer (``equalizer_client_connections``); every request
-        still on it is abandoned."""
-        self.factory.proxy.stats.connections -= 1
-        self.closing = True
-        self._arm(None)
-        self.parser = None  # it refers to this connection: no cycle is left behind
-        requests, self.requests = self.requests, []
-        for request in requests:
-            request.connection_lost()
+        self.feeding = self.closing = False
+        self.unread = b""  # read, not parsed yet (behind a request that waits)
 
     def dataReceived(self, data: bytes) -> None:
         self.last_active = self.clock.seconds()
-        parser = self.parser
-        if parser is None:
+        if self.parser is None:
             if self.upgraded is not None:
                 self.upgraded.append(data)
                 self._pause()
             return
+        self.unread = self.unread + data if self.unread else data
+        if not self.feeding:
+            self._feed()
+
+    def _feed(self) -> None:
+        """Parse what the client sent, a request head at a time: once a request waits
+        behind the one being answered the rest stays unparsed, and reading pauses, so a
+        pipelined flood costs its bytes, not a request object each (as twisted.web)."""
+        self.feeding = True
+        while self.unread and self.parser is not None:
+            data = self.unread
+            if self.reading is None:  # a head comes next: up to its end only
+                if len(self.requests) > 1:
+                    self._pause()
+                    break
+                end = data.find(b"\r\n\r\n") + 4
+                if 4 <= end < len(data):
+                    data = data[:end]
+            self.unread = self.unread[len(data):]
+            self._parse(data)
+        self.feeding = False
+        if len(self.requests) > 1:
+            self._pause()
+
+    def _parse(self, data: bytes) -> None:
         began = self.head
         try:
-            parser.feed_data(data)
+            self.parser.feed_data(data)
         except HttpParserUpgrade as upgrade:
-            self._upgrade(data[upgrade.args[0]:])
+            self._upgrade(data[upgrade.args[0]:] + self.unread)
         except HeadRefused as refused:
             self.refuse(*refused.args)
         except HttpParserError as error:
@@ -122,8 +115,6 @@ class FrontConnection(Protocol):
                     str(error), self.reading is not None, not self.fields))
         if self.head is not None:
             self._bound_unfinished_head(len(data) if began is self.head else 0)
-        if len(self.requests) > 1:
-            self._pause()
 
     def _bound_unfinished_head(self, fed: int) -> None:
         """A head still incomplete after a read may not grow past the bound (llhttp hands
@@ -189,6 +180,50 @@ class FrontConnection(Protocol):
         if request is not None and not request.body_done:
             request.body_end()
 
+
+class FrontConnection(RequestReader):
+    """One client connection: starts each request in turn, closes when told.
+
+    A refusal of the parser waits behind the requests ahead (then the connection
+    closes), so responses never interleave. Reading pauses while requests wait.
+    """
+
+    def __init__(self, factory: ProxySite) -> None:
+        super().__init__(factory.max_header_bytes)
+        self.factory = factory
+        self.clock = factory.clock
+        self.idle_seconds = factory.timeOut
+        self.refusal: tuple[int, str, str] | None = None
+        self.paused = False
+        self.peer_host = ""
+        self.send: Callable[[bytes], None] | None = None
+        self.last_active = 0.0
+        self.timer = None
+
+    # -- the connection -----------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        transport = self.transport
+        transport.bufferSize = CLIENT_BUFFER_BYTES
+        if ITCPTransport.providedBy(transport):
+            transport.setTcpNoDelay(True)
+        self.peer_host = transport.getPeer().host
+        self.send = self.factory.writer(transport)
+        self.factory.proxy.stats.connections += 1
+        self.last_active = self.clock.seconds()
+        self._arm(self.idle_seconds)
+
+    def connectionLost(self, reason: Failure) -> None:
+        """One client connection fewer (``equalizer_client_connections``); every request
+        still on it is abandoned."""
+        self.factory.proxy.stats.connections -= 1
+        self.closing = True
+        self._arm(None)
+        self.parser = None  # it refers to this connection: no cycle is left behind
+        requests, self.requests = self.requests, []
+        for request in requests:
+            request.connection_lost()
+
     # -- requests in turn -----------------------------------------------------------------
 
     def request_done(self, request: ClientRequest) -> None:
@@ -204,7 +239,10 @@ class FrontConnection(Protocol):
             requests[0].start()
         elif self.refusal is not None:
             self._answer_refusal(*self.refusal)
-        elif self.upgraded is None:
+            return
+        if self.unread and not self.feeding:
+            self._feed()
+        if not self.unread and self.upgraded is None and not self.closing:
             # Reading may have been paused by the line, or by an upload's back-pressure
             # whose throttle left with the request: the next request is read either way.
             self.paused = False
@@ -216,6 +254,7 @@ class FrontConnection(Protocol):
         a next request. A request whose body broke off is dropped from the line; one
         whose response has begun already is cut off (a malformed chunk mid-upload)."""
         self.parser = None
+        self.unread = b""
         if self.closing:
             return  # nothing more is read, nor answered
         broken = self.reading
