@@ -104,7 +104,8 @@ class RequestReader(Protocol):
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as upgrade:
-            self._upgrade(data[upgrade.args[0]:] + self.unread)
+            rest, self.unread = data[upgrade.args[0]:] + self.unread, b""
+            self._upgrade(rest)
         except HeadRefused as refused:
             self.refuse(*refused.args)
         except HttpParserError as error:
