@@ -43,7 +43,7 @@ from equalizer.logs.service import LogFileError, LoggingService, open_logging
 from equalizer.metrics import EqualizerCollector, metrics_registry
 from equalizer.proxy.admission import ADMIT_ALL, RateLimiter
 from equalizer.proxy.exchange import Proxy
-from equalizer.proxy.site import ProxySite
+from equalizer.proxy.site import ProxySite, eager_writer
 from equalizer.proxy.upstream import UpstreamPool
 from equalizer.readiness import BucketService
 from equalizer.routing.pools import NamedPools, hash_key_of
@@ -208,7 +208,7 @@ class EqualizerService(MultiService):
         self.named_pools.setServiceParent(self)
         timeouts = config.proxy.timeouts
         self.upstreams = UpstreamPool(reactor, reactor, connect_timeout=timeouts.connect,
-                                      idle_timeout=timeouts.idle)
+                                      idle_timeout=timeouts.idle, writer=eager_writer)
         self.upstreams.setServiceParent(self)
         self.proxy = Proxy(
             self.pool, self.upstreams, config.proxy, reactor, self.stats, self.health,

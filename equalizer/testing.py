@@ -21,7 +21,7 @@ from equalizer.balancer.pool import Backend
 from equalizer.buckets.interface import StoreUnavailable
 from equalizer.buckets.maths import refill
 from equalizer.buckets.memory import MemoryStore
-from equalizer.proxy.upstream import UpstreamConnection
+from equalizer.proxy.upstream import UpstreamConnection, transport_write
 from equalizer.workers.leases import settle_in_memory
 
 
@@ -201,6 +201,7 @@ class FakeUpstreams:
     idle: dict = field(factory=dict)
     connects: list[tuple[Backend, Deferred]] = field(factory=list)
     released: list[UpstreamConnection] = field(factory=list)
+    writer = staticmethod(transport_write)
 
     def get_idle(self, backend: Backend) -> UpstreamConnection | None:
         connections = self.idle.get(backend)

@@ -1,6 +1,6 @@
 """Tests for the backend side of equalizer.proxy, without sockets.
 
-A client connection is twisted.web's channel from `ProxySite` on a StringTransport;
+A client connection is the front connection from `ProxySite` on a StringTransport;
 backend connections are real `UpstreamConnection`s on StringTransports, handed out by
 a fake pool whose connects the test completes or fails by hand. So a test writes
 the exact bytes a backend sends and reads the exact bytes the client gets.

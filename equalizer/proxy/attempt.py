@@ -125,7 +125,7 @@ class Attempt:
             return
         if connection.reused and exchange.method in IDEMPOTENT_METHODS:
             self.resend_chunks, self.resend_bytes = [], 0
-        self.throttle = UploadThrottle(exchange.request.channel.transport)
+        self.throttle = UploadThrottle(exchange.request.transport)
         connection.transport.registerProducer(self.throttle, True)
         buffered, exchange.body_chunks = exchange.body_chunks, None
         for chunk in buffered or ():
@@ -179,14 +179,14 @@ class Attempt:
             self.connection.handler = Tunnel(self, reason, headers)
             return
         request = exchange.request
-        if codings and request.clientproto != b"HTTP/1.1" and not exchange.head_request \
+        if codings and request.version != b"HTTP/1.1" and not exchange.head_request \
                 and status not in http.NO_BODY_CODES:
             self._refuse_codings()
             return
         self._arm(proxy.config.timeouts.idle)
-        request.setResponseCode(status, reason)
-        write_head(exchange, status, reason, headers, chunked, codings)
-        request.registerProducer(self.connection, True)
+        write_head(exchange, status, reason, headers, chunked, codings,
+                   hold=self.connection.body_in_hand)
+        request.register_producer(self.connection)
 
     def _refuse_codings(self) -> None:
         """502 for a body in a transfer coding (``gzip``) an HTTP/1.0 client cannot be sent:
@@ -207,7 +207,7 @@ class Attempt:
         self._disarm()
         self.connection = None
         exchange = self.exchange
-        exchange.request.unregisterProducer()
+        exchange.request.unregister_producer()
         exchange.complete()
 
     def response_failed(self, reason: Failure, response_started: bool) -> None:
@@ -223,7 +223,7 @@ class Attempt:
             backend.fail("cut_off")
             log.warn("backend {url} broke off its response: {error}", url=backend.url,
                      error=reason.getErrorMessage())
-            exchange.request.unregisterProducer()
+            exchange.request.unregister_producer()
             exchange.abort_client()
             return
         if connection is not None and resend_afresh(self, connection, backend):
@@ -300,7 +300,7 @@ class Attempt:
         self.leave_backend()
         if exchange.status:
             log.warn("backend {url} went idle mid-response", url=backend.url if backend else "?")
-            exchange.request.unregisterProducer()
+            exchange.request.unregister_producer()
             exchange.abort_client()
         else:
             exchange.respond_locally(504, "gateway_timeout", "the backend did not answer in time")

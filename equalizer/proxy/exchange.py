@@ -1,8 +1,9 @@
 """One client request through the proxy: its head read once, the backend chosen (again
 on a retry), the proxy's own answers, and the accounting when it is over.
 
-twisted.web's channel (``equalizer.proxy.site``) starts an exchange as soon as the
-request head is parsed and feeds it the body as it arrives. Each try on a backend
+The client connection (``equalizer.proxy.front``) starts an exchange as soon as the
+request head is parsed (or, pipelined, when the requests ahead are answered) and feeds
+it the body as it arrives, through the ``ClientRequest`` it talks to. Each try on a backend
 is an ``Attempt`` (``equalizer.proxy.attempt``); an upgrade becomes a ``Tunnel``.
 """
 
@@ -16,7 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectError
 from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.logger import Logger
-from twisted.web import http
+from twisted.web.http import RESPONSES, datetimeToString
 
 from equalizer.logs.service import AccessLog
 from equalizer.proxy.admission import ADMIT_ALL, Admission
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
     from equalizer.balancer.queue import Ticket
     from equalizer.balancer.stats import TrafficStats
     from equalizer.config.model import ProxyConfig
-    from equalizer.proxy.site import ProxyRequest
+    from equalizer.proxy.client import ClientRequest
     from equalizer.proxy.upstream import UpstreamPool
     from equalizer.routing.table import Route, RouteTable
 
@@ -66,7 +67,7 @@ class Exchange:
         "unit", "route", "target", "policy",
     )
 
-    def __init__(self, proxy: Proxy, request: ProxyRequest) -> None:
+    def __init__(self, proxy: Proxy, request: ClientRequest) -> None:
         self.proxy = proxy
         proxy.active += 1
         self.request = request
@@ -101,19 +102,19 @@ class Exchange:
         request = self.request
         proxy = self.proxy
         lines, hosts, forwarded_for, request_id = split_request_headers(request)
-        peer = request.client.host
+        peer = request.peer_host
         self.client = client_address(peer, forwarded_for, proxy.config.trusted_proxies)
         self.request_id = request_id or os.urandom(16).hex().encode("ascii")
         lines.append(forwarded_lines(peer, forwarded_for, proxy.scheme, self.request_id))
         self.problem, host = refusal(request, hosts)
-        self.target = request.uri
+        self.target = request.target
         if proxy.router is not None and self.problem is None:
             lines = route_exchange(self, host, lines)
         if host is not None:
             lines.append(b"X-Forwarded-Host: %s\r\n" % host)
         if self.chunked_body:
             lines.append(b"Transfer-Encoding: chunked\r\n")
-        elif self.body_follows or request.requestHeaders.hasHeader(b"content-length"):
+        elif self.body_follows or b"content-length" in request.requestHeaders.index:
             lines.append(b"Content-Length: %d\r\n" % request.body_length)
         lines.append(b"\r\n")
         self.host = host
@@ -126,7 +127,12 @@ class Exchange:
 
     # -- choosing a backend ----------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, early_body: list[bytes] | None = None) -> None:
+        """Admission, then a backend; ``early_body`` is what the client sent of the body
+        while the request waited behind others on its connection."""
+        if early_body:
+            self.body_chunks = early_body
+            self.bytes_received = sum(map(len, early_body))
         problem = self.problem
         if problem is None:
             if self.unit is None:
@@ -134,7 +140,7 @@ class Exchange:
                 return
             self.proxy.admit(self)
         else:
-            self.request.channel.persistent = False
+            self.request.no_keep_alive()
             self.respond_locally(400, "bad_request", problem)
 
     def dispatch(self) -> None:
@@ -198,7 +204,7 @@ class Exchange:
             attempt.send_body(data)
             throttle = attempt.throttle
             if throttle is not None and throttle.paused:
-                self.request.channel.transport.pauseProducing()
+                self.pause_client()
             return
         if self.body_chunks is None:
             self.body_chunks = []
@@ -212,14 +218,12 @@ class Exchange:
             attempt.end_body()
 
     def pause_client(self) -> None:
-        channel = self.request.channel
-        transport = channel.transport if channel else None
+        transport = self.request.transport
         if transport is not None:
             transport.pauseProducing()
 
     def resume_client(self) -> None:
-        channel = self.request.channel
-        transport = channel.transport if channel else None
+        transport = self.request.transport
         if transport is not None:
             transport.resumeProducing()
 
@@ -229,40 +233,36 @@ class Exchange:
                         extra_headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         """Answer with the proxy's own JSON error (or a 429), never after a response began."""
         request = self.request
-        if request.parsing:
-            self.proxy.clock.callLater(0, self.respond_locally, status, code, message,
-                                       extra_headers)
-            return
-        if self.finished or request.startedWriting or request.channel is None:
+        if self.finished or request.head_sent or request.transport is None:
             return
         if status >= 500 and status != 503 or code in ("no_healthy_backend", "proxy_overloaded"):
             self.proxy.stats.errors += 1
         self.status = status
         body = error_body(code, message)
-        reason = http.RESPONSES.get(status) or OWN_REASONS[status]
-        request.setResponseCode(status, reason)
+        reason = RESPONSES.get(status) or OWN_REASONS[status]
         fields = [*JSON_HEADERS, *extra_headers, (b"Content-Length", b"%d" % len(body)),
-                  (b"Date", http.datetimeToString())]
-        write_head(self, status, reason, fields, False)
+                  (b"Date", datetimeToString())]
+        write_head(self, status, reason, fields, False, hold=True)
         if self.method != b"HEAD":
             self.bytes_sent = len(body)
-            request.channel.transport.write(body)
+            request.write(body)
         self.complete()
 
     def complete(self) -> None:
         request = self.request
         if not request.body_done:
             # The body never ended: the rest of it cannot be told from a next request.
-            request.channel.persistent = False
+            request.no_keep_alive()
             self.resume_client()
         self.finish()
-        if request.channel is not None:
+        if request.transport is not None:
             request.finish()
 
     def abort_client(self) -> None:
         self.finish()
-        if self.request.channel is not None:
-            self.request.channel.transport.abortConnection()
+        transport = self.request.transport
+        if transport is not None:
+            transport.abortConnection()
 
     def finish(self) -> None:
         if self.finished:
@@ -301,7 +301,7 @@ class Exchange:
             pending.cancel()
 
 
-def refusal(request: ProxyRequest, hosts: list[bytes] | None
+def refusal(request: ClientRequest, hosts: list[bytes] | None
             ) -> tuple[str | None, bytes | None]:
     """What makes the request one a reverse proxy must refuse (RFC 9112 3.2), if anything,
     and the host it is for.
@@ -317,19 +317,19 @@ def refusal(request: ProxyRequest, hosts: list[bytes] | None
     if hosts and len(hosts) > 1:
         return "a request carries one Host header only", host
     if host is None:
-        if request.clientproto == b"HTTP/1.1":
+        if request.version == b"HTTP/1.1":
             return "an HTTP/1.1 request must carry a Host header", host
     else:
         problem = host_problem(host)
         if problem is not None:
             return problem, host
-    target = request.uri
+    target = request.target
     if target[:1] != b"/":
         split = split_absolute_target(target)
         if isinstance(split, str):
             return split, host
         host, target = split
-        request.uri = target
+        request.target = target
         request.path = target.split(b"?", 1)[0]
         request.requestHeaders.setRawHeaders(b"host", [host])
     return None, host
@@ -433,7 +433,7 @@ class Proxy:
             addresses, ids = upstreams_tried(exchange.tried)
             self.access_log.log(
                 exchange.client, request.method.decode("latin-1"),
-                request.uri.decode("latin-1"), status, exchange.bytes_sent,
+                request.target.decode("latin-1"), status, exchange.bytes_sent,
                 round(seconds * 1000, 3), ids,
                 exchange.request_id.decode("latin-1"), exchange.rate_limit, addresses)
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from twisted.web.http import Request
+    from equalizer.proxy.client import ClientRequest as Request
 
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
@@ -106,7 +106,7 @@ def _is_trusted(address: str, trusted: tuple) -> bool:
 
 
 def expects_continue(request: Request) -> bool:
-    """Whether twisted.web answered this request's ``Expect: 100-continue`` itself (it does
-    for every HTTP/1.1 request that asks, as soon as the head is read)."""
+    """Whether the request asks for ``Expect: 100-continue`` (the proxy answers it itself,
+    for an HTTP/1.1 request, when the request is first in line)."""
     expect = request.requestHeaders.getRawHeaders(b"expect")
     return bool(expect) and expect[0].lower() == b"100-continue"

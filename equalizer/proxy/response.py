@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
-from twisted.web import http
+from twisted.web.http import NO_BODY_CODES
 
 from equalizer.proxy.headers import (
     HOP_BY_HOP,
     INFORMATIONAL_DROPPED,
     connection_tokens,
-    expects_continue,
 )
 
 if TYPE_CHECKING:
@@ -31,19 +30,19 @@ def error_body(code: str, message: str) -> bytes:
 
 
 def write_head(exchange: Exchange, status: int, reason: bytes,
-               headers: list[tuple[bytes, bytes]], chunked: bool, codings: bytes = b"") -> None:
-    """Send the response head to the client, as twisted.web's first ``write`` would.
+               headers: list[tuple[bytes, bytes]], chunked: bool, codings: bytes = b"", *,
+               hold: bool = False) -> None:
+    """Send the response head to the client, in one write.
 
-    Written here rather than through ``request.responseHeaders``: the backend's
-    fields were checked by the upstream parser (token names, no control
-    characters in values), so copying them into a ``Headers`` (canonicalising
-    and sanitising each) only to read them out again cost about a tenth of a
-    proxied request. What twisted.web decides on the first write is decided the
-    same way: ``Transfer-Encoding: chunked`` to an HTTP/1.1 client when the
-    length is unknown, and fields already set on the request (``Connection:
-    close``) go out too. Transfer codings other than chunked (``codings``) stay
-    in that field, ahead of chunked; a 204 never carries Content-Length (RFC
-    9110 8.6).
+    The backend's fields were checked by the upstream parser (token names, no
+    control characters in values), so they go out as they came, less the
+    hop-by-hop ones. ``Transfer-Encoding: chunked`` goes to an HTTP/1.1 client when
+    the length is unknown, and ``Connection: close`` when the connection closes after
+    this response. Transfer codings other than chunked (``codings``) stay in that
+    field, ahead of chunked; a 204 never carries Content-Length (RFC 9110 8.6). With
+    ``hold``, the head waits for the first body bytes or the end of the response, which
+    are due in the same turn of the reactor: one send instead of two (on loopback each
+    send also runs the receiver's side of TCP).
     """
     request = exchange.request
     proxy = exchange.proxy
@@ -75,20 +74,25 @@ def write_head(exchange: Exchange, status: int, reason: bytes,
     route = exchange.route
     if route is not None and route.rewrites_response:
         fields = route.rewrite_response(fields)
-    for name, values in request.responseHeaders.getAllRawHeaders():
-        fields.extend((name, value) for value in values)
-    version = request.clientproto
-    if (version == b"HTTP/1.1" and not length_known and request.method != b"HEAD"
-            and status not in http.NO_BODY_CODES):
-        fields.append((b"Transfer-Encoding", codings + b", chunked" if codings else b"chunked"))
-        request.chunked = 1
+    version = request.version
+    if version == b"HTTP/1.1":
+        if not request.persistent:
+            fields.append((b"Connection", b"close"))
+        if not length_known and request.method != b"HEAD" and status not in NO_BODY_CODES:
+            fields.append((b"Transfer-Encoding",
+                           codings + b", chunked" if codings else b"chunked"))
+            request.chunked = True
     lines = [b"%s %d %s" % (version, status, reason)]
     lines += [b"%s: %s" % field for field in fields]
     lines.append(own)  # ready lines, each ending in CRLF (or none)
-    request.startedWriting = 1
+    request.head_sent = True
     # One joined write: the transport checks every piece of a writeSequence in a
     # Python call (four per field, a tenth of a proxied request's CPU in all).
-    request.channel.transport.write(b"\r\n".join(lines) + b"\r\n")
+    head = b"\r\n".join(lines) + b"\r\n"
+    if hold:
+        request.held_head = head
+    else:
+        request.send(head)
 
 
 def relay_informational(exchange: Exchange, status: int, reason: bytes,
@@ -96,17 +100,17 @@ def relay_informational(exchange: Exchange, status: int, reason: bytes,
     """Relay a backend's 1xx (not 101) ahead of its final response.
 
     RFC 9110 15.2: a proxy MUST forward 1xx responses, but never to an HTTP/1.0
-    client. A 100 Continue is not repeated when twisted.web already sent its own
+    client. A 100 Continue is not repeated when the proxy already sent its own
     for the client's ``Expect: 100-continue``.
     """
     request = exchange.request
-    if exchange.finished or request.channel is None or request.clientproto != b"HTTP/1.1" \
-            or request.startedWriting:
+    if exchange.finished or request.transport is None or request.version != b"HTTP/1.1" \
+            or request.head_sent:
         return
-    if status == 100 and expects_continue(request):
+    if status == 100 and request.expects_continue:
         return
     lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
     lines += [b"%s: %s\r\n" % (name, value) for name, value in headers
               if name.lower() not in INFORMATIONAL_DROPPED]
     lines.append(b"\r\n")
-    request.channel.transport.write(b"".join(lines))
+    request.send(b"".join(lines))

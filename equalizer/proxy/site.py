@@ -1,12 +1,9 @@
-"""The adapter to twisted.web: the only module that knows its internals.
+"""The adapter to Twisted: the only module that may reach its private names.
 
-twisted.web's ``HTTPChannel`` parses the client side. Our ``ProxyRequest`` starts the
-exchange as soon as the request head is parsed (twisted.web would otherwise buffer
-the whole body before ``render``) and forwards each body chunk as it arrives. What
-the proxy needs of the channel's private state (the parsed request line, refusals of
-its parser, the bytes buffered when a connection is upgraded) is reached here and
-offered to the rest of the proxy by public methods: ``request_line``, ``refuse_head``,
-``hand_over``.
+The proxy listener's factory: each accepted connection is a ``FrontConnection``
+(``equalizer.proxy.front``), the proxy's own HTTP/1.1 server protocol. twisted.web
+serves the admin API only; its channel, refusing a malformed request head in JSON, is
+here (``HeadRefusingChannel``) because that takes twisted.web's private parser state.
 """
 
 from __future__ import annotations
@@ -15,17 +12,15 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IProtocolNegotiationFactory
+from twisted.internet.protocol import Factory
+from twisted.internet.tcp import Connection
 from twisted.web import http
 from zope.interface import implementer
 
-from equalizer.proxy.backpressure import CLIENT_BUFFER_BYTES
-from equalizer.proxy.exchange import Exchange
-from equalizer.proxy.headers import connection_tokens
-from equalizer.proxy.response import JSON_HEADERS, OWN_REASONS, error_body
+from equalizer.proxy.front import FrontConnection, refusal_response
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
-    from twisted.python.failure import Failure
 
     from equalizer.config.model import ProxyConfig
     from equalizer.proxy.exchange import Proxy
@@ -48,9 +43,7 @@ class HeadRefusingChannel(http.HTTPChannel):
     each with the JSON error body of SPEC 4.4, then the connection closes. Twisted's
     private parser state (``_receivedHeaderSize``, ``_receivedHeaderCount``,
     ``_handlingRequest``, ``_respondToBadRequestAndDisconnect``,
-    ``_command``/``_path``/``_version``,
-    ``_dataBuffer``) is used in this class only, behind ``request_line`` and
-    ``hand_over`` for the rest of the proxy.
+    ``_command``) is used in this class only.
     """
 
     def lineLengthExceeded(self, line: bytes) -> None:
@@ -91,21 +84,6 @@ class HeadRefusingChannel(http.HTTPChannel):
         once it is, and deletes it when the request has been read."""
         return "_command" not in self.__dict__
 
-    def request_line(self) -> tuple[bytes, bytes, bytes]:
-        """The method, target and version of the request whose head was just parsed
-        (twisted.web hands them to ``requestReceived`` only after the whole body)."""
-        return self._command, self._path, self._version
-
-    def hand_over(self, sink: Callable[[bytes], object]) -> bytes:
-        """Stop parsing HTTP: from now on every byte the client sends goes to ``sink`` (an
-        upgraded connection's other side), and no idle timeout applies. Returns what the
-        client had sent after the request, parsed no further; the channel forgets it."""
-        self.setTimeout(None)
-        self.dataReceived = sink
-        buffered = b"".join(self._dataBuffer)
-        self._dataBuffer = []
-        return buffered
-
     def refuse_head(self, status: int, code: str, message: str) -> None:
         """Answer ``status`` with the JSON error, then close: the rest of what the client
         sent cannot be told apart from a next request. Nothing is written when a response
@@ -114,75 +92,34 @@ class HeadRefusingChannel(http.HTTPChannel):
         if transport is None or transport.disconnecting:
             return
         if not any(request.startedWriting for request in self.requests):
-            body = error_body(code, message)
-            reason = OWN_REASONS.get(status) or http.RESPONSES[status]
-            fields = [*JSON_HEADERS, (b"Content-Length", b"%d" % len(body)),
-                      (b"Connection", b"close"), (b"Date", http.datetimeToString())]
-            transport.write(b"HTTP/1.1 %d %s\r\n%s\r\n%s" % (
-                status, reason, b"".join(b"%s: %s\r\n" % field for field in fields), body))
+            transport.write(refusal_response(status, code, message))
         self.persistent = False
         self.loseConnection()
 
 
-class ProxyChannel(HeadRefusingChannel):
-    """twisted.web's HTTP/1.1 channel, reading ``Connection`` as the comma list it is.
-
-    ``HTTPChannel.checkPersistence`` splits the header on spaces only, so
-    ``Connection: close, X-Foo`` would keep the connection open.
-    """
-
-    _peer = None
-    _local = None
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        self.transport.bufferSize = CLIENT_BUFFER_BYTES
-        self.site.proxy.stats.connections += 1
-
-    def connectionLost(self, reason: Failure) -> None:
-        """One client connection fewer (``equalizer_client_connections``)."""
-        self.site.proxy.stats.connections -= 1
-        super().connectionLost(reason)
-
-    def getPeer(self):
-        """The peer address, read once per connection (Request asks on every request)."""
-        if self._peer is None:
-            self._peer = self.transport.getPeer()
-        return self._peer
-
-    def getHost(self):
-        if self._local is None:
-            self._local = self.transport.getHost()
-        return self._local
-
-    def checkPersistence(self, request, version):
-        values = request.requestHeaders.getRawHeaders(b"connection") or ()
-        if version == b"HTTP/1.1" and b"close" in connection_tokens(values):
-            request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
-            return False
-        return super().checkPersistence(request, version)
-
-
 @implementer(IProtocolNegotiationFactory)
-class ProxySite(http.HTTPFactory):
-    """The listening side: twisted.web's HTTP/1.1 parser with our streaming request."""
+class ProxySite(Factory):
+    """The proxy listener's factory: one ``FrontConnection`` per client connection.
+
+    ``max_header_bytes`` and ``timeOut`` (the idle timeout, None for none) apply to
+    connections accepted after they change (a reload sets them).
+    """
 
     noisy = False
 
-    protocol = ProxyChannel
-
     def __init__(self, proxy: Proxy, config: ProxyConfig, reactor: IReactorTime) -> None:
-        super().__init__(timeout=config.timeouts.idle or None, reactor=reactor)
         self.proxy = proxy
+        self.clock = reactor
         self.max_header_bytes = config.max_header_bytes
+        self.timeOut = config.timeouts.idle or None
 
-    def buildProtocol(self, addr):
-        channel = super().buildProtocol(addr)
-        channel.requestFactory = ProxyRequest
-        channel.site = self
-        channel.totalHeadersSize = self.max_header_bytes
-        channel.MAX_LENGTH = self.max_header_bytes
-        return channel
+    def buildProtocol(self, addr) -> FrontConnection:
+        return FrontConnection(self)
+
+    @staticmethod
+    def writer(transport) -> Callable[[bytes], None]:
+        """How the connection writes to ``transport``: ``eager_writer``."""
+        return eager_writer(transport)
 
     def acceptableProtocols(self) -> list[bytes]:
         """What an ``ssl:`` listener offers over ALPN: HTTP/1.1 only.
@@ -192,60 +129,33 @@ class ProxySite(http.HTTPFactory):
         """
         return [b"http/1.1"]
 
-    def log(self, request) -> None:
-        """Access lines are the proxy's own (``Proxy.exchange_done``), with its fields."""
 
+def eager_writer(transport) -> Callable[[bytes], None]:
+    """A write that sends at once when nothing is queued, for a plain TCP connection.
 
-class ProxyRequest(http.Request):
-    """A request that reaches the proxy as soon as its head is parsed.
-
-    ``gotLength`` runs right after the headers; for a request with a body we
-    start the exchange there and feed it each chunk from ``handleContentChunk``.
-    A request without a body starts in ``requestReceived``, as usual.
+    Twisted's ``write`` only queues the bytes and asks the reactor to watch the socket for
+    writability, so every response costs an epoll round (two ``epoll_ctl`` calls and a
+    ``doWrite`` dispatch) before its first byte leaves; asyncio sends at once when it
+    can. With bytes already queued, while closing, or when the socket takes less than
+    all (or fails: Twisted sees the error on its own next try), the rest goes through
+    ``write`` as usual, so the order of bytes and back-pressure are Twisted's. Other
+    transports (TLS, the tests' in-memory ones) keep their ``write``.
     """
+    if not isinstance(transport, Connection):
+        return transport.write
+    write = transport.write
+    send = transport.socket.send
 
-    exchange: Exchange | None = None
-    answered = False  # its exchange is over: body bytes and a lost connection go nowhere
-    body_done = False
-    body_length: int | None = 0
-    parsing = False
+    def write_now(data: bytes) -> None:
+        if (transport._tempDataLen or len(transport.dataBuffer) > transport.offset
+                or transport.disconnecting or not transport.connected):
+            write(data)
+            return
+        try:
+            sent = send(data)
+        except OSError:
+            sent = 0
+        if sent < len(data):
+            write(data[sent:] if sent else data)
 
-    def gotLength(self, length: int | None) -> None:
-        self.body_length = length
-        if length != 0:
-            channel = self.channel
-            self.parsing = True
-            try:
-                self._begin(*channel.request_line())
-            finally:
-                self.parsing = False
-
-    def handleContentChunk(self, data: bytes) -> None:
-        exchange = self.exchange
-        if exchange is not None:
-            exchange.body_chunk(data)
-
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        self.body_done = True
-        exchange = self.exchange
-        if exchange is not None:
-            exchange.body_end()
-        elif not self.answered:
-            self._begin(command, path, version)
-
-    def _begin(self, command: bytes, path: bytes, version: bytes) -> None:
-        self.method = command
-        self.uri = path
-        self.path = path.split(b"?", 1)[0]
-        self.clientproto = version
-        proxy = self.channel.site.proxy
-        if proxy.stopping:
-            self.channel.persistent = False
-        self.exchange = Exchange(proxy, self)
-        self.exchange.start()
-
-    def connectionLost(self, reason: Failure) -> None:
-        super().connectionLost(reason)
-        exchange = self.exchange
-        if exchange is not None:
-            exchange.client_lost()
+    return write_now

@@ -29,8 +29,7 @@ class Tunnel:
         self.attempt = attempt
         exchange = attempt.exchange
         request = exchange.request
-        channel = request.channel
-        client = self.client = channel.transport
+        client = self.client = request.transport
         lines = [b"HTTP/1.1 101 %s\r\n" % reason]
         lines.extend(b"%s: %s\r\n" % (name, value) for name, value in headers)
         if not any(name.lower() == b"x-request-id" for name, _ in headers):
@@ -38,12 +37,11 @@ class Tunnel:
         lines.append(exchange.proxy.response_lines(exchange))
         lines.append(b"\r\n")
         client.writeSequence(lines)
-        request.startedWriting = True
+        request.head_sent = True
         backend_side = attempt.connection.transport
-        buffered = channel.hand_over(backend_side.write)
+        buffered = request.connection.hand_over(backend_side.write)
         if buffered:
             backend_side.write(buffered)
-        client.unregisterProducer()
         client.registerProducer(backend_side, True)
         backend_side.registerProducer(UploadThrottle(client), True)
         client.resumeProducing()

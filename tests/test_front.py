@@ -1,0 +1,122 @@
+"""The front protocol's own rules, without sockets: what llhttp lets through and the proxy
+refuses, pipelined requests in line, the idle timeout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.integration.harness import parse_response
+from tests.test_proxy import GET, OK, Setup
+
+
+def error_of(raw: bytes) -> tuple[int, str]:
+    response = parse_response(raw)
+    return response.status, json.loads(response.body)["error"]["message"]
+
+
+@pytest.mark.parametrize(("data", "words"), [
+    (b"GET /\r\n\r\n", "METHOD target HTTP/1.x"),
+    (b"GET / HTTP/2.0\r\nHost: h\r\n\r\n", "METHOD target HTTP/1.x"),
+    (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n"
+     b"\r\n0\r\n\r\n", "chunked"),
+    (b"GET / HTTP/1.1\nHost: h\r\n\r\n", "METHOD target HTTP/1.x"),
+    (b"GET / HTTP/1.1\r\nHost: h\r\nX-A: a\x00b\r\n\r\n", "X-A field holds a NUL"),
+    (b"GET / HTTP/1.1\r\nHost: h\r\nX-A: a\rb\r\n\r\n", "malformed"),
+], ids=["HTTP/0.9", "HTTP/2.0", "gzip then chunked", "bare LF", "NUL", "bare CR"])
+def test_what_llhttp_lets_through_or_refuses_is_a_json_400(data, words):
+    """HTTP/0.9, other versions and codings llhttp accepts are refused on top of it; its
+    own refusals are the same JSON 400; nothing goes upstream and the connection closes."""
+    setup = Setup()
+    client = setup.client(data)
+    status, message = error_of(client.value())
+    assert status == 400 and words in message
+    assert client.disconnecting and setup.upstreams.connects == []
+
+
+def test_folded_line_joins_its_field_and_other_control_characters_stay():
+    """As twisted.web read them: RFC 9112 5.2 lets a proxy replace obs-fold with a space,
+    RFC 9110 5.5 lets it keep control characters other than CR, LF and NUL."""
+    setup = Setup()
+    setup.client(b"GET / HTTP/1.1\r\nHost: h\r\nX-A: b\r\n folded\r\nX-B: a\x01\x7fb\r\n\r\n")
+    sent = setup.complete_connect().transport.value()
+    assert b"X-A: b folded\r\n" in sent and b"X-B: a\x01\x7fb\r\n" in sent
+
+
+def test_whitespace_after_a_value_is_not_part_of_it():
+    setup = Setup()
+    setup.client(b"GET / HTTP/1.1\r\nHost: front  \r\nX-A: b \t\r\n\r\n")
+    sent = setup.complete_connect().transport.value()
+    assert b"Host: front\r\n" in sent and b"X-A: b\r\n" in sent
+    assert b"X-Forwarded-Host: front\r\n" in sent
+
+
+def test_pipelined_requests_start_one_after_the_other_and_reading_pauses():
+    setup = Setup()
+    client = setup.client(GET + b"POST /y HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nhi")
+    assert len(setup.upstreams.connects) == 1 and client.producerState == "paused"
+    setup.complete_connect().dataReceived(OK)
+    second = setup.complete_connect()
+    assert second.transport.value().startswith(b"POST /y HTTP/1.1\r\n")
+    assert second.transport.value().endswith(b"\r\n\r\nhi")
+    second.dataReceived(OK)
+    assert client.value().count(b"HTTP/1.1 200 OK\r\n") == 2
+    assert client.producerState == "producing"
+
+
+def test_a_refusal_behind_a_pipelined_request_waits_for_its_response():
+    """The 400 of a malformed request goes out after the response to the request ahead of
+    it, never in the middle of it."""
+    setup = Setup()
+    client = setup.client(GET + b"GET / HTTP/1.1\r\nNo colon\r\n\r\n")
+    assert client.value() == b"" and not client.disconnecting
+    setup.complete_connect().dataReceived(OK)
+    first, refusal = client.value().split(b"okHTTP/1.1 ")
+    assert first.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert refusal.startswith(b"400 Bad Request\r\n") and b"head or body framing" in refusal
+    assert client.disconnecting
+
+
+def test_connection_close_of_a_pipelined_request_closes_after_its_own_response():
+    setup = Setup()
+    client = setup.client(GET + b"GET /z HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+    setup.complete_connect().dataReceived(OK)
+    assert not client.disconnecting
+    setup.complete_connect().dataReceived(OK)
+    assert client.disconnecting
+    assert client.value().count(b"Connection: close\r\n") == 1
+
+
+def test_idle_client_is_closed_but_not_while_its_request_is_answered():
+    setup = Setup()
+    setup.site.timeOut = 5
+    client = setup.client(GET)
+    setup.clock.advance(6)
+    assert not client.disconnecting  # the backend is still connecting
+    setup.complete_connect().dataReceived(OK)
+    setup.clock.advance(4)
+    assert not client.disconnecting
+    setup.clock.advance(2)
+    assert client.disconnecting
+
+
+def test_a_trickling_head_is_cut_by_the_idle_timeout():
+    setup = Setup()
+    setup.site.timeOut = 5
+    client = setup.client(b"GET / HTTP/1.1\r\n")
+    for _ in range(3):
+        setup.clock.advance(3)
+        client.channel.dataReceived(b"X: y\r\n")
+    assert not client.disconnecting
+    setup.clock.advance(5)
+    assert client.disconnecting
+
+
+def test_a_header_line_that_never_ends_is_431():
+    setup = Setup()
+    client = setup.client(b"GET / HTTP/1.1\r\nHost: h\r\nX-Big: ")
+    for _ in range(20):  # max_header_bytes is 16 KiB
+        client.channel.dataReceived(b"a" * 1000)
+    status, _ = error_of(client.value())
+    assert status == 431 and client.disconnecting
