@@ -159,3 +159,25 @@ def eager_writer(transport) -> Callable[[bytes], None]:
             write(data[sent:] if sent else data)
 
     return write_now
+
+
+def accept_in_turn(port) -> None:
+    """Make a listening ``port`` shared with other processes accept one connection per
+    reactor turn.
+
+    Twisted's ``Port.doRead`` accepts in a loop (``numberAccepts``, grown by 20 each time
+    the loop ran full), so the worker that wakes first on a burst of connections (wrk's
+    64, a browser's six, a client pool reconnecting) takes all of them and the other
+    workers none: measured with two workers, one core stayed half idle in two runs out
+    of five. One accept per turn leaves the rest to whichever worker turns next, and a
+    busy worker turns less often, so connections go to the less busy (nginx's
+    ``accept_mutex`` off, ``multi_accept`` off). ``numberAccepts`` is public; the
+    per-turn reset is a rebinding of ``doRead``, hence here.
+    """
+    read = port.doRead
+
+    def read_one() -> None:
+        port.numberAccepts = 1
+        read()
+
+    port.doRead = read_one

@@ -32,6 +32,7 @@ from equalizer.balancer.pool import DrainCancelled
 from equalizer.buckets.leasing import LeasingStore
 from equalizer.config.model import Config
 from equalizer.logs.formats import FORMATS, LineObserver, level_filter
+from equalizer.proxy.site import accept_in_turn
 from equalizer.service import EqualizerService, read_config
 from equalizer.workers import commands
 from equalizer.workers.aggregate import snapshot
@@ -129,6 +130,7 @@ class AdoptedListener(Service):
         kind = family.family
         family.detach()
         self.port = self.reactor.adoptStreamPort(self.fd, kind, self.factory)
+        accept_in_turn(self.port)
         os.close(self.fd)
         on_open()
 
