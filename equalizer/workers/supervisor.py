@@ -9,8 +9,9 @@ channel (AMP, :mod:`equalizer.workers.commands`).
 
 Over it the supervisor sends the backends as its pools have them, every named pool
 with ``default`` (every :data:`SYNC_INTERVAL` when they changed: admin changes, health
-results), drains, reloads (each carrying the pools' state after the supervisor's own
-reload, so that a worker applies a new route and its pool's backends at once) and asks
+results), drains, reloads (each carrying the configuration and the pools' state after
+the supervisor's own reload, so that a worker runs what the supervisor read, and
+applies a new route and its pool's backends at once) and asks
 for stats snapshots (every :data:`SNAPSHOT_INTERVAL`, summed
 into its own figures, :mod:`equalizer.workers.aggregate`); workers send token
 settlements (:mod:`equalizer.workers.leases`) and log lines.
