@@ -134,8 +134,8 @@ def makeService(options: Options, reactor=None) -> MultiService:
                                logging_service=logging_service,
                                stop_process=lambda status: stop_twistd(reactor, status))
     if config.proxy.workers > 1:  # SPEC 9: this process supervises, workers proxy
-        from equalizer.workers.supervisor import Supervisor, worker_options
-        Supervisor(service, worker_options(options)).attach()
+        from equalizer.workers.supervisor import Supervisor
+        Supervisor(service).attach()
     return service
 
 

@@ -18,7 +18,7 @@ from equalizer.config.loader import ConfigError, apply_overrides, parse_config
 from equalizer.config.model import BackendConfig, QueueConfig
 from equalizer.service import EqualizerService, read_config
 from equalizer.workers.aggregate import Aggregate, snapshot
-from equalizer.workers.commands import CHUNK, BigUnicode
+from equalizer.workers.commands import CHUNK, BigUnicode, decode_config
 from equalizer.workers.leases import settle_in_memory
 from equalizer.workers.supervisor import Supervisor, SupervisorChannel, pools_state
 from equalizer.workers.worker import WorkerChannel, WorkerService, worker_config
@@ -234,21 +234,26 @@ ROUTED = {**RUNNING, "pools": {"new": {"backends": [{"url": "http://127.0.0.1:90
 
 
 class Balancer:
-    """A supervisor's service and one worker's, joined by a control channel in memory,
-    both reading ``document`` (the file) on reload. Time never moves."""
+    """A supervisor's service, reading ``document`` (the file) on reload, and one worker's,
+    started as the supervisor starts it, joined by a control channel in memory. Time
+    never moves."""
 
     def __init__(self, document: dict) -> None:
         self.document = document
         self.clock = MemoryReactorClock()
         self.service = EqualizerService(self.read(), self.clock, reread=self.read,
                                         store=MemoryStore(self.clock))
-        supervisor = Supervisor(self.service, "{}")
-        self.service.on_reload.append(supervisor.reload)
+        self.supervisor = Supervisor(self.service)
+        self.service.on_reload.append(self.supervisor.reload)
+        self.start_worker()
+
+    def start_worker(self) -> None:
+        """A new worker, given what a spawned one reads on its stdin."""
         self.channel = WorkerChannel(MemoryReactorClock())
         self.worker = self.channel.service = WorkerService(
-            worker_config(self.read()), self.channel.reactor, self.channel,
-            lambda: worker_config(self.read()))
-        self.pipe = Pipe(SupervisorChannel(supervisor, supervisor.workers[0]), self.channel)
+            decode_config(self.supervisor.config_text()), self.channel.reactor, self.channel)
+        self.pipe = Pipe(SupervisorChannel(self.supervisor, self.supervisor.workers[0]),
+                         self.channel)
         self.pipe.flow()
 
     def read(self):
@@ -296,3 +301,27 @@ def test_a_reload_drops_a_pools_route_before_its_backends_drain() -> None:
     balancer.clock.advance(0)  # the next turn, when drains are sent
     balancer.pipe.flow()
     assert routes_when_draining == [None]
+
+
+def test_a_worker_reloads_to_what_the_supervisor_read_not_the_file_now() -> None:
+    """The file is edited again after the supervisor read it and before the worker takes
+    the reload: the worker applies the supervisor's configuration, routes included."""
+    balancer = Balancer(RUNNING)
+    balancer.document = ROUTED
+    assert balancer.service.reload()
+    balancer.document = RUNNING  # the operator's next edit, not yet SIGHUPed
+    balancer.pipe.flow()
+    route = balancer.worker_route(b"/new/x")
+    assert route is not None and route.unit.name == "new"
+
+
+def test_a_replaced_worker_starts_with_the_supervisors_configuration() -> None:
+    """A worker started after the file was edited but not reloaded runs what the
+    supervisor runs: no route of the edit, the pools and backends of the supervisor."""
+    balancer = Balancer(ROUTED)
+    balancer.document = RUNNING
+    balancer.start_worker()
+    route = balancer.worker_route(b"/new/x")
+    assert route is not None and route.unit.name == "new"
+    chosen = route.unit.pool.choose()
+    assert chosen is not None and chosen.url == "http://127.0.0.1:9002"

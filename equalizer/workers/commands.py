@@ -9,11 +9,14 @@ snapshots (:class:`Snapshot`). Worker to supervisor: token settlements
 
 from __future__ import annotations
 
+import base64
+import pickle
 from typing import Any
 
 from twisted.protocols import amp
 
 from equalizer.buckets.interface import StoreUnavailable
+from equalizer.config.model import Config
 
 CHUNK = 60_000
 """Bytes per AMP value of a BigUnicode (AMP allows 65,535)."""
@@ -38,6 +41,18 @@ class BigUnicode(amp.Argument):
         objects[str(name, "ascii")] = b"".join(parts).decode("utf-8")
 
 
+def encode_config(config: Config) -> str:
+    """The configuration as the supervisor runs it, for a worker (its stdin at start, then
+    :class:`Reload`): the parsed objects themselves, so that a worker never reads the file
+    and cannot disagree with the supervisor. Pickle: both ends are this program."""
+    return base64.b64encode(pickle.dumps(config)).decode("ascii")
+
+
+def decode_config(text: str) -> Config:
+    """What :func:`encode_config` made, sent by the supervisor (this worker's parent)."""
+    return pickle.loads(base64.b64decode(text))
+
+
 class SetBackends(amp.Command):
     """The supervisor's backends (JSON list, see ``supervisor.backend_state``)."""
 
@@ -53,12 +68,12 @@ class Drain(amp.Command):
 
 
 class Reload(amp.Command):
-    """Read the configuration file again (SIGHUP reached the supervisor), then take the
-    backends of every pool as the supervisor has them after its own reload (``state``, as
-    :class:`SetBackends`): one message, so a worker never routes to a pool it has not
-    been given the backends of yet."""
+    """Apply the configuration the supervisor reloaded (SIGHUP reached it; ``config``, see
+    :func:`encode_config`), then take the backends of every pool as the supervisor has them
+    after that reload (``state``, as :class:`SetBackends`): one message, so a worker never
+    routes to a pool it has not been given the backends of yet."""
 
-    arguments = [(b"state", BigUnicode())]
+    arguments = [(b"config", BigUnicode()), (b"state", BigUnicode())]
     response = [(b"ok", amp.Boolean())]
 
 

@@ -9,8 +9,9 @@ channel (AMP, :mod:`equalizer.workers.commands`).
 
 Over it the supervisor sends the backends as its pools have them, every named pool
 with ``default`` (every :data:`SYNC_INTERVAL` when they changed: admin changes, health
-results), drains, reloads (each carrying the pools' state after the supervisor's own
-reload, so that a worker applies a new route and its pool's backends at once) and asks
+results), drains, reloads (each carrying the configuration and the pools' state after
+the supervisor's own reload, so that a worker runs what the supervisor read, and
+applies a new route and its pool's backends at once) and asks
 for stats snapshots (every :data:`SNAPSHOT_INTERVAL`, summed
 into its own figures, :mod:`equalizer.workers.aggregate`); workers send token
 settlements (:mod:`equalizer.workers.leases`) and log lines.
@@ -66,18 +67,6 @@ MAX_BACKOFF = 30.0
 
 KILL_AFTER = 5.0
 """Seconds past ``proxy.timeouts.shutdown`` after which workers still running are killed."""
-
-OPTION_KEYS = ("config", "listen", "admin", "database-url", "backends", "demo")
-
-
-def worker_options(options: Mapping[str, Any]) -> str:
-    """The command-line options a worker reads its configuration with, as JSON (the
-    file's path made absolute: a daemon's workers may start elsewhere)."""
-    chosen = {key: options[key] for key in OPTION_KEYS}
-    if chosen["config"]:
-        chosen["config"] = os.path.abspath(chosen["config"])
-    return json.dumps(chosen)
-
 
 def worker_environment() -> dict[str, str]:
     """This process's environment, with this equalizer package first on the path."""
@@ -161,10 +150,9 @@ class Supervisor(Service):
 
     name = "workers"
 
-    def __init__(self, service: Any, options_json: str) -> None:
+    def __init__(self, service: Any) -> None:
         self.service = service
         self.reactor = service.reactor
-        self.options_json = options_json
         self.workers = [Worker(i) for i in range(service.config.proxy.workers)]
         self.aggregate = Aggregate()
         self.listen_fd: int | None = None
@@ -214,11 +202,12 @@ class Supervisor(Service):
         process = WorkerProcess(self, worker)
         worker.process = self.reactor.spawnProcess(
             process, sys.executable,
-            [sys.executable, "-m", "equalizer.workers.worker", self.options_json,
-             str(os.getpid())],
+            [sys.executable, "-m", "equalizer.workers.worker", str(os.getpid())],
             env=worker_environment(), childFDs={0: "w", 1: 1, 2: 2, 3: self.listen_fd,
                                             4: theirs.fileno()})
         theirs.close()
+        worker.process.write(self.config_text().encode("ascii"))
+        worker.process.closeStdin()
         worker.pid = worker.process.pid
         worker.started = self.reactor.seconds()
         factory = Factory.forProtocol(lambda: SupervisorChannel(self, worker))
@@ -270,6 +259,11 @@ class Supervisor(Service):
 
     # -- what goes to the workers ------------------------------------------------------
 
+    def config_text(self) -> str:
+        """The configuration this process runs (read, checked, overridden, restart-only
+        settings kept), for the workers: they never read the file themselves."""
+        return commands.encode_config(self.service.config)
+
     def channels(self) -> list[SupervisorChannel]:
         return [w.channel for w in self.workers if w.channel is not None]
 
@@ -306,12 +300,13 @@ class Supervisor(Service):
             raise DrainCancelled(backend_id)
 
     def reload(self) -> None:
-        """Each worker reloads with the state of the pools as this reload left them."""
+        """Each worker reloads to the configuration this process has just applied, with
+        the state of the pools as this reload left them."""
         self._reach_pools()
         self._sent_state = pools_state(self.service.pools())
-        state = json.dumps(self._sent_state)
+        state, config = json.dumps(self._sent_state), self.config_text()
         for channel in self.channels():
-            channel.callRemote(commands.Reload, state=state).addErrback(_lost)
+            channel.callRemote(commands.Reload, config=config, state=state).addErrback(_lost)
 
     # -- what comes back ---------------------------------------------------------------
 

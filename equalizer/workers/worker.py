@@ -1,5 +1,6 @@
-"""A worker process (SPEC 9): ``python -m equalizer.workers.worker OPTIONS SUPERVISOR_PID``,
-started by the supervisor with the listening socket as fd 3 and its end of the control
+"""A worker process (SPEC 9): ``python -m equalizer.workers.worker SUPERVISOR_PID``, started
+by the supervisor with the configuration it runs on stdin (``commands.encode_config``; a
+worker never reads the file), the listening socket as fd 3 and its end of the control
 channel as fd 4.
 
 It runs the data plane of an EqualizerService: the proxy on the inherited socket, a
@@ -33,7 +34,7 @@ from equalizer.buckets.leasing import LeasingStore
 from equalizer.config.model import Config
 from equalizer.logs.formats import FORMATS, LineObserver, level_filter
 from equalizer.proxy.site import accept_in_turn
-from equalizer.service import EqualizerService, read_config
+from equalizer.service import EqualizerService
 from equalizer.workers import commands
 from equalizer.workers.aggregate import snapshot
 from equalizer.workers.leases import RemoteStore
@@ -154,13 +155,18 @@ class WorkerService(EqualizerService):
     summary = False
     backends_from_file = False
 
-    def __init__(self, config: Config, reactor: Any, channel: WorkerChannel,
-                 reread: Any) -> None:
+    def __init__(self, config: Config, reactor: Any, channel: WorkerChannel) -> None:
         self.channel = channel
+        self.given = config
         self.first_backends: Deferred[None] = Deferred()
         self._supervisor_health: dict[str, bool] = {}
         store = LeasingStore(RemoteStore(channel.settle, self.first_backends), reactor)
-        super().__init__(config, reactor, reread=reread, store=store, probe=lambda d: None)
+        super().__init__(worker_config(config), reactor, reread=self._given, store=store,
+                         probe=lambda d: None)
+
+    def _given(self) -> Config:
+        """What a reload applies: the supervisor's configuration, never the file."""
+        return worker_config(self.given)
 
     def _listen(self, key: str, description: str, factory: Any) -> Any:
         listener: Service = (AdoptedListener(self.reactor, LISTEN_FD, factory)
@@ -174,9 +180,10 @@ class WorkerService(EqualizerService):
     def _proxy_listening(self) -> None:
         log.info("worker {pid} serving", pid=os.getpid())
 
-    def reload_with(self, state: dict[str, list[list[Any]]]) -> bool:
-        """Reload, then take the supervisor's backends, in one turn of the reactor: no
-        request sees a new route whose pool has no backends yet."""
+    def reload_with(self, config: Config, state: dict[str, list[list[Any]]]) -> bool:
+        """Apply the supervisor's new configuration, then take its backends, in one turn
+        of the reactor: no request sees a new route whose pool has no backends yet."""
+        self.given = config
         reloaded = self.reload()
         self.set_backends(state)
         return reloaded
@@ -285,8 +292,9 @@ class WorkerChannel(amp.AMP):
         return self.service.drain_backend(backend_id)
 
     @commands.Reload.responder
-    def reload(self, state: str) -> dict[str, bool]:
-        return {"ok": self.service.reload_with(json.loads(state))}
+    def reload(self, config: str, state: str) -> dict[str, bool]:
+        return {"ok": self.service.reload_with(commands.decode_config(config),
+                                               json.loads(state))}
 
     @commands.Snapshot.responder
     def snapshot(self) -> dict[str, str]:
@@ -330,20 +338,15 @@ def die_with_parent(parent: int) -> None:
 
 
 def main(argv: list[str]) -> None:
-    options, parent = json.loads(argv[1]), int(argv[2])
-    die_with_parent(parent)
+    die_with_parent(int(argv[1]))
+    config = commands.decode_config(sys.stdin.read())  # until the supervisor closes it
     from twisted.internet import reactor
     from twisted.internet.protocol import Factory
 
     channel = WorkerChannel(reactor)
-
-    def reread() -> Config:
-        return worker_config(read_config(options, os.environ))
-
-    config = reread()
     logging = ForwardingLog(config.logging, LineBatcher(reactor, channel))
     globalLogBeginner.beginLoggingTo([logging.observer()], redirectStandardIO=False)
-    service = WorkerService(config, reactor, channel, reread)
+    service = WorkerService(config, reactor, channel)
     channel.service = service
     reactor.adoptStreamConnection(CONTROL_FD, socket.AF_UNIX,
                                   Factory.forProtocol(lambda: channel))

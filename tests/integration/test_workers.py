@@ -339,6 +339,32 @@ async def test_a_killed_worker_is_replaced_and_the_others_keep_serving(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_replaced_worker_runs_the_supervisors_configuration_not_the_file(
+        twistd_process, backends, http):
+    """The file is edited (another backend, a route to a new pool) but not reloaded, then
+    a worker dies: its replacement serves what the supervisor runs, not the edit."""
+    web, edited = backends("web"), backends("edited")
+    document = workers_config([web])
+    balancer = await twistd_process(document, http)
+    workers = await until_both_served(balancer, http)
+    write(balancer.config_path, {
+        **workers_config([edited]),
+        "pools": {"new": {"backends": [{"url": edited.url}]}},
+        "routes": [{"match": {"path_prefix": "/new/"}, "pool": "new"}]})
+    os.kill(workers[0]["pid"], signal.SIGKILL)
+
+    async def replaced() -> bool:
+        now = await workers_of(balancer, http)
+        return now[0]["pid"] not in (None, workers[0]["pid"]) and now
+
+    await wait_until(replaced, 10, interval=0.02, message="the worker's replacement")
+    bodies: list[bytes] = []
+    await until_both_served(balancer, http, "/new/x", bodies)
+    assert set(bodies) == {b"web"} and not edited.requests
+    assert "Traceback" not in balancer.output()
+
+
+@pytest_twisted.ensureDeferred
 async def test_sigterm_drains_every_worker_then_exits(twistd_process, backends, http):
     slow = backends("slow", slow_path_handler([]))
     balancer = await twistd_process(workers_config(
