@@ -147,11 +147,7 @@ class ClientRequest:
             if not data:
                 return  # an empty chunk would end the body
             data = b"%x\r\n%s\r\n" % (len(data), data)
-        head = self.held_head
-        if head is not None:
-            self.held_head = None
-            data = head + data
-        self.send(data)
+        self.send(self._after_held_head(data))
 
     def register_producer(self, producer) -> None:
         """The backend connection, paused while the client's socket is full."""
@@ -163,11 +159,15 @@ class ClientRequest:
 
     def finish(self) -> None:
         """The response is complete: the next request on the connection may begin."""
-        end = b"0\r\n\r\n" if self.chunked else b""
-        head = self.held_head
-        if head is not None:
-            self.held_head = None
-            end = head + end
+        end = self._after_held_head(b"0\r\n\r\n" if self.chunked else b"")
         if end:
             self.send(end)
         self.connection.request_done(self)
+
+    def _after_held_head(self, data: bytes) -> bytes:
+        """``data``, behind the response head if ``write_head`` held it back."""
+        head = self.held_head
+        if head is None:
+            return data
+        self.held_head = None
+        return head + data

@@ -93,7 +93,7 @@ class UpstreamConnection(TwistedProtocol):
 
     def connectionMade(self) -> None:
         self._socket = _socket_of(self.transport)  # once: peer_closed runs on every reuse
-        self.write = writer_of(self.pool)(self.transport)
+        self.write = self.pool.writer(self.transport)
 
     # -- sending ---------------------------------------------------------------
 
@@ -318,11 +318,6 @@ class UpstreamConnection(TwistedProtocol):
 def transport_write(transport: Any) -> Callable[[bytes], None]:
     """A transport's own write."""
     return transport.write
-
-
-def writer_of(pool: UpstreamPool | None) -> Callable[[Any], Callable[[bytes], None]]:
-    """How connections of ``pool`` write (a connection without a pool: as the transport)."""
-    return pool.writer if pool is not None else transport_write
 
 
 def _socket_of(transport: object) -> socket.socket | None:

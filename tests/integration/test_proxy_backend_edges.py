@@ -22,6 +22,7 @@ from twisted.web import server
 
 from equalizer.balancer.pool import Backend
 from equalizer.proxy.upstream import UpstreamConnection
+from equalizer.testing import FakeUpstreams
 from tests.integration.harness import (
     ScriptedBackend,
     ScriptedConnection,
@@ -207,7 +208,7 @@ def test_peer_closed_sees_a_real_fin():
     ours, theirs = socket.socketpair()
     try:
         ours.setblocking(False)
-        connection = UpstreamConnection(None, Backend.from_url("b1", "http://h:1"))
+        connection = UpstreamConnection(FakeUpstreams(), Backend.from_url("b1", "http://h:1"))
         connection.makeConnection(SocketTransport(ours))
         assert connection.peer_closed() is False
         theirs.close()
