@@ -63,19 +63,9 @@ def _record(key: str, bucket: Bucket, created: float) -> BucketRecord:
 
 
 def _as_of_now(key: str, entry: tuple[Bucket, float], now: float) -> BucketRecord:
-    policy, client_id = split_key(key)
+    """The record with the tokens refilled up to ``now``, ``updated`` as stored."""
     bucket, created = entry
-    stored = bucket.updated
-    current = refill(bucket, now)
-    return BucketRecord(
-        client_id,
-        current.capacity,
-        current.tokens,
-        current.refill_rate,
-        _moment(created),
-        _moment(stored),
-        policy,
-    )
+    return _record(key, refill(bucket, now)._replace(updated=bucket.updated), created)
 
 
 @implementer(IBucketStore)
