@@ -90,11 +90,6 @@ class Scenario:
     workers: int = 1  # equalizer's proxy.workers
     cpus: str = PROXY_CPU  # where the proxy runs (its workers share these cores)
 
-    @property
-    def ratio_base(self) -> str:
-        """The scenario whose stock proxy median this one is compared with."""
-        return self.baseline or self.name
-
 
 SCENARIOS = (
     Scenario("1k-c32", "/1k", 32),
@@ -103,8 +98,12 @@ SCENARIOS = (
     Scenario("100k-c32", "/100k", 32),
     Scenario("1k-c32-limit-memory", "/1k", 32, ("equalizer",), "memory", 1, baseline="1k-c32"),
     Scenario("1k-c32-limit-pg-1key", "/1k", 32, ("equalizer",), "postgres", 1, baseline="1k-c32"),
+    # The requests of the 10,000-key run with the limiter off: that run's base, so its ratio
+    # is the limiter's cost, not that of one more header and of wrk's script.
+    Scenario("1k-c32-keys-10k", "/1k", 32, ("equalizer",), keys=10_000, baseline="1k-c32"),
     Scenario(
-        "1k-c32-limit-pg-10k", "/1k", 32, ("equalizer",), "postgres", 10_000, baseline="1k-c32"
+        "1k-c32-limit-pg-10k", "/1k", 32, ("equalizer",), "postgres", 10_000,
+        baseline="1k-c32-keys-10k",
     ),
     *(Scenario(f"1k-c32-routes-{n}", "/1k", 32, ("equalizer",), baseline="1k-c32", routes=n)
       for n in (1, 10, 200)),
@@ -599,6 +598,28 @@ def count_buckets(server: Server) -> int | None:
         conn.close()
 
 
+LEASE_COUNTERS = ("waits", "settlements", "settled_keys")
+"""The postgres limiter's lease counters of /metrics (``equalizer_lease_<name>_total``)."""
+
+
+def lease_counters(server: Server) -> dict[str, float]:
+    """The lease counters equalizer's /metrics shows now (empty if it cannot tell)."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.admin_port, timeout=10)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode("utf-8", "replace")
+    except (OSError, http.client.HTTPException):
+        return {}
+    finally:
+        conn.close()
+    found = {}
+    for name in LEASE_COUNTERS:
+        match = re.search(rf"^equalizer_lease_{name}_total (\S+)$", text, re.MULTILINE)
+        if match:
+            found[name] = float(match[1])
+    return found
+
+
 def wait_ready(
     proc: subprocess.Popen,
     port: int,
@@ -801,6 +822,7 @@ def run_case(ctx: Context, scenario: Scenario, proxy: str, rep: int) -> dict:
         sampler = RssSampler(proc.pid)
         sampler.start()
         cpu_before = cpu_times()
+        leases_before = lease_counters(server) if scenario.limiter == "postgres" else {}
         try:
             result = run_wrk(ctx, port, scenario, ctx.duration)
         finally:
@@ -808,6 +830,10 @@ def run_case(ctx: Context, scenario: Scenario, proxy: str, rep: int) -> dict:
         record["cpu_busy"] = busy_shares(cpu_before, cpu_times())
         if proc.poll() is not None:
             raise BenchError(f"exited with status {proc.returncode} during the run")
+        if leases_before:  # what the measured run cost the limiter's leases
+            after = lease_counters(server)
+            record["leases"] = {name: after[name] - leases_before[name]
+                                for name in leases_before if name in after}
         if scenario.limiter:
             record["buckets"] = count_buckets(server)
         record.update(result, ok=True)
@@ -833,15 +859,21 @@ def plan(scenarios: list[Scenario], proxies: list[str], reps: int) -> list[tuple
         s.baseline: [f for f in scenarios if f.baseline == s.baseline] for s in scenarios
         if s.baseline in names
     }  # fmt: skip
+
+    def with_followers(scenario: Scenario, proxy: str) -> list[tuple[Scenario, str]]:
+        runs = [(scenario, proxy)]
+        if proxy in ("equalizer", EARLIER_EQUALIZER):
+            for follower in followers.get(scenario.name, []):
+                runs += with_followers(follower, proxy)
+        return runs
+
     order: list[tuple[Scenario, str]] = []
     for scenario in scenarios:
         if scenario.baseline in names:
             continue  # placed after its baseline's equalizer run
         for proxy in proxies:
             if runs_in(scenario, proxy):
-                order.append((scenario, proxy))
-                if proxy in ("equalizer", EARLIER_EQUALIZER):
-                    order.extend((f, proxy) for f in followers.get(scenario.name, []))
+                order += with_followers(scenario, proxy)
     return [(rep, scenario, proxy) for rep in range(1, reps + 1) for scenario, proxy in order]
 
 
@@ -856,6 +888,8 @@ def run_all(ctx: Context, runs: list[tuple], records: list[dict]) -> None:
                 f"{record['rps']:.0f} req/s  p50 {fmt_ms(record['p50_ms'])}  "
                 f"p99 {fmt_ms(record['p99_ms'])}  errors {record['errors']}"
                 + (f"  buckets {record['buckets']}" if "buckets" in record else "")
+                + "".join(f"  {name} {value:.0f}"
+                          for name, value in record.get("leases", {}).items())
                 + (
                     f"  ({record['answers_before_limiter']} early answers skipped the limiter)"
                     if "answers_before_limiter" in record
@@ -881,6 +915,15 @@ def median_of(records: list[dict], key: str) -> float | None:
 
 def summarize(records: list[dict], scenarios: list[Scenario], proxies: list[str]) -> list[dict]:
     """One row per (scenario, proxy): medians over reps, errors summed, ratio to stock."""
+    by_name = {s.name: s for s in SCENARIOS}
+
+    def ratio_base(scenario: Scenario) -> str:
+        """The scenario whose stock proxy median this one is compared with: the first of
+        its chain of baselines (a limiter run's base may have a base of its own)."""
+        while scenario.baseline is not None:
+            scenario = by_name[scenario.baseline]
+        return scenario.name
+
     rows = []
     for scenario in scenarios:
         for proxy in proxies:
@@ -888,9 +931,10 @@ def summarize(records: list[dict], scenarios: list[Scenario], proxies: list[str]
             if not mine:
                 continue
             ok = [r for r in mine if r["ok"]]
+            base = ratio_base(scenario)
             stock = [
                 r for r in records
-                if r["ok"] and r["scenario"] == scenario.ratio_base and r["proxy"] == BASELINE_PROXY
+                if r["ok"] and r["scenario"] == base and r["proxy"] == BASELINE_PROXY
             ]  # fmt: skip
             rps, stock_rps = median_of(ok, "rps"), median_of(stock, "rps")
             rss = median_of(ok, "peak_rss_kib")
