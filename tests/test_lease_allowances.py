@@ -7,7 +7,13 @@ import pytest
 from twisted.internet.defer import Deferred
 
 from equalizer.buckets.interface import StoreUnavailable
-from equalizer.buckets.leases.allowances import PREFETCH_FROM, Allowances, Key
+from equalizer.buckets.leases.allowances import (
+    PREFETCH_FROM,
+    PREFETCH_LAST_FROM,
+    PREFETCH_LEFT,
+    Allowances,
+    Key,
+)
 from equalizer.buckets.maths import decide
 from equalizer.config.model import BucketPolicy
 from tests.helpers import result_of
@@ -60,17 +66,22 @@ def test_drop_forgets_what_is_held_and_moves_the_epoch(allowances):
     assert allowances.leased("unknown") == 0
 
 
-def test_lease_sets_the_allowance_and_gives_the_previous_one_back(allowances):
+def test_lease_sets_the_allowance_and_keeps_the_previous_one_to_give_back(allowances):
+    """What is left of the replaced allowance waits for the key's next settlement (its
+    row gives it back), not for a statement row of its own."""
     key = held(allowances, "a", 3)
     info = decide(True, 1000, 500.5, 2.0)
     allowances.lease("a", key, PREFETCH_FROM, NOW, info, 500.5, 2.0, NOW + 0.1)
-    assert allowances.returns == {"a": 3}
+    assert allowances.returns == {} and key.back == 3
+    assert allowances.leased("a") == 3 + PREFETCH_FROM
     assert (key.allowance, key.low) == (PREFETCH_FROM, PREFETCH_FROM // 2)
     assert (key.expires, key.dies) == (NOW + 5.0, NOW + 10.0)
     assert (key.limit, key.base, key.reset, key.window) == (1000, 500, info.reset, info.window)
     assert key.cached is None and key.until == 0.0
     allowances.lease("a", key, PREFETCH_FROM - 1, NOW, info, 500.5, 2.0, NOW)
-    assert key.low == -1  # a small allowance is used up before the next lease
+    assert key.low == PREFETCH_LEFT  # a smaller one asks with a few tokens left
+    allowances.lease("a", key, PREFETCH_LAST_FROM - 1, NOW, info, 500.5, 2.0, NOW)
+    assert key.low == -1  # a tiny one is used up before the next lease
 
 
 def test_lease_of_an_empty_bucket_remembers_the_refusal_until_a_token_is_due(allowances):
@@ -130,3 +141,17 @@ def test_at_cap_refuses_with_the_default_and_logs_once(allowances):
     with pytest.raises(StoreUnavailable):
         result_of(allowances.at_cap(None))
     assert allowances.over_cap == 2 and allowances.cap_logged
+
+
+def test_tokens_kept_to_give_back_go_back_with_the_allowance_or_are_dropped(allowances):
+    """``give_back`` sends them with the allowance; an admin change (``drop``) forgets both."""
+    key = held(allowances, "a", 2)
+    key.back = 3
+    allowances.give_back("a", key)
+    assert allowances.returns == {"a": 5} and (key.allowance, key.back) == (0, 0)
+    key.back = 4
+    allowances.drop("a")
+    assert allowances.returns == {} and key.back == 0
+    key.back = 1
+    allowances.give_all_back()
+    assert allowances.returns == {"a": 1} and allowances.keys == {}

@@ -45,16 +45,19 @@ def waiting(allowances: Allowances, made: Settlements, client_id: str,
 
 
 def test_statement_rows_carry_demand_lease_and_tokens_given_back():
-    """One row per waiting key (its default only when requests wait), then tokens given
-    back up to the batch's room; the keys are marked settling and their use is reset."""
+    """One row per waiting key or lease asked for ahead of need (with the key's default,
+    so the database creates a swept row again), then tokens given back up to the batch's
+    room; the keys are marked settling and their use is reset."""
     waited, prefetched = Key(), Key()
     waited.waiters = [Deferred(), Deferred()]
     waited.default = BucketPolicy(100, 2.0)
     waited.used = 5
     prefetched.default = BucketPolicy(100, 2.0)
+    prefetched.back = 2  # left of its replaced allowance: rides along
     returns = {"a": 1, "x": 3, "y": 4}
     rows, batch = statement([("a", waited), ("b", prefetched)], returns, 64, 2, 3)
-    assert rows[:2] == [("a", 2, 14, 1, 100, 2.0), ("b", 0, 2, 0, None, None)]
+    assert rows[:2] == [("a", 2, 14, 1, 100, 2.0), ("b", 0, 2, 2, 100, 2.0)]
+    assert prefetched.back == 0
     assert len(rows) == 3 and rows[2][3] in (3, 4) and len(returns) == 1
     assert waited.settling and waited.used == 0 and waited.waiters == []
     assert [(client_id, len(w), epoch) for client_id, _, w, epoch, _ in batch] == [

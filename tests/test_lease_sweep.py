@@ -49,6 +49,22 @@ def test_expired_allowances_go_back_and_idle_keys_are_forgotten(parts, clock):
     sweep.stop()  # twice is harmless
 
 
+def test_tokens_kept_for_a_live_key_ride_along_until_it_goes_idle(parts, clock):
+    """Tokens of a replaced allowance wait for the key's next settlement while its new
+    allowance lives; once it expires (or there is none) the sweep sends them."""
+    allowances, sweep, db = parts
+    now = clock.seconds()
+    live = held(allowances, "live", 2, now + 0.7)
+    live.back = 1
+    held(allowances, "spent", 0, now + 0.7).back = 4
+    sweep.start()
+    clock.advance(0.5)
+    assert db.settlements == [{"spent": (0, 0, 4, None)}] and live.back == 1
+    clock.advance(0.5)
+    assert db.settlements[-1] == {"live": (0, 0, 3, None)} and live.back == 0
+    sweep.stop()
+
+
 def test_one_sweep_at_a_time_and_none_after_stop(parts, clock):
     allowances, sweep, _ = parts
     for i in range(SWEEP_CHUNK + 1):

@@ -19,7 +19,11 @@ from equalizer.buckets.interface import (
     StoreUnavailable,
     take_key,
 )
-from equalizer.buckets.leases.allowances import PREFETCH_FROM
+from equalizer.buckets.leases.allowances import (
+    PREFETCH_FROM,
+    PREFETCH_LAST_FROM,
+    PREFETCH_LEFT,
+)
 from equalizer.buckets.leases.answers import MAX_ATTEMPTS
 from equalizer.buckets.leases.sweep import SWEEP_CHUNK as LEASE_SWEEP_CHUNK
 from equalizer.buckets.leasing import LeasingStore
@@ -410,31 +414,29 @@ def test_stop_waits_for_the_settlement_in_flight(store, db, clock):
 
 
 def test_busy_key_gets_its_next_lease_before_running_out(store, db, clock):
-    """Once half of a large enough allowance (PREFETCH_FROM) is used the next lease is asked
-    for, so no request of a busy key waits; what was left of the old lease goes back."""
-    assert PREFETCH_FROM == 16
+    """A tiny allowance (below PREFETCH_LAST_FROM) is used up and the next request waits; a
+    larger one asks for the next lease with PREFETCH_LEFT tokens left, one of PREFETCH_FROM
+    or more once half is used, so no further request of a busy key waits. What was left of
+    the old lease goes back in the key's next row; a lease ahead carries the default."""
+    assert (PREFETCH_LAST_FROM, PREFETCH_LEFT, PREFETCH_FROM) == (4, 2, 16)
     policy = BucketPolicy(100_000, 0)
-    seen(store, clock, "hot", policy)  # granted 1 + 2
+    seen(store, clock, "hot", policy)  # granted 1 + 2: tiny, used up
     for _ in range(2):
         assert store.take("hot", policy).called
-    for granted in (6, 14, 30):  # small allowances are used up, then one request waits
-        d = store.take("hot", policy)
-        settle(clock)
-        assert result_of(d).allowed
-        assert db.settlements[-1]["hot"][:2] == (1, granted)
-        for _ in range(granted if granted < PREFETCH_FROM else granted // 2):
-            assert store.take("hot", policy).called
-    assert store.statements == 4
-    settle(clock)  # 30 -> 15: half used, the next lease is asked for
-    assert store.statements == 5
-    assert db.settlements[-1]["hot"] == (0, 30, 0, None)  # nobody waiting, lease only
-    for _ in range(30):
-        assert store.take("hot", policy).called  # from the new lease, no waiting
+    d = store.take("hot", policy)
     settle(clock)
-    assert store.statements == 6
-    assert db.settlements[-1]["hot"] == (0, 60, 15, None)  # the old lease's 15 went back too
-    admitted = 1 + 2 + 1 + 6 + 1 + 14 + 1 + 15 + 30
-    assert db.tokens("hot") + store._keys["hot"].allowance == 100_000 - admitted
+    assert result_of(d).allowed and db.settlements[-1]["hot"] == (1, 6, 0, 100_000)
+    waits = store.waits
+    # (tokens used until the next lease is asked for, its row: want, lease, given back)
+    for used, row in ((4, (0, 8, 0)), (6, (0, 12, 2)), (10, (0, 20, 2)), (10, (0, 20, 2))):
+        for _ in range(used):
+            assert store.take("hot", policy).called
+        assert "hot" in store._settlements.pending
+        settle(clock)
+        assert db.settlements[-1]["hot"] == (*row, 100_000)
+    assert store.waits == waits and store.statements == 6
+    admitted = 1 + 2 + 1 + 4 + 6 + 10 + 10
+    assert db.tokens("hot") + store._allowances.leased("hot") == 100_000 - admitted
 
 
 def test_second_statement_in_flight_leaves_out_keys_already_settling(db, clock):

@@ -32,16 +32,16 @@ if TYPE_CHECKING:
 
 def settle_in_memory(store: MemoryStore, batch: list[Settlement],
                      now: float) -> list[tuple[Any, ...]]:
-    """``equalizer_settle`` (schema 0005) on a MemoryStore's buckets: per key, refill,
+    """``equalizer_settle`` (schema 0006) on a MemoryStore's buckets: per key, refill,
     take back what is given back, grant ``min(floor(T), waiting + min(extra,
     max(1, C // 10)))``; a key without a bucket is made from its default (full) when
-    requests wait for it, or else answers no row (not limited)."""
+    requests wait for it or a lease is asked for, or else answers no row (not limited)."""
     rows: list[tuple[Any, ...]] = []
     buckets = store.buckets
     for client_id, waiting, extra, back, default_capacity, default_rate in batch:
         entry = buckets.get(client_id)
         if entry is None:
-            if waiting == 0 or default_capacity is None:
+            if default_capacity is None or not (waiting or extra):
                 continue
             bucket = Bucket(default_capacity, float(default_capacity), default_rate, now)
             created = updated = now

@@ -147,3 +147,18 @@ async def test_the_store_sweeps_by_itself_every_interval(store, postgres_dsn):
     await insert_full_default_rows(postgres_dsn, 5)
     await wait_until(lambda: store.swept == 5, 10, interval=0.05, message="the periodic sweep")
     assert await ids(postgres_dsn) == set()
+
+
+@pytest_twisted.ensureDeferred
+async def test_lease_ahead_of_need_recreates_a_swept_row(store, postgres_dsn):
+    """Migration 0006: a settlement row asking for a lease with nobody waiting creates the
+    key's swept default row (full, less the grant), as a waiting request does; a row that
+    only gives tokens back creates nothing."""
+    settle = "SELECT * FROM equalizer_settle(%s::json)"
+    await within(store.take("busy", POLICY))
+    await age(postgres_dsn, 5)
+    assert await within(store.sweep()) == 1
+    rows = await within(store.query(settle, (json.dumps(
+        [["busy", 0, 4, 0, 10, 1.0], ["gone", 0, 0, 3, 10, 1.0]]),)))
+    assert [(row[0], row[1], row[2]) for row in rows] == [("busy", 1, 9.0)]  # C // 10 caps it
+    assert await ids(postgres_dsn) == {"busy"}

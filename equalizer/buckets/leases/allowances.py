@@ -28,6 +28,17 @@ log = Logger()
 PREFETCH_FROM = 16
 """An allowance of at least this many tokens asks for the next lease once half is used."""
 
+PREFETCH_LAST_FROM = 4
+"""A smaller allowance of at least this many tokens asks for the next lease when
+:data:`PREFETCH_LEFT` tokens are left: only a key that used the rest within ``max_age``
+gets that far."""
+
+PREFETCH_LEFT = 2
+"""Tokens left of a small allowance when its key asks for the next lease: two visits of
+the key for the statement to land in, so a backlog of statements (many keys seen first
+at the same moment) seldom makes a request wait. What is left then costs no statement
+row: it goes back with the key's next settlement."""
+
 Answers = list[tuple[Deferred[Any], Any]]
 """Requests to answer, each with its answer, once a settlement is taken in."""
 
@@ -38,6 +49,7 @@ class Key:
     __slots__ = (
         "allowance", "expires", "dies", "low", "limit", "base", "reset", "window",
         "cached", "until", "waiters", "default", "used", "epoch", "settling", "attempts",
+        "back",
     )
 
     def __init__(self) -> None:
@@ -57,6 +69,14 @@ class Key:
         self.epoch = 0  # bumped by admin changes: older settlements leave no allowance
         self.settling = False  # in a statement in flight
         self.attempts = 0
+        self.back = 0  # tokens of a replaced allowance: back with the key's next settlement
+
+
+def prefetch_mark(allowance: int) -> int:
+    """The allowance left at which a key asks for its next lease (-1: never)."""
+    if allowance >= PREFETCH_FROM:
+        return allowance // 2
+    return PREFETCH_LEFT if allowance >= PREFETCH_LAST_FROM else -1
 
 
 class Allowances:
@@ -82,14 +102,15 @@ class Allowances:
         self.cap_logged = False
 
     def give_back(self, client_id: str, key: Key) -> None:
-        """The key's allowance is no longer used: it goes back with the next settlement."""
-        self.returns[client_id] = self.returns.get(client_id, 0) + key.allowance
-        key.allowance = 0
+        """The key's allowance is no longer used: it goes back with the next settlement,
+        and so do the tokens that were waiting for the key's own (``Key.back``)."""
+        self.returns[client_id] = self.returns.get(client_id, 0) + key.allowance + key.back
+        key.allowance = key.back = 0
 
     def give_all_back(self) -> None:
         """Every allowance goes back, and every key is forgotten (the store stops)."""
         for client_id, key in self.keys.items():
-            if key.allowance:
+            if key.allowance or key.back:
                 self.give_back(client_id, key)
         self.keys.clear()
 
@@ -101,7 +122,7 @@ class Allowances:
         key = self.keys.get(client_id)
         if key is not None:
             key.epoch += 1
-            key.allowance = 0
+            key.allowance = key.back = 0
             key.until = 0.0
             key.cached = None
 
@@ -109,17 +130,20 @@ class Allowances:
         """Tokens this instance took out of the key's row and did not use: its allowance,
         live or expired, and tokens waiting to go back."""
         key = self.keys.get(client_id)
-        return self.returns.get(client_id, 0) + (key.allowance if key is not None else 0)
+        held = key.allowance + key.back if key is not None else 0
+        return self.returns.get(client_id, 0) + held
 
     def lease(self, client_id: str, key: Key, allowance: int, sent: float,
               decision: Decision, tokens: float, rate: float, now: float) -> None:
         """A settlement sent at ``sent`` left ``allowance`` tokens and ``tokens`` in the row;
         ``decision`` is the row's, as an admitted request's. What is left of the previous
-        allowance goes back; an empty bucket's refusal is remembered until a token is due."""
-        if key.allowance:
-            self.give_back(client_id, key)
+        allowance goes back with the key's next settlement, which a key busy enough to
+        have asked for this lease ahead will soon have: no statement row of its own (the
+        sweep sends it if the key goes idle first). An empty bucket's refusal is
+        remembered until a token is due."""
+        key.back += key.allowance
         key.allowance = allowance
-        key.low = allowance // 2 if allowance >= PREFETCH_FROM else -1
+        key.low = prefetch_mark(allowance)
         key.dies = sent + self.max_age
         key.expires = min(sent + self.ttl, key.dies)
         key.limit, key.base = decision.limit, decision.remaining

@@ -285,9 +285,10 @@ def statement(items: list[tuple[str, Key]], returns: dict[str, int], max_lease: 
         waiters, key.waiters = key.waiters, []
         want = len(waiters)
         default = key.default
-        back = returns.pop(client_id, 0) if returns else 0
+        back = (returns.pop(client_id, 0) if returns else 0) + key.back
+        key.back = 0
         extra = min(max_lease, max(min_lease, 2 * (want + key.used)))
-        if default is None or not want:
+        if default is None:  # a lease ahead of need carries it too: its row may be swept
             rows.append((client_id, want, extra, back, None, None))
         else:
             rows.append((client_id, want, extra, back, default.capacity, default.refill_rate))

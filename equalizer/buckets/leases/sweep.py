@@ -84,9 +84,9 @@ class Sweep:
             key = keys.get(client_id)
             if key is None:
                 continue
-            if key.allowance:
-                if now < key.expires:
-                    continue
+            if key.allowance and now < key.expires:
+                continue
+            if key.allowance or key.back:  # nothing live to ride along with: back now
                 allowances.give_back(client_id, key)
             if (
                 not key.waiters
