@@ -34,10 +34,12 @@ class MaintenanceResult:
     deleted: tuple[str, ...] = ()
 
 
-GZIP_LEVEL = 6
-"""gzip's and logrotate's default: about half the CPU of level 9 on access logs, a few
-percent bigger files. The compressing thread shares the process's core with the
-reactor (and its GIL), so it is worth keeping short."""
+GZIP_LEVEL = 1
+"""The fastest level. The compressing thread shares the process's core with the reactor
+(and its GIL): under load a 10 MiB access log rotates every few seconds, and at gzip's
+and logrotate's default (6) its compression took 5% of the proxy's profile. Measured on
+13 MB of access lines: 62 ms at level 1, 114 ms at level 6, for files 18% of the
+original instead of 16%."""
 
 
 def gzip_file(path: str) -> str:
