@@ -23,6 +23,7 @@ from equalizer.buckets.leases.allowances import (
     PREFETCH_FROM,
     PREFETCH_LAST_FROM,
     PREFETCH_LEFT,
+    RENEW_AFTER,
 )
 from equalizer.buckets.leases.answers import MAX_ATTEMPTS
 from equalizer.buckets.leases.sweep import SWEEP_CHUNK as LEASE_SWEEP_CHUNK
@@ -478,8 +479,9 @@ def test_settlements_start_at_most_once_per_linger(db, clock):
 
 
 def test_an_allowance_in_use_lives_on_until_max_age(db, clock):
-    """An allowance used at least once per ttl stays usable, up to max_age after its lease;
-    one left unused for ttl goes back."""
+    """An allowance used at least once per ttl stays usable, up to max_age after its lease
+    (even when the lease its key asked for half way through has not landed); one left
+    unused for ttl goes back."""
     store = LeasingStore(db, clock, ttl=1.0, max_age=2.5, min_lease=2, max_lease=3, linger=0)
     result_of(store.start())
     policy = BucketPolicy(1000, 0)
@@ -493,6 +495,7 @@ def test_an_allowance_in_use_lives_on_until_max_age(db, clock):
     assert db.settlements[-1] == {"idle": (0, 0, 2, None)}  # given back by the sweep
     assert store.statements == statements + 1
     seen(store, clock, "busy", policy)  # allowance used up: leases 3 more (max_lease)
+    db.hold = True  # the lease asked for half way through max_age does not land
     local = 0
     while True:  # one request every 0.9 s: the allowance of 3 outlives max_age, 2.5 s
         clock.advance(0.9)
@@ -501,10 +504,30 @@ def test_an_allowance_in_use_lives_on_until_max_age(db, clock):
             break
         local += 1
     assert local == 2
+    assert len(db.held) == 1 and db.settlements[-1]["busy"][:2] == (0, 3)  # asked at 1.8 s
+    db.answer()
+    assert result_of(d).allowed  # from the lease asked ahead
     settle(clock)
-    assert result_of(d).allowed
-    assert db.settlements[-1]["busy"][:2] == (1, 3)
-    assert sum(s["busy"][2] for s in db.settlements[-2:] if "busy" in s) == 1  # left, back
+    assert db.settlements[-1]["busy"][2] == 1  # what was left of the dead allowance, back
+
+
+def test_a_key_in_use_half_way_through_max_age_asks_for_its_next_lease(db, clock):
+    """A key that comes back about once a second never reaches the tokens-left marks of a
+    small allowance before it dies: it asks for the next lease once RENEW_AFTER of max_age
+    has passed, so none of its requests waits, and asks once per lease."""
+    assert RENEW_AFTER == 0.5
+    store = LeasingStore(db, clock, ttl=1.0, max_age=2.5, min_lease=2, max_lease=3, linger=0)
+    result_of(store.start())
+    policy = BucketPolicy(1000, 0)
+    seen(store, clock, "steady", policy)
+    waits, statements = store.waits, store.statements
+    for _ in range(20):
+        clock.advance(0.9)
+        assert store.take("steady", policy).called
+        settle(clock)
+    assert store.waits == waits
+    assert store.statements - statements == 10  # one lease every other request: 1.8 s
+    assert db.tokens("steady") + store._allowances.leased("steady") == 1000 - 21
 
 
 def test_remembered_decisions_last_at_most_remember(db, clock):

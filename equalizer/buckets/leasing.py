@@ -51,20 +51,23 @@ the first sight with 8, and 4-8% less CPU per request).
 A busy key asks for its next lease when half of an allowance of at least
 :data:`~equalizer.buckets.leases.allowances.PREFETCH_FROM` tokens is used, so its
 requests do not wait; what is left of the old allowance goes back in the row of the
-key's next settlement (or with the sweep, once the key has no live allowance), not in
-a row of its own: at 10,000 keys in turn that halved the rows settled. A smaller
-allowance of at least :data:`~equalizer.buckets.leases.allowances.PREFETCH_LAST_FROM`
-asks with :data:`~equalizer.buckets.leases.allowances.PREFETCH_LEFT` tokens left: only a
-key that used the rest within ``max_age`` gets there,
-and its next lease is about twice as large, so a busy key's leases grow to where half
-of one is worth asking ahead for. (Asking at half of a small allowance kept it small,
-the demand since the last settlement being half of it: measured with 10,000 keys in
-turn, about one row per request from 4 tokens.) Smaller allowances still are used up,
-and the next request waits. A lease asked for ahead of need carries the key's
-default, so a row the wrapped store swept meanwhile (full again: a client using less
-than its refill) is created again (migration 0006) rather than leasing nothing: with
-10,000 keys in turn and a bucket that refills within the sweep's interval, every
-prefetch used to find its row gone, and every key waited once per lease.
+key's next settlement (or with the sweep, once the key has no live allowance), not in a
+row of its own: at 10,000 keys in turn that halved the rows settled. A smaller allowance
+of at least :data:`~equalizer.buckets.leases.allowances.PREFETCH_LAST_FROM` asks with
+:data:`~equalizer.buckets.leases.allowances.PREFETCH_LEFT` tokens left: only a key that
+used the rest within ``max_age`` gets there, and its next lease is about twice as large,
+so a busy key's leases grow to where half of one is worth asking ahead for. (Asking at
+half of a small allowance kept it small, the demand since the last settlement being half
+of it: measured with 10,000 keys in turn, about one row per request from 4 tokens.) A
+key still using its allowance once
+:data:`~equalizer.buckets.leases.allowances.RENEW_AFTER` of ``max_age`` has passed asks
+too, whatever is left: one that comes back about once a second would otherwise see its
+allowance die just before reaching either mark. Smaller allowances of a key that comes
+back less often are used up, and the next request waits. A lease asked for ahead of need
+carries the key's default, so a row the wrapped store swept meanwhile (full again: a
+client using less than its refill) is created again (migration 0006) rather than leasing
+nothing: with 10,000 keys in turn and a bucket that refills within the sweep's interval,
+every prefetch used to find its row gone, and every key waited once per lease.
 
 An allowance not used for ``ttl`` seconds (:data:`LEASE_TTL`, 5 s) is no longer
 used, nor any allowance ``max_age`` seconds (:data:`LEASE_MAX_AGE`, 10 s) after the
@@ -365,7 +368,8 @@ class LeasingStore:
                     key.used += 1
                     expires = now + self._ttl
                     key.expires = expires if expires < key.dies else key.dies
-                    if key.allowance == key.low:
+                    if key.allowance == key.low or now >= key.renew:
+                        key.renew = key.dies  # once per lease
                         self._settlements.prefetch(client_id, key)
                     return make_tuple(Decision, (
                         True, key.limit, key.base + key.allowance, 0, key.reset, key.window))
