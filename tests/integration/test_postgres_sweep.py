@@ -17,7 +17,7 @@ from txpostgres.txpostgres import Connection
 
 from equalizer.buckets.postgres import store as stores_module
 from equalizer.buckets.postgres.sql import SWEEP_LOCK
-from equalizer.buckets.postgres.store import SWEEP_BATCH, PostgresStore
+from equalizer.buckets.postgres.store import SWEEP_BATCH, SWEEP_IDLE, PostgresStore
 from equalizer.config.model import BucketPolicy, RateLimitConfig
 from tests.integration.harness import wait_until
 from tests.integration.test_postgres_store import within
@@ -28,8 +28,9 @@ POLICY = BucketPolicy(10, 1.0)
 
 @pytest_twisted.async_yield_fixture()
 async def store(postgres_dsn: str) -> AsyncIterator[PostgresStore]:
-    """A started store over an empty buckets table."""
-    started = PostgresStore(postgres_dsn, reactor)
+    """A started store over an empty buckets table, sweeping full rows however recently
+    they changed (the wait for rows of active clients has a test of its own)."""
+    started = PostgresStore(postgres_dsn, reactor, sweep_idle=0)
     await within(started.start())
     await sql(postgres_dsn, "TRUNCATE buckets")
     yield started
@@ -71,6 +72,28 @@ async def test_sweep_deletes_full_default_rows_and_nothing_else(store, postgres_
     assert await within(store.sweep()) == 2
     assert await ids(postgres_dsn) == {"spent", "api", "changed", "legacy"}
     assert (store.swept, store.bucket_count) == (2, 4)
+
+
+@pytest_twisted.ensureDeferred
+async def test_full_rows_are_swept_only_once_unchanged_for_sweep_idle(postgres_dsn):
+    """A full default row changed within SWEEP_IDLE seconds (its client still active: a
+    lease settled on it) stays, so it is updated rather than deleted and made again; it
+    goes once unchanged that long."""
+    assert SWEEP_IDLE == 10.0
+    store = PostgresStore(postgres_dsn, reactor)
+    await within(store.start())
+    try:
+        await sql(postgres_dsn, "TRUNCATE buckets")
+        await insert_full_default_rows(postgres_dsn, 2)
+        await age(postgres_dsn, 9.5, "k000001")
+        await age(postgres_dsn, 10.5, "k000002")
+        assert await within(store.sweep()) == 1
+        assert await ids(postgres_dsn) == {"k000001"}
+        await age(postgres_dsn, 1)
+        assert await within(store.sweep()) == 1
+        assert await ids(postgres_dsn) == set()
+    finally:
+        await within(store.stop())
 
 
 @pytest_twisted.ensureDeferred

@@ -105,25 +105,27 @@ DELETE = _DURABLY + "DELETE FROM buckets WHERE client_id = %s AND policy = %s RE
 
 SWEEP_LOCK = MIGRATION_LOCK + 1  # held by a sweep statement, so instances take turns
 
-# Full as of now, on the database clock, for the row "b".
-_FULL = _REFILLED.format(now="clock_timestamp()") + " >= b.capacity"
+# Full as of now, on the database clock, and unchanged for %(idle)s seconds, for the
+# row "b": the row of a client still active is updated, not deleted and made again.
+_SWEEPABLE = (_REFILLED.format(now="clock_timestamp()") + " >= b.capacity"
+              " AND b.updated_at <= clock_timestamp() - %(idle)s * interval '1 second'")
 
 # One sweep batch: look at the next SWEEP_BATCH default rows after %(after)s in
-# client id order (the partial index), lock the full ones that nobody holds
+# client id order (the partial index), lock the sweepable ones that nobody holds
 # (SKIP LOCKED: a take or settlement in progress wins; FOR UPDATE checks fullness
 # again on the row's latest version) and delete them. Answers whether this
 # instance got the sweep lock, the rows looked at, the last client id looked at
 # and the rows deleted.
 SWEEP = (
     "WITH sweeper AS (SELECT pg_try_advisory_xact_lock(%(lock)s) AS got),"
-    f" examined AS (SELECT b.policy, b.client_id, {_FULL} AS is_full"
+    f" examined AS (SELECT b.policy, b.client_id, {_SWEEPABLE} AS is_full"
     " FROM buckets AS b, sweeper WHERE sweeper.got AND b.from_default"
     " AND (b.policy, b.client_id) > (%(after_policy)s, %(after)s)"
     " ORDER BY b.policy, b.client_id LIMIT %(batch)s),"
     " doomed AS (SELECT b.policy, b.client_id FROM buckets AS b"
     " WHERE (b.policy, b.client_id) IN"
     " (SELECT e.policy, e.client_id FROM examined AS e WHERE e.is_full)"
-    f" AND b.from_default AND {_FULL} FOR UPDATE SKIP LOCKED),"
+    f" AND b.from_default AND {_SWEEPABLE} FOR UPDATE SKIP LOCKED),"
     " gone AS (DELETE FROM buckets AS b USING doomed AS d"
     " WHERE b.policy = d.policy AND b.client_id = d.client_id RETURNING 1)"
     " SELECT (SELECT got FROM sweeper), (SELECT count(*) FROM examined),"
