@@ -22,7 +22,8 @@ One statement per token.
 
 Full default rows are swept.
     A row made from the default policy (``from_default``, migration 0004) that
-    has refilled to its capacity holds no information and is deleted by a sweep
+    has refilled to its capacity holds no information; once also unchanged for
+    :data:`SWEEP_IDLE` seconds (its client no longer active) it is deleted by a sweep
     every :func:`~equalizer.buckets.interface.sweep_interval` seconds
     (:meth:`PostgresStore.sweep`): batches of :data:`SWEEP_BATCH` rows in client
     id order over a partial index, each its own statement and transaction,
@@ -73,6 +74,14 @@ SWEEP_BATCH = 1000
 SWEEP_MAX_BATCHES = 100
 """Sweep statements per run at most; the next run goes on from where this one stopped."""
 
+SWEEP_IDLE = 10.0
+"""Seconds a full default row must have been unchanged to be swept. The leasing store
+settles an active key's row at least every ``max_age`` (10 s), and with a bucket that
+refills within a second the row is full again at each settlement: swept as soon as full,
+it was deleted and inserted again at every lease (measured with 10,000 keys in turn:
+10,000 dead rows a second, autovacuum behind, statements slower from one run to the
+next)."""
+
 
 @implementer(IBucketStore)
 class PostgresStore:
@@ -107,8 +116,10 @@ class PostgresStore:
         prepare: bool = True,
         min_backoff: float = 0.5,
         max_backoff: float = 2.0,
+        sweep_idle: float = SWEEP_IDLE,
     ) -> None:
         self._reactor = reactor
+        self._sweep_idle = sweep_idle
         if prepare:
             setup = f"{sql.SESSION_SETUP}; {sql.PREPARE}"
             self._take_or_create = ("EXECUTE equalizer_take_or_create"
@@ -203,7 +214,8 @@ class PostgresStore:
         Deferred.fromCoroutine(self.sweep()).addErrback(failed).addBoth(again)
 
     async def sweep(self) -> int:
-        """Delete full default rows: one run of the periodic sweep; how many went.
+        """Delete full default rows unchanged for ``sweep_idle`` seconds: one run of the
+        periodic sweep; how many went.
 
         At most SWEEP_MAX_BATCHES statements of SWEEP_BATCH rows each, one at a
         time, each its own short transaction; a run goes on from where the last
@@ -214,7 +226,7 @@ class PostgresStore:
         for _ in range(SWEEP_MAX_BATCHES):
             after_policy, after = self._sweep_after
             params = {"lock": sql.SWEEP_LOCK, "after_policy": after_policy, "after": after,
-                      "batch": SWEEP_BATCH}
+                      "batch": SWEEP_BATCH, "idle": self._sweep_idle}
             got, examined, last, deleted = (await self._query(sql.SWEEP, params))[0]
             if not got:
                 break
