@@ -931,11 +931,12 @@ def median_of(records: list[dict], key: str) -> float | None:
 
 
 def summarize(records: list[dict], scenarios: list[Scenario], proxies: list[str]) -> list[dict]:
-    """One row per (scenario, proxy): medians over reps, errors summed, ratio to stock."""
+    """One row per (scenario, proxy): medians over reps, errors summed, ratios to stock
+    and to the base, each the median of the reps' paired ratios."""
     by_name = {s.name: s for s in SCENARIOS}
 
     def ratio_base(scenario: Scenario) -> str:
-        """The scenario whose stock proxy median this one is compared with: the first of
+        """The scenario whose stock proxy runs this one is compared with: the first of
         its chain of baselines (a limiter run's base may have a base of its own)."""
         while scenario.baseline is not None:
             scenario = by_name[scenario.baseline]
@@ -953,7 +954,10 @@ def summarize(records: list[dict], scenarios: list[Scenario], proxies: list[str]
                 r for r in records
                 if r["ok"] and r["scenario"] == base and r["proxy"] == BASELINE_PROXY
             ]  # fmt: skip
-            rps, stock_rps = median_of(ok, "rps"), median_of(stock, "rps")
+            rps = median_of(ok, "rps")
+            stock_by_rep = {r["rep"]: r["rps"] for r in stock}
+            against_stock = [r["rps"] / stock_by_rep[r["rep"]] for r in ok
+                             if stock_by_rep.get(r["rep"])]  # fmt: skip
             rss = median_of(ok, "peak_rss_kib")
             baseline = {
                 r["rep"]: r["rps"] for r in records
@@ -974,7 +978,7 @@ def summarize(records: list[dict], scenarios: list[Scenario], proxies: list[str]
                     "p99_ms": median_of(ok, "p99_ms"),
                     "errors": sum(r["errors"] for r in ok),
                     "peak_rss_mib": None if rss is None else rss / 1024,
-                    "vs_stock": rps / stock_rps if rps and stock_rps else None,
+                    "vs_stock": statistics.median(against_stock) if against_stock else None,
                     "vs_base": statistics.median(paired) if paired else None,
                     "cpu_busy": busy,
                     "failure": next((r["error"] for r in mine if not r["ok"]), None),
