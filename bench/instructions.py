@@ -37,7 +37,7 @@ from pathlib import Path
 from run import (
     CLIENT_HEADER,
     REPO_DIR,
-    SCENARIOS,
+    SCENARIOS_BY_NAME,
     BenchError,
     Context,
     OwnCluster,
@@ -121,7 +121,7 @@ def main() -> int:
                              "run's equalizer configuration (e.g. to turn features on); "
                              "the baseline gets it too")
     args = parser.parse_args()
-    by_name = {s.name: s for s in SCENARIOS}
+    by_name = SCENARIOS_BY_NAME
     chosen = [by_name[name] for name in args.scenarios.split(",")]
     ensure_apt_packages({"valgrind": "valgrind", "callgrind_control": "valgrind",
                          "nginx": "nginx", "taskset": "util-linux"})  # fmt: skip

@@ -31,7 +31,7 @@ from run import (
     BENCH_DIR,
     CLIENT_CPU,
     REPO_DIR,
-    SCENARIOS,
+    SCENARIOS_BY_NAME,
     WARMUP_SECONDS,
     BenchError,
     Context,
@@ -133,7 +133,7 @@ def main() -> int:
     parser.add_argument("--rate", type=int, default=250, help="samples per second")
     parser.add_argument("--top", type=int, default=25, help="rows per table")
     args = parser.parse_args()
-    by_name = {s.name: s for s in SCENARIOS}
+    by_name = SCENARIOS_BY_NAME
     unknown = [name for name in args.scenarios.split(",") if name not in by_name]
     if unknown:
         raise SystemExit(f"profile: unknown scenario {', '.join(unknown)}")

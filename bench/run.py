@@ -113,6 +113,8 @@ SCENARIOS = (
     Scenario("1k-c64-workers-2", "/1k", 64, ("equalizer",), workers=2, cpus="0,1",
              baseline="1k-c64-workers-1"),
 )
+
+SCENARIOS_BY_NAME = {s.name: s for s in SCENARIOS}
 QUICK_SCENARIOS = ("1k-c32",)
 
 KEYS_SCRIPT = """\
@@ -584,18 +586,28 @@ def runs_in(scenario: Scenario, proxy: str) -> bool:
     return proxy in scenario.proxies
 
 
-def count_buckets(server: Server) -> int | None:
-    """How many buckets equalizer's admin API lists (None if it cannot tell)."""
+def admin_get(server: Server, path: str) -> tuple[int, bytes] | None:
+    """Status and body of a GET of ``path`` on equalizer's admin API (None if unreachable)."""
     conn = http.client.HTTPConnection("127.0.0.1", server.admin_port, timeout=10)
     try:
-        conn.request("GET", "/buckets?limit=1")
+        conn.request("GET", path)
         response = conn.getresponse()
-        body = response.read()
-        return json.loads(body)["total"] if response.status == 200 else None
-    except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError):
+        return response.status, response.read()
+    except (OSError, http.client.HTTPException):
         return None
     finally:
         conn.close()
+
+
+def count_buckets(server: Server) -> int | None:
+    """How many buckets equalizer's admin API lists (None if it cannot tell)."""
+    answer = admin_get(server, "/buckets?limit=1")
+    if answer is None or answer[0] != 200:
+        return None
+    try:
+        return json.loads(answer[1])["total"]
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 LEASE_COUNTERS = ("waits", "settlements", "settled_keys")
@@ -604,14 +616,10 @@ LEASE_COUNTERS = ("waits", "settlements", "settled_keys")
 
 def lease_counters(server: Server) -> dict[str, float]:
     """The lease counters equalizer's /metrics shows now (empty if it cannot tell)."""
-    conn = http.client.HTTPConnection("127.0.0.1", server.admin_port, timeout=10)
-    try:
-        conn.request("GET", "/metrics")
-        text = conn.getresponse().read().decode("utf-8", "replace")
-    except (OSError, http.client.HTTPException):
+    answer = admin_get(server, "/metrics")
+    if answer is None:
         return {}
-    finally:
-        conn.close()
+    text = answer[1].decode("utf-8", "replace")
     found = {}
     for name in LEASE_COUNTERS:
         match = re.search(rf"^equalizer_lease_{name}_total (\S+)$", text, re.MULTILINE)
@@ -933,13 +941,11 @@ def median_of(records: list[dict], key: str) -> float | None:
 def summarize(records: list[dict], scenarios: list[Scenario], proxies: list[str]) -> list[dict]:
     """One row per (scenario, proxy): medians over reps, errors summed, ratios to stock
     and to the base, each the median of the reps' paired ratios."""
-    by_name = {s.name: s for s in SCENARIOS}
-
     def ratio_base(scenario: Scenario) -> str:
         """The scenario whose stock proxy runs this one is compared with: the first of
         its chain of baselines (a limiter run's base may have a base of its own)."""
         while scenario.baseline is not None:
-            scenario = by_name[scenario.baseline]
+            scenario = SCENARIOS_BY_NAME[scenario.baseline]
         return scenario.name
 
     rows = []
@@ -1073,7 +1079,7 @@ def main(argv: list[str] | None = None) -> int:
     proxies = choose(args.only, list(PROXIES), list(PROXIES), "proxy")
     if args.baseline and "equalizer" in proxies:
         proxies.insert(proxies.index("equalizer") + 1, EARLIER_EQUALIZER)
-    by_name = {s.name: s for s in SCENARIOS}
+    by_name = SCENARIOS_BY_NAME
     default_scenarios = list(QUICK_SCENARIOS) if args.quick else list(by_name)
     names = choose(args.scenarios, list(by_name), default_scenarios, "scenario")
     scenarios = [by_name[n] for n in names if any(runs_in(by_name[n], p) for p in proxies)]
