@@ -30,10 +30,10 @@ from equalizer.proxy.retry import (
 from equalizer.proxy.tunnel import Tunnel
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IDelayedCall
     from twisted.python.failure import Failure
 
     from equalizer.balancer.pool import Backend
+    from equalizer.proxy.deadlines import Deadline
     from equalizer.proxy.exchange import Exchange
     from equalizer.proxy.upstream import UpstreamConnection
 
@@ -67,7 +67,7 @@ class Attempt:
         self.pending = None
         self.body_sent = False
         self.throttle: UploadThrottle | None = None
-        self.timer: IDelayedCall | None = None
+        self.timer: Deadline | None = None
         self.progress = 0
         self.resend_chunks: list[bytes] | None = None
         self.resend_bytes = 0
@@ -271,16 +271,13 @@ class Attempt:
     def _arm(self, seconds: float) -> None:
         if not seconds:
             return
-        if self.timer is not None and self.timer.active():
-            self.timer.reset(seconds)
-        else:
-            self.timer = self.exchange.proxy.clock.callLater(seconds, self._timed_out,
-                                                             self.progress)
+        self._disarm()
+        self.timer = self.exchange.proxy.deadlines.arm(seconds, self._timed_out, self.progress)
 
     def _disarm(self) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
+        if self.timer is not None:
+            self.timer.call_off()
+            self.timer = None
 
     def _timed_out(self, progress_when_armed: int) -> None:
         self.timer = None
