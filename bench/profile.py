@@ -92,8 +92,8 @@ def tallies(folded: Path) -> tuple[int, collections.Counter, collections.Counter
     total = 0
     for line in folded.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
-        if not stack:
-            continue
+        if not stack or not count_text.isdigit():
+            continue  # a sample py-spy read torn (--nonblocking): a frame name holds a newline
         samples = int(count_text)
         total += samples
         frames = [_function_of(frame) for frame in stack.split(";")]
