@@ -105,6 +105,11 @@ SCENARIOS = (
         "1k-c32-limit-pg-10k", "/1k", 32, ("equalizer",), "postgres", 10_000,
         baseline="1k-c32-keys-10k",
     ),
+    # The same 10,000 keys on the memory store: what the keys cost apart from the database.
+    Scenario(
+        "1k-c32-limit-memory-10k", "/1k", 32, ("equalizer",), "memory", 10_000,
+        baseline="1k-c32-keys-10k",
+    ),
     *(Scenario(f"1k-c32-routes-{n}", "/1k", 32, ("equalizer",), baseline="1k-c32", routes=n)
       for n in (1, 10, 200)),
     # Workers (SPEC 9): the proxy may use both cores (wrk and the backend still share CPU 1),
