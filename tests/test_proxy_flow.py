@@ -278,6 +278,25 @@ def test_204_never_carries_content_length():
     assert b"Content-Length" not in client.value()
 
 
+def test_a_route_removing_every_field_leaves_a_well_formed_head():
+    setup = Setup()
+    client = setup.client(GET)
+    backend = setup.complete_connect()
+    backend.handler.exchange.route = RemovesEverything()
+    backend.dataReceived(b"HTTP/1.1 204 No Content\r\nX-Request-ID: theirs\r\n\r\n")
+    assert client.value() == b"HTTP/1.1 204 No Content\r\n\r\n"
+    assert setup.upstreams.released == [backend]
+
+
+class RemovesEverything:
+    """A route whose response rewrite removes every field (X-Request-ID included)."""
+
+    rewrites_response = True
+
+    def rewrite_response(self, fields):
+        return []
+
+
 def test_admission_fields_replace_the_backends_own():
     setup = Setup()
     setup.proxy.configure(setup.config, OwnFields())

@@ -82,13 +82,14 @@ def write_head(exchange: Exchange, status: int, reason: bytes,
             fields.append((b"Transfer-Encoding",
                            codings + b", chunked" if codings else b"chunked"))
             request.chunked = True
-    lines = [b"%s %d %s" % (version, status, reason)]
-    lines += [b"%s: %s" % field for field in fields]
-    lines.append(own)  # ready lines, each ending in CRLF (or none)
     request.head_sent = True
     # One joined write: the transport checks every piece of a writeSequence in a
-    # Python call (four per field, a tenth of a proxied request's CPU in all).
-    head = b"\r\n".join(lines) + b"\r\n"
+    # Python call (four per field, a tenth of a proxied request's CPU in all). The
+    # fields are joined in C (``map``), with no loop of ours; ``own`` is ready lines,
+    # each ending in CRLF (or none). A route may have removed every field.
+    head = b"%s %d %s\r\n%s%s%s\r\n" % (
+        version, status, reason, b"\r\n".join(map(b": ".join, fields)),
+        b"\r\n" if fields else b"", own)
     if hold:
         request.held_head = head
     else:
