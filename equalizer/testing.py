@@ -8,6 +8,7 @@ Nothing here opens a socket or reads a clock: a test hands in a
 from __future__ import annotations
 
 import json
+import select
 from collections.abc import Iterable
 from typing import Any
 
@@ -201,6 +202,7 @@ class FakeUpstreams:
     idle: dict = field(factory=dict)
     connects: list[tuple[Backend, Deferred]] = field(factory=list)
     released: list[UpstreamConnection] = field(factory=list)
+    poller: select.poll = field(factory=select.poll)
     writer = staticmethod(transport_write)
 
     def get_idle(self, backend: Backend) -> UpstreamConnection | None:

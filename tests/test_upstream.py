@@ -8,6 +8,7 @@ what the connection reports: 1xx heads, the final head, body pieces, the end.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 
 import pytest
@@ -193,18 +194,16 @@ def test_gzip_chunked_body_is_dechunked_with_its_coding_reported():
 
 
 class FakeSocket(socket.socket):
-    """A socket object, never connected (no traffic), whose ``recv`` says what the test
-    wants; the real peek on a real socket is in the integration tests."""
+    """A socket object, never connected (no traffic), whose ``fileno`` is the test's own
+    descriptor: a pipe in the state the test wants; the real socket is in the integration
+    tests."""
 
-    def __init__(self, result: bytes | Exception) -> None:
+    def __init__(self, fd: int) -> None:
         super().__init__(socket.AF_INET, socket.SOCK_STREAM)
-        self.result = result
+        self.fake_fd = fd
 
-    def recv(self, size: int, flags: int = 0) -> bytes:
-        assert flags & socket.MSG_PEEK
-        if isinstance(self.result, Exception):
-            raise self.result
-        return self.result
+    def fileno(self) -> int:
+        return self.fake_fd
 
 
 class HandleTransport(StringTransport):
@@ -216,22 +215,38 @@ class HandleTransport(StringTransport):
         return self.sock
 
 
-@pytest.mark.parametrize(("result", "closed"), [
-    (BlockingIOError(errno.EAGAIN, "again"), False),
-    (b"", True),
-    (b"H", True),
-    (ConnectionResetError(errno.ECONNRESET, "reset"), True),
-], ids=["open", "fin", "unasked-bytes", "reset"])
-def test_peer_closed_peeks_at_the_socket(result, closed):
-    """An idle connection whose socket has a pending FIN, bytes nobody asked for or an error
-    is closed; one with nothing to read is usable."""
-    sock = FakeSocket(result)
+def pipe_in_state(state: str) -> tuple[int, list[int]]:
+    """A descriptor with nothing to read, a FIN (the writer gone), bytes, or an error
+    (a write end whose reader is gone), and the descriptors to close afterwards."""
+    read, write = os.pipe()
+    if state == "fin":
+        os.close(write)
+        return read, [read]
+    if state == "unasked-bytes":
+        os.write(write, b"H")
+    if state == "error":
+        os.close(read)
+        return write, [write]
+    return read, [read, write]
+
+
+@pytest.mark.parametrize(("state", "closed"), [
+    ("open", False), ("fin", True), ("unasked-bytes", True), ("error", True), ("closed", True),
+])
+def test_peer_closed_polls_the_socket(state, closed):
+    """An idle connection whose socket has a pending FIN, bytes nobody asked for or an error,
+    or is closed, is closed; one with nothing to read is usable."""
+    fd, to_close = pipe_in_state(state) if state != "closed" else (-1, [])
+    sock = FakeSocket(fd)
     try:
         connection = UpstreamConnection(make_pool(), Backend.from_url("b1", "http://h:1"))
         connection.makeConnection(HandleTransport(sock))
         assert connection.peer_closed() is closed
     finally:
+        sock.fake_fd = -1
         sock.close()
+        for descriptor in to_close:
+            os.close(descriptor)
 
 
 def test_pool_drops_idle_connections_the_backend_closed():
@@ -239,8 +254,9 @@ def test_pool_drops_idle_connections_the_backend_closed():
     the next usable one."""
     pool = make_pool()
     backend = Backend.from_url("b1", "http://127.0.0.1:9001")
-    good_sock = FakeSocket(BlockingIOError(errno.EAGAIN, "again"))
-    stale_sock = FakeSocket(b"")
+    good_fd, good_fds = pipe_in_state("open")
+    stale_fd, stale_fds = pipe_in_state("fin")
+    good_sock, stale_sock = FakeSocket(good_fd), FakeSocket(stale_fd)
     try:
         good = UpstreamConnection(pool, backend)
         good.makeConnection(HandleTransport(good_sock))
@@ -253,8 +269,11 @@ def test_pool_drops_idle_connections_the_backend_closed():
         assert stale.transport.disconnecting and pool.stale_dropped == 1
         assert pool.get_idle(backend) is None
     finally:
-        good_sock.close()
-        stale_sock.close()
+        for sock in (good_sock, stale_sock):
+            sock.fake_fd = -1
+            sock.close()
+        for descriptor in good_fds + stale_fds:
+            os.close(descriptor)
 
 
 # -- local resource errors ----------------------------------------------------------------------

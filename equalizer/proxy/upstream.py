@@ -12,6 +12,7 @@ alive between requests.
 from __future__ import annotations
 
 import ipaddress
+import select
 import socket
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -286,16 +287,15 @@ class UpstreamConnection(TwistedProtocol):
 
     def peer_closed(self) -> bool:
         """Whether the backend closed this idle connection (or wrote to it unasked) in a way
-        the reactor has not processed yet: one non-blocking peek at the socket.
+        the reactor has not processed yet: one poll of the socket, with no wait.
 
         A backend that answers and closes without ``Connection: close`` leaves its FIN in the
         kernel while the reactor may already hand the connection to the next request; writing
         there would send a request nobody reads. True is proof that nothing of the next request
-        can have reached the backend on this connection. Costs one system call per reuse (about
-        1 µs; 2% of a request's user-space instructions).
+        can have reached the backend on this connection. Costs one system call per reuse.
         """
         sock = self._socket
-        return self.connected_lost if sock is None else _peeks_anything(sock)
+        return self.connected_lost if sock is None else _has_input(self.pool.poller, sock.fileno())
 
     def abort(self) -> None:
         """Drop the connection and its exchange without telling the exchange."""
@@ -331,15 +331,19 @@ def _socket_of(transport: object) -> socket.socket | None:
     return None
 
 
-def _peeks_anything(sock: socket.socket) -> bool:
-    """Whether a non-blocking peek finds data unasked or b"" (the FIN): unusable either way."""
+def _has_input(poller: select.poll, fd: int) -> bool:
+    """Whether ``fd`` has bytes, a FIN or an error to report: unusable either way.
+
+    A poll with no wait rather than a non-blocking peek: a peek at nothing raises
+    BlockingIOError, and building that exception cost as much again as the system call.
+    """
+    if fd < 0:
+        return True  # the socket is closed
+    poller.register(fd, select.POLLIN)
     try:
-        sock.recv(1, socket.MSG_PEEK)
-    except (BlockingIOError, InterruptedError):
-        return False
-    except OSError:
-        return True
-    return True
+        return bool(poller.poll(0))
+    finally:
+        poller.unregister(fd)
 
 
 class _ConnectionFactory(ClientFactory):
@@ -377,6 +381,7 @@ class UpstreamPool(Service):
         self._endpoints: dict[Backend, object] = {}
         self._sweeper = LoopingCall(self._sweep)
         self._sweeper.clock = clock
+        self.poller = select.poll()  # for ``UpstreamConnection.peer_closed``, one fd at a time
         self.connections_made = 0
         self.stale_dropped = 0
 

@@ -204,7 +204,7 @@ async def test_posts_to_a_backend_that_closes_after_each_answer_all_succeed(scri
 
 
 def test_peer_closed_sees_a_real_fin():
-    """On a real socket pair, the pool's peek sees the other side's close before any read."""
+    """On a real socket pair, the pool's poll sees the other side's close before any read."""
     ours, theirs = socket.socketpair()
     try:
         ours.setblocking(False)
