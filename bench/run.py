@@ -305,6 +305,14 @@ class OwnCluster:
             raise SystemExit(f"bench: {exc}; or name a server with --database-url") from exc
         return self._cluster.url
 
+    @property
+    def server_pid(self) -> int | None:
+        """The cluster's postmaster (its backends are its children), None when not running."""
+        if self._cluster is None:
+            return None
+        with open(Path(self._cluster.data) / "postmaster.pid") as pidfile:
+            return int(pidfile.readline())
+
     def drop(self) -> None:
         """Stop the cluster and delete it."""
         if self._cluster is not None:
@@ -376,6 +384,7 @@ class Context:
     counter: int = 0
     wrk_scripts: dict[int, Path] = field(default_factory=dict)
     earlier_tree: Path = REPO_DIR  # --baseline: the exported tree of the earlier commit
+    database_pid: int | None = None  # the harness's own cluster: its CPU time is recorded
 
     def new_dir(self, label: str) -> Path:
         """A fresh directory for one server's files."""
@@ -786,6 +795,19 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds of ``pid`` and its descendants so far, from /proc."""
+    ticks = 0
+    for member in _descendants(pid):
+        try:
+            with open(f"/proc/{member}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_times() -> dict[str, tuple[int, int]]:
     """(busy, total) jiffies of each core since boot, from /proc/stat."""
     times = {}
@@ -853,11 +875,20 @@ def run_case(ctx: Context, scenario: Scenario, proxy: str, rep: int) -> dict:
         sampler.start()
         cpu_before = cpu_times()
         leases_before = lease_counters(server) if scenario.limiter == "postgres" else {}
+        database_pid = ctx.database_pid if scenario.limiter == "postgres" else None
+        seconds_before = (process_cpu_seconds(proc.pid),
+                          process_cpu_seconds(database_pid) if database_pid else 0.0)
         try:
             result = run_wrk(ctx, port, scenario, ctx.duration)
         finally:
             record["peak_rss_kib"] = sampler.finish()
         record["cpu_busy"] = busy_shares(cpu_before, cpu_times())
+        if result.get("requests"):  # the proxy's own CPU (user and system) per request
+            record["cpu_us_per_request"] = round(
+                (process_cpu_seconds(proc.pid) - seconds_before[0]) / result["requests"] * 1e6, 1)
+        if database_pid:  # the share of a core the database took during the run
+            record["database_busy"] = round(
+                (process_cpu_seconds(database_pid) - seconds_before[1]) / ctx.duration, 3)
         if proc.poll() is not None:
             raise BenchError(f"exited with status {proc.returncode} during the run")
         if leases_before:  # what the measured run cost the limiter's leases
@@ -917,6 +948,10 @@ def run_all(ctx: Context, runs: list[tuple], records: list[dict]) -> None:
             print(
                 f"{record['rps']:.0f} req/s  p50 {fmt_ms(record['p50_ms'])}  "
                 f"p99 {fmt_ms(record['p99_ms'])}  errors {record['errors']}"
+                + (f"  cpu {record['cpu_us_per_request']:.0f} us/req"
+                   if "cpu_us_per_request" in record else "")
+                + (f"  database {record['database_busy']:.0%} busy"
+                   if "database_busy" in record else "")
                 + (f"  buckets {record['buckets']}" if "buckets" in record else "")
                 + "".join(f"  {name} {value:.0f}"
                           for name, value in record.get("leases", {}).items())
@@ -1131,6 +1166,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 database_url = database.create()
             ctx = Context(Path(tmp), processes, args.duration, database_url)
+            if isinstance(database, OwnCluster):
+                ctx.database_pid = database.server_pid
             if args.baseline:
                 ctx.earlier_tree = export_tree(args.baseline, Path(tmp) / "earlier")
                 meta["baseline"] = args.baseline
