@@ -1,0 +1,12 @@
+-- The settlement function finds every key by its primary key and never wants a
+-- sequential scan of the buckets table.
+--
+-- PL/pgSQL caches each statement's plan per connection and, after five executions,
+-- may keep a generic one. Planned while the table's statistics said it held a row or
+-- two (analyzed when it was nearly empty: a fresh install, or after the sweep had
+-- emptied it), that plan scanned the whole table for every key: with 10,000 rows a
+-- settlement cost 1.6 ms per key instead of 40 us, until the next ANALYZE (up to a
+-- minute later, by autovacuum) replaced it. Under load the database then took 60 % of
+-- a core and fell behind. With sequential scans off inside the function, every plan
+-- it keeps goes by the index.
+ALTER FUNCTION equalizer_settle(json) SET enable_seqscan = off;
