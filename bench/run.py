@@ -978,6 +978,18 @@ def median_of(records: list[dict], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
+def paired_ratio(runs: list[dict], records: list[dict], scenario: str | None,
+                 proxy: str) -> float | None:
+    """The median, over ``runs``, of each one's req/s over that of the same rep's run of
+    ``proxy`` in ``scenario`` (None when no run has such a pair)."""
+    other = {
+        r["rep"]: r["rps"] for r in records
+        if r["ok"] and r["scenario"] == scenario and r["proxy"] == proxy
+    }  # fmt: skip
+    ratios = [r["rps"] / other[r["rep"]] for r in runs if other.get(r["rep"])]
+    return statistics.median(ratios) if ratios else None
+
+
 def summarize(records: list[dict], scenarios: list[Scenario], proxies: list[str]) -> list[dict]:
     """One row per (scenario, proxy): medians over reps, errors summed, ratios to stock
     and to the base, each the median of the reps' paired ratios."""
@@ -995,21 +1007,7 @@ def summarize(records: list[dict], scenarios: list[Scenario], proxies: list[str]
             if not mine:
                 continue
             ok = [r for r in mine if r["ok"]]
-            base = ratio_base(scenario)
-            stock = [
-                r for r in records
-                if r["ok"] and r["scenario"] == base and r["proxy"] == BASELINE_PROXY
-            ]  # fmt: skip
-            rps = median_of(ok, "rps")
-            stock_by_rep = {r["rep"]: r["rps"] for r in stock}
-            against_stock = [r["rps"] / stock_by_rep[r["rep"]] for r in ok
-                             if stock_by_rep.get(r["rep"])]  # fmt: skip
             rss = median_of(ok, "peak_rss_kib")
-            baseline = {
-                r["rep"]: r["rps"] for r in records
-                if r["ok"] and r["scenario"] == scenario.baseline and r["proxy"] == proxy
-            }  # fmt: skip
-            paired = [r["rps"] / baseline[r["rep"]] for r in ok if r["rep"] in baseline]
             busy = {
                 core: statistics.median(r["cpu_busy"][core] for r in ok)
                 for core in (ok[0].get("cpu_busy", {}) if ok else {})
@@ -1019,13 +1017,13 @@ def summarize(records: list[dict], scenarios: list[Scenario], proxies: list[str]
                     "scenario": scenario.name,
                     "proxy": proxy,
                     "runs": f"{len(ok)}/{len(mine)}",
-                    "rps": rps,
+                    "rps": median_of(ok, "rps"),
                     "p50_ms": median_of(ok, "p50_ms"),
                     "p99_ms": median_of(ok, "p99_ms"),
                     "errors": sum(r["errors"] for r in ok),
                     "peak_rss_mib": None if rss is None else rss / 1024,
-                    "vs_stock": statistics.median(against_stock) if against_stock else None,
-                    "vs_base": statistics.median(paired) if paired else None,
+                    "vs_stock": paired_ratio(ok, records, ratio_base(scenario), BASELINE_PROXY),
+                    "vs_base": paired_ratio(ok, records, scenario.baseline, proxy),
                     "cpu_busy": busy,
                     "failure": next((r["error"] for r in mine if not r["ok"]), None),
                 }
