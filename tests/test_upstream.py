@@ -10,6 +10,8 @@ from __future__ import annotations
 import errno
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from attrs import define, field
@@ -215,19 +217,31 @@ class HandleTransport(StringTransport):
         return self.sock
 
 
-def pipe_in_state(state: str) -> tuple[int, list[int]]:
-    """A descriptor with nothing to read, a FIN (the writer gone), bytes, or an error
-    (a write end whose reader is gone), and the descriptors to close afterwards."""
-    read, write = os.pipe()
-    if state == "fin":
-        os.close(write)
-        return read, [read]
-    if state == "unasked-bytes":
-        os.write(write, b"H")
-    if state == "error":
-        os.close(read)
-        return write, [write]
-    return read, [read, write]
+@contextmanager
+def socket_in_state(state: str) -> Iterator[FakeSocket]:
+    """A FakeSocket over a descriptor with nothing to read ("open"), a FIN (the writer
+    gone), bytes nobody asked for, an error (a write end whose reader is gone), or none
+    ("closed"); every descriptor is closed afterwards."""
+    fd, to_close = -1, []
+    if state != "closed":
+        read, write = os.pipe()
+        fd, to_close = read, [read, write]
+        if state == "fin":
+            os.close(write)
+            to_close = [read]
+        elif state == "unasked-bytes":
+            os.write(write, b"H")
+        elif state == "error":
+            os.close(read)
+            fd, to_close = write, [write]
+    sock = FakeSocket(fd)
+    try:
+        yield sock
+    finally:
+        sock.fake_fd = -1  # close the socket object's own descriptor, not the pipe's
+        sock.close()
+        for descriptor in to_close:
+            os.close(descriptor)
 
 
 @pytest.mark.parametrize(("state", "closed"), [
@@ -236,17 +250,10 @@ def pipe_in_state(state: str) -> tuple[int, list[int]]:
 def test_peer_closed_polls_the_socket(state, closed):
     """An idle connection whose socket has a pending FIN, bytes nobody asked for or an error,
     or is closed, is closed; one with nothing to read is usable."""
-    fd, to_close = pipe_in_state(state) if state != "closed" else (-1, [])
-    sock = FakeSocket(fd)
-    try:
+    with socket_in_state(state) as sock:
         connection = UpstreamConnection(make_pool(), Backend.from_url("b1", "http://h:1"))
         connection.makeConnection(HandleTransport(sock))
         assert connection.peer_closed() is closed
-    finally:
-        sock.fake_fd = -1
-        sock.close()
-        for descriptor in to_close:
-            os.close(descriptor)
 
 
 def test_pool_drops_idle_connections_the_backend_closed():
@@ -254,10 +261,7 @@ def test_pool_drops_idle_connections_the_backend_closed():
     the next usable one."""
     pool = make_pool()
     backend = Backend.from_url("b1", "http://127.0.0.1:9001")
-    good_fd, good_fds = pipe_in_state("open")
-    stale_fd, stale_fds = pipe_in_state("fin")
-    good_sock, stale_sock = FakeSocket(good_fd), FakeSocket(stale_fd)
-    try:
+    with socket_in_state("open") as good_sock, socket_in_state("fin") as stale_sock:
         good = UpstreamConnection(pool, backend)
         good.makeConnection(HandleTransport(good_sock))
         stale = UpstreamConnection(pool, backend)
@@ -268,12 +272,6 @@ def test_pool_drops_idle_connections_the_backend_closed():
         assert good.reused and not stale.reused
         assert stale.transport.disconnecting and pool.stale_dropped == 1
         assert pool.get_idle(backend) is None
-    finally:
-        for sock in (good_sock, stale_sock):
-            sock.fake_fd = -1
-            sock.close()
-        for descriptor in good_fds + stale_fds:
-            os.close(descriptor)
 
 
 # -- local resource errors ----------------------------------------------------------------------
