@@ -17,6 +17,7 @@ Usage:
     python bench/instructions.py [--requests 2000] [--warmup 300]
                                  [--scenarios 1k-c32,1k-c32-limit-memory]
                                  [--baseline REF] [--extra-config JSON]
+                                 [--keep DIR]
 
 Scenarios are run.py's (their connection count does not apply: one client,
 one request at a time). Installs valgrind with apt-get when missing. Only
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -70,13 +72,23 @@ def requests(port: int, path: str, count: int, keys: int, first: int = 0) -> Non
         conn.close()
 
 
+def newest_dump(workdir: Path, pid: int) -> Path:
+    """The newest dump callgrind wrote for ``pid``."""
+    return max(workdir.glob(f"callgrind.out.{pid}*"), key=lambda p: p.stat().st_mtime)
+
+
 def dumped_instructions(workdir: Path, pid: int) -> int:
     """The ``summary`` of the newest dump callgrind wrote for ``pid``."""
-    dumps = sorted(workdir.glob(f"callgrind.out.{pid}*"), key=lambda p: p.stat().st_mtime)
-    for line in dumps[-1].read_text().splitlines():
+    dump = newest_dump(workdir, pid)
+    for line in dump.read_text().splitlines():
         if line.startswith("summary:"):
             return int(line.split()[1])
-    raise BenchError(f"no summary in {dumps[-1]}")
+    raise BenchError(f"no summary in {dump}")
+
+
+def source_label(source: Path) -> str:
+    """The dump's name suffix: none for the working tree, ``-baseline`` for ``--baseline``."""
+    return "" if source == REPO_DIR else "-baseline"
 
 
 def count(ctx: Context, scenario, args: argparse.Namespace, source: Path = REPO_DIR) -> float:
@@ -104,6 +116,10 @@ def count(ctx: Context, scenario, args: argparse.Namespace, source: Path = REPO_
         subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True,
                        capture_output=True)  # fmt: skip
         time.sleep(1)
+        if args.keep:  # for callgrind_annotate: where the instructions went
+            args.keep.mkdir(parents=True, exist_ok=True)
+            shutil.copy(newest_dump(server.workdir, proc.pid),
+                        args.keep / f"callgrind.{scenario.name}{source_label(source)}.out")
         return dumped_instructions(server.workdir, proc.pid) / args.requests
     finally:
         ctx.processes.stop(proc)
@@ -120,6 +136,9 @@ def main() -> int:
                         help="a JSON object of sections whose keys replace those of each "
                              "run's equalizer configuration (e.g. to turn features on); "
                              "the baseline gets it too")
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="copy each run's callgrind dump into DIR "
+                             "(callgrind.<scenario>[-baseline].out), for callgrind_annotate")
     args = parser.parse_args()
     by_name = SCENARIOS_BY_NAME
     chosen = [by_name[name] for name in args.scenarios.split(",")]
