@@ -7,6 +7,8 @@ MemoryStore, which also serves the admin calls.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -24,6 +26,10 @@ from equalizer.buckets.leases.allowances import (
     PREFETCH_LAST_FROM,
     PREFETCH_LEFT,
     RENEW_AFTER,
+    RENEW_LEAD,
+    RENEW_LEAD_MIN,
+    Key,
+    renew_from,
 )
 from equalizer.buckets.leases.answers import MAX_ATTEMPTS
 from equalizer.buckets.leases.sweep import SWEEP_CHUNK as LEASE_SWEEP_CHUNK
@@ -528,6 +534,42 @@ def test_a_key_in_use_half_way_through_max_age_asks_for_its_next_lease(db, clock
     assert store.waits == waits
     assert store.statements - statements == 10  # one lease every other request: 1.8 s
     assert db.tokens("steady") + store._allowances.leased("steady") == 1000 - 21
+
+
+def test_a_key_of_steady_pace_asks_for_its_next_lease_its_lead_before_it_dies(db, clock):
+    """A key whose allowance outlasts max_age at its pace asks for the next lease
+    RENEW_LEAD of its gaps before the allowance dies, not at RENEW_AFTER of max_age:
+    one statement per 9 s instead of per 5.4 s at one request per 0.9 s, none waiting."""
+    assert (RENEW_AFTER, RENEW_LEAD) == (0.5, 2.0)
+    store = LeasingStore(db, clock, ttl=1.0, max_age=10.0, min_lease=100, max_lease=100,
+                         linger=0)  # 100 tokens a lease: its marks are never reached
+    result_of(store.start())
+    policy = BucketPolicy(10_000, 0)
+    clock.advance(1.0)
+    seen(store, clock, "steady", policy)  # t=1: its pace is not known yet
+    asked = [clock.seconds()]
+    for _ in range(60):
+        clock.advance(0.9)
+        statements = len(db.settlements)
+        assert store.take("steady", policy).called
+        settle(clock)
+        if len(db.settlements) > statements:
+            asked.append(clock.seconds())
+    assert store.waits == 1  # the first sight only
+    gaps = [round(later - earlier, 1) for earlier, later in itertools.pairwise(asked)]
+    assert gaps == [5.4, 9.0, 9.0, 9.0, 9.0, 9.0]  # RENEW_AFTER, then 10 - 2 * 0.9 and on
+    assert db.tokens("steady") + store._allowances.leased("steady") == 10_000 - 61
+
+
+def test_renewal_keeps_a_second_for_the_statement_and_never_comes_before_half_way(db):
+    """However fast a key's pace, it asks at least RENEW_LEAD_MIN before its allowance
+    dies; however slow, not before RENEW_AFTER of max_age."""
+    fast, slow = Key(), Key()
+    fast.lease_sent, fast.demand = 100.0, 1000  # 1,000 requests in 10 s
+    slow.lease_sent, slow.demand = 100.0, 2  # one every 5 s
+    assert renew_from(fast, 110.0, 10.0) == 110.0 + 10.0 - RENEW_LEAD_MIN
+    assert renew_from(slow, 110.0, 10.0) == 110.0 + 10.0 * RENEW_AFTER
+    assert fast.lease_sent == slow.lease_sent == 110.0
 
 
 def test_remembered_decisions_last_at_most_remember(db, clock):

@@ -59,15 +59,19 @@ used the rest within ``max_age`` gets there, and its next lease is about twice a
 so a busy key's leases grow to where half of one is worth asking ahead for. (Asking at
 half of a small allowance kept it small, the demand since the last settlement being half
 of it: measured with 10,000 keys in turn, about one row per request from 4 tokens.) A
-key still using its allowance once
-:data:`~equalizer.buckets.leases.allowances.RENEW_AFTER` of ``max_age`` has passed asks
-too, whatever is left: one that comes back about once a second would otherwise see its
-allowance die just before reaching either mark. Smaller allowances of a key that comes
-back less often are used up, and the next request waits. A lease asked for ahead of need
-carries the key's default, so a row the wrapped store swept meanwhile (full again: a
-client using less than its refill) is created again (migration 0006) rather than leasing
-nothing: with 10,000 keys in turn and a bucket that refills within the sweep's interval,
-every prefetch used to find its row gone, and every key waited once per lease.
+key still using its allowance asks too, whatever is left, when its allowance is about to
+die: :data:`~equalizer.buckets.leases.allowances.RENEW_LEAD` of its usual gaps between
+requests before ``max_age`` (at least
+:data:`~equalizer.buckets.leases.allowances.RENEW_LEAD_MIN` before), and not before
+:data:`~equalizer.buckets.leases.allowances.RENEW_AFTER` of it; one that comes back about
+once a second would otherwise see its allowance die just before reaching either mark,
+and asking at half of ``max_age`` settled such keys twice as often as they need.
+Smaller allowances of a key that comes back less often are used up, and the next request
+waits. A lease asked for ahead of need carries the key's default, so a row the wrapped
+store swept meanwhile (full again: a client using less than its refill) is created
+again (migration 0006) rather than leasing nothing: with 10,000 keys in turn and a
+bucket that refills within the sweep's interval, every prefetch used to find its row
+gone, and every key waited once per lease.
 
 An allowance not used for ``ttl`` seconds (:data:`LEASE_TTL`, 5 s) is no longer
 used, nor any allowance ``max_age`` seconds (:data:`LEASE_MAX_AGE`, 10 s) after the

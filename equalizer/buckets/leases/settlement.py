@@ -287,7 +287,8 @@ def statement(items: list[tuple[str, Key]], returns: dict[str, int], max_lease: 
         default = key.default
         back = (returns.pop(client_id, 0) if returns else 0) + key.back
         key.back = 0
-        extra = min(max_lease, max(min_lease, 2 * (want + key.used)))
+        key.demand = demand = want + key.used
+        extra = min(max_lease, max(min_lease, 2 * demand))
         if default is None:  # a lease ahead of need carries it too: its row may be swept
             rows.append((client_id, want, extra, back, None, None))
         else:
