@@ -28,7 +28,6 @@ from equalizer.buckets.leases.allowances import (
     RENEW_AFTER,
     RENEW_LEAD,
     RENEW_LEAD_MIN,
-    Key,
     renew_from,
 )
 from equalizer.buckets.leases.answers import MAX_ATTEMPTS
@@ -561,15 +560,14 @@ def test_a_key_of_steady_pace_asks_for_its_next_lease_its_lead_before_it_dies(db
     assert db.tokens("steady") + store._allowances.leased("steady") == 10_000 - 61
 
 
-def test_renewal_keeps_a_second_for_the_statement_and_never_comes_before_half_way(db):
+def test_renewal_keeps_a_second_for_the_statement_and_never_comes_before_half_way():
     """However fast a key's pace, it asks at least RENEW_LEAD_MIN before its allowance
-    dies; however slow, not before RENEW_AFTER of max_age."""
-    fast, slow = Key(), Key()
-    fast.lease_sent, fast.demand = 100.0, 1000  # 1,000 requests in 10 s
-    slow.lease_sent, slow.demand = 100.0, 2  # one every 5 s
-    assert renew_from(fast, 110.0, 10.0) == 110.0 + 10.0 - RENEW_LEAD_MIN
-    assert renew_from(slow, 110.0, 10.0) == 110.0 + 10.0 * RENEW_AFTER
-    assert fast.lease_sent == slow.lease_sent == 110.0
+    dies; however slow, or unknown, not before RENEW_AFTER of max_age."""
+    assert renew_from(100.0, 1000, 110.0, 10.0) == 110.0 + 10.0 - RENEW_LEAD_MIN
+    assert renew_from(100.0, 10, 110.0, 10.0) == 110.0 + 10.0 - RENEW_LEAD * 1.0
+    assert renew_from(100.0, 2, 110.0, 10.0) == 110.0 + 10.0 * RENEW_AFTER  # one per 5 s
+    assert renew_from(0.0, 5, 110.0, 10.0) == 110.0 + 10.0 * RENEW_AFTER  # first lease
+    assert renew_from(100.0, 0, 110.0, 10.0) == 110.0 + 10.0 * RENEW_AFTER
 
 
 def test_remembered_decisions_last_at_most_remember(db, clock):

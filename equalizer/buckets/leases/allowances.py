@@ -97,22 +97,21 @@ def prefetch_mark(allowance: int) -> int:
     return PREFETCH_LEFT if allowance >= PREFETCH_LAST_FROM else -1
 
 
-def renew_from(key: Key, sent: float, max_age: float) -> float:
-    """When a key whose lease was sent at ``sent`` asks for its next one on its next use.
+def renew_from(previous: float, demand: int, sent: float, max_age: float) -> float:
+    """When a key whose lease was sent at ``sent`` asks for its next one on its next use,
+    given when its previous lease was sent (0: none) and the requests in between.
 
-    As late as its pace allows: :data:`RENEW_LEAD` of its usual gaps (the time between its
-    last two settlements over the requests in between) before the allowance dies, but not
-    before :data:`RENEW_AFTER` of ``max_age``, nor before its first pace is known. Asking
-    at half of ``max_age`` made a key that comes back every second or two settle every
-    5-6 s instead of every 8-9: measured with 10,000 keys in turn at 11,000 requests a
-    second (simulated), 2,000 rows a second against 1,000, with no wait either way.
-    A key that is late by more than its lead waits once.
+    As late as its pace allows: :data:`RENEW_LEAD` of its usual gaps between requests
+    before the allowance dies, but not before :data:`RENEW_AFTER` of ``max_age``, nor
+    before its pace is known. Asking at half of ``max_age`` made a key that comes back
+    about once a second settle every 5-6 s instead of every 9: with 10,000 keys in turn
+    at 11,000 requests a second, 2,000 rows a second against 1,000, and no wait either way
+    (``bench/leases.py``). A key late by more than its lead waits once.
     """
     earliest = sent + max_age * RENEW_AFTER
-    since, key.lease_sent = (sent - key.lease_sent if key.lease_sent else 0.0), sent
-    if not since or not key.demand:
+    if not previous or not demand:
         return earliest
-    lead = RENEW_LEAD * since / key.demand
+    lead = RENEW_LEAD * (sent - previous) / demand
     latest = sent + max_age - (lead if lead > RENEW_LEAD_MIN else RENEW_LEAD_MIN)
     return latest if latest > earliest else earliest
 
@@ -183,7 +182,8 @@ class Allowances:
         key.allowance = allowance
         key.low = prefetch_mark(allowance)
         key.dies = sent + self.max_age
-        key.renew = renew_from(key, sent, self.max_age)
+        key.renew = renew_from(key.lease_sent, key.demand, sent, self.max_age)
+        key.lease_sent = sent
         key.expires = min(sent + self.ttl, key.dies)
         key.limit, key.base = decision.limit, decision.remaining
         key.reset, key.window = decision.reset, decision.window
