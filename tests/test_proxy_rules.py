@@ -63,6 +63,24 @@ def test_bad_response_heads_are_refused(head):
         parse_response_head(head)
 
 
+@pytest.mark.parametrize("field", [
+    b"A: x\ny", b"A: x\ry", b"A: \x00", b"A: x\x7f", b"A: \x1b[2J", b"A\x01: x",
+    b": x", b"NoColon", b"A : x", b" A: x", b"A: x\r\n\r\nB: y", b"A: x\r\n", b"\r\nA: x",
+    b"A: x\r\nB\x7f: y", b"A: x\r\nB: y\n",
+])
+def test_field_lines_that_rfc_9110_does_not_allow_are_refused(field):
+    """A token, a colon, and a value of HTAB, SP, visible and obs-text bytes: anything else
+    (a bare CR or LF above all, which a client could read as another field) is refused,
+    naming the first bad line."""
+    with pytest.raises(UpstreamError, match="bad header line"):
+        parse_response_head(b"HTTP/1.1 200 OK\r\n" + field)
+
+
+def test_field_values_may_hold_tabs_colons_and_obs_text():
+    head = b"HTTP/1.1 200 OK\r\nA:\tx:y \xe9\xff\t\r\nB~!#$%&'*+-.^_`|:z"
+    assert parse_response_head(head)[3] == [(b"A", b"x:y \xe9\xff"), (b"B~!#$%&'*+-.^_`|", b"z")]
+
+
 def test_response_head_fields_are_split_and_stripped():
     assert parse_response_head(b"HTTP/1.1 204\r\nA:  1 \r\nB:") == (
         b"HTTP/1.1", 204, b"", [(b"A", b"1"), (b"B", b"")])
