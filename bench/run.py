@@ -752,10 +752,10 @@ MAX_WARMUP_SECONDS = 32
 
 
 LEASES_WARMUP_SECONDS = 12
-"""Least warm-up of a run on the PostgreSQL limiter: past ``max_age`` (10 s), when every
-key has had its second lease, the first sent once its pace is known. After 2 s the
-measured run held every key's second lease at once (asked at half of ``max_age``, its pace
-unknown): with 4,000 keys, 4,001 rows in each 8 s run whatever the renewal rule, against
+"""Least warm-up of a run on the PostgreSQL limiter: past ``max_age`` (10 s), by when
+every key renews its lease at its own pace (its first lease is renewed at half of
+``max_age``, its pace unknown). After 2 s the measured run held every key's second lease
+at once: with 4,000 keys, 4,001 rows in each 8 s run whatever the renewal rule, against
 16,001 and 21,000 in 30 s runs of the new and the old rule."""
 
 
