@@ -32,7 +32,6 @@ from run import (
     CLIENT_CPU,
     REPO_DIR,
     SCENARIOS_BY_NAME,
-    WARMUP_SECONDS,
     BenchError,
     Context,
     OwnCluster,
@@ -43,6 +42,7 @@ from run import (
     start_backend,
     start_proxy,
     wait_ready,
+    warm_up,
 )
 
 RESULTS_DIR = BENCH_DIR / "results"
@@ -63,7 +63,7 @@ def record(ctx: Context, scenario, args: argparse.Namespace) -> tuple[Path, dict
     proc = server.proc
     try:
         wait_ready(proc, server.port, scenario.path, limiter=bool(scenario.limiter))
-        run_wrk(ctx, server.port, scenario, WARMUP_SECONDS)
+        warm_up(ctx, server.port, scenario)  # as run.py: every key seen, leases settled
         folded = RESULTS_DIR / f"profile-{scenario.name}.txt"
         sampler_argv = [py_spy(), "record", "--nonblocking", "--format", "raw",
                         "--rate", str(args.rate), "--duration", str(args.duration + 1),
