@@ -38,7 +38,7 @@ from equalizer.config.checks import url_identity
 from equalizer.config.loader import ConfigError, apply_overrides, config_path, load_config
 from equalizer.config.model import BackendConfig, Config
 from equalizer.demo import demo_api_service, demo_routing, demo_service, demo_urls
-from equalizer.listeners import Listener, ListenFailed, probe_addresses
+from equalizer.listeners import Listener, ListenFailed, probe_addresses, with_backlog
 from equalizer.logs.service import LogFileError, LoggingService, open_logging
 from equalizer.metrics import EqualizerCollector, metrics_registry
 from equalizer.proxy.admission import ADMIT_ALL, RateLimiter
@@ -405,7 +405,7 @@ class EqualizerService(MultiService):
 
     def _listen(self, key: str, description: str, factory) -> Listener:
         """A listener child; bad endpoint strings were refused by config validation."""
-        endpoint = serverFromString(self.reactor, description)
+        endpoint = serverFromString(self.reactor, with_backlog(description))
         listener = Listener(endpoint, factory, key, description, probe=self._probe)
         listener.setServiceParent(self)
         return listener

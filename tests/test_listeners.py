@@ -10,7 +10,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock
 
-from equalizer.listeners import Listener, ListenFailed, listen_address
+from equalizer.listeners import Listener, ListenFailed, listen_address, with_backlog
 from equalizer.readiness import Readiness
 
 
@@ -60,3 +60,20 @@ def test_gated_listener_listens_once_ready_and_stops() -> None:
     assert listener.port is not None
     listener.stopService()
     assert listener.port is None and not listener.running
+
+
+@pytest.mark.parametrize(("description", "expected"), [
+    ("tcp:8080", "tcp:8080:backlog=511"),
+    ("tcp:8080:interface=127.0.0.1", "tcp:8080:interface=127.0.0.1:backlog=511"),
+    ("tcp6:8080:interface=\\:\\:1", "tcp6:8080:interface=\\:\\:1:backlog=511"),
+    ("ssl:8443:privateKey=k.pem:certKey=c.pem",
+     "ssl:8443:privateKey=k.pem:certKey=c.pem:backlog=511"),
+    ("unix:/run/equalizer.sock", "unix:/run/equalizer.sock:backlog=511"),
+    ("tcp:8080:backlog=64", "tcp:8080:backlog=64"),  # the operator's own wins
+    ("tcp:port=8080:backlog=2048:interface=::", "tcp:port=8080:backlog=2048:interface=::"),
+    ("systemd:domain=INET:index=0", "systemd:domain=INET:index=0"),  # no backlog to set
+])
+def test_listeners_queue_511_pending_connections_unless_told_otherwise(description, expected):
+    """As nginx does on Linux, not Twisted's 50: a burst of new connections must not
+    overflow the accept queue (each overflow costs its client a second or more)."""
+    assert with_backlog(description) == expected

@@ -19,6 +19,7 @@ from equalizer import service as service_module
 from equalizer.buckets.leasing import LeasingStore
 from equalizer.config.loader import ConfigError, parse_config
 from equalizer.demo import DEMO_PORTS
+from equalizer.listeners import LISTEN_BACKLOG
 from equalizer.proxy.site import ProxySite
 from equalizer.readiness import STORE_RETRY_SECONDS, BucketService
 from equalizer.service import (
@@ -93,6 +94,7 @@ def test_make_service_listens_on_both_endpoints_once_started(tmp_path: Path) -> 
     built.startService()
     assert [type(factory) for _, factory, *_ in reactor.tcpServers][0] is ProxySite
     assert len(reactor.tcpServers) == 2
+    assert [backlog for _, _, backlog, _ in reactor.tcpServers] == [LISTEN_BACKLOG] * 2
     assert [b.url for b in built.pool.backends] == ["http://127.0.0.1:9001",
                                                    "http://127.0.0.1:9002"]
     stop_with_its_log_writer(built)
