@@ -88,6 +88,37 @@ def test_connection_close_of_a_pipelined_request_closes_after_its_own_response()
     assert client.value().count(b"Connection: close\r\n") == 1
 
 
+def test_an_answer_before_the_request_body_has_come_says_it_closes():
+    """The rest of the body could not be told from a next request, so the connection
+    closes after the response, and the response says so (RFC 9112 9.6): a client that
+    reused it would have lost its next request to the close."""
+    setup = Setup()
+    for backend in setup.pool.backends:
+        setup.pool.set_healthy(backend, False, "test")
+    client = setup.client(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\n")
+    response = parse_response(client.value())
+    assert response.status == 503 and response.header(b"connection") == [b"close"]
+    assert client.disconnecting
+
+
+def test_a_backend_answer_before_the_request_body_has_come_says_it_closes():
+    setup = Setup()
+    client = setup.client(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nhalf")
+    setup.complete_connect().dataReceived(OK)
+    response = parse_response(client.value())
+    assert response.status == 200 and response.header(b"connection") == [b"close"]
+    assert client.disconnecting
+
+
+def test_an_answer_after_the_whole_body_keeps_the_connection():
+    setup = Setup()
+    client = setup.client(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nhi" + GET)
+    setup.complete_connect().dataReceived(OK)
+    setup.complete_connect().dataReceived(OK)
+    assert client.value().count(b"HTTP/1.1 200 OK\r\n") == 2
+    assert b"Connection: close" not in client.value() and not client.disconnecting
+
+
 def test_idle_client_is_closed_but_not_while_its_request_is_answered():
     setup = Setup()
     setup.site.timeOut = 5

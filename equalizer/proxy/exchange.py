@@ -252,10 +252,8 @@ class Exchange:
 
     def complete(self) -> None:
         request = self.request
-        if not request.body_done:
-            # The body never ended: the rest of it cannot be told from a next request.
-            request.no_keep_alive()
-            self.resume_client()
+        if not request.body_done:  # the connection closes after this (write_head), and
+            self.resume_client()  # its reading, maybe paused by the upload, goes on
         self.finish()
         if request.transport is not None:
             request.finish()

@@ -38,11 +38,12 @@ def write_head(exchange: Exchange, status: int, reason: bytes,
     control characters in values), so they go out as they came, less the
     hop-by-hop ones. ``Transfer-Encoding: chunked`` goes to an HTTP/1.1 client when
     the length is unknown, and ``Connection: close`` when the connection closes after
-    this response. Transfer codings other than chunked (``codings``) stay in that
-    field, ahead of chunked; a 204 never carries Content-Length (RFC 9110 8.6). With
-    ``hold``, the head waits for the first body bytes or the end of the response, which
-    are due in the same turn of the reactor: one send instead of two (on loopback each
-    send also runs the receiver's side of TCP).
+    this response: as asked, or because the request's body has not ended (RFC 9112 9.6;
+    its rest could not be told from a next request). Transfer codings other than chunked
+    (``codings``) stay in that field, ahead of chunked; a 204 never carries
+    Content-Length (RFC 9110 8.6). With ``hold``, the head waits for the first body bytes
+    or the end of the response, which are due in the same turn of the reactor: one send
+    instead of two (on loopback each send also runs the receiver's side of TCP).
     """
     request = exchange.request
     proxy = exchange.proxy
@@ -75,6 +76,8 @@ def write_head(exchange: Exchange, status: int, reason: bytes,
     if route is not None and route.rewrites_response:
         fields = route.rewrite_response(fields)
     version = request.version
+    if not request.body_done:  # the rest of the body cannot be told from a next request
+        request.no_keep_alive()
     if version == b"HTTP/1.1":
         if not request.persistent:
             fields.append((b"Connection", b"close"))
