@@ -7,7 +7,6 @@ by a probe at twistd's start and reported before it daemonizes.
 
 from __future__ import annotations
 
-import re
 import socket
 import sys
 from collections.abc import Callable
@@ -20,6 +19,8 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+
+from equalizer.config.checks import endpoint_fields
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
@@ -199,7 +200,7 @@ def probe_address(description: str) -> None:
 def with_backlog(description: str) -> str:
     """The endpoint string with ``backlog=`` :data:`LISTEN_BACKLOG` when it is of a type
     that takes one and sets none; any other string as it is."""
-    fields = re.split(r"(?<!\\):", description)
+    fields = endpoint_fields(description)
     if fields[0] not in BACKLOG_ENDPOINTS or any(f.startswith("backlog=") for f in fields):
         return description
     return f"{description}:backlog={LISTEN_BACKLOG}"

@@ -242,9 +242,14 @@ _PORT_ENDPOINTS = frozenset({"tcp", "tcp6", "ssl"})
 _UNESCAPED_COLON = re.compile(r"(?<!\\):")
 
 
+def endpoint_fields(text: str) -> list[str]:
+    """An endpoint string's type and fields, split at its unescaped colons, as written."""
+    return _UNESCAPED_COLON.split(text)
+
+
 def _port_of(text: str) -> tuple[str, str]:
     """The endpoint type and its port field (positional or ``port=``), as written."""
-    kind, *fields = _UNESCAPED_COLON.split(text)
+    kind, *fields = endpoint_fields(text)
     named = dict(field.split("=", 1) for field in fields if "=" in field)
     positional = [field for field in fields if "=" not in field]
     return kind, named.get("port", positional[0] if positional else "")
