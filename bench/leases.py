@@ -26,15 +26,14 @@ from twisted.internet.testing import MemoryReactorClock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from run import BIG_BUCKET, CONSTANT_CLIENT  # noqa: E402
+
 from equalizer.buckets.leasing import LeasingStore  # noqa: E402
 from equalizer.config.model import BucketPolicy  # noqa: E402
 from equalizer.testing import FakeLeaseDatabase  # noqa: E402
 
 TICK = 0.001
 """Seconds of simulated time between rounds of requests."""
-
-BIG_BUCKET = BucketPolicy(1_000_000_000, 1_000_000_000)
-"""The bench's bucket: never refuses."""
 
 
 def simulate(keys: int, rate: float, seconds: float, warmup: float,
@@ -43,6 +42,7 @@ def simulate(keys: int, rate: float, seconds: float, warmup: float,
     clock = MemoryReactorClock()
     store = LeasingStore(FakeLeaseDatabase(clock), clock)
     store.start()
+    policy = BucketPolicy(**BIG_BUCKET)  # the bench's bucket: never refuses
     choose = random.Random(1).randrange
     due, sent, before = 0.0, 0, None
     while clock.seconds() < seconds:
@@ -50,7 +50,7 @@ def simulate(keys: int, rate: float, seconds: float, warmup: float,
         while due >= 1:
             due -= 1
             key = choose(keys) if at_random else sent % keys
-            store.take_now(f"bench-client-{key + 1}", BIG_BUCKET)
+            store.take_now(f"{CONSTANT_CLIENT}-{key + 1}", policy)
             sent += 1
         clock.advance(TICK)
         if before is None and clock.seconds() >= warmup:

@@ -759,6 +759,11 @@ at once: with 4,000 keys, 4,001 rows in each 8 s run whatever the renewal rule, 
 16,001 and 21,000 in 30 s runs of the new and the old rule."""
 
 
+def least_warmup(scenario: Scenario) -> int:
+    """Seconds a run of ``scenario`` warms up at least."""
+    return LEASES_WARMUP_SECONDS if scenario.limiter == "postgres" else WARMUP_SECONDS
+
+
 def warm_up(ctx: Context, port: int, scenario: Scenario) -> None:
     """wrk for WARMUP_SECONDS (LEASES_WARMUP_SECONDS on PostgreSQL). A keyed scenario warms
     up until one wrk run has sent every key (wrk's script starts from the first key again
@@ -774,8 +779,8 @@ def warm_up(ctx: Context, port: int, scenario: Scenario) -> None:
         if scenario.keys <= 1 or sent >= scenario.keys or seconds >= MAX_WARMUP_SECONDS:
             break
         seconds *= 2
-    if scenario.limiter == "postgres" and warmed < LEASES_WARMUP_SECONDS:
-        run_wrk(ctx, port, scenario, LEASES_WARMUP_SECONDS - warmed)
+    if warmed < least_warmup(scenario):
+        run_wrk(ctx, port, scenario, least_warmup(scenario) - warmed)
 
 
 # --------------------------------------------------------------------------- memory
@@ -1148,8 +1153,7 @@ def main(argv: list[str] | None = None) -> int:
     if "aiohttp" in proxies:
         ensure_python_packages({"aiohttp": "aiohttp"})
 
-    est = sum(args.duration + 2 + (LEASES_WARMUP_SECONDS if scenario.limiter == "postgres"
-                                    else WARMUP_SECONDS) for _, scenario, _ in runs)
+    est = sum(args.duration + 2 + least_warmup(scenario) for _, scenario, _ in runs)
     print(f"{len(runs)} runs, about {est // 60} min {est % 60} s", flush=True)
     meta = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
