@@ -15,8 +15,10 @@ from typing import Any
 import attrs
 from attrs import define, field
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IHalfCloseableDescriptor
 from twisted.internet.testing import StringTransport
 from twisted.web.server import Site
+from zope.interface import implementer
 
 from equalizer.balancer.pool import Backend
 from equalizer.buckets.interface import StoreUnavailable
@@ -192,6 +194,17 @@ class SlowReadsDatabase(FakeLeaseDatabase):
 
 
 # -- the proxy ------------------------------------------------------------------------------
+
+
+@implementer(IHalfCloseableDescriptor)
+class HalfCloseableTransport(StringTransport):
+    """A StringTransport that can close its sending side alone, as a TCP connection can
+    (TLS cannot): ``write_closed`` once asked to."""
+
+    write_closed = False
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
 
 
 @define

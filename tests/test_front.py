@@ -7,6 +7,8 @@ import json
 
 import pytest
 
+from equalizer.proxy.front import ABORT_SECONDS, LINGER_SECONDS
+from equalizer.testing import HalfCloseableTransport
 from tests.integration.harness import parse_response
 from tests.test_proxy import GET, OK, Setup
 
@@ -117,6 +119,85 @@ def test_an_answer_after_the_whole_body_keeps_the_connection():
     setup.complete_connect().dataReceived(OK)
     assert client.value().count(b"HTTP/1.1 200 OK\r\n") == 2
     assert b"Connection: close" not in client.value() and not client.disconnecting
+
+
+# -- lingering close ------------------------------------------------------------------------
+
+UPLOAD = b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 1000000\r\n\r\n"
+
+
+def refused_upload(setup: Setup) -> HalfCloseableTransport:
+    """An upload answered 503 (no backend) right after its head, the body still coming."""
+    for backend in setup.pool.backends:
+        setup.pool.set_healthy(backend, False, "test")
+    client = setup.client(UPLOAD + b"a" * 100, HalfCloseableTransport)
+    assert parse_response(client.value()).status == 503
+    return client
+
+
+def test_an_answer_before_the_whole_upload_closes_only_the_sending_side():
+    """The rest of the upload is read and dropped rather than left unread, which would make
+    the kernel reset the connection (and the client lose the answer): nginx's lingering
+    close. Nothing of it is parsed, kept or sent on, and the client's close ends it."""
+    setup = Setup()
+    client = refused_upload(setup)
+    assert client.write_closed and not client.disconnecting
+    assert client.producerState == "producing"
+    answer = client.value()
+    for _ in range(10):
+        client.channel.dataReceived(b"GET / HTTP/1.1\r\n\r\n" * 100)  # not a request now
+    assert client.value() == answer and setup.upstreams.connects == []
+    assert client.channel.unread == b"" and client.channel.requests == []
+    client.channel.connectionLost(None)
+    assert setup.proxy.stats.connections == 0
+
+
+def test_a_lingering_close_is_cut_when_the_client_stops_sending():
+    setup = Setup()
+    client = refused_upload(setup)
+    setup.clock.advance(ABORT_SECONDS - 1)
+    client.channel.dataReceived(b"a")
+    setup.clock.advance(ABORT_SECONDS - 0.5)
+    assert not client.disconnected  # it sent a byte 14.5 s ago
+    setup.clock.advance(1)
+    assert client.disconnected
+
+
+def test_a_lingering_close_is_cut_after_its_time_even_if_the_client_goes_on():
+    setup = Setup()
+    client = refused_upload(setup)
+    while not client.disconnected:
+        setup.clock.advance(1)
+        client.channel.dataReceived(b"a" * 1000)
+    assert setup.clock.seconds() == LINGER_SECONDS
+
+
+def test_a_head_refused_part_way_lingers_too():
+    setup = Setup()
+    client = setup.client(b"GET / HTTP/1.1\r\nHost: h\r\nX-Big: ", HalfCloseableTransport)
+    for _ in range(20):  # max_header_bytes is 16 KiB
+        client.channel.dataReceived(b"a" * 1000)
+    assert error_of(client.value())[0] == 431
+    assert client.write_closed and not client.disconnecting
+
+
+def test_an_answer_after_the_whole_request_closes_at_once():
+    """Nothing more is due from a client whose request was read to its end: ``Connection:
+    close`` closes the connection as usual."""
+    setup = Setup()
+    client = setup.client(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+                          HalfCloseableTransport)
+    setup.complete_connect().dataReceived(OK)
+    assert client.disconnecting and not client.write_closed
+
+
+def test_a_connection_that_cannot_close_one_side_closes_as_before():
+    """TLS has no half-close: a refused upload over it closes the whole connection."""
+    setup = Setup()
+    for backend in setup.pool.backends:
+        setup.pool.set_healthy(backend, False, "test")
+    client = setup.client(UPLOAD)
+    assert parse_response(client.value()).status == 503 and client.disconnecting
 
 
 def test_idle_client_is_closed_but_not_while_its_request_is_answered():

@@ -46,10 +46,10 @@ class Setup:
                                                observer=self.access.append)
         self.site = ProxySite(self.proxy, self.config, self.clock)
 
-    def client(self, data: bytes) -> StringTransport:
-        """A client connection that has sent ``data``."""
+    def client(self, data: bytes, transport_class: type = StringTransport) -> StringTransport:
+        """A client connection that has sent ``data``, over a ``transport_class``."""
         channel = self.site.buildProtocol(None)
-        transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 4000))
+        transport = transport_class(peerAddress=IPv4Address("TCP", "10.0.0.1", 4000))
         channel.makeConnection(transport)
         channel.dataReceived(data)
         transport.channel = channel  # so a test can send more

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
-from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.interfaces import IHalfCloseableDescriptor, ITCPTransport
 from twisted.internet.protocol import Protocol
 from twisted.web.http import datetimeToString
 
@@ -37,7 +37,10 @@ MAX_FIELDS = 500
 """Header fields one request may carry (twisted.web's bound, kept)."""
 
 ABORT_SECONDS = 15.0
-"""How long a timed-out connection may take to flush before it is cut (as twisted.web)."""
+"""How long a closing connection may take to flush before it is cut (as twisted.web)."""
+
+LINGER_SECONDS = 30.0
+"""How long a lingering close reads and discards at most (nginx's ``lingering_time``)."""
 
 BAD_LINE = "the request line is not 'METHOD target HTTP/1.x'"
 VERSIONS = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
@@ -196,6 +199,7 @@ class FrontConnection(RequestReader):
         self.idle_seconds = factory.timeOut
         self.refusal: tuple[int, str, str] | None = None
         self.paused = False
+        self.lingering_since: float | None = None
         self.peer_host = ""
         self.send: Callable[[bytes], None] | None = None
         self.last_active = 0.0
@@ -233,7 +237,7 @@ class FrontConnection(RequestReader):
         if requests and requests[0] is request:
             del requests[0]
         if not request.persistent or self.closing:
-            self.close()
+            self.close(linger=not request.body_done)
             return
         self.last_active = self.clock.seconds()
         if requests:
@@ -279,13 +283,34 @@ class FrontConnection(RequestReader):
 
     def _answer_refusal(self, status: int, code: str, message: str) -> None:
         self.send(refusal_response(status, code, message))
-        self.close()
+        self.close(linger=True)
 
-    def close(self) -> None:
-        if not self.closing:
-            self.closing = True
-            self.transport.loseConnection()
-            self._arm(ABORT_SECONDS)
+    def close(self, linger: bool = False) -> None:
+        """Close once what was written is out; cut it if that takes ``ABORT_SECONDS``.
+
+        With ``linger`` (the client may still be sending: a body the answer did not wait
+        for, a head refused part-way), only the sending side closes and what the client
+        sends meanwhile is read and dropped, as nginx's lingering close does: closing a
+        socket with unread bytes makes the kernel reset the connection, and a client that
+        writes its whole upload before reading (Python's ``http.client``, most libraries)
+        would get that reset instead of the answer. The client's own close ends it; so
+        does ``ABORT_SECONDS`` without a byte from it, or ``LINGER_SECONDS`` in all. Over
+        TLS, which cannot close one side, the connection closes as usual.
+        """
+        if self.closing:
+            return
+        self.closing = True
+        self._arm(ABORT_SECONDS)
+        transport = self.transport
+        if not (linger and IHalfCloseableDescriptor.providedBy(transport)):
+            transport.loseConnection()
+            return
+        self.parser = None  # from now on dataReceived drops what it reads
+        self.unread = b""
+        self.upgraded = None
+        self.lingering_since = self.last_active = self.clock.seconds()
+        transport.loseWriteConnection()
+        transport.resumeProducing()  # reading may be paused by an upload's back-pressure
 
     def _pause(self) -> None:
         if not self.paused and not self.closing:
@@ -326,7 +351,8 @@ class FrontConnection(RequestReader):
         """No byte from the client for ``timeouts.idle`` (a request being answered does not
         count as idle, one whose body trickles in does): close, then cut."""
         if self.closing:
-            self.transport.abortConnection()
+            if not self._still_lingering():
+                self.transport.abortConnection()
             return
         requests = self.requests
         if requests and requests[0].body_done:
@@ -337,6 +363,19 @@ class FrontConnection(RequestReader):
             self._arm(self.idle_seconds - idle)
         else:
             self.close()
+
+    def _still_lingering(self) -> bool:
+        """A lingering close whose client sent bytes within ``ABORT_SECONDS`` goes on, up
+        to ``LINGER_SECONDS`` in all: re-armed, True."""
+        since = self.lingering_since
+        if since is None:
+            return False
+        now = self.clock.seconds()
+        left = min(since + LINGER_SECONDS, self.last_active + ABORT_SECONDS) - now
+        if left <= 0:
+            return False
+        self._arm(left)
+        return True
 
 
 def malformed(error: str, in_body: bool, no_field_yet: bool) -> str:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 import pytest_twisted
 import treq
 from twisted.internet import reactor
+from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.web import server
 
@@ -185,6 +187,37 @@ async def test_upload_refused_before_its_body_ends(http, backends, equalizer, re
     assert_error(response.body, "bad_gateway" if refusal == "502" else "no_healthy_backend")
     status, stats = await get_json(http, balancer.admin_url + "/stats")
     assert stats["requests"]["by_status"]["5xx"] == 1
+
+
+def upload_then_read(port: int, head: bytes, size: int) -> bytes:
+    """A blocking client that writes its whole request before it reads, as Python's
+    ``http.client`` and most client libraries do: what it reads once the upload is out."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(head + b"z" * size)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+        return received
+
+
+@pytest_twisted.ensureDeferred
+async def test_refused_upload_is_read_to_its_end_so_the_client_gets_the_answer(
+        backends, equalizer):
+    """The proxy answers 503 after the head and closes, but reads and drops the rest of the
+    16 MB upload first (lingering close): closing with it unread would reset the
+    connection, and this client would get a broken pipe instead of the answer."""
+    sick = backends("sick")
+    sick.health_status = 500
+    balancer = await equalizer(equalizer_config([sick.url], health={
+        "interval": "50ms", "unhealthy_threshold": 1}))
+    await wait_until(lambda: not balancer.service.pool.available,
+                     message="the backend to be taken out")
+    size = 16 * 1024 * 1024
+    head = b"POST /up HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n" % size
+    raw = await within(deferToThread(upload_then_read, balancer.proxy_port, head, size), 30)
+    response = parse_response(raw)
+    assert response.status == 503 and response.header(b"connection") == [b"close"]
+    assert_error(response.body, "no_healthy_backend")
 
 
 @pytest_twisted.ensureDeferred
