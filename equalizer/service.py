@@ -43,7 +43,7 @@ from equalizer.logs.service import LogFileError, LoggingService, open_logging
 from equalizer.metrics import EqualizerCollector, metrics_registry
 from equalizer.proxy.admission import ADMIT_ALL, RateLimiter
 from equalizer.proxy.exchange import Proxy
-from equalizer.proxy.site import ProxySite, eager_writer
+from equalizer.proxy.site import Outbox, ProxySite
 from equalizer.proxy.upstream import UpstreamPool
 from equalizer.readiness import BucketService
 from equalizer.routing.pools import NamedPools, hash_key_of
@@ -207,8 +207,9 @@ class EqualizerService(MultiService):
                                       reload_backends if self.backends_from_file else None)
         self.named_pools.setServiceParent(self)
         timeouts = config.proxy.timeouts
+        outbox = Outbox(reactor)  # the writes of both sides go out together each turn
         self.upstreams = UpstreamPool(reactor, reactor, connect_timeout=timeouts.connect,
-                                      idle_timeout=timeouts.idle, writer=eager_writer)
+                                      idle_timeout=timeouts.idle, writer=outbox.writer)
         self.upstreams.setServiceParent(self)
         self.proxy = Proxy(
             self.pool, self.upstreams, config.proxy, reactor, self.stats, self.health,
@@ -216,7 +217,7 @@ class EqualizerService(MultiService):
         )
         self.proxy.access_log.attach(logging_service)
         self.limiter = RateLimiter(self.store, config.rate_limit, self.stats)
-        self.proxy_site = ProxySite(self.proxy, config.proxy, reactor)
+        self.proxy_site = ProxySite(self.proxy, config.proxy, reactor, outbox)
         self.admin = AdminAPI(
             self.pool, self.stats, reactor, self.store, config.rate_limit.default,
             self.forget_backend, config.admin.token, readiness=self.readiness,

@@ -200,6 +200,29 @@ def test_a_connection_that_cannot_close_one_side_closes_as_before():
     assert parse_response(client.value()).status == 503 and client.disconnecting
 
 
+class FlushCounter:
+    """An outbox that only counts its flushes (the tests' transports are written at once)."""
+
+    flushes = 0
+
+    def writer(self, transport):
+        return transport.write
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+@pytest.mark.parametrize("data", [
+    b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n", UPLOAD], ids=["close", "linger"])
+def test_a_closing_connection_sends_the_turns_writes_first(data):
+    """Twisted may close the socket before the turn is over and its writes go out."""
+    setup = Setup()
+    setup.site.outbox = FlushCounter()
+    client = setup.client(data, HalfCloseableTransport)
+    setup.complete_connect().dataReceived(OK)
+    assert setup.site.outbox.flushes == 1 and (client.disconnecting or client.write_closed)
+
+
 def test_idle_client_is_closed_but_not_while_its_request_is_answered():
     setup = Setup()
     setup.site.timeOut = 5

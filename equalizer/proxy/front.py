@@ -301,6 +301,7 @@ class FrontConnection(RequestReader):
             return
         self.closing = True
         self._arm(ABORT_SECONDS)
+        self.factory.outbox.flush()  # Twisted may close before the turn's writes go
         transport = self.transport
         if not (linger and IHalfCloseableDescriptor.providedBy(transport)):
             transport.loseConnection()

@@ -107,19 +107,20 @@ class ProxySite(Factory):
 
     noisy = False
 
-    def __init__(self, proxy: Proxy, config: ProxyConfig, reactor: IReactorTime) -> None:
+    def __init__(self, proxy: Proxy, config: ProxyConfig, reactor: IReactorTime,
+                 outbox: Outbox | None = None) -> None:
         self.proxy = proxy
         self.clock = reactor
+        self.outbox = outbox or Outbox(reactor)
         self.max_header_bytes = config.max_header_bytes
         self.timeOut = config.timeouts.idle or None
 
     def buildProtocol(self, addr) -> FrontConnection:
         return FrontConnection(self)
 
-    @staticmethod
-    def writer(transport) -> Callable[[bytes], None]:
-        """How the connection writes to ``transport``: ``eager_writer``."""
-        return eager_writer(transport)
+    def writer(self, transport) -> Callable[[bytes], None]:
+        """How the connection writes to ``transport``: through the ``Outbox``."""
+        return self.outbox.writer(transport)
 
     def acceptableProtocols(self) -> list[bytes]:
         """What an ``ssl:`` listener offers over ALPN: HTTP/1.1 only.
@@ -130,35 +131,65 @@ class ProxySite(Factory):
         return [b"http/1.1"]
 
 
-def eager_writer(transport) -> Callable[[bytes], None]:
-    """A write that sends at once when nothing is queued, for a plain TCP connection.
+class Outbox:
+    """Writes to plain TCP connections, sent together at the end of the reactor's turn.
 
-    Twisted's ``write`` only queues the bytes and asks the reactor to watch the socket for
-    writability, so every response costs an epoll round (two ``epoll_ctl`` calls and a
-    ``doWrite`` dispatch) before its first byte leaves; asyncio sends at once when it
-    can. With bytes already queued, while closing, or when the socket takes less than
-    all (or fails: Twisted sees the error on its own next try), the rest goes through
-    ``write`` as usual, so the order of bytes and back-pressure are Twisted's. Other
-    transports (TLS, the tests' in-memory ones) keep their ``write``.
+    Twisted's ``write`` only queues the bytes and asks the reactor to watch the socket
+    for writability, so every response cost an epoll round (two ``epoll_ctl`` calls and
+    a ``doWrite`` dispatch) before its first byte left. Sending each write at once
+    instead (as asyncio does) made every send wake its receiver, the backend or the
+    client, sleeping on the other core: on a virtual machine that wake-up is an
+    interrupt across cores, and it took an eighth of the proxy's CPU (``perf``:
+    ``sock_def_readable`` under ``send``). So the writes of one turn (the events of
+    one ``epoll_wait``) wait in a list and are sent one after the other, each in one
+    ``send``, once the turn is over: the first send of a burst wakes the receiver, the
+    rest find it awake. Measured: 159 against 225 µs of CPU per request, 1.35x the
+    requests a second (1 KiB, c=32, median of five paired runs).
+
+    When the socket takes less than all, or Twisted still holds bytes for it, or it
+    is closing, the rest goes through ``write`` as usual, so the order of bytes and
+    back-pressure stay Twisted's. A connection about to close calls ``flush`` first:
+    Twisted may close it before the turn is over. Other transports (TLS, the tests'
+    in-memory ones) keep their ``write``.
     """
-    if not isinstance(transport, Connection):
-        return transport.write
-    write = transport.write
-    send = transport.socket.send
 
-    def write_now(data: bytes) -> None:
-        if (transport._tempDataLen or len(transport.dataBuffer) > transport.offset
-                or transport.disconnecting or not transport.connected):
-            write(data)
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._queued: list[tuple[Connection, bytes]] = []
+
+    def writer(self, transport) -> Callable[[bytes], None]:
+        """``transport``'s write: through this outbox for a plain TCP connection."""
+        if not isinstance(transport, Connection):
+            return transport.write
+        queued = self._queued
+        later = self._clock.callLater
+        flush = self.flush
+
+        def write_at_end_of_turn(data: bytes) -> None:
+            if not queued:
+                later(0, flush)
+            queued.append((transport, data))
+
+        return write_at_end_of_turn
+
+    def flush(self) -> None:
+        """Send what the turn wrote, in the order it was written."""
+        queued = self._queued
+        if not queued:
             return
-        try:
-            sent = send(data)
-        except OSError:
-            sent = 0
-        if sent < len(data):
-            write(data[sent:] if sent else data)
-
-    return write_now
+        writes = queued[:]
+        queued.clear()
+        for transport, data in writes:
+            if (transport._tempDataLen or len(transport.dataBuffer) > transport.offset
+                    or transport.disconnecting or not transport.connected):
+                transport.write(data)
+                continue
+            try:
+                sent = transport.socket.send(data)
+            except OSError:
+                sent = 0  # Twisted sees the error on its own next try
+            if sent < len(data):
+                transport.write(data[sent:] if sent else data)
 
 
 def accept_in_turn(port) -> None:

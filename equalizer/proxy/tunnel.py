@@ -22,26 +22,29 @@ class Tunnel:
     it had buffered after the request goes on first.
     """
 
-    __slots__ = ("attempt", "client")
+    __slots__ = ("attempt", "connection", "send")
 
     def __init__(self, attempt: Attempt, reason: bytes,
                  headers: list[tuple[bytes, bytes]]) -> None:
         self.attempt = attempt
         exchange = attempt.exchange
         request = exchange.request
-        client = self.client = request.transport
+        client = request.transport
+        self.connection = request.connection
+        self.send = request.send  # as every write to the client: in order with the rest
         lines = [b"HTTP/1.1 101 %s\r\n" % reason]
         lines.extend(b"%s: %s\r\n" % (name, value) for name, value in headers)
         if not any(name.lower() == b"x-request-id" for name, _ in headers):
             lines.append(b"X-Request-ID: %s\r\n" % exchange.request_id)
         lines.append(exchange.proxy.response_lines(exchange))
         lines.append(b"\r\n")
-        client.writeSequence(lines)
+        self.send(b"".join(lines))
         request.head_sent = True
-        backend_side = attempt.connection.transport
-        buffered = request.connection.hand_over(backend_side.write)
+        backend = attempt.connection
+        backend_side = backend.transport
+        buffered = request.connection.hand_over(backend.write)
         if buffered:
-            backend_side.write(buffered)
+            backend.write(buffered)
         client.registerProducer(backend_side, True)
         backend_side.registerProducer(UploadThrottle(client), True)
         client.resumeProducing()
@@ -50,13 +53,13 @@ class Tunnel:
         attempt = self.attempt
         attempt.progress += 1
         attempt.exchange.bytes_sent += len(data)
-        self.client.write(data)
+        self.send(data)
 
     def response_done(self) -> None:
         """The backend closed its side: the tunnel is over, the client's side closes too."""
         self.attempt.connection = None
         self.attempt.exchange.finish()
-        self.client.loseConnection()
+        self.connection.close()
 
     def response_failed(self, reason: Failure, response_started: bool) -> None:
         self.attempt.response_failed(reason, response_started)

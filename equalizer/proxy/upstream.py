@@ -369,8 +369,8 @@ class UpstreamPool(Service):
     def __init__(self, reactor: IReactorTCP, clock: IReactorTime, *, connect_timeout: float,
                  idle_timeout: float, max_idle_per_backend: int = 128,
                  writer: Callable[[Any], Callable[[bytes], None]] | None = None) -> None:
-        """``writer`` makes a connection's write from its transport (``site.eager_writer``
-        sends at once when nothing is queued); without one, the transport's own."""
+        """``writer`` makes a connection's write from its transport (``site.Outbox``
+        sends a turn's writes together at its end); without one, the transport's own."""
         self._reactor = reactor
         self.writer = writer or transport_write
         self._clock = clock
