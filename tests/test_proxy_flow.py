@@ -271,6 +271,17 @@ def test_fields_the_backend_names_in_connection_do_not_reach_the_client():
     assert head.count(b"X-Request-ID") == 1 and b"X-Request-ID: theirs" in head
 
 
+def test_fields_named_in_every_connection_field_stay_behind():
+    """Two ``Connection`` fields are one list (RFC 9110 5.3): what either names goes."""
+    setup = Setup()
+    client = setup.client(GET)
+    setup.complete_connect().dataReceived(
+        b"HTTP/1.1 200 OK\r\nConnection: X-One\r\nConnection: keep-alive, X-Two\r\n"
+        b"X-One: 1\r\nX-Two: 2\r\nX-Three: 3\r\nContent-Length: 2\r\n\r\nok")
+    head = client.value().split(b"\r\n\r\n", 1)[0]
+    assert b"X-One" not in head and b"X-Two" not in head and b"X-Three: 3" in head
+
+
 def test_204_never_carries_content_length():
     setup = Setup()
     client = setup.client(GET)

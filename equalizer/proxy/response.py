@@ -55,8 +55,9 @@ def write_head(exchange: Exchange, status: int, reason: bytes,
     for name, value in headers:
         lowered = name.lower()
         if lowered in HOP_BY_HOP:
-            if lowered == b"connection":
-                named = connection_tokens((value,))
+            if lowered == b"connection":  # what it names goes too (hop-by-hop names: gone)
+                tokens = connection_tokens((value,)) - HOP_BY_HOP
+                named = tokens if named is None else named | tokens
             continue
         if lowered == b"content-length":
             if chunked or codings or status == 204:
