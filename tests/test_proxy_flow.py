@@ -259,13 +259,18 @@ def test_tunnel_failing_aborts_the_client():
 # -- the response head ------------------------------------------------------------------------
 
 
-def test_fields_the_backend_names_in_connection_do_not_reach_the_client():
+def relayed_head(response: bytes) -> bytes:
+    """The response head a client gets for a GET the backend answers with ``response``."""
     setup = Setup()
     client = setup.client(GET)
-    setup.complete_connect().dataReceived(
+    setup.complete_connect().dataReceived(response)
+    return client.value().split(b"\r\n\r\n", 1)[0]
+
+
+def test_fields_the_backend_names_in_connection_do_not_reach_the_client():
+    head = relayed_head(
         b"HTTP/1.1 200 OK\r\nConnection: X-Private, Content-Length\r\nX-Private: s\r\n"
         b"X-Request-ID: theirs\r\nContent-Length: 2\r\n\r\nok")
-    head = client.value().split(b"\r\n\r\n", 1)[0]
     assert b"X-Private" not in head and b"Connection:" not in head
     assert b"Content-Length" not in head and b"Transfer-Encoding: chunked" in head
     assert head.count(b"X-Request-ID") == 1 and b"X-Request-ID: theirs" in head
@@ -273,12 +278,9 @@ def test_fields_the_backend_names_in_connection_do_not_reach_the_client():
 
 def test_fields_named_in_every_connection_field_stay_behind():
     """Two ``Connection`` fields are one list (RFC 9110 5.3): what either names goes."""
-    setup = Setup()
-    client = setup.client(GET)
-    setup.complete_connect().dataReceived(
+    head = relayed_head(
         b"HTTP/1.1 200 OK\r\nConnection: X-One\r\nConnection: keep-alive, X-Two\r\n"
         b"X-One: 1\r\nX-Two: 2\r\nX-Three: 3\r\nContent-Length: 2\r\n\r\nok")
-    head = client.value().split(b"\r\n\r\n", 1)[0]
     assert b"X-One" not in head and b"X-Two" not in head and b"X-Three: 3" in head
 
 
