@@ -152,6 +152,15 @@ def test_an_answer_before_the_whole_upload_closes_only_the_sending_side():
     assert setup.proxy.stats.connections == 0
 
 
+def test_a_backend_answering_an_upload_early_lingers_too():
+    """A backend's 413 before the upload has ended: the client gets it, not a reset."""
+    setup = Setup()
+    client = setup.client(UPLOAD + b"a" * 100, HalfCloseableTransport)
+    setup.complete_connect().dataReceived(b"HTTP/1.1 413 Too Large\r\nContent-Length: 0\r\n\r\n")
+    assert parse_response(client.value()).status == 413
+    assert client.write_closed and not client.disconnecting
+
+
 def test_a_lingering_close_is_cut_when_the_client_stops_sending():
     setup = Setup()
     client = refused_upload(setup)
