@@ -161,6 +161,17 @@ def test_a_backend_answering_an_upload_early_lingers_too():
     assert client.write_closed and not client.disconnecting
 
 
+def test_a_lingering_close_reads_again_where_back_pressure_paused_the_upload():
+    setup = Setup()
+    client = setup.client(UPLOAD, HalfCloseableTransport)
+    backend = setup.complete_connect()
+    backend.transport.producer.pauseProducing()  # the backend socket is full
+    client.channel.dataReceived(b"a" * 100)
+    assert client.producerState == "paused"
+    backend.dataReceived(b"HTTP/1.1 413 Too Large\r\nContent-Length: 0\r\n\r\n")
+    assert client.write_closed and client.producerState == "producing"
+
+
 def test_a_lingering_close_is_cut_when_the_client_stops_sending():
     setup = Setup()
     client = refused_upload(setup)

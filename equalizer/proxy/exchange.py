@@ -252,8 +252,6 @@ class Exchange:
 
     def complete(self) -> None:
         request = self.request
-        if not request.body_done:  # the connection closes after this (write_head), and
-            self.resume_client()  # its reading, maybe paused by the upload, goes on
         self.finish()
         if request.transport is not None:
             request.finish()
