@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 
 from equalizer.config.model import LoggingConfig, RotateConfig
 from equalizer.logs.access import AccessLog
+from equalizer.logs.batch import LINES_BATCH, LINES_DELAY, LineBatcher
 from equalizer.logs.files import QueuedWriter
 from equalizer.logs.formats import format_json, format_text
 from equalizer.logs.maintenance import maintain
@@ -246,10 +247,12 @@ def test_access_line_names_every_upstream_address(tmp_path: Path, fmt: str) -> N
     """An access line names every backend tried by host:port, in order and as nginx's
     $upstream_addr prints them, then their ids; the fast path writes exactly what the
     twisted.logger path would."""
-    service = LoggingService(file_config(tmp_path / "eq.log", format=fmt), FakeReactor())
+    reactor = FakeReactor()
+    service = LoggingService(file_config(tmp_path / "eq.log", format=fmt), reactor)
     fast = AccessLog()
     fast.attach(service)
     fast.log(**ACCESS_FIELDS)
+    reactor.advance(LINES_DELAY)
     slow = AccessLog()
     slow._logger = Logger(namespace="equalizer.access", observer=service.observer)
     slow.log(**ACCESS_FIELDS)
@@ -269,10 +272,12 @@ def test_access_line_names_every_upstream_address(tmp_path: Path, fmt: str) -> N
 
 def test_access_line_without_backend_is_dash(tmp_path: Path) -> None:
     """A request answered by the proxy itself (a 429) logs ``-`` for address and id."""
-    service = LoggingService(file_config(tmp_path / "eq.log"), FakeReactor())
+    reactor = FakeReactor()
+    service = LoggingService(file_config(tmp_path / "eq.log"), reactor)
     access = AccessLog()
     access.attach(service)
     access.log("10.0.0.7", "GET", "/", 429, 80, 0.5, "-", "r2", "limited", "-")
+    reactor.advance(LINES_DELAY)
     service.close()
     [line] = lines_of(tmp_path / "eq.log")
     assert line.endswith(' 429 80 0.5ms upstream_addr="-" backend=- request_id=r2'
@@ -520,3 +525,56 @@ async def test_real_threads_write_rotate_and_compress(tmp_path: Path) -> None:
     files = rotated(tmp_path)
     assert len(files) >= 5 and all(p.name.endswith(".gz") for p in files)
     assert all_messages(tmp_path) == messages
+
+
+def test_access_lines_go_to_the_writer_in_batches(tmp_path: Path) -> None:
+    """Access lines wait in the reactor thread and reach the file together, LINES_DELAY
+    after the first: one hand-over to the writer per batch, not one per request."""
+    reactor = FakeReactor()
+    service = LoggingService(file_config(tmp_path / "eq.log", max_bytes=1_000_000), reactor)
+    access = AccessLog()
+    access.attach(service)
+    for request_id in ("r1", "r2", "r3"):
+        access.log("10.0.0.7", "GET", "/", 200, 80, 0.5, "b1", request_id, "allowed")
+    assert lines_of(tmp_path / "eq.log") == []
+    reactor.advance(LINES_DELAY)
+    assert [line.split(" request_id=")[1] for line in lines_of(tmp_path / "eq.log")] == [
+        "r1 rate_limit=allowed", "r2 rate_limit=allowed", "r3 rate_limit=allowed"]
+    service.close()
+
+
+def test_stopping_the_service_writes_waiting_access_lines(tmp_path: Path) -> None:
+    """Stopping writes the batch that waits, and any later line goes at once: no line waits
+    for a timer the stopping reactor would not run."""
+    reactor = FakeReactor()
+    service = LoggingService(file_config(tmp_path / "eq.log", max_bytes=1_000_000), reactor)
+    service.startService()
+    access = AccessLog()
+    access.attach(service)
+    access.log("10.0.0.7", "GET", "/", 200, 80, 0.5, "b1", "before", "allowed")
+    stopped = threading.Event()
+    service.stopService().addCallback(lambda _: stopped.set())
+    assert stopped.wait(10)  # the writer thread has written what was queued and ended
+    access.log("10.0.0.7", "GET", "/", 200, 80, 0.5, "b1", "after", "allowed")
+    service.close()
+    assert [line.split(" request_id=")[1] for line in lines_of(tmp_path / "eq.log")] == [
+        "before rate_limit=allowed", "after rate_limit=allowed"]
+    assert not reactor.getDelayedCalls()
+
+
+def test_line_batcher_hands_on_a_full_batch_at_once() -> None:
+    """LINES_BATCH characters waiting go at once, without waiting for the delay; flush
+    returns what delivery returned."""
+    clock = Clock()
+    delivered: list[str] = []
+    batcher = LineBatcher(clock, lambda text: delivered.append(text) or len(delivered))
+    line = "x" * 99 + "\n"
+    for _ in range(LINES_BATCH // len(line)):
+        batcher.write(line)
+    assert delivered == []
+    batcher.write(line)
+    assert delivered == [line * (LINES_BATCH // len(line) + 1)]
+    assert not clock.getDelayedCalls()
+    batcher.write("last\n")
+    assert batcher.flush() == 2 and delivered[1] == "last\n"
+    assert batcher.flush() is None

@@ -72,7 +72,7 @@ class AccessLog:
         else:
             line = _ACCESS_TEXT % (self._timestamp(now), client, method, path, status, size,
                                    duration_ms, upstream_addr, backend, request_id, rate_limit)
-        service.writer.write(line)
+        service.access_lines.write(line)
 
     def _timestamp(self, now: float) -> str:
         """``_iso_time`` with the date part computed once a second."""

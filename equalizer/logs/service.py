@@ -36,6 +36,7 @@ from twisted.python.components import Componentized
 
 from equalizer.config.model import LoggingConfig
 from equalizer.logs.access import AccessLog  # noqa: F401 -- re-exported: callers import it here
+from equalizer.logs.batch import LineBatcher
 from equalizer.logs.files import MAX_QUEUED_LINES, QueuedWriter, RotatingFile, Sink, StreamSink
 from equalizer.logs.formats import ACCESS_NAMESPACE, FORMATS, LineObserver, level_filter
 from equalizer.logs.maintenance import LogMaintenance
@@ -101,6 +102,8 @@ class LoggingService(Service):
             sink = self._open_file(config, source)
         self.writer = QueuedWriter(sink, reactor.callFromThread, max_queued=max_queued,
                                    drop_notice=self._drop_notice)
+        self.access_lines = LineBatcher(reactor, self.writer.write)
+        """The access log's lines, in batches: a line each to the writer costs the proxy."""
         self._predicate = level_filter(config)
         self._lines = LineObserver(FORMATS[config.format], self.writer.write)
         self.observer: ILogObserver = FilteringLogObserver(self._lines, [self._predicate])
@@ -149,6 +152,7 @@ class LoggingService(Service):
     def stopService(self) -> Deferred[None]:
         """Fires once queued lines are written and no compression is running."""
         super().stopService()
+        self.access_lines.close()
         d = self.writer.stop()
         if self.maintenance is not None:
             maintenance = self.maintenance

@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -32,6 +33,7 @@ from twisted.protocols import amp
 from equalizer.balancer.pool import DrainCancelled
 from equalizer.buckets.leasing import LeasingStore
 from equalizer.config.model import Config
+from equalizer.logs.batch import LineBatcher
 from equalizer.logs.formats import FORMATS, LineObserver, level_filter
 from equalizer.proxy.site import accept_in_turn
 from equalizer.service import EqualizerService
@@ -44,12 +46,8 @@ log = Logger()
 LISTEN_FD = 3
 CONTROL_FD = 4
 PR_SET_PDEATHSIG = 1
-LINES_BATCH = 32_768
-"""Characters of log lines sent in one message at most."""
 FLUSH_GRACE = 0.1
 """Seconds a stopping worker lets its last answers be written before it exits."""
-LINES_DELAY = 0.05
-"""Seconds a log line may wait to go with others."""
 
 
 def worker_config(config: Config) -> Config:
@@ -61,37 +59,18 @@ def worker_config(config: Config) -> Config:
                         pools=pools)
 
 
-class LineBatcher:
-    """Log lines to the supervisor, a batch at most every LINES_DELAY seconds."""
+def supervisor_lines(channel: WorkerChannel) -> Callable[[str], Deferred[Any] | None]:
+    """Delivery of a batch of log lines to the supervisor; to standard error when the
+    channel is gone or the supervisor does not take them."""
 
-    def __init__(self, reactor: Any, channel: WorkerChannel) -> None:
-        self._reactor = reactor
-        self._channel = channel
-        self._lines: list[str] = []
-        self._size = 0
-        self._call: Any = None
-
-    def write(self, line: str) -> None:
-        self._lines.append(line)
-        self._size += len(line)
-        if self._size >= LINES_BATCH:
-            self.flush()
-        elif self._call is None:
-            self._call = self._reactor.callLater(LINES_DELAY, self.flush)
-
-    def flush(self) -> Deferred[Any] | None:
-        """Send what is waiting; the Deferred fires once the supervisor has it."""
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
-        text, self._lines, self._size = "".join(self._lines), [], 0
-        if not text:
-            return None
-        if self._channel.connected:
-            return self._channel.callRemote(commands.Lines, text=text).addErrback(
+    def deliver(text: str) -> Deferred[Any] | None:
+        if channel.connected:
+            return channel.callRemote(commands.Lines, text=text).addErrback(
                 lambda failure: sys.stderr.write(text))
         sys.stderr.write(text)
         return None
+
+    return deliver
 
 
 @attrs.define
@@ -100,6 +79,11 @@ class ForwardingLog:
 
     config: Any
     writer: LineBatcher
+
+    @property
+    def access_lines(self) -> LineBatcher:
+        """The access log's lines go with the others, already in batches."""
+        return self.writer
 
     def observer(self) -> FilteringLogObserver:
         return FilteringLogObserver(LineObserver(FORMATS[self.config.format], self.writer.write),
@@ -344,7 +328,7 @@ def main(argv: list[str]) -> None:
     from twisted.internet.protocol import Factory
 
     channel = WorkerChannel(reactor)
-    logging = ForwardingLog(config.logging, LineBatcher(reactor, channel))
+    logging = ForwardingLog(config.logging, LineBatcher(reactor, supervisor_lines(channel)))
     globalLogBeginner.beginLoggingTo([logging.observer()], redirectStandardIO=False)
     service = WorkerService(config, reactor, channel)
     channel.service = service
