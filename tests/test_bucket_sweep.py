@@ -1,4 +1,5 @@
-"""MemoryStore's bucket lifetime: full default buckets are swept, the cap holds, on a Clock."""
+"""Bucket lifetime on a Clock: MemoryStore's full default buckets are swept and the cap
+holds; how often the PostgreSQL store sweeps."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from equalizer.balancer.stats import bucket_counts
 from equalizer.buckets.interface import MAX_SWEEP_INTERVAL, sweep_interval
 from equalizer.buckets.maths import Bucket, is_full
 from equalizer.buckets.memory import SWEEP_CHUNK, MemoryStore
+from equalizer.buckets.postgres.store import SWEEP_IDLE, PostgresStore
 from equalizer.config.model import BucketPolicy, RateLimitConfig
 from tests.helpers import result_of
 
@@ -195,3 +197,16 @@ def test_bucket_counts_for_stats(clock):
     assert bucket_counts(store) == {"held": 1, "swept": 0, "over_cap": 1}
     clock.advance(4)
     assert bucket_counts(store) == {"held": 0, "swept": 1, "over_cap": 1}
+
+
+def test_postgres_store_sweeps_no_more_often_than_rows_may_go():
+    """The PostgreSQL store sweeps every refill window, but at most once per ``sweep_idle``
+    (a row goes only once unchanged that long): a bucket refilling within a second is
+    swept every 10 s, not every second; a longer window is kept as it is."""
+    store = PostgresStore("dbname=unused", Clock())  # not started: configure only
+    store.configure(RateLimitConfig(default=BucketPolicy(capacity=10, refill_rate=1e9)))
+    assert store.interval == SWEEP_IDLE == 10.0
+    store.configure(RateLimitConfig(default=BucketPolicy(capacity=30, refill_rate=1.0)))
+    assert store.interval == 30.0
+    store.configure(RateLimitConfig(default=None))
+    assert store.interval == MAX_SWEEP_INTERVAL

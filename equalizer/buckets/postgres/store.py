@@ -24,12 +24,12 @@ Full default rows are swept.
     A row made from the default policy (``from_default``, migration 0004) that
     has refilled to its capacity holds no information; once also unchanged for
     :data:`SWEEP_IDLE` seconds (its client no longer active) it is deleted by a sweep
-    every :func:`~equalizer.buckets.interface.sweep_interval` seconds
-    (:meth:`PostgresStore.sweep`): batches of :data:`SWEEP_BATCH` rows in client
-    id order over a partial index, each its own statement and transaction,
-    locking with ``SKIP LOCKED`` and only when it gets a transaction-level
-    advisory try-lock, so it never waits on a take and one instance sweeps at a
-    time. Rows made or changed through the admin API are never swept.
+    every :func:`~equalizer.buckets.interface.sweep_interval` seconds, or every
+    :data:`SWEEP_IDLE` seconds if that is longer (:meth:`PostgresStore.sweep`):
+    batches of :data:`SWEEP_BATCH` rows in client id order over a partial index,
+    each its own statement and transaction, locking with ``SKIP LOCKED`` and only
+    when it gets a transaction-level advisory try-lock, so it never waits on a take
+    and one instance sweeps at a time. Rows made or changed through the admin API are never swept.
 """
 
 from __future__ import annotations
@@ -190,8 +190,13 @@ class PostgresStore:
     # the sweep ---------------------------------------------------------------------------
 
     def configure(self, config: RateLimitConfig) -> None:
-        """Sweep every :func:`sweep_interval` of the default policy (start-up and reload)."""
-        self.interval = sweep_interval(config.default)
+        """Sweep every :func:`sweep_interval` of the default policy (start-up and reload),
+        but at most once per ``sweep_idle``: a row goes only once unchanged that long, so
+        sweeping every second looked at each row ten times for each time it could go (with
+        10,000 keys in turn and a bucket that refills within a second, 10,000 rows a
+        second looked at to delete none; in a paired run the database's CPU fell from
+        6-7 % to 5 %)."""
+        self.interval = max(sweep_interval(config.default), self._sweep_idle)
         call = self._sweep_call
         if call is not None and call.active():
             call.reset(min(self.interval, max(0.0, call.getTime() - self._reactor.seconds())))
