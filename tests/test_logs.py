@@ -578,3 +578,26 @@ def test_line_batcher_hands_on_a_full_batch_at_once() -> None:
     batcher.write("last\n")
     assert batcher.flush() == 2 and delivered[1] == "last\n"
     assert batcher.flush() is None
+
+
+def test_a_slow_disk_bounds_queued_batches_by_characters() -> None:
+    """Batches of lines (access lines, a worker's) are bounded by characters as well as by
+    count, and what is dropped is counted in lines."""
+    sink = BlockingSink()
+    writer = QueuedWriter(sink, lambda f, *a: f(*a), max_queued=10, max_chars=100,
+                          drop_notice=lambda n: f"dropped {n}\n")
+    stopped = threading.Event()
+    writer.start()
+    try:
+        writer.write("first\n")
+        assert sink.entered.wait(5)
+        line = "x" * 29 + "\n"  # 30 characters
+        for _ in range(3):
+            writer.write(line)
+        writer.write(line * 3)  # 90 more would pass 100: its three lines are dropped
+        assert writer.dropped == 3
+    finally:
+        sink.release.set()
+        writer.stop().addCallback(lambda _: stopped.set())
+    assert stopped.wait(5)
+    assert sink.lines == ["first\n", line, line, line, "dropped 3\n"]

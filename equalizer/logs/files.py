@@ -32,7 +32,10 @@ from twisted.internet.defer import Deferred, succeed
 BATCH_SECONDS = 0.02
 """How long the writer lets lines gather after the first one arrives."""
 MAX_QUEUED_LINES = 10_000
-"""Lines the writer may be behind before new ones are dropped (a few MB at most)."""
+"""Writes (a line, or a batch of lines) the writer may be behind before new ones are
+dropped."""
+MAX_QUEUED_CHARS = 4 * 1024 * 1024
+"""... and characters: batches of access lines (or a worker's) are up to 32 KiB each."""
 ROTATE_RETRY_SECONDS = 60.0
 """How long a failed rotation waits before the next attempt (meanwhile the file grows)."""
 
@@ -197,23 +200,31 @@ def _default_drop_notice(count: int) -> str:
     return f"[warn] [equalizer.logs] log output too slow: dropped {count} lines\n"
 
 
+def _line_count(text: str) -> int:
+    """Lines in what one write carries (a line, or a batch of them)."""
+    return text.count("\n") or 1
+
+
 class QueuedWriter:
     """Hands lines to a sink from a dedicated thread, so a slow disk never blocks the caller.
 
-    ``write`` may be called from any thread. While the thread runs, it appends to a queue of
-    at most ``max_queued`` lines and returns at once; a line that does not fit is dropped
-    and counted, and the thread writes ``drop_notice(count)`` after the next lines it
-    manages to write. Lines that fail to write (disk full) count as dropped too. Before
+    ``write`` may be called from any thread, with a line or several. While the thread runs,
+    it appends to a queue of at most ``max_queued`` writes and ``max_chars`` characters and
+    returns at once; lines that do not fit are dropped and counted, and the thread writes
+    ``drop_notice(count)`` after the next lines it manages to write. Lines that fail to
+    write (disk full) count as dropped too. Before
     :meth:`start` and after :meth:`stop` it writes synchronously. ``call_from_thread``
     (the reactor's ``callFromThread``) delivers the end of :meth:`stop` to the reactor.
     """
 
     def __init__(self, sink: Sink, call_from_thread: Callable[..., object], *,
-                 max_queued: int = MAX_QUEUED_LINES,
+                 max_queued: int = MAX_QUEUED_LINES, max_chars: int = MAX_QUEUED_CHARS,
                  drop_notice: Callable[[int], str] = _default_drop_notice) -> None:
         self.sink = sink
         self._call_from_thread = call_from_thread
         self._max_queued = max_queued
+        self._max_chars = max_chars
+        self._queued_chars = 0
         self._drop_notice = drop_notice
         self._lock = threading.Condition(threading.RLock())
         self._pending: deque[str] = deque()
@@ -232,12 +243,14 @@ class QueuedWriter:
             if self._state == "sync":
                 dropped, self._dropped = self._dropped, 0
                 self._write_batch([line], dropped)
-            elif len(self._pending) >= self._max_queued:
-                self._dropped += 1
+            elif (len(self._pending) >= self._max_queued
+                  or self._queued_chars + len(line) > self._max_chars):
+                self._dropped += _line_count(line)
             else:
                 if not self._pending:
                     self._lock.notify()
                 self._pending.append(line)
+                self._queued_chars += len(line)
 
     def start(self) -> None:
         with self._lock:
@@ -274,6 +287,7 @@ class QueuedWriter:
                     break
                 batch = list(self._pending)
                 self._pending.clear()
+                self._queued_chars = 0
                 dropped, self._dropped = self._dropped, 0
             self._write_batch(batch, dropped)
         for waiter in waiters:
@@ -285,7 +299,7 @@ class QueuedWriter:
             try:
                 self.sink.write(line)
             except Exception:
-                failed += 1
+                failed += _line_count(line)
         if dropped:
             try:
                 self.sink.write(self._drop_notice(dropped))
