@@ -9,12 +9,14 @@ a blocking sink, and once end to end under the real reactor with pytest-twisted.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
 import os
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -463,25 +465,33 @@ class BlockingSink:
         pass
 
 
-def test_slow_disk_does_not_block_emit() -> None:
-    """While the sink is stuck, write returns at once, overflow is dropped and reported later."""
+@contextlib.contextmanager
+def stuck_writer(**limits: int) -> Iterator[tuple[QueuedWriter, BlockingSink]]:
+    """A started writer whose sink is stuck writing ``first``; on leaving, the sink is
+    released and the writer stopped (its thread has written everything)."""
     sink = BlockingSink()
-    writer = QueuedWriter(sink, lambda f, *a: f(*a), max_queued=10,
-                          drop_notice=lambda n: f"dropped {n}\n")
+    writer = QueuedWriter(sink, lambda f, *a: f(*a), drop_notice=lambda n: f"dropped {n}\n",
+                          **limits)
     stopped = threading.Event()
     writer.start()
     try:
         writer.write("first\n")
         assert sink.entered.wait(5)
+        yield writer, sink
+    finally:
+        sink.release.set()
+        writer.stop().addCallback(lambda _: stopped.set())
+    assert stopped.wait(5)
+
+
+def test_slow_disk_does_not_block_emit() -> None:
+    """While the sink is stuck, write returns at once, overflow is dropped and reported later."""
+    with stuck_writer(max_queued=10) as (writer, sink):
         began = time.monotonic()
         for i in range(100):
             writer.write(f"line {i}\n")
         assert time.monotonic() - began < 0.5
         assert writer.dropped == 90
-    finally:
-        sink.release.set()
-        writer.stop().addCallback(lambda _: stopped.set())
-    assert stopped.wait(5)
     assert sink.lines == ["first\n", *(f"line {i}\n" for i in range(10)), "dropped 90\n"]
     writer.write("after stop\n")  # synchronous again
     assert sink.lines[-1] == "after stop\n"
@@ -583,21 +593,10 @@ def test_line_batcher_hands_on_a_full_batch_at_once() -> None:
 def test_a_slow_disk_bounds_queued_batches_by_characters() -> None:
     """Batches of lines (access lines, a worker's) are bounded by characters as well as by
     count, and what is dropped is counted in lines."""
-    sink = BlockingSink()
-    writer = QueuedWriter(sink, lambda f, *a: f(*a), max_queued=10, max_chars=100,
-                          drop_notice=lambda n: f"dropped {n}\n")
-    stopped = threading.Event()
-    writer.start()
-    try:
-        writer.write("first\n")
-        assert sink.entered.wait(5)
-        line = "x" * 29 + "\n"  # 30 characters
+    line = "x" * 29 + "\n"  # 30 characters
+    with stuck_writer(max_queued=10, max_chars=100) as (writer, sink):
         for _ in range(3):
             writer.write(line)
         writer.write(line * 3)  # 90 more would pass 100: its three lines are dropped
         assert writer.dropped == 3
-    finally:
-        sink.release.set()
-        writer.stop().addCallback(lambda _: stopped.set())
-    assert stopped.wait(5)
     assert sink.lines == ["first\n", line, line, line, "dropped 3\n"]
