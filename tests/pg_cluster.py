@@ -20,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from collections import deque
 
 from attrs import define
 
@@ -40,11 +41,21 @@ def find_binary(name: str) -> str | None:
     return candidates[-1] if candidates else None
 
 
+_HANDED_OUT: deque[int] = deque(maxlen=1024)
+"""The ports :func:`free_port` gave most recently."""
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listened on a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing listened on a moment ago, and none this process
+    was given recently: the kernel may hand the same free port to two binds in a row, and
+    a twistd child once got one port for both its proxy and its admin listener."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.append(port)
+            return port
 
 
 @define
