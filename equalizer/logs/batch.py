@@ -14,8 +14,8 @@ from collections.abc import Callable
 from typing import Any
 
 LINES_BATCH = 32_768
-"""Characters of log lines handed on at once at most (a batch is sent when it reaches
-them)."""
+"""Characters of log lines at which a batch is handed on at once (so a batch holds at
+most these and one line more)."""
 
 LINES_DELAY = 0.05
 """Seconds a log line may wait to go with others."""

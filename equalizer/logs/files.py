@@ -35,7 +35,7 @@ MAX_QUEUED_LINES = 10_000
 """Writes (a line, or a batch of lines) the writer may be behind before new ones are
 dropped."""
 MAX_QUEUED_CHARS = 4 * 1024 * 1024
-"""... and characters: batches of access lines (or a worker's) are up to 32 KiB each."""
+"""... and characters: a batch of access lines (or a worker's) is some 32 KiB."""
 ROTATE_RETRY_SECONDS = 60.0
 """How long a failed rotation waits before the next attempt (meanwhile the file grows)."""
 
