@@ -14,8 +14,8 @@ with a live allowance is a few dict and attribute operations and answers at once
 (``take_now``: no Deferred). Without one, the request waits for the next **settlement**.
 
 A settlement is one statement, ``SELECT * FROM equalizer_settle(batch)`` (a
-PL/pgSQL function, migration 0002, whose inner statements are planned once per
-session), for every key with waiting requests and every key with tokens to give
+PL/pgSQL function whose two set-based statements, migration 0008, are planned once
+per session), for every key with waiting requests and every key with tokens to give
 back, at most :data:`MAX_BATCH` keys. Per key, in client id order, under the row
 lock and from the database clock (the refill of
 :class:`~equalizer.buckets.postgres.store.PostgresStore`)::

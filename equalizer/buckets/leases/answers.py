@@ -6,8 +6,8 @@ the bucket: the first waiting requests get the tokens in arrival order, the rest
 the refusal the row gives, and what is left of the grant becomes the key's
 allowance, unless an admin change came in meanwhile (the key's epoch moved) or the
 key was forgotten (the store is stopping: the tokens go straight back). A key the
-statement neither found nor created (deleted and created again by others
-meanwhile) is tried again, at most :data:`MAX_ATTEMPTS` times.
+statement neither found nor created (created, or deleted and created again, by
+others meanwhile: migration 0008) is tried again, at most :data:`MAX_ATTEMPTS` times.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 log = Logger()
 
 MAX_ATTEMPTS = 3
-"""Settlements a key's requests may go through without an answer (its bucket deleted
-and created again by others while the statement ran), before they fail."""
+"""Settlements a key's requests may go through without an answer (its bucket created,
+or deleted and created again, by others while the statement ran), before they fail."""
 
 Sent = tuple[str, "Key", list["Deferred[Any]"], int, "BucketPolicy | None"]
 """One key of a settlement in flight: client id, its state, the requests it answers,

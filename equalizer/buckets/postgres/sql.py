@@ -143,8 +143,8 @@ CONSTRAINT_FIELDS = {
 }
 
 
-# One settlement of token leasing: the function of migration 0002 (its plans are
-# cached per session, so the server neither parses nor plans much per statement).
+# One settlement of token leasing: the function of migrations 0002 and 0008 (its plans
+# are cached per session, so the server neither parses nor plans much per statement).
 # Its one parameter is a JSON array with, per key, [client id, requests waiting,
 # lease wanted beyond them, tokens given back, default capacity (null: no default),
 # default refill rate]: json.dumps builds it in C, where psycopg2 would quote array
