@@ -305,6 +305,10 @@ class OwnCluster:
             raise SystemExit(f"bench: {exc}; or name a server with --database-url") from exc
         return self._cluster.url
 
+    def another(self, name: str) -> str:
+        """One more database in the cluster (gone with it); its URL."""
+        return create_database(self._cluster.url, name)
+
     @property
     def server_pid(self) -> int | None:
         """The cluster's postmaster (its backends are its children), None when not running."""
@@ -320,6 +324,20 @@ class OwnCluster:
             self._cluster = None
 
 
+def create_database(url: str, name: str) -> str:
+    """Create database ``name`` on the server of ``url`` and return its URL."""
+    import psycopg2
+
+    conn = psycopg2.connect(url, connect_timeout=5)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        conn.close()
+    return urlunsplit(urlsplit(url)._replace(path="/" + name))
+
+
 class ScratchDatabase:
     """A throw-away database next to the given one, so runs start from empty tables.
 
@@ -332,6 +350,13 @@ class ScratchDatabase:
         self.given = url
         self.url = url
         self._name: str | None = None
+        self._others: list[str] = []
+
+    def another(self, name: str) -> str:
+        """One more throw-away database beside the scratch one; its URL."""
+        url = create_database(self.url, name)
+        self._others.append(name)
+        return url
 
     def create(self) -> str:
         """Create the scratch database and return the URL to use."""
@@ -349,13 +374,14 @@ class ScratchDatabase:
         return self.url
 
     def drop(self) -> None:
-        """Drop the scratch database, if one was made."""
-        if self._name:
+        """Drop the scratch databases, if any were made."""
+        for name in [*self._others, *([self._name] if self._name else [])]:
             try:
-                self._execute(f'DROP DATABASE IF EXISTS "{self._name}" WITH (FORCE)')
+                self._execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             except Exception as exc:  # noqa: BLE001
-                print(f"bench: could not drop database {self._name}: {exc}", flush=True)
-            self._name = None
+                print(f"bench: could not drop database {name}: {exc}", flush=True)
+        self._name = None
+        self._others = []
 
     def _execute(self, statement: str) -> None:
         import psycopg2
@@ -380,6 +406,7 @@ class Context:
     processes: ProcessGroup
     duration: int
     database_url: str
+    earlier_database_url: str = ""  # --baseline: the earlier equalizer's, with its own schema
     backend_port: int = 0
     counter: int = 0
     wrk_scripts: dict[int, Path] = field(default_factory=dict)
@@ -480,8 +507,10 @@ def start_backend(ctx: Context) -> None:
     ctx.backend_port = port
 
 
-def equalizer_config(ctx: Context, server: Server, scenario: Scenario) -> Path:
-    """Write the equalizer YAML for one run (JSON syntax, which YAML reads as is)."""
+def equalizer_config(ctx: Context, server: Server, scenario: Scenario,
+                     earlier: bool = False) -> Path:
+    """Write the equalizer YAML for one run (JSON syntax, which YAML reads as is); the
+    earlier equalizer (``--baseline``) uses a database of its own."""
     rate_limit: dict = {"enabled": False}
     if scenario.limiter:
         rate_limit = {
@@ -491,7 +520,9 @@ def equalizer_config(ctx: Context, server: Server, scenario: Scenario) -> Path:
             "store": scenario.limiter,
         }
         if scenario.limiter == "postgres":
-            rate_limit["database_url"] = ctx.database_url
+            rate_limit["database_url"] = (
+                ctx.earlier_database_url if earlier and ctx.earlier_database_url
+                else ctx.database_url)
     config = {
         "proxy": {
             "listen": f"tcp:{server.port}:interface=127.0.0.1",
@@ -533,7 +564,7 @@ def proxy_argv(ctx: Context, name: str, server: Server, scenario: Scenario) -> l
     """The command line that serves proxy ``name`` on ``server.port`` (not yet pinned)."""
     workdir, port = server.workdir, server.port
     if name in ("equalizer", EARLIER_EQUALIZER):
-        config = equalizer_config(ctx, server, scenario)
+        config = equalizer_config(ctx, server, scenario, earlier=name == EARLIER_EQUALIZER)
         twistd = "from twisted.scripts.twistd import run; run()"
         pidfile = str(workdir / "twistd.pid")
         return [sys.executable, "-c", twistd, "-n", "--pidfile", pidfile,
@@ -1188,6 +1219,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.baseline:
                 ctx.earlier_tree = export_tree(args.baseline, Path(tmp) / "earlier")
                 meta["baseline"] = args.baseline
+                if database_url and not args.no_scratch_db:
+                    # Each version migrates a database of its own: on one, the earlier
+                    # would run the functions of the later's migrations.
+                    ctx.earlier_database_url = database.another(
+                        f"equalizer_before_{os.getpid()}")
             try:
                 start_backend(ctx)
                 run_all(ctx, runs, records)
