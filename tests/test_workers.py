@@ -8,6 +8,7 @@ import os
 
 import attrs
 import pytest
+from twisted.internet.defer import succeed
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.web.http_headers import Headers
 
@@ -16,12 +17,19 @@ from equalizer.balancer.stats import SpaceSaving, TrafficStats
 from equalizer.buckets.memory import MemoryStore
 from equalizer.config.loader import ConfigError, apply_overrides, parse_config
 from equalizer.config.model import BackendConfig, QueueConfig
+from equalizer.logs.batch import LineBatcher
 from equalizer.service import EqualizerService, read_config
 from equalizer.workers.aggregate import Aggregate, snapshot
 from equalizer.workers.commands import CHUNK, BigUnicode, decode_config
 from equalizer.workers.leases import settle_in_memory
 from equalizer.workers.supervisor import Supervisor, SupervisorChannel, pools_state
-from equalizer.workers.worker import WorkerChannel, WorkerService, worker_config
+from equalizer.workers.worker import (
+    FLUSH_GRACE,
+    WorkerChannel,
+    WorkerService,
+    stop,
+    worker_config,
+)
 
 
 @pytest.mark.parametrize(("value", "workers"), [(1, 1), (4, 4), ("auto", os.cpu_count())])
@@ -325,3 +333,23 @@ def test_a_replaced_worker_starts_with_the_supervisors_configuration() -> None:
     assert route is not None and route.unit.name == "new"
     chosen = route.unit.pool.choose()
     assert chosen is not None and chosen.url == "http://127.0.0.1:9002"
+
+
+def test_a_stopping_worker_hands_on_its_last_lines_and_every_later_one_at_once(
+        monkeypatch) -> None:
+    """The batch that waits goes once the service has stopped, and a line logged after
+    that (as the reactor stops, when no timer runs any more) goes at once, not with a
+    batch that would never be handed on."""
+    clock = MemoryReactorClock()
+    delivered: list[str] = []
+    lines = LineBatcher(clock, delivered.append)
+    service = attrs.make_class("Service", {"reactor": attrs.field()})(clock)
+    service.stopService = lambda: succeed(None)
+    monkeypatch.setattr("signal.signal", lambda *args: None)  # the test runner's own stay
+    lines.write("before\n")
+    stopped = stop(service, lines)
+    clock.advance(FLUSH_GRACE)
+    assert stopped.called and delivered == ["before\n"]
+    lines.write("after\n")
+    assert delivered == ["before\n", "after\n"]
+    assert not clock.getDelayedCalls()

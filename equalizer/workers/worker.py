@@ -290,7 +290,8 @@ async def _stop(service: WorkerService, lines: LineBatcher) -> None:
     # The reactor's shutdown drops connections without writing what they buffered:
     # give the last answers a moment to go out first.
     await deferLater(service.reactor, FLUSH_GRACE, lambda: None)
-    sent = lines.flush()
+    # Lines logged from here on, as the reactor stops, go at once: no timer would run.
+    sent = lines.close()
     if sent is not None:  # the last lines reach the supervisor before this process ends
         await sent
 
