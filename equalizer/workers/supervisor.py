@@ -202,7 +202,7 @@ class Supervisor(Service):
         process = WorkerProcess(self, worker)
         worker.process = self.reactor.spawnProcess(
             process, sys.executable,
-            [sys.executable, "-m", "equalizer.workers.worker", str(os.getpid())],
+            [sys.executable, "-m", "equalizer.workers", str(os.getpid())],
             env=worker_environment(), childFDs={0: "w", 1: 1, 2: 2, 3: self.listen_fd,
                                             4: theirs.fileno()})
         theirs.close()

@@ -340,7 +340,3 @@ def main(argv: list[str]) -> None:
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", stop, service, logging.writer)
     reactor.run()
-
-
-if __name__ == "__main__":
-    main(sys.argv)

@@ -178,6 +178,18 @@ async def test_start_up_logs_one_summary_block(twistd_process, http, backends):
 
 
 @pytest_twisted.ensureDeferred
+async def test_twistd_equalizer_runs_on_the_products_reactor(twistd_process, http, backends):
+    """Installed by the plugin's module before the service's imports install Twisted's
+    default (equalizer.tap), and serving."""
+    backend = backends("b1")
+    process = await twistd_process(equalizer_config([backend.url]), http)
+    assert "reactor class: equalizer.proxy.site.DirectEPollReactor." in process.output()
+    response = await http.get(f"http://{LOOPBACK}:{process.proxy_port}/")
+    await response.content()
+    assert response.code == 200
+
+
+@pytest_twisted.ensureDeferred
 async def test_summary_names_the_database_without_its_password(
         twistd_process, http, backends, postgres_dsn):
     dsn = psycopg2.extensions.make_dsn(postgres_dsn, password="pa55word-not-shown")

@@ -1,10 +1,10 @@
-"""twistd plugin: ``twistd equalizer`` builds its service from equalizer.service."""
+"""twistd plugin: ``twistd equalizer`` builds its service through equalizer.tap."""
 
 from twisted.application.service import ServiceMaker
 
 equalizer = ServiceMaker(
     "equalizer",
-    "equalizer.service",
+    "equalizer.tap",
     "HTTP reverse proxy and load balancer",
     "equalizer",
 )
