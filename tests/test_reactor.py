@@ -19,10 +19,12 @@ from equalizer.proxy.site import DirectEPollReactor, install_reactor
 class PipeReader(FileDescriptor):
     """The read end of a pipe, recording what each event did."""
 
-    def __init__(self, reactor: DirectEPollReactor, fd: int, fail: bool = False) -> None:
+    def __init__(self, reactor: DirectEPollReactor, fd: int, fail: bool = False,
+                 fail_losing: bool = False) -> None:
         super().__init__(reactor)
         self.fd = fd
         self.fail = fail
+        self.fail_losing = fail_losing
         self.read: list[bytes] = []
         self.lost: list[Failure] = []
 
@@ -37,6 +39,8 @@ class PipeReader(FileDescriptor):
     def connectionLost(self, reason: Failure) -> None:  # noqa: N802 (Twisted's name)
         self.lost.append(reason)
         self.reactor.removeReader(self)
+        if self.fail_losing:
+            raise RuntimeError("a broken connectionLost")
 
 
 @pytest.fixture
@@ -83,6 +87,32 @@ def test_a_handler_that_raises_loses_its_connection_and_is_logged(reactor, pipe)
     assert len(reader.lost) == 1 and reader.lost[0].check(RuntimeError)
     assert [e["failure"].value.args for e in events if e.get("isError")] == [
         ("a broken handler",)]  # twisted.python.log.err's event, as the stock reactor's
+
+
+def test_an_error_past_the_handler_is_logged_and_the_other_events_go_on(reactor) -> None:
+    """An exception out of Twisted's own handling of an event (here the lost connection's
+    ``connectionLost``) is logged, as ``callWithLogger`` did, and the poll's other events
+    are still handled."""
+    first, second = os.pipe(), os.pipe()
+    try:
+        broken = PipeReader(reactor, first[0], fail=True, fail_losing=True)
+        healthy = PipeReader(reactor, second[0])
+        for reader, (_, write) in ((broken, first), (healthy, second)):
+            reactor.addReader(reader)
+            os.write(write, b"y")
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        try:
+            reactor.doPoll(0)
+        finally:
+            globalLogPublisher.removeObserver(events.append)
+        assert broken.read == [b"y"] and healthy.read == [b"y"]
+        failures = [e.get("log_failure") or e.get("failure") for e in events]
+        assert sorted(str(f.value) for f in failures if f is not None) == [
+            "a broken connectionLost", "a broken handler"]
+    finally:
+        for fd in (*first, *second):
+            os.close(fd)
 
 
 def test_an_installed_reactor_is_left_alone() -> None:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from twisted.internet.interfaces import IProtocolNegotiationFactory
 from twisted.internet.protocol import Factory
 from twisted.internet.tcp import Connection
+from twisted.logger import Logger
 from twisted.web import http
 from zope.interface import implementer
 
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 
     from equalizer.config.model import ProxyConfig
     from equalizer.proxy.exchange import Proxy
+
+log = Logger()
 
 
 class HeadRefusingChannel(http.HTTPChannel):
@@ -252,7 +255,13 @@ if EPollReactor is not None:
             for fd, event in events:
                 selectable = selectables.get(fd)
                 if selectable is not None:
-                    handle(selectable, fd, event)
+                    try:
+                        handle(selectable, fd, event)
+                    except KeyboardInterrupt:
+                        raise
+                    except BaseException:  # as callWithLogger: the other events go on
+                        log.failure("handling an event of {selectable} failed",
+                                    selectable=selectable)
 
         doIteration = doPoll
 
