@@ -14,8 +14,9 @@ with a live allowance is a few dict and attribute operations and answers at once
 (``take_now``: no Deferred). Without one, the request waits for the next **settlement**.
 
 A settlement is one statement, ``SELECT * FROM equalizer_settle(batch)`` (a
-PL/pgSQL function whose two set-based statements, migration 0008, are planned once
-per session), for every key with waiting requests and every key with tokens to give
+PL/pgSQL function of two set-based statements, migrations 0008 and 0009, that find
+each key by a probe of the primary key whatever the table's statistics say, planned
+once per session), for every key with waiting requests and every key with tokens to give
 back, at most :data:`MAX_BATCH` keys. Per key, in client id order, under the row
 lock and from the database clock (the refill of
 :class:`~equalizer.buckets.postgres.store.PostgresStore`)::

@@ -7,7 +7,7 @@ the refusal the row gives, and what is left of the grant becomes the key's
 allowance, unless an admin change came in meanwhile (the key's epoch moved) or the
 key was forgotten (the store is stopping: the tokens go straight back). A key the
 statement neither found nor created (created, or deleted and created again, by
-others meanwhile: migration 0008) is tried again, at most :data:`MAX_ATTEMPTS` times.
+others meanwhile: migrations 0008 and 0009) is tried again, at most :data:`MAX_ATTEMPTS` times.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ class LeaseDatabase:
 
     def settle(self, batch: list[Settlement]) -> Deferred[Rows]:
         """One settlement for every key in ``batch`` (``equalizer_settle``, migrations
-        0002 and 0008): per key found or created, ``(client id, granted, tokens left,
+        0002, 0008 and 0009): per key found or created, ``(client id, granted, tokens left,
         capacity, refill rate)``. Fails as any query of the database does."""
         params: Any = (json.dumps(batch, ensure_ascii=False),)
         return self._database.query(SETTLE, params)

@@ -143,7 +143,7 @@ CONSTRAINT_FIELDS = {
 }
 
 
-# One settlement of token leasing: the function of migrations 0002 and 0008 (its plans
+# One settlement of token leasing: the function of migrations 0002, 0008 and 0009 (its plans
 # are cached per session, so the server neither parses nor plans much per statement).
 # Its one parameter is a JSON array with, per key, [client id, requests waiting,
 # lease wanted beyond them, tokens given back, default capacity (null: no default),
