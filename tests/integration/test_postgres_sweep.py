@@ -16,7 +16,7 @@ from twisted.internet import reactor
 from txpostgres.txpostgres import Connection
 
 from equalizer.buckets.postgres import store as stores_module
-from equalizer.buckets.postgres.sql import SWEEP_LOCK
+from equalizer.buckets.postgres.sql import SWEEP, SWEEP_LOCK
 from equalizer.buckets.postgres.store import SWEEP_BATCH, SWEEP_IDLE, PostgresStore
 from equalizer.config.model import BucketPolicy, RateLimitConfig
 from tests.integration.harness import wait_until
@@ -185,3 +185,46 @@ async def test_lease_ahead_of_need_recreates_a_swept_row(store, postgres_dsn):
         [["busy", 0, 4, 0, 10, 1.0], ["gone", 0, 0, 3, 10, 1.0]]),)))
     assert [(row[0], row[1], row[2]) for row in rows] == [("busy", 1, 9.0)]  # C // 10 caps it
     assert await ids(postgres_dsn) == {"busy"}
+
+
+async def index_reads(connection: Connection) -> int:
+    """Entries read from the buckets table's indexes so far, this session's included."""
+    await within(connection.runQuery("SELECT pg_stat_force_next_flush()"))
+    await within(connection.runQuery("SELECT pg_stat_clear_snapshot()"))
+    rows = await within(connection.runQuery(
+        "SELECT sum(idx_tup_read) FROM pg_stat_user_indexes WHERE relname = 'buckets'"))
+    return rows[0][0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_sweep_reads_each_row_a_bounded_number_of_times_after_a_stale_analyze(
+        store, postgres_dsn):
+    """Analyzed while it held one row, the table grows to 5,000 full default rows: the sweep
+    statements delete them all reading fewer than three index entries per row (their locks
+    and deletes joined the batch to the whole table, about seven a row here, and 3 s a
+    batch at 10,000 rows)."""
+    rows = 5000
+    await sql(postgres_dsn, "ALTER TABLE buckets SET (autovacuum_enabled = false)")
+    connection = Connection(reactor)
+    await within(connection.connect(postgres_dsn))
+    try:
+        await insert_full_default_rows(postgres_dsn, 1)
+        await sql(postgres_dsn, "ANALYZE buckets")
+        await sql(postgres_dsn, "TRUNCATE buckets")
+        await insert_full_default_rows(postgres_dsn, rows)
+        before = await index_reads(connection)
+        gone, after = 0, ("", "")
+        while True:
+            params = {"lock": SWEEP_LOCK, "after_policy": after[0], "after": after[1],
+                      "batch": SWEEP_BATCH, "idle": 0}
+            got, examined, last, deleted = (await within(connection.runQuery(SWEEP, params)))[0]
+            assert got
+            gone += deleted
+            if examined < SWEEP_BATCH:
+                break
+            after = tuple(last)
+        assert gone == rows
+        assert await index_reads(connection) - before < 3 * rows
+    finally:
+        connection.close()
+        await sql(postgres_dsn, "ALTER TABLE buckets RESET (autovacuum_enabled)")
