@@ -20,6 +20,7 @@ from equalizer.buckets.postgres.sql import SWEEP, SWEEP_LOCK
 from equalizer.buckets.postgres.store import SWEEP_BATCH, SWEEP_IDLE, PostgresStore
 from equalizer.config.model import BucketPolicy, RateLimitConfig
 from tests.integration.harness import wait_until
+from tests.integration.test_postgres_settle import index_reads
 from tests.integration.test_postgres_store import within
 from tests.postgres import sql
 
@@ -185,15 +186,6 @@ async def test_lease_ahead_of_need_recreates_a_swept_row(store, postgres_dsn):
         [["busy", 0, 4, 0, 10, 1.0], ["gone", 0, 0, 3, 10, 1.0]]),)))
     assert [(row[0], row[1], row[2]) for row in rows] == [("busy", 1, 9.0)]  # C // 10 caps it
     assert await ids(postgres_dsn) == {"busy"}
-
-
-async def index_reads(connection: Connection) -> int:
-    """Entries read from the buckets table's indexes so far, this session's included."""
-    await within(connection.runQuery("SELECT pg_stat_force_next_flush()"))
-    await within(connection.runQuery("SELECT pg_stat_clear_snapshot()"))
-    rows = await within(connection.runQuery(
-        "SELECT sum(idx_tup_read) FROM pg_stat_user_indexes WHERE relname = 'buckets'"))
-    return rows[0][0]
 
 
 @pytest_twisted.ensureDeferred
