@@ -194,7 +194,11 @@ async def test_sweep_reads_each_row_a_bounded_number_of_times_after_a_stale_anal
     """Analyzed while it held one row, the table grows to 5,000 full default rows: the sweep
     statements delete them all reading fewer than three index entries per row (their locks
     and deletes joined the batch to the whole table, six a row here, and 3 s a
-    batch at 10,000 rows)."""
+    batch at 10,000 rows).
+
+    The statements run here, as ``PostgresStore.sweep`` runs them, on a connection of the
+    test's own: the statistics views count another session's reads only once it flushes
+    them, up to 10 s later, and ``index_reads`` flushes this session's."""
     rows = 5000
     await sql(postgres_dsn, "ALTER TABLE buckets SET (autovacuum_enabled = false)")
     connection = Connection(reactor)
