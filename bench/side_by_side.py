@@ -7,7 +7,7 @@ from one minute to the next, and the limiter's paired ratios ranged 0.77-1.25 in
 run). Here both proxies share CPU 0 for the same seconds, each under its own wrk (both
 on CPU 1, with the backend); the kernel's scheduler gives each half of the core, so
 whatever slows the machine slows both alike. Two identical proxies come out within a
-percent of 1.00 (the ``1k-c32/1k-c32`` pair, run first as the control).
+couple of percent of 1.00 (the ``1k-c32/1k-c32`` pair, run first as the control).
 
 Usage (see bench/README.md):
 
@@ -202,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             run.start_backend(ctx)
             for rep in range(1, args.reps + 1):
                 for first, second in pairs:
-                    # Which side starts first alternates: of two identical proxies, the
-                    # one started first came out 0.7-1.7 % ahead in one run of three reps.
+                    # Which side starts first alternates, so an edge of either place
+                    # falls on both sides.
                     record = measure_pair(ctx, first, second, swapped=rep % 2 == 0)
                     records.append({**record, "rep": rep})
                     print(f"rep {rep} {record['first']} / {record['second']}: "
