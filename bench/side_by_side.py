@@ -22,6 +22,7 @@ beside the working tree's, and reports the working tree's over REF's.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -40,6 +41,7 @@ from run import (
     ScratchDatabase,
 )
 
+DEFAULT_OUTPUT = run.BENCH_DIR / "results" / "side_by_side.json"
 CONTROL = "1k-c32/1k-c32"
 DEFAULT_PAIRS = (
     CONTROL,
@@ -173,6 +175,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=int, default=8, help="seconds per measured run")
     parser.add_argument("--database-url", default=os.environ.get(run.DATABASE_URL_ENV),
                         help="PostgreSQL server for the postgres scenarios (as run.py)")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
+                        help="JSON file of every pair's record (the table goes next to it)")
     args = parser.parse_args(argv)
     if args.reps < 1 or args.duration < 1:
         parser.error("--reps and --duration must be at least 1")
@@ -215,8 +219,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         processes.stop_all()
         database.drop()
+    text = table(pairs, records, args.reps)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                if k != "database_url"}  # a DSN may carry a password
+    args.output.write_text(json.dumps({"settings": settings, "records": records},
+                                      indent=2) + "\n")
+    args.output.with_suffix(".md").write_text(text + "\n")
     print()
-    print(table(pairs, records, args.reps))
+    print(text)
+    print(f"\nraw results: {args.output}")
     return 0
 
 
