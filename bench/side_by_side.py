@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -194,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     processes = ProcessGroup()
     database = ScratchDatabase(args.database_url) if args.database_url else OwnCluster()
     records: list[dict] = []
+    previous = {sig: signal.signal(sig, stop_running) for sig in (signal.SIGINT, signal.SIGTERM)}
+    interrupted = False
     try:
         with tempfile.TemporaryDirectory(prefix="equalizer-bench-") as tmp:
             ctx = Context(Path(tmp), processes, args.duration,
@@ -215,10 +218,13 @@ def main(argv: list[str] | None = None) -> int:
                              f"ratio {record['ratio']:.3f}, CPU {record['cpu_share']}"
                              if record["ok"] else f"ERROR {record['error']}"), flush=True)
     except KeyboardInterrupt:
+        interrupted = True
         print("\ninterrupted; stopping everything", flush=True)
     finally:
         processes.stop_all()
         database.drop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     text = table(pairs, records, args.reps)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
@@ -229,7 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(text)
     print(f"\nraw results: {args.output}")
-    return 0
+    return 130 if interrupted else 0
+
+
+def stop_running(signum, frame) -> None:
+    """SIGINT and SIGTERM both stop every process the run started (``main``'s cleanup)."""
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
