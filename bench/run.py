@@ -1201,55 +1201,70 @@ def main(argv: list[str] | None = None) -> int:
     records: list[dict] = []
     processes = ProcessGroup()
     database = ScratchDatabase(args.database_url) if args.database_url else OwnCluster()
-    previous = {
-        sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)
-    }
-    interrupted = False
-    try:
-        with tempfile.TemporaryDirectory(prefix="equalizer-bench-") as tmp:
-            if not needs_db:
-                database_url = ""
-            elif args.database_url and args.no_scratch_db:
-                database_url = args.database_url
-            else:
-                database_url = database.create()
-            ctx = Context(Path(tmp), processes, args.duration, database_url)
-            if isinstance(database, OwnCluster):
-                ctx.database_pid = database.server_pid
-            if args.baseline:
-                ctx.earlier_tree = export_tree(args.baseline, Path(tmp) / "earlier")
-                meta["baseline"] = args.baseline
-                if database_url and not args.no_scratch_db:
-                    # Each version migrates a database of its own: on one, the earlier
-                    # would run the functions of the later's migrations.
-                    ctx.earlier_database_url = database.another(
-                        f"equalizer_before_{os.getpid()}")
-            try:
-                start_backend(ctx)
-                run_all(ctx, runs, records)
-            finally:
-                processes.stop_all()
-    except KeyboardInterrupt:
-        interrupted = True
-        print("\ninterrupted; stopping everything", flush=True)
-    finally:
-        processes.stop_all()
-        database.drop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with Harness(processes, database) as harness, \
+            tempfile.TemporaryDirectory(prefix="equalizer-bench-") as tmp:
+        if not needs_db:
+            database_url = ""
+        elif args.database_url and args.no_scratch_db:
+            database_url = args.database_url
+        else:
+            database_url = database.create()
+        ctx = Context(Path(tmp), processes, args.duration, database_url)
+        if isinstance(database, OwnCluster):
+            ctx.database_pid = database.server_pid
+        if args.baseline:
+            ctx.earlier_tree = export_tree(args.baseline, Path(tmp) / "earlier")
+            meta["baseline"] = args.baseline
+            if database_url and not args.no_scratch_db:
+                # Each version migrates a database of its own: on one, the earlier
+                # would run the functions of the later's migrations.
+                ctx.earlier_database_url = database.another(
+                    f"equalizer_before_{os.getpid()}")
+        try:
+            start_backend(ctx)
+            run_all(ctx, runs, records)
+        finally:
+            processes.stop_all()
 
     meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    meta["interrupted"] = interrupted
+    meta["interrupted"] = harness.interrupted
     rows = summarize(records, scenarios, proxies)
     write_results(args.output, meta, records, rows)
     print()
     print(markdown_table(rows))
     print(f"\nraw results: {args.output}")
-    return 130 if interrupted else 0
+    return 130 if harness.interrupted else 0
+
+
+class Harness:
+    """A run's cleanup: within ``with``, SIGINT and SIGTERM (even if inherited as ignored)
+    raise KeyboardInterrupt, which ends the block quietly (``interrupted``); on the way
+    out every process the run started is stopped and its database dropped."""
+
+    interrupted = False
+
+    def __init__(self, processes: ProcessGroup, database: OwnCluster | ScratchDatabase) -> None:
+        self.processes = processes
+        self.database = database
+        self.previous: dict = {}
+
+    def __enter__(self) -> Harness:
+        self.previous = {sig: signal.signal(sig, _raise_interrupt)
+                         for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if kind is KeyboardInterrupt:
+            self.interrupted = True
+            print("\ninterrupted; stopping everything", flush=True)
+        self.processes.stop_all()
+        self.database.drop()
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return kind is KeyboardInterrupt
 
 
 def _raise_interrupt(signum, frame) -> None:
-    """SIGINT and SIGTERM (even if inherited as ignored) both run the cleanup in main()."""
     raise KeyboardInterrupt
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import sys
 import tempfile
@@ -195,36 +194,25 @@ def main(argv: list[str] | None = None) -> int:
     processes = ProcessGroup()
     database = ScratchDatabase(args.database_url) if args.database_url else OwnCluster()
     records: list[dict] = []
-    previous = {sig: signal.signal(sig, stop_running) for sig in (signal.SIGINT, signal.SIGTERM)}
-    interrupted = False
-    try:
-        with tempfile.TemporaryDirectory(prefix="equalizer-bench-") as tmp:
-            ctx = Context(Path(tmp), processes, args.duration,
-                          database.create() if needs_db else "")
-            if args.baseline:
-                ctx.earlier_tree = run.export_tree(args.baseline, Path(tmp) / "earlier")
-                if needs_db:
-                    ctx.earlier_database_url = database.another(
-                        f"equalizer_before_{os.getpid()}")
-            run.start_backend(ctx)
-            for rep in range(1, args.reps + 1):
-                for first, second in pairs:
-                    # Which side starts first alternates, so an edge of either place
-                    # falls on both sides.
-                    record = measure_pair(ctx, first, second, swapped=rep % 2 == 0)
-                    records.append({**record, "rep": rep})
-                    print(f"rep {rep} {record['first']} / {record['second']}: "
-                          + (f"{record['rps'][0]:.0f} / {record['rps'][1]:.0f} req/s, "
-                             f"ratio {record['ratio']:.3f}, CPU {record['cpu_share']}"
-                             if record["ok"] else f"ERROR {record['error']}"), flush=True)
-    except KeyboardInterrupt:
-        interrupted = True
-        print("\ninterrupted; stopping everything", flush=True)
-    finally:
-        processes.stop_all()
-        database.drop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with run.Harness(processes, database) as harness, \
+            tempfile.TemporaryDirectory(prefix="equalizer-bench-") as tmp:
+        ctx = Context(Path(tmp), processes, args.duration,
+                      database.create() if needs_db else "")
+        if args.baseline:
+            ctx.earlier_tree = run.export_tree(args.baseline, Path(tmp) / "earlier")
+            if needs_db:
+                ctx.earlier_database_url = database.another(f"equalizer_before_{os.getpid()}")
+        run.start_backend(ctx)
+        for rep in range(1, args.reps + 1):
+            for first, second in pairs:
+                # Which side starts first alternates, so an edge of either place falls
+                # on both sides.
+                record = measure_pair(ctx, first, second, swapped=rep % 2 == 0)
+                records.append({**record, "rep": rep})
+                print(f"rep {rep} {record['first']} / {record['second']}: "
+                      + (f"{record['rps'][0]:.0f} / {record['rps'][1]:.0f} req/s, "
+                         f"ratio {record['ratio']:.3f}, CPU {record['cpu_share']}"
+                         if record["ok"] else f"ERROR {record['error']}"), flush=True)
     text = table(pairs, records, args.reps)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
@@ -235,12 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(text)
     print(f"\nraw results: {args.output}")
-    return 130 if interrupted else 0
-
-
-def stop_running(signum, frame) -> None:
-    """SIGINT and SIGTERM both stop every process the run started (``main``'s cleanup)."""
-    raise KeyboardInterrupt
+    return 130 if harness.interrupted else 0
 
 
 if __name__ == "__main__":
