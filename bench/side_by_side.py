@@ -54,13 +54,15 @@ Side = tuple[run.Scenario, str]  # (scenario, proxy)
 
 
 def in_parallel(*calls):
-    """Run the calls in threads at once; their results in order (a BenchError is raised)."""
+    """Run the calls in threads at once; their results in order. A call's exception is
+    raised here, not printed by its thread (after Ctrl-C the calls still running find
+    their files gone, and nobody waits for them)."""
     results: list = [None] * len(calls)
 
     def call(index: int) -> None:
         try:
             results[index] = calls[index]()
-        except BenchError as error:
+        except Exception as error:  # noqa: BLE001 (raised in the caller's thread below)
             results[index] = error
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(len(calls))]
@@ -69,7 +71,7 @@ def in_parallel(*calls):
     for thread in threads:
         thread.join()
     for result in results:
-        if isinstance(result, BenchError):
+        if isinstance(result, Exception):
             raise result
     return results
 
