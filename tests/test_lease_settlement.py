@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 from equalizer.buckets.interface import StoreUnavailable
 from equalizer.buckets.leases.allowances import Allowances, Key
 from equalizer.buckets.leases.answers import take_in
-from equalizer.buckets.leases.settlement import Settlements, statement
+from equalizer.buckets.leases.settlement import Settlements, lasts, statement
 from equalizer.config.model import BucketPolicy
 from equalizer.testing import FakeLeaseDatabase
 from tests.helpers import result_of, taken
@@ -28,9 +28,10 @@ def allowances() -> Allowances:
 
 
 def settlements(db: FakeLeaseDatabase, allowances: Allowances, clock: Clock, *,
-                max_batch: int = 100, max_in_flight: int = 1, linger: float = 0) -> Settlements:
+                max_batch: int = 100, max_in_flight: int = 1, linger: float = 0,
+                relaxed: float = 0) -> Settlements:
     made = Settlements(db, allowances, clock, max_lease=64, min_lease=2, max_batch=max_batch,
-                       max_in_flight=max_in_flight, linger=linger)
+                       max_in_flight=max_in_flight, linger=linger, relaxed=relaxed)
     made.running = True
     return made
 
@@ -96,14 +97,83 @@ def test_linger_spaces_the_starts_of_statements(db, allowances, clock):
     assert len(db.settlements) == 2
 
 
+def leased(allowances: Allowances, client_id: str, allowance: int, used: int,
+           lease_sent: float, dies: float, now: float = 0.0) -> Key:
+    """A key holding ``allowance`` tokens, ``used`` used since its lease was sent; times
+    relative to ``now``."""
+    key = allowances.keys[client_id] = Key()
+    key.allowance, key.used = allowance, used
+    key.lease_sent, key.dies = now + lease_sent, now + dies
+    return key
+
+
+def test_an_allowance_lasts_by_its_pace_and_its_age():
+    """10 tokens left, 5 used in the 2 s since the lease: 4 s more at that pace."""
+    allowances = Allowances(ttl=5.0, max_age=10.0, remember=0.5)
+    key = leased(allowances, "a", allowance=10, used=5, lease_sent=0.0, dies=10.0)
+    assert lasts(key, 2.0, 3.9) and not lasts(key, 2.0, 4.1)
+    key.dies = 5.0  # ... but the allowance dies in 3 s
+    assert not lasts(key, 2.0, 3.1)
+    key.used = 0  # no pace yet: only its age counts
+    assert lasts(key, 2.0, 2.9)
+
+
+def test_a_lease_asked_ahead_with_time_to_spare_waits_for_a_relaxed_statement(
+        db, allowances, clock):
+    """Renewals of keys with time left share statements ``relaxed`` apart; a request that
+    waits brings the next statement forward to ``linger``."""
+    made = settlements(db, allowances, clock, linger=0.002, relaxed=0.1)
+    waiting(allowances, made, "first", BucketPolicy(10, 0))
+    clock.advance(0)
+    slow = leased(allowances, "slow", allowance=10, used=2, lease_sent=-8.0, dies=2.0,
+                  now=clock.seconds())
+    made.prefetch("slow", slow, clock.seconds())
+    clock.advance(0.05)
+    assert len(db.settlements) == 1
+    waiting(allowances, made, "new", BucketPolicy(10, 0))
+    clock.advance(0)
+    assert list(db.settlements[-1]) == ["slow", "new"]
+
+
+def test_a_lease_asked_ahead_that_may_run_out_goes_within_linger(db, allowances, clock):
+    """A key using its allowance fast (or one about to die) is renewed at once."""
+    made = settlements(db, allowances, clock, linger=0.002, relaxed=0.1)
+    waiting(allowances, made, "first", BucketPolicy(10, 0))
+    clock.advance(0)
+    busy = leased(allowances, "busy", allowance=64, used=64, lease_sent=-0.1, dies=9.9,
+                  now=clock.seconds())
+    made.prefetch("busy", busy, clock.seconds())  # 64 left, 64 used in 0.1 s: 0.1 s more
+    clock.advance(0.002)
+    assert list(db.settlements[-1]) == ["busy"]
+    old = leased(allowances, "old", allowance=10, used=0, lease_sent=-9.5, dies=0.5,
+                 now=clock.seconds())
+    made.prefetch("old", old, clock.seconds())
+    clock.advance(0.002)
+    assert list(db.settlements[-1]) == ["old"]
+
+
+def test_relaxed_statements_start_relaxed_apart(db, allowances, clock):
+    """The first goes at once (none for ``relaxed``), the next ``relaxed`` after it."""
+    made = settlements(db, allowances, clock, linger=0.002, relaxed=0.1)
+    for name, after in (("a", 0.05), ("b", 0.04)):
+        key = leased(allowances, name, allowance=10, used=1, lease_sent=-1.0, dies=9.0,
+                     now=clock.seconds())
+        made.prefetch(name, key, clock.seconds())
+        clock.advance(0)
+        clock.advance(after)
+    assert [list(s) for s in db.settlements] == [["a"]]
+    clock.advance(0.01)
+    assert [list(s) for s in db.settlements] == [["a"], ["b"]]
+
+
 def test_prefetch_leaves_a_key_already_settling_alone(db, allowances, clock):
     made = settlements(db, allowances, clock)
     key = allowances.keys["a"] = Key()
     key.settling = True
-    made.prefetch("a", key)
+    made.prefetch("a", key, clock.seconds())
     assert made.pending == {} and made.scheduled is None
     key.settling = False
-    made.prefetch("a", key)
+    made.prefetch("a", key, clock.seconds())
     assert made.pending == {"a": key} and made.scheduled is not None
 
 

@@ -16,7 +16,7 @@ from equalizer.testing import FakeLeaseDatabase
 def parts(clock: Clock) -> tuple[Allowances, Sweep, FakeLeaseDatabase]:
     db = FakeLeaseDatabase(clock)
     allowances = Allowances(ttl=1.0, max_age=1.0, remember=0.5)
-    settlements = Settlements(db, allowances, clock, 64, 2, 100, 1, 0)
+    settlements = Settlements(db, allowances, clock, 64, 2, 100, 1, 0, 0)
     settlements.running = True
     return allowances, Sweep(allowances, settlements, clock), db
 

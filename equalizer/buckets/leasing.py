@@ -33,8 +33,12 @@ left without a token are refused with the decision the row gives
 in flight, and one starts at most every ``linger`` seconds (2 ms): requests
 arriving meanwhile gather for the next, so statements per second are bounded by
 the database's latency, not by the request rate, and under load each carries
-many keys. Rows are locked in client id order, so instances settling
-overlapping keys never deadlock.
+many keys. While no request waits and every lease asked ahead of need (below) still
+lasts a second at its key's pace, one starts at most every ``relaxed`` seconds (100
+ms) instead: the renewals of keys that come back every second or so then share
+five to ten statements a second rather than fifty (measured with 10,000 keys in
+turn; 4 % less CPU per request, bench/README.md). Rows are locked in client id
+order, so instances settling overlapping keys never deadlock.
 
 How much is leased (``extra``) adapts to demand: twice the demand since the
 key's last settlement (waiting requests plus allowance used), at least
@@ -230,6 +234,10 @@ MAX_IN_FLIGHT = 1
 LINGER = 0.002
 """Least seconds between the starts of two settlements, so that each carries more keys."""
 
+RELAXED_LINGER = 0.1
+"""... while no request waits and every lease asked ahead of need has time: a key coming
+back every second or so renews its lease in one of ten statements a second at most."""
+
 
 @implementer(IBucketStore)
 class LeasingStore:
@@ -246,6 +254,7 @@ class LeasingStore:
         max_batch: most keys per settlement statement.
         max_in_flight: most settlement statements in flight at once.
         linger: least seconds between the starts of two settlements.
+        relaxed: ... while no request waits for the next (settlement.RELAXED_SLACK).
         stop_timeout: seconds ``stop`` waits to give allowances back.
     """
 
@@ -261,6 +270,7 @@ class LeasingStore:
         max_batch: int = MAX_BATCH,
         max_in_flight: int = MAX_IN_FLIGHT,
         linger: float = LINGER,
+        relaxed: float = RELAXED_LINGER,
         stop_timeout: float = 2.0,
     ) -> None:
         self._store = store
@@ -270,7 +280,8 @@ class LeasingStore:
         self._allowances = Allowances(ttl, max_age, remember)
         self._keys = self._allowances.keys  # the hot path's: never rebound
         self._settlements = Settlements(store.leases(), self._allowances, clock, max_lease,
-                                        min_lease, max_batch, max_in_flight, linger)
+                                        min_lease, max_batch, max_in_flight, linger,
+                                        relaxed)
         self._sweep = Sweep(self._allowances, self._settlements, clock)
         self._admin = AdminCalls(store, self._allowances, self._settlements)
         self.waits = 0
@@ -375,7 +386,7 @@ class LeasingStore:
                     key.expires = expires if expires < key.dies else key.dies
                     if key.allowance == key.low or now >= key.renew:
                         key.renew = key.dies  # once per lease
-                        self._settlements.prefetch(client_id, key)
+                        self._settlements.prefetch(client_id, key, now)
                     return make_tuple(Decision, (
                         True, key.limit, key.base + key.allowance, 0, key.reset, key.window))
                 self._allowances.give_back(client_id, key)

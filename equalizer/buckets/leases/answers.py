@@ -38,9 +38,10 @@ the key's epoch when sent, the default policy sent."""
 
 
 def take_in(rows: list[tuple[Any, ...]], batch: list[Sent], sent: float, now: float,
-            allowances: Allowances, pending: dict[str, Key]) -> None:
+            allowances: Allowances, pending: dict[str, Key]) -> bool:
     """Answer the requests of a settlement sent at ``sent`` from its ``rows``, and keep
-    what it leased; keys to try again go back to ``pending``."""
+    what it leased; keys to try again go back to ``pending`` (whether any did)."""
+    retried = False
     found = {row[0]: row for row in rows}
     answers: Answers = []
     errors: list[Deferred[Any]] = []
@@ -68,6 +69,7 @@ def take_in(rows: list[tuple[Any, ...]], batch: list[Sent], sent: float, now: fl
             else:
                 key.waiters[:0] = waiters
                 pending[client_id] = key
+                retried = True
             continue
         if allowances.serve(key, now, answers):  # requests that came meanwhile
             pending.pop(client_id, None)
@@ -75,6 +77,7 @@ def take_in(rows: list[tuple[Any, ...]], batch: list[Sent], sent: float, now: fl
         d.callback(answer)
     for d in errors:
         d.errback(StoreUnavailable("the bucket kept changing under the lease"))
+    return retried
 
 
 def _granted(row: tuple[Any, ...], key: Key, waiters: list[Deferred[Any]], epoch: int,

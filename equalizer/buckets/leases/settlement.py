@@ -3,7 +3,10 @@ is sent, and what waits for it (see :mod:`equalizer.buckets.leasing` for the rul
 
 A settlement carries every key with waiting requests (or a lease asked for ahead of
 need) and the tokens to give back, at most ``max_batch`` keys; at most
-``max_in_flight`` are in flight, one starts at most every ``linger`` seconds. Admin
+``max_in_flight`` are in flight, one starts at most every ``linger`` seconds, and
+at most every ``relaxed`` seconds while nothing in it is urgent: no request waits
+and every lease asked ahead lasts :data:`RELAXED_SLACK` seconds more at its key's
+pace. Admin
 calls on a key are ordered against its settlements: :meth:`Settlements.apart` runs a
 call while no settlement carrying the key is in flight, and holds the key's next
 ones back until the call is answered (:meth:`Settlements.apart_all`: every key).
@@ -31,6 +34,19 @@ if TYPE_CHECKING:
 log = Logger()
 T = TypeVar("T")
 
+RELAXED_SLACK = 1.0
+"""Seconds a key's allowance must still last, at the pace it was used since its lease,
+for its lease asked ahead to wait for a relaxed statement (``relaxed`` apart)."""
+
+
+def lasts(key: Key, now: float, seconds: float) -> bool:
+    """Whether the key's allowance will last ``seconds`` more: it is not that old, and at
+    the pace of the tokens used since its last settlement it is not used up by then."""
+    if key.dies - now < seconds:
+        return False
+    used = key.used
+    return not used or key.allowance * (now - key.lease_sent) >= seconds * used
+
 
 class Settlements:
     """The settlements of one leasing store.
@@ -44,11 +60,12 @@ class Settlements:
         max_batch: most keys per statement.
         max_in_flight: most statements in flight at once.
         linger: least seconds between the starts of two statements.
+        relaxed: ... while nothing waits for the next one (at least ``linger``).
     """
 
     def __init__(self, database: LeaseDatabase, allowances: Allowances, clock: IReactorTime,
                  max_lease: int, min_lease: int, max_batch: int, max_in_flight: int,
-                 linger: float) -> None:
+                 linger: float, relaxed: float) -> None:
         self._database = database
         self._allowances = allowances
         self._clock = clock
@@ -57,6 +74,8 @@ class Settlements:
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
         self._linger = linger
+        self._relaxed = max(linger, relaxed)
+        self._urgent = False  # a key pending needs the next statement within ``linger``
         self._last_sent = float("-inf")
         self.running = False
         """Settlements are made (False before start and once stopping)."""
@@ -86,28 +105,36 @@ class Settlements:
         key.waiters.append(d)
         key.default = default
         self.pending[client_id] = key
-        if self.scheduled is None:
-            self.schedule()
+        self._urgent = True
+        self.schedule()
         return d
 
-    def prefetch(self, client_id: str, key: Key) -> None:
-        """Lease more for a busy key before its allowance runs out, so nobody waits."""
+    def prefetch(self, client_id: str, key: Key, now: float) -> None:
+        """Lease more for a busy key before its allowance runs out, so nobody waits: in a
+        relaxed statement if the allowance lasts, so renewals share few statements."""
         if not key.settling:
             self.pending[client_id] = key
-            if self.scheduled is None:
-                self.schedule()
+            if not lasts(key, now, RELAXED_SLACK):
+                self._urgent = True
+            self.schedule()
 
     def return_all(self) -> None:
         """Send every token to give back now, not only along with demand (the sweep)."""
-        self.returning = True
-        if self.scheduled is None:
-            self.schedule()
+        self.returning = self._urgent = True
+        self.schedule()
 
     def schedule(self) -> None:
-        """Settle on the next reactor turn, or once ``linger`` has passed since the last one."""
-        if self.in_flight < self._max_in_flight:
-            delay = self._last_sent + self._linger - self._clock.seconds()
-            self.scheduled = self._clock.callLater(delay if delay > 0 else 0, self.settle)
+        """Settle ``linger`` (``relaxed`` if nothing is urgent) after the last statement, or
+        on the next turn; sooner than scheduled if something urgent came."""
+        if self.in_flight >= self._max_in_flight:
+            return  # the statement's answer schedules the next
+        now = self._clock.seconds()
+        delay = max(0, self._last_sent + (self._linger if self._urgent else self._relaxed) - now)
+        scheduled = self.scheduled
+        if scheduled is None:
+            self.scheduled = self._clock.callLater(delay, self.settle)
+        elif scheduled.getTime() > now + delay:
+            scheduled.reset(delay)
 
     def settle(self) -> None:
         """Send one statement for the waiting keys and the tokens to give back, but
@@ -149,6 +176,8 @@ class Settlements:
                                 self._max_batch)
         if not returns:
             self.returning = False
+        if not self.pending:
+            self._urgent = self.returning  # the rest to give back goes at once
         given = [(row[0], row[3]) for row in rows if row[3]]
         giving = self._giving
         for client_id, back in given:
@@ -163,7 +192,8 @@ class Settlements:
         d.addBoth(self._next, given)
 
     def _settled(self, rows: list[tuple[Any, ...]], batch: list[Sent], sent: float) -> None:
-        take_in(rows, batch, sent, self._clock.seconds(), self._allowances, self.pending)
+        if take_in(rows, batch, sent, self._clock.seconds(), self._allowances, self.pending):
+            self._urgent = True  # requests to try again
 
     def _next(self, result: object, given: list[tuple[str, int]]) -> None:
         self.in_flight -= 1
@@ -180,9 +210,7 @@ class Settlements:
             for d in idle:
                 d.callback(None)
         # Tokens to give back wait for the sweep (then all go), or ride along with demand.
-        if self.running and self.scheduled is None and (
-            self.pending or (self._allowances.returns and self.returning)
-        ):
+        if self.running and (self.pending or (self._allowances.returns and self.returning)):
             self.schedule()
 
     # admin calls in order ------------------------------------------------------------------
@@ -233,9 +261,7 @@ class Settlements:
 
     def resume(self) -> None:
         """After an admin call: settle what waited for it."""
-        if self.running and self.scheduled is None and (
-            self.pending or self._allowances.returns
-        ):
+        if self.running and (self.pending or self._allowances.returns):
             self.schedule()
 
     # shutdown ----------------------------------------------------------------------------
