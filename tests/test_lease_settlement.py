@@ -145,7 +145,7 @@ def test_a_lease_asked_ahead_that_may_run_out_goes_within_linger(db, allowances,
     made.prefetch("busy", busy, clock.seconds())  # 64 left, 64 used in 0.1 s: 0.1 s more
     clock.advance(0.002)
     assert list(db.settlements[-1]) == ["busy"]
-    old = leased(allowances, "old", allowance=10, used=0, lease_sent=-9.5, dies=0.5,
+    old = leased(allowances, "old", allowance=10, used=0, lease_sent=-9.7, dies=0.3,
                  now=clock.seconds())
     made.prefetch("old", old, clock.seconds())
     clock.advance(0.002)

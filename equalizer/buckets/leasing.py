@@ -34,10 +34,10 @@ in flight, and one starts at most every ``linger`` seconds (2 ms): requests
 arriving meanwhile gather for the next, so statements per second are bounded by
 the database's latency, not by the request rate, and under load each carries
 many keys. While no request waits and every lease asked ahead of need (below) still
-lasts a second at its key's pace, one starts at most every ``relaxed`` seconds (100
-ms) instead: the renewals of keys that come back every second or so then share
-five to ten statements a second rather than fifty (measured with 10,000 keys in
-turn; 4 % less CPU per request, bench/README.md). Rows are locked in client id
+lasts half a second at its key's pace, one starts at most every ``relaxed`` seconds
+(100 ms) instead: the renewals of keys that come back every second or so then share
+a few statements a second rather than forty to a hundred (measured with 10,000 keys
+in turn; 4 % less CPU per request, bench/README.md). Rows are locked in client id
 order, so instances settling overlapping keys never deadlock.
 
 How much is leased (``extra``) adapts to demand: twice the demand since the
