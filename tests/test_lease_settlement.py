@@ -56,13 +56,27 @@ def test_statement_rows_carry_demand_lease_and_tokens_given_back():
     prefetched.default = BucketPolicy(100, 2.0)
     prefetched.back = 2  # left of its replaced allowance: rides along
     returns = {"a": 1, "x": 3, "y": 4}
-    rows, batch = statement([("a", waited), ("b", prefetched)], returns, 64, 2, 3)
+    rows, batch = statement([("a", waited), ("b", prefetched)], returns, 64, 2, 3, 0.0)
     assert rows[:2] == [("a", 2, 14, 1, 100, 2.0), ("b", 0, 2, 2, 100, 2.0)]
     assert prefetched.back == 0
     assert len(rows) == 3 and rows[2][3] in (3, 4) and len(returns) == 1
     assert waited.settling and waited.used == 0 and waited.waiters == []
     assert [(client_id, len(w), epoch) for client_id, _, w, epoch, _ in batch] == [
         ("a", 2, 0), ("b", 0, 0)]
+
+
+def test_a_busy_key_is_leased_four_times_its_demand():
+    """A key whose last lease was sent after ``busy_since`` gets four times its demand; a
+    slower one, or one never leased, twice (both within min_lease and max_lease)."""
+    busy, slow, new = Key(), Key(), Key()
+    busy.lease_sent, slow.lease_sent = 9.5, 7.0
+    for key in (busy, slow, new):
+        key.used = 10
+    rows, _ = statement([("busy", busy), ("slow", slow), ("new", new)], {}, 64, 2, 10, 7.5)
+    assert [row[2] for row in rows] == [40, 20, 20]
+    busy.used = 20
+    rows, _ = statement([("busy", busy)], {}, 64, 2, 10, 7.5)
+    assert rows[0][2] == 64
 
 
 def test_nothing_to_settle_sends_nothing(db, allowances, clock):

@@ -90,7 +90,8 @@ def test_first_take_waits_for_one_settlement_then_later_takes_are_local(store, d
     again = store.take("a", BucketPolicy(1000, 0))
     settle(clock)
     assert result_of(again).allowed
-    assert db.settlements[1]["a"] == (1, 6, 0, 1000)  # demand 1 + 2 used: lease 6
+    # demand 1 + 2 used, by a key leased a moment ago (busy): lease 12, four times
+    assert db.settlements[1]["a"] == (1, 12, 0, 1000)
 
 
 def test_remaining_counts_the_database_and_the_allowance(store, db, clock):
@@ -145,12 +146,18 @@ def test_statements_carry_at_most_max_batch_keys(db, clock):
     assert all(r[0].allowed for r in results)
 
 
-def test_lease_grows_with_demand_up_to_the_cap(store, db, clock):
-    """The lease is twice the demand since the last settlement, at most max_lease."""
+@pytest.mark.parametrize(("pause", "expected"), [
+    (0.2, [2, 6, 14, 30, 62, 64, 64]),  # leased 0.2 s before: twice
+    (0.0, [2, 12, 52, 64, 64, 64, 64]),  # busy, within a quarter of max_age: four times
+], ids=["twice", "busy"])
+def test_lease_grows_with_demand_up_to_the_cap(store, db, clock, pause, expected):
+    """The lease is twice the demand since the last settlement, four times for a key
+    whose last lease was sent within a quarter of max_age (0.125 s), at most max_lease."""
     policy = BucketPolicy(100_000, 0)
     seen(store, clock, "hot", policy)
     extras = [db.settlements[-1]["hot"][1]]
     for _ in range(6):
+        clock.advance(pause)
         while True:  # use the allowance up, then one more request waits
             d = store.take("hot", policy)
             if not d.called:
@@ -158,7 +165,7 @@ def test_lease_grows_with_demand_up_to_the_cap(store, db, clock):
         settle(clock)
         assert result_of(d).allowed
         extras.append(db.settlements[-1]["hot"][1])
-    assert extras == [2, 6, 14, 30, 62, 64, 64]
+    assert extras == expected
 
 
 def test_lease_never_exceeds_a_tenth_of_the_bucket(store, db, clock):
@@ -423,10 +430,13 @@ def test_busy_key_gets_its_next_lease_before_running_out(store, db, clock):
     """A tiny allowance (below PREFETCH_LAST_FROM) is used up and the next request waits; a
     larger one asks for the next lease with PREFETCH_LEFT tokens left, one of PREFETCH_FROM
     or more once half is used, so no further request of a busy key waits. What was left of
-    the old lease goes back in the key's next row; a lease ahead carries the default."""
+    the old lease goes back in the key's next row; a lease ahead carries the default.
+    Each lease is used 0.2 s after it came (more than a quarter of max_age: twice the
+    demand)."""
     assert (PREFETCH_LAST_FROM, PREFETCH_LEFT, PREFETCH_FROM) == (4, 2, 16)
     policy = BucketPolicy(100_000, 0)
     seen(store, clock, "hot", policy)  # granted 1 + 2: tiny, used up
+    clock.advance(0.2)
     for _ in range(2):
         assert store.take("hot", policy).called
     d = store.take("hot", policy)
@@ -435,6 +445,7 @@ def test_busy_key_gets_its_next_lease_before_running_out(store, db, clock):
     waits = store.waits
     # (tokens used until the next lease is asked for, its row: want, lease, given back)
     for used, row in ((4, (0, 8, 0)), (6, (0, 12, 2)), (10, (0, 20, 2)), (10, (0, 20, 2))):
+        clock.advance(0.2)
         for _ in range(used):
             assert store.take("hot", policy).called
         assert "hot" in store._settlements.pending

@@ -41,7 +41,10 @@ in turn; 4 % less CPU per request, bench/README.md). Rows are locked in client i
 order, so instances settling overlapping keys never deadlock.
 
 How much is leased (``extra``) adapts to demand: twice the demand since the
-key's last settlement (waiting requests plus allowance used), at least
+key's last settlement (waiting requests plus allowance used), four times when
+that lease was sent less than a quarter of ``max_age`` before
+(:data:`~equalizer.buckets.leases.settlement.BUSY_WITHIN`: a key renewing at half
+its lease would otherwise keep the same lease however busy it is), at least
 ``min_lease`` (:data:`MIN_LEASE`), at most ``max_lease`` (:data:`MAX_LEASE`)
 and never more than a tenth of the bucket (at least 1), so instances share
 small buckets fairly. A key's first settlement leases too: clients come in
