@@ -106,6 +106,7 @@ def measure_pair(ctx: Context, first: Side, second: Side, swapped: bool = False)
         record.update(
             ok=True,
             rps=[r["rps"] for r in results],
+            p99_ms=[r["p99_ms"] for r in results],
             errors=[r["errors"] for r in results],
             cpu_share=[round(c / ctx.duration, 3) for c in cpu],
             cpu_us_per_request=[round(seconds / result["requests"] * 1e6, 1)
@@ -143,7 +144,7 @@ def scenario_named(name: str) -> run.Scenario:
 def table(pairs: list[tuple[Side, Side]], records: list[dict], reps: int) -> str:
     """One row per pair: the median ratio, each rep's, and the medians of each side."""
     header = ["first", "second", "second / first", *(f"rep {i}" for i in range(1, reps + 1)),
-              "req/s", "CPU per request", "errors"]
+              "req/s", "p99", "CPU per request", "errors"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for first, second in pairs:
         label = (f"{first[0].name} {first[1]}", f"{second[0].name} {second[1]}")
@@ -155,12 +156,14 @@ def table(pairs: list[tuple[Side, Side]], records: list[dict], reps: int) -> str
         if ok:
             cells.append(" / ".join(f"{statistics.median(r['rps'][i] for r in ok):.0f}"
                                     for i in (0, 1)))
+            cells.append(" / ".join(f"{statistics.median(r['p99_ms'][i] for r in ok):.2f} ms"
+                                    for i in (0, 1)))
             cells.append(" / ".join(
                 f"{statistics.median(r['cpu_us_per_request'][i] for r in ok):.1f} µs"
                 for i in (0, 1)))
             cells.append(" / ".join(str(sum(r["errors"][i] for r in ok)) for i in (0, 1)))
         else:
-            cells += ["", "", ""]
+            cells += ["", "", "", ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
