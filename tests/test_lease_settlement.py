@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 from equalizer.buckets.interface import StoreUnavailable
 from equalizer.buckets.leases.allowances import Allowances, Key
 from equalizer.buckets.leases.answers import take_in
-from equalizer.buckets.leases.settlement import Settlements, lasts, statement
+from equalizer.buckets.leases.settlement import RELAXED_BATCH, Settlements, lasts, statement
 from equalizer.config.model import BucketPolicy
 from equalizer.testing import FakeLeaseDatabase
 from tests.helpers import result_of, taken
@@ -164,6 +164,23 @@ def test_a_lease_asked_ahead_that_may_run_out_goes_within_linger(db, allowances,
     made.prefetch("old", old, clock.seconds())
     clock.advance(0.002)
     assert list(db.settlements[-1]) == ["old"]
+
+
+def test_a_full_relaxed_batch_goes_within_linger(db, allowances, clock):
+    """Once RELAXED_BATCH keys are pending a relaxed statement waits no longer, so no
+    statement holds the reactor for long."""
+    made = settlements(db, allowances, clock, linger=0.002, relaxed=0.1)
+    waiting(allowances, made, "first", BucketPolicy(10, 0))
+    clock.advance(0)
+    for i in range(RELAXED_BATCH):
+        if i == RELAXED_BATCH - 1:
+            clock.advance(0.002)
+            assert len(db.settlements) == 1
+        key = leased(allowances, f"k{i}", allowance=10, used=1, lease_sent=-1.0, dies=9.0,
+                     now=clock.seconds())
+        made.prefetch(f"k{i}", key, clock.seconds())
+    clock.advance(0)
+    assert len(db.settlements) == 2 and len(db.settlements[-1]) == RELAXED_BATCH
 
 
 def test_relaxed_statements_start_relaxed_apart(db, allowances, clock):

@@ -35,10 +35,12 @@ arriving meanwhile gather for the next, so statements per second are bounded by
 the database's latency, not by the request rate, and under load each carries
 many keys. While no request waits and every lease asked ahead of need (below) still
 lasts half a second at its key's pace, one starts at most every ``relaxed`` seconds
-(100 ms) instead: the renewals of keys that come back every second or so then share
-a few statements a second rather than forty to a hundred (measured with 10,000 keys
-in turn; 4 % less CPU per request, bench/README.md). Rows are locked in client id
-order, so instances settling overlapping keys never deadlock.
+(100 ms) instead, or as soon as 100 keys are pending
+(:data:`~equalizer.buckets.leases.settlement.RELAXED_BATCH`, so that no statement holds
+the reactor long): the renewals of keys that come back every second or so then share
+ten to fifteen statements a second rather than forty to a hundred and fifty (measured
+with 10,000 keys in turn; 3 % less CPU per request, bench/README.md). Rows are locked
+in client id order, so instances settling overlapping keys never deadlock.
 
 How much is leased (``extra``) adapts to demand: twice the demand since the
 key's last settlement (waiting requests plus allowance used), four times when

@@ -54,6 +54,13 @@ that keep twice, and their renewals by time: four times made more of those wait 
 random arrivals."""
 
 
+RELAXED_BATCH = 100
+"""Keys pending at which a relaxed statement goes at once. Sending a key and taking its row
+in costs the proxy some 20 µs, so the relaxed statements of the bench's renewal waves
+(10,000 keys in under a second, up to ``max_batch`` each) held the reactor 10-20 ms and
+raised p99 by 0.7-1.8 ms; at 100 keys p99 is no worse than before relaxed statements."""
+
+
 def lease_factor(key: Key, busy_since: float) -> int:
     """How many times its demand a key is leased next (``BUSY_WITHIN``)."""
     return 4 if key.lease_sent > busy_since else 2
@@ -134,7 +141,7 @@ class Settlements:
         relaxed statement if the allowance lasts, so renewals share few statements."""
         if not key.settling:
             self.pending[client_id] = key
-            if not lasts(key, now, RELAXED_SLACK):
+            if not lasts(key, now, RELAXED_SLACK) or len(self.pending) >= RELAXED_BATCH:
                 self._urgent = True
             self.schedule()
 
