@@ -199,8 +199,9 @@ class Settlements:
         returns = self._allowances.returns
         if not items and not returns:
             return
+        sent = self._last_sent = self._clock.seconds()
         rows, batch = statement(items, returns, self._max_lease, self._min_lease, self._max_batch,
-                                self._clock.seconds() - self._allowances.max_age * BUSY_WITHIN)
+                                sent - self._allowances.max_age * BUSY_WITHIN)
         if not returns:
             self.returning = False
         if not self.pending:
@@ -209,7 +210,6 @@ class Settlements:
         giving = self._giving
         for client_id, back in given:
             giving[client_id] = giving.get(client_id, 0) + back
-        sent = self._last_sent = self._clock.seconds()
         self.statements += 1
         self.settled_keys += len(rows)
         self.in_flight += 1
