@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 
 from equalizer.balancer.stats import bucket_counts
 from equalizer.buckets.interface import MAX_SWEEP_INTERVAL, sweep_interval
-from equalizer.buckets.maths import Bucket, is_full
+from equalizer.buckets.maths import Bucket, is_full, refill
 from equalizer.buckets.memory import SWEEP_CHUNK, MemoryStore
 from equalizer.buckets.postgres.store import SWEEP_IDLE, PostgresStore
 from equalizer.config.model import BucketPolicy, RateLimitConfig
@@ -44,6 +44,16 @@ def test_is_full_once_refilled_to_capacity():
     assert is_full(bucket, 103.0)
     assert not is_full(Bucket(4, 3.5, 0.0, 100.0), 1e9)
     assert is_full(Bucket(4, 4.0, 0.0, 100.0), 100.0)
+    assert not is_full(Bucket(4, 3.0, 1.0, 100.0), 99.0)  # a clock behind: no refill
+
+
+def test_is_full_agrees_with_refill():
+    """is_full says what refill would: its tokens reach the capacity (same sum, same order)."""
+    for tokens in (0.0, 0.1, 2.5, 3.999999, 4.0):
+        for rate in (0.0, 0.3, 1.0, 1e9):
+            for now in (99.0, 100.0, 100.0000001, 101.7, 1e6):
+                bucket = Bucket(4, tokens, rate, 100.0)
+                assert is_full(bucket, now) == (refill(bucket, now).tokens >= 4)
 
 
 @pytest.mark.parametrize(("policy", "seconds"), [

@@ -30,7 +30,7 @@ from equalizer.buckets.interface import (
     tokens_above_capacity,
     validate_fields,
 )
-from equalizer.buckets.maths import Bucket, Decision, is_full, refill, window
+from equalizer.buckets.maths import Bucket, Decision, is_full, make_tuple, refill, window
 from equalizer.buckets.maths import take as take_token
 from equalizer.config.model import (
     DEFAULT_MAX_BUCKETS,
@@ -216,7 +216,8 @@ class MemoryStore:
                 return None
             if len(self.buckets) >= self.max_buckets:
                 return self._at_cap(default)
-            bucket = Bucket(default.capacity, float(default.capacity), default.refill_rate, now)
+            bucket = make_tuple(Bucket, (default.capacity, float(default.capacity),
+                                         default.refill_rate, now))
             created = now
         else:
             bucket, created = entry
