@@ -87,6 +87,36 @@ def test_full_default_bucket_is_swept_and_spent_one_waits_until_refilled(clock):
     assert store.bucket_count == 0
 
 
+def test_a_full_bucket_used_since_the_last_sweep_began_stays_until_the_next(clock):
+    """A client that comes back within a sweep interval keeps its bucket, full or not
+    (with a default that refills within a second, forgetting it made it again at nearly
+    every return); unused for a whole interval, it goes."""
+    store = make_store(clock)  # sweeps at 4, 8, ...
+    take(store, "back")
+    clock.advance(3.0)
+    take(store, "back")  # full again at 4
+    clock.advance(1.0)
+    assert held(store) == {"back"}  # full, but used since the sweep before began (start)
+    clock.advance(4.0)
+    assert held(store) == set()  # unused since the sweep at 4 began
+    assert store.swept == 1
+
+
+def test_the_sweep_a_new_client_at_the_cap_starts_forgets_full_buckets_used_lately(clock):
+    """Room for new clients comes first: the sweep the cap starts forgets every full
+    default bucket, those used since the last sweep began too."""
+    store = make_store(clock, max_buckets=2)
+    clock.advance(4)  # a sweep begins
+    clock.advance(0.1)
+    take(store, "a")
+    take(store, "b")
+    clock.advance(1.1)  # both full again, both used since that sweep began
+    assert take(store, "c") == [False]  # at the cap: refused, and a sweep starts
+    clock.advance(0)
+    assert held(store) == set()
+    assert take(store, "c") == [True]
+
+
 def test_a_forgotten_client_comes_back_to_a_full_bucket(clock):
     """A client whose full bucket was swept gets the same full bucket it would have had."""
     store = make_store(clock)

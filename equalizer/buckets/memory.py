@@ -73,10 +73,14 @@ class MemoryStore:
     """Buckets in a dict: one process, lost on restart. Answers synchronously.
 
     Buckets made from the default policy are forgotten once full again (they hold
-    no information), by a sweep every :func:`sweep_interval` seconds that looks
-    at :data:`SWEEP_CHUNK` buckets per reactor turn, so memory follows the
-    clients active within about one refill window. Buckets created or changed
-    through the admin API are kept until deleted. ``max_buckets`` caps the
+    no information) and unused since the sweep before began, by a sweep every
+    :func:`sweep_interval` seconds that looks at :data:`SWEEP_CHUNK` buckets per
+    reactor turn, so memory follows the clients active within about two refill
+    windows, and a client that comes back within one keeps its bucket (10,000 keys
+    coming back every second, with a default that refills within one, were forgotten
+    and made again every second; the sweep a new client at the cap starts forgets
+    every full one). Buckets created or changed through the admin API are kept
+    until deleted. ``max_buckets`` caps the
     buckets held: a new client arriving at the cap is refused (429) and a sweep
     starts at once; clients with a bucket are served as ever.
     """
@@ -98,6 +102,8 @@ class MemoryStore:
         self._running = False
         self._timer: IDelayedCall | None = None
         self._pass: list[str] | None = None  # client ids the sweep under way has yet to see
+        self._unused_since = 0.0  # the sweep under way forgets full buckets unused since
+        self._began = 0.0  # when the sweep under way (or the last) began
 
     @property
     def bucket_count(self) -> int:
@@ -116,6 +122,7 @@ class MemoryStore:
         """Start sweeping (takes work without it; tests drive the sweep with a Clock)."""
         if not self._running:
             self._running = True
+            self._began = self._clock.seconds()
             self._timer = self._clock.callLater(self.interval, self._sweep)
         return succeed(None)
 
@@ -133,10 +140,12 @@ class MemoryStore:
         the interval once every bucket held when the sweep began has been seen."""
         self._timer = None
         try:
+            now = self._clock.seconds()
             if self._pass is None:
                 self._pass = list(self.buckets)
                 self._peak = max(self._peak, len(self._pass))
-            self.swept += self._forget_full(self._pass, self._clock.seconds())
+                self._unused_since, self._began = self._began, now
+            self.swept += self._forget_full(self._pass, now)
         except Exception:
             log.failure("sweeping buckets failed")
             self._pass = None
@@ -150,16 +159,18 @@ class MemoryStore:
             self._timer = self._clock.callLater(self.interval, self._sweep)
 
     def _forget_full(self, ids: list[str], now: float) -> int:
-        """Drop the full default buckets among the last SWEEP_CHUNK of ``ids`` (which
-        are consumed); how many went."""
+        """Drop the full default buckets unused since ``_unused_since`` among the last
+        SWEEP_CHUNK of ``ids`` (which are consumed); how many went."""
         chunk = ids[-SWEEP_CHUNK:]
         del ids[-SWEEP_CHUNK:]
         buckets = self.buckets
         kept = self._kept
+        unused_since = self._unused_since
         gone = 0
         for client_id in chunk:
             entry = buckets.get(client_id)
-            if entry is not None and client_id not in kept and is_full(entry[0], now):
+            if entry is not None and entry[0].updated <= unused_since \
+                    and client_id not in kept and is_full(entry[0], now):
                 del buckets[client_id]
                 gone += 1
         return gone
@@ -178,6 +189,7 @@ class MemoryStore:
     def _sweep_soon(self) -> None:
         """Start a sweep on the next reactor turn unless one is under way (cap reached)."""
         if self._running and self._pass is None:
+            self._began = math.inf  # room now: every full bucket goes, used lately or not
             if self._timer is not None and self._timer.active():
                 self._timer.cancel()
             self._timer = self._clock.callLater(0, self._sweep)
