@@ -136,8 +136,9 @@ def is_full(bucket: Bucket, now: float) -> bool:
     A full bucket holds no information: it is what a client without a bucket
     would be given, so a store may forget it (when it was made from the default).
     The refill's sum without the refilled bucket: the memory store's sweep asks this of
-    every bucket it holds, every second for a default that refills within one (10,000
-    keys: a twentieth of the proxy's CPU when it built a bucket per question).
+    the buckets it holds, every second for a default that refills within one (10,000
+    keys: the sweep took a twentieth of the proxy's CPU, most of it building a bucket
+    per question).
     """
     capacity, tokens, rate, updated = bucket
     if now > updated:
