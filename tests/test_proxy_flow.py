@@ -326,7 +326,5 @@ class OwnFields:
     owned_fields = frozenset({b"x-limit"})
 
     def admit(self, exchange) -> None:
+        exchange.limit_lines = b"X-Limit: ours\r\n"
         exchange.dispatch()
-
-    def response_lines(self, exchange) -> bytes:
-        return b"X-Limit: ours\r\n"

@@ -194,7 +194,7 @@ class FakeExchange:
     def __init__(self) -> None:
         self.request = request_with()
         self.client = "10.0.0.1"
-        self.decision = None
+        self.limit_lines = b""
         self.rate_limit = "off"
         self.outcome = None
 
@@ -232,7 +232,7 @@ def test_admit_all_dispatches_and_adds_nothing():
     exchange = FakeExchange()
     ADMIT_ALL.admit(exchange)
     assert exchange.outcome == "dispatched"
-    assert ADMIT_ALL.response_lines(exchange) == b"" and not ADMIT_ALL.owned_fields
+    assert exchange.limit_lines == b"" and not ADMIT_ALL.owned_fields
 
 
 def test_allowed_request_is_dispatched_with_its_fields():
@@ -240,7 +240,7 @@ def test_allowed_request_is_dispatched_with_its_fields():
     exchange = FakeExchange()
     admission.admit(exchange)
     assert exchange.outcome == "dispatched" and exchange.rate_limit == "allowed"
-    assert b"RateLimit" in admission.response_lines(exchange)
+    assert b"RateLimit" in exchange.limit_lines
     assert admission.store.taken == ["10.0.0.1"]
     assert admission.decisions["allowed"] == 1
 
@@ -251,7 +251,7 @@ def test_refused_request_is_429_and_counted():
     admission.admit(exchange)
     assert exchange.outcome[:2] == (429, "rate_limited")
     assert stats.rate_limited == 1 and exchange.rate_limit == "limited"
-    assert b"Retry-After: 3" in admission.response_lines(exchange)
+    assert b"Retry-After: 3" in exchange.limit_lines
 
 
 def test_no_bucket_is_unlimited():
@@ -259,7 +259,7 @@ def test_no_bucket_is_unlimited():
     exchange = FakeExchange()
     admission.admit(exchange)
     assert exchange.outcome == "dispatched" and exchange.rate_limit == "unlimited"
-    assert admission.response_lines(exchange) == b""
+    assert exchange.limit_lines == b""
 
 
 def test_late_answer_goes_through_the_callback():

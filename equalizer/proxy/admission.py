@@ -1,8 +1,8 @@
 """Admission: what decides, once per request, whether the proxy sends it on.
 
 The proxy calls ``admit(exchange)`` once per request; the admission answers by calling
-back ``exchange.dispatch()`` or ``exchange.respond_locally(...)``, now or later, and
-adds its header lines to the response through ``response_lines``. ``AdmitAll`` admits
+back ``exchange.dispatch()`` or ``exchange.respond_locally(...)``, now or later, having
+set ``exchange.limit_lines``, the header lines its response carries. ``AdmitAll`` admits
 every request; ``RateLimiter`` is the rate limiter.
 
 Before a request goes to a backend the limiter takes one token from the
@@ -41,14 +41,13 @@ class Admission(Protocol):
     """The one interface between the proxy and whatever limits its traffic."""
 
     owned_fields: frozenset[bytes]
-    """Lower-case names of the fields ``response_lines`` writes: a backend's fields of
-    those names give way to them."""
+    """Lower-case names of the fields the admission writes: a backend's fields of those
+    names give way to them."""
 
     def admit(self, exchange: Exchange) -> None:
-        """Call ``exchange.dispatch()`` or ``exchange.respond_locally(...)``, now or later."""
-
-    def response_lines(self, exchange: Exchange) -> bytes:
-        """Header lines (each ending in CRLF) the exchange's response carries."""
+        """Call ``exchange.dispatch()`` or ``exchange.respond_locally(...)``, now or later,
+        first setting ``exchange.limit_lines`` (header lines, each ending in CRLF; empty
+        unless set) when the response carries fields of the admission's."""
 
 
 class AdmitAll:
@@ -58,9 +57,6 @@ class AdmitAll:
 
     def admit(self, exchange: Exchange) -> None:
         exchange.dispatch()
-
-    def response_lines(self, exchange: Exchange) -> bytes:
-        return b""
 
 
 ADMIT_ALL = AdmitAll()
@@ -108,17 +104,21 @@ class RateLimiter:
     def admit(self, exchange: Exchange) -> None:
         """Dispatch the exchange, or answer it here.
 
-        No request arrives while the store makes its first connection: the proxy
-        listener opens only once that attempt is over (SPEC 4.5, equalizer.readiness),
-        so a fresh instance never lets traffic through unlimited merely because it
-        is young.
+        A request the store admits at once (memory store, a live lease) is dispatched
+        here, inline: it is the path of most requests, and each Python call on it costs
+        (bench/README.md). No request arrives while the store makes its first
+        connection: the proxy listener opens only once that attempt is over (SPEC 4.5,
+        equalizer.readiness), so a fresh instance never lets traffic through unlimited
+        merely because it is young.
         """
         answer = self.take_now(self.client_key(exchange), self.default)
-        if answer is None or answer.__class__ is Decision:  # _answered, inline
-            self._decided(answer, exchange)  # at once (memory store, a live lease)
+        if answer.__class__ is Decision and answer.allowed:
+            exchange.limit_lines = self._render[answer]
+            exchange.rate_limit = "allowed"
+            self.decisions["allowed"] += 1
+            exchange.dispatch()
         else:
-            answer.addCallbacks(self._decided, self._store_failed, (exchange,), None,
-                                (exchange,), None)
+            self._answered(answer, exchange)
 
     def admit_routed(self, exchange: Exchange) -> None:
         """``admit`` when routes are configured: under the policy of the exchange's route
@@ -150,11 +150,6 @@ class RateLimiter:
             answer.addCallbacks(self._decided, self._store_failed, (exchange,), None,
                                 (exchange,), None)
 
-    def routed_response_lines(self, exchange: Exchange) -> bytes:
-        """``response_lines`` when routes are configured: the fields name the policy."""
-        decision = exchange.decision
-        return b"" if decision is None else exchange.policy.render[decision]
-
     def routed(self) -> Admission:
         """This limiter as the admission of a proxy with routes."""
         return RoutedAdmission(self)
@@ -164,15 +159,14 @@ class RateLimiter:
             self._count(exchange, "unlimited")
             exchange.dispatch()
             return
-        exchange.decision = decision
+        policy = getattr(exchange, "policy", None)  # None: not routed
+        exchange.limit_lines = (self._render if policy is None else policy.render)[decision]
         if decision.allowed:
-            exchange.rate_limit = "allowed"  # _count, inline on the path of most requests
-            self.decisions["allowed"] += 1
+            self._count(exchange, "allowed")
             exchange.dispatch()
             return
         self._count(exchange, "limited")
         self.stats.rate_limited += 1
-        policy = getattr(exchange, "policy", None)  # None: not routed
         self.stats.limited_clients.add(
             self.client_key(exchange) if policy is None else policy.client_key(exchange))
         exchange.respond_locally(429, "rate_limited", "too many requests; retry later")
@@ -194,17 +188,9 @@ class RateLimiter:
         exchange.rate_limit = outcome
         self.decisions[outcome] += 1
 
-    def response_lines(self, exchange: Exchange) -> bytes:
-        """The RateLimit fields (and Retry-After for a 429) of the exchange's response,
-        as header lines ending in CRLF."""
-        decision = exchange.decision
-        return self._render[decision] if decision is not None else b""
-
-
 class RoutedAdmission:
     """A :class:`RateLimiter` as the admission of a proxy with routes (SPEC 8)."""
 
     def __init__(self, limiter: RateLimiter) -> None:
         self.owned_fields = limiter.owned_fields
         self.admit = limiter.admit_routed
-        self.response_lines = limiter.routed_response_lines

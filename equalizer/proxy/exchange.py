@@ -64,7 +64,7 @@ class Exchange:
         "proxy", "request", "client", "method", "request_id", "started", "tried", "attempt",
         "body_chunks", "body_ended", "fresh_only", "bytes_sent", "status", "finished",
         "headers_block", "host", "chunked_body", "body_follows", "head_request",
-        "rate_limit", "decision", "last_failure", "problem", "ticket", "bytes_received",
+        "rate_limit", "limit_lines", "last_failure", "problem", "ticket", "bytes_received",
         "unit", "route", "target", "policy",
     )
 
@@ -84,7 +84,7 @@ class Exchange:
         self.status = 0
         self.finished = False
         self.rate_limit = "off"
-        self.decision = None
+        self.limit_lines = b""  # the admission's header lines for the response
         self.last_failure: Failure | None = None
         self.ticket: Ticket | None = None
         length = request.body_length
@@ -387,9 +387,8 @@ class Proxy:
         self.outlier = self.default_unit.outlier = outlier
         self.retry = RetryPolicy.from_names(config.retry_on)
         self.retry_statuses = self.retry.statuses
-        # Bound once here, called once or twice per request.
+        # Bound once here, called once per request.
         self.admit = admission.admit
-        self.response_lines = admission.response_lines
         self.owned_fields: frozenset[bytes] = admission.owned_fields
 
     def route_with(self, router: RouteTable | None) -> None:

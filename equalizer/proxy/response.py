@@ -47,7 +47,7 @@ def write_head(exchange: Exchange, status: int, reason: bytes,
     """
     request = exchange.request
     proxy = exchange.proxy
-    own = proxy.response_lines(exchange)
+    own = exchange.limit_lines
     owned = proxy.owned_fields if own else ()
     fields = []
     named = None

@@ -36,7 +36,7 @@ class Tunnel:
         lines.extend(b"%s: %s\r\n" % (name, value) for name, value in headers)
         if not any(name.lower() == b"x-request-id" for name, _ in headers):
             lines.append(b"X-Request-ID: %s\r\n" % exchange.request_id)
-        lines.append(exchange.proxy.response_lines(exchange))
+        lines.append(exchange.limit_lines)
         lines.append(b"\r\n")
         self.send(b"".join(lines))
         request.head_sent = True
