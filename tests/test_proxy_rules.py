@@ -7,7 +7,6 @@ from types import SimpleNamespace
 
 import pytest
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.web.http_headers import Headers
 
 from equalizer.balancer.stats import TrafficStats
 from equalizer.buckets.interface import StoreUnavailable
@@ -15,6 +14,7 @@ from equalizer.buckets.maths import Decision
 from equalizer.config.model import RateLimitConfig
 from equalizer.config.rules import MAX_CLIENT_ID_LENGTH, key_digest
 from equalizer.proxy.admission import ADMIT_ALL, RateLimiter
+from equalizer.proxy.client import RequestFields
 from equalizer.proxy.framing import UpstreamError, parse_response_head, response_framing
 from equalizer.proxy.headers import (
     client_address,
@@ -98,9 +98,9 @@ def test_bad_content_length_is_refused(fields):
 
 
 def request_with(*fields: tuple[bytes, bytes]) -> SimpleNamespace:
-    headers = Headers()
+    headers = RequestFields()
     for name, value in fields:
-        headers.addRawHeader(name, value)
+        headers.add(name, value)
     return SimpleNamespace(requestHeaders=headers)
 
 

@@ -20,8 +20,9 @@ class RequestFields:
     """The request's header fields by lowercase name, values in the order received.
 
     Read through ``getRawHeaders`` and ``getAllRawHeaders``, the two names of
-    twisted.web's ``Headers`` that routing, the client key and the header rules use, so
-    those work on either.
+    twisted.web's ``Headers`` that routing and the header rules use, so those work on
+    either; the client key (``equalizer.proxy.keys``), read on every limited request,
+    reads ``index`` itself.
     """
 
     __slots__ = ("index",)

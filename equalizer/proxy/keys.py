@@ -21,11 +21,12 @@ def key_reader(spec: str) -> Callable[[Exchange], str]:
     """
     kind, _, name = spec.partition(":")
     if kind == "header":
-        header = name.encode("latin-1")
+        header = name.lower().encode("latin-1")
 
         def from_header(exchange: Exchange) -> str:
-            values = exchange.request.requestHeaders.getRawHeaders(header)
-            return _usable_key(values[0], exchange) if values else exchange.client
+            # The fields' index, not getRawHeaders: one Python call less per request.
+            entry = exchange.request.requestHeaders.index.get(header)
+            return _usable_key(entry[1][0], exchange) if entry is not None else exchange.client
 
         return from_header
     if kind == "cookie":
