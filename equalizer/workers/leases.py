@@ -8,7 +8,7 @@ database (``equalizer_settle``), so a worker is one more leasing instance; with
 ``store: memory`` on the in-memory buckets by :func:`settle_in_memory`, the same
 rule as the SQL function. So the bound of the leasing design holds per worker: over
 any window all workers together admit at most one bucket's worth plus, per worker,
-the allowance it held when the window began (at most ``min(256, max(1, C // 10))``
+the allowance it held when the window began (at most ``min(1024, max(1, C // 10))``
 tokens, and at most ``R * 10 s``).
 """
 
