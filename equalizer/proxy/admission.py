@@ -188,6 +188,7 @@ class RateLimiter:
         exchange.rate_limit = outcome
         self.decisions[outcome] += 1
 
+
 class RoutedAdmission:
     """A :class:`RateLimiter` as the admission of a proxy with routes (SPEC 8)."""
 
