@@ -26,6 +26,19 @@ def run(bucket: Bucket, times: list[float]) -> tuple[Bucket, list[Decision]]:
     return bucket, decisions
 
 
+def test_a_decision_that_says_what_the_last_said_is_the_last():
+    """Given the last decision taken from the bucket, take answers with it when the new
+    one would say the same (a client slower than the refill), else with a new one."""
+    bucket, first = take(Bucket(10, 10.0, 100.0, 0.0), 1.0)
+    bucket, again = take(bucket, 2.0, first)  # full again by then: the same answer
+    assert again is first
+    bucket, drained = take(bucket, 2.0, again)  # no refill in between: a token fewer
+    assert drained is not first
+    assert drained == Decision(True, 10, first.remaining - 1, 0, 1, 1)
+    _, refused = take(Bucket(10, 0.5, 0.25, 0.0), 0.0, drained)
+    assert refused == Decision(False, 10, 0, 2, 2, 40)
+
+
 def test_full_bucket_admits_capacity_then_refuses():
     """A full bucket of capacity 3 admits exactly 3 requests at one instant, then refuses."""
     bucket, decisions = run(Bucket(3, 3.0, 1.0, 0.0), [0.0] * 5)
@@ -229,9 +242,24 @@ def test_rendered_lines_are_kept_per_decision_up_to_a_bound():
     lines = header_renderer("both", "api")
     first = lines[REFUSED]
     assert lines(REFUSED) is first and first.endswith(b"Retry-After: %d\r\n" % REFUSED.retry_after)
-    for remaining in range(RENDERED_KEPT - 1):
-        lines[Decision(True, 10**6, remaining, 0, 1, 1)]
+    for remaining in range(RENDERED_KEPT - 1):  # a small bucket's: kept
+        lines[Decision(True, RENDERED_KEPT, remaining, 0, 1, 1)]
     assert len(lines) == RENDERED_KEPT and lines[REFUSED] is first
     lines[ALLOWED]  # one more: all dropped, then this one kept
     assert len(lines) == 1
     assert lines[REFUSED] == first and len(lines) == 2
+
+
+def test_a_large_bucket_keeps_the_lines_of_its_full_states_only():
+    """A large bucket's decisions as it drains do not recur (a PostgreSQL lease's differ in
+    remaining from request to request): they are formatted, not kept; full, or one token
+    short of it, they recur and are kept. The lines are the same either way."""
+    big = 10**6
+    draining = [Decision(True, big, remaining, 0, 1, 1) for remaining in (5, 6, big - 2)]
+    full = [Decision(True, big, big - 1, 0, 1, 1), Decision(True, big, big, 0, 0, 1)]
+    lines = header_renderer("both", "api")
+    for decision in draining + full:
+        assert lines[decision] == b"".join(
+            b"%s: %s\r\n" % field for field in rate_limit_headers(decision, "both")
+        ).replace(b'"default"', b'"api"')
+    assert set(lines) == set(full)

@@ -54,6 +54,16 @@ def test_default_policy_creates_a_full_bucket_on_first_sight(store):
     assert (record.capacity, record.tokens, record.refill_rate) == (3, 2.0, 1.0)
 
 
+def test_a_client_slower_than_the_refill_gets_the_same_decision(store, clock):
+    """A decision that says what the client's last said is that one (no new object per
+    request); once an admin change sets the bucket anew, decisions follow it."""
+    first = result_of(store.take("10.0.0.5", DEFAULT))
+    clock.advance(5)  # full again
+    assert result_of(store.take("10.0.0.5", DEFAULT)) is first
+    result_of(store.update("10.0.0.5", capacity=4, tokens=3))  # remaining 2, reset 1 again
+    assert result_of(store.take("10.0.0.5", DEFAULT)) == Decision(True, 4, 2, 0, 1, 4)
+
+
 def test_no_default_means_unlimited(store):
     """Without a default policy a client with no bucket is not limited (None), and gets none."""
     for _ in range(10):

@@ -62,9 +62,15 @@ def _record(key: str, bucket: Bucket, created: float) -> BucketRecord:
     )
 
 
-def _as_of_now(key: str, entry: tuple[Bucket, float], now: float) -> BucketRecord:
+Entry = tuple[Bucket, float, Decision | None]
+"""A bucket held, when it was made (clock seconds), and the last decision taken from it
+(None: none since its capacity or refill rate was set): reused while the same
+(:func:`equalizer.buckets.maths.decide`)."""
+
+
+def _as_of_now(key: str, entry: Entry, now: float) -> BucketRecord:
     """The record with the tokens refilled up to ``now``, ``updated`` as stored."""
-    bucket, created = entry
+    bucket, created, _ = entry
     return _record(key, refill(bucket, now)._replace(updated=bucket.updated), created)
 
 
@@ -89,8 +95,8 @@ class MemoryStore:
 
     def __init__(self, clock: IReactorTime, max_buckets: int = DEFAULT_MAX_BUCKETS) -> None:
         self._clock = clock
-        self.buckets: dict[str, tuple[Bucket, float]] = {}
-        """Key (:func:`bucket_key`) -> (bucket, created at, clock seconds); workers' leases
+        self.buckets: dict[str, Entry] = {}
+        """Key (:func:`bucket_key`) -> its :data:`Entry`; workers' leases
         settle on it (:func:`equalizer.workers.leases.settle_in_memory`)."""
         self._kept: set[str] = set()  # made or changed through the admin API: never swept
         self.max_buckets = max_buckets
@@ -231,10 +237,11 @@ class MemoryStore:
             bucket = make_tuple(Bucket, (default.capacity, float(default.capacity),
                                          default.refill_rate, now))
             created = now
+            last = None
         else:
-            bucket, created = entry
-        bucket, decision = take_token(bucket, now)
-        self.buckets[key] = (bucket, created)
+            bucket, created, last = entry
+        bucket, decision = take_token(bucket, now, last)
+        self.buckets[key] = (bucket, created, decision)
         return decision
 
     def create(
@@ -249,7 +256,7 @@ class MemoryStore:
         if key in self.buckets:
             return fail(BucketExists(client_id))
         bucket = Bucket(capacity, float(tokens), float(refill_rate), now)
-        self.buckets[key] = (bucket, now)
+        self.buckets[key] = (bucket, now, None)
         self._kept.add(key)
         return succeed(_record(key, bucket, now))
 
@@ -290,7 +297,7 @@ class MemoryStore:
         entry = self.buckets.get(key)
         if entry is None:
             return succeed(None)
-        bucket, created = entry
+        bucket, created, _ = entry
         current = refill(bucket, now)  # settle the past under the old settings
         new_capacity = current.capacity if capacity is None else capacity
         if tokens is None:
@@ -301,7 +308,7 @@ class MemoryStore:
             new_tokens = float(tokens)
         new_rate = current.refill_rate if refill_rate is None else float(refill_rate)
         updated = Bucket(new_capacity, new_tokens, new_rate, max(now, bucket.updated))
-        self.buckets[key] = (updated, created)
+        self.buckets[key] = (updated, created, None)
         self._kept.add(key)
         return succeed(_record(key, updated, created))
 
