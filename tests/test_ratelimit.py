@@ -242,24 +242,9 @@ def test_rendered_lines_are_kept_per_decision_up_to_a_bound():
     lines = header_renderer("both", "api")
     first = lines[REFUSED]
     assert lines(REFUSED) is first and first.endswith(b"Retry-After: %d\r\n" % REFUSED.retry_after)
-    for remaining in range(RENDERED_KEPT - 1):  # a small bucket's: kept
-        lines[Decision(True, RENDERED_KEPT, remaining, 0, 1, 1)]
+    for remaining in range(RENDERED_KEPT - 1):
+        lines[Decision(True, 10**6, remaining, 0, 1, 1)]
     assert len(lines) == RENDERED_KEPT and lines[REFUSED] is first
     lines[ALLOWED]  # one more: all dropped, then this one kept
     assert len(lines) == 1
     assert lines[REFUSED] == first and len(lines) == 2
-
-
-def test_a_large_bucket_keeps_the_lines_of_its_full_states_only():
-    """A large bucket's decisions as it drains do not recur (a PostgreSQL lease's differ in
-    remaining from request to request): they are formatted, not kept; full, or one token
-    short of it, they recur and are kept. The lines are the same either way."""
-    big = 10**6
-    draining = [Decision(True, big, remaining, 0, 1, 1) for remaining in (5, 6, big - 2)]
-    full = [Decision(True, big, big - 1, 0, 1, 1), Decision(True, big, big, 0, 0, 1)]
-    lines = header_renderer("both", "api")
-    for decision in draining + full:
-        assert lines[decision] == b"".join(
-            b"%s: %s\r\n" % field for field in rate_limit_headers(decision, "both")
-        ).replace(b'"default"', b'"api"')
-    assert set(lines) == set(full)

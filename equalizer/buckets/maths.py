@@ -72,7 +72,7 @@ _EPSILON = 1e-9
 
 RENDERED_KEPT = 1024
 """Rendered header lines a renderer keeps, by decision (some 300 KB at most, per policy);
-all are dropped when full. The states of the buckets kept recur, so few are ever held."""
+all are dropped when full. A bucket's states recur, so few are ever held."""
 
 
 class Bucket(NamedTuple):
@@ -205,22 +205,11 @@ _TEMPLATES = {
     "legacy": _LEGACY,
     "none": (b"", ()),
 }
-"""Per mode: the header lines as a ``%`` template (``%d`` its only conversions), and the
-decision's fields it takes."""
-
-_FIXED = itemgetter(*(i for i, name in enumerate(Decision._fields) if name != "remaining"))
-"""A decision's fields but ``remaining``: those of a lease's decisions, which differ from
-request to request in ``remaining`` only."""
+"""Per mode: the header lines as a ``%`` template, and the decision's fields it takes."""
 
 
 def _no_fields(decision: Decision) -> tuple[()]:
     return ()
-
-
-def _picker(names: list[str]) -> Callable[[Decision], object]:
-    """The decision's fields of ``names``, picked in C (one alone, not in a tuple: the
-    ``%`` of a single conversion takes it so)."""
-    return itemgetter(*map(Decision._fields.index, names)) if names else _no_fields
 
 
 def header_renderer(mode: str, policy: str = "default") -> RenderedLines:
@@ -236,64 +225,34 @@ def header_renderer(mode: str, policy: str = "default") -> RenderedLines:
     Raises ``KeyError`` for an unknown mode (the configuration is validated first).
     """
     template, names = _TEMPLATES[mode]
-    # The template in two stages: the fields but remaining first (their %d, literal
-    # % as %%%%), remaining's %d (as %%d) once per decision.
-    pieces = template.split(b"%d")
-    frame = pieces[0]
-    for name, piece in zip(names, pieces[1:], strict=True):
-        frame += (b"%%d" if name == "remaining" else b"%d") + piece
     if policy != "default":  # RateLimit-Policy and RateLimit name the policy (SPEC 8)
-        quoted = b'"%s"' % policy.encode("ascii").replace(b"%", b"%%%%")
-        frame = frame.replace(b'"default"', quoted)
-    return RenderedLines(
-        frame, _picker([name for name in names if name != "remaining"]),
-        _picker([name for name in names if name == "remaining"]))
+        quoted = b'"%s"' % policy.encode("ascii").replace(b"%", b"%%")
+        template = template.replace(b'"default"', quoted)
+    values = itemgetter(*map(Decision._fields.index, names)) if names else _no_fields
+    return RenderedLines(template, values)
 
 
 class RenderedLines(dict[Decision, bytes]):
-    """Header lines by decision: a lookup that finds them runs no Python code.
+    """Header lines by decision, rendered on first sight and kept (all dropped once
+    :data:`RENDERED_KEPT` are held): a lookup that finds them runs no Python code, and
+    one that does not runs one call, formatting in C (a PostgreSQL lease's decisions
+    differ from request to request when its bucket is large)."""
 
-    Kept (all dropped once :data:`RENDERED_KEPT` are held) are the lines of decisions
-    that recur: those of a bucket full or one token short of it (every client slower
-    than its refill, request after request) and of a small bucket (a few per whole
-    token). Others, a large bucket's as it drains (a PostgreSQL lease's differ from
-    request to request), are formatted each time: ``remaining`` alone, into the lines of
-    the decision's other fields, which are kept likewise (bench/README.md: keeping every
-    decision cost the lease path more than formatting it)."""
+    __slots__ = ("_template", "_values")
 
-    __slots__ = ("_frame", "_others", "_remaining", "_partial")
-
-    def __init__(self, frame: bytes, others: Callable[[Decision], object],
-                 remaining: Callable[[Decision], object]) -> None:
+    def __init__(self, template: bytes, values: Callable[[Decision], object]) -> None:
         super().__init__()
-        self._frame = frame  # % the other fields: the lines with %d for remaining
-        self._others = others
-        self._remaining = remaining
-        self._partial: dict[tuple[object, ...], bytes] = {}  # by _FIXED of a decision
+        self._template = template
+        self._values = values  # the decision's fields for the template, picked in C
 
     def __missing__(self, decision: Decision) -> bytes:
-        fixed = _FIXED(decision)
-        partial = self._partial.get(fixed)
-        if partial is None:
-            partial = self._fill(decision, fixed)
-        lines = partial % self._remaining(decision)
-        limit = decision[1]
-        if limit <= RENDERED_KEPT or decision[2] >= limit - 1:
-            if len(self) >= RENDERED_KEPT:
-                self.clear()
-            self[decision] = lines
-        return lines
-
-    def _fill(self, decision: Decision, fixed: tuple[object, ...]) -> bytes:
-        """The lines of ``decision`` but its ``remaining`` (a ``%d`` there)."""
-        kept = self._partial
-        if len(kept) >= RENDERED_KEPT:
-            kept.clear()
-        partial = self._frame % self._others(decision)
+        if len(self) >= RENDERED_KEPT:
+            self.clear()
+        lines = self._template % self._values(decision)
         if not decision.allowed:
-            partial += b"Retry-After: %d\r\n" % decision.retry_after
-        kept[fixed] = partial
-        return partial
+            lines += b"Retry-After: %d\r\n" % decision.retry_after
+        self[decision] = lines
+        return lines
 
     __call__ = dict.__getitem__
 
