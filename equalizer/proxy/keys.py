@@ -24,9 +24,19 @@ def key_reader(spec: str) -> Callable[[Exchange], str]:
         header = name.lower().encode("latin-1")
 
         def from_header(exchange: Exchange) -> str:
-            # The fields' index, not getRawHeaders: one Python call less per request.
+            # The fields' index, not getRawHeaders, and the usual value (not empty, not
+            # too long, UTF-8) decoded here, the rest by _usable_key: on every limited
+            # request, one Python call fewer.
             entry = exchange.request.requestHeaders.index.get(header)
-            return _usable_key(entry[1][0], exchange) if entry is not None else exchange.client
+            if entry is None:
+                return exchange.client
+            value = entry[1][0]
+            if 0 < len(value) <= MAX_CLIENT_ID_LENGTH:
+                try:
+                    return value.decode("utf-8")
+                except UnicodeDecodeError:
+                    pass
+            return _usable_key(value, exchange)
 
         return from_header
     if kind == "cookie":
@@ -47,7 +57,8 @@ _client_of = attrgetter("client")
 def _usable_key(value: bytes, exchange: Exchange) -> str:
     """A header or cookie value as a bucket key: UTF-8 text (latin-1 if it is not), the
     client address when empty, the one digest of :mod:`equalizer.config.rules` when
-    longer than a client id may be, so no value escapes the limit."""
+    longer than a client id may be, so no value escapes the limit. (``from_header``
+    decodes the usual value itself, as the first case here.)"""
     if not value:
         return exchange.client
     if len(value) > MAX_CLIENT_ID_LENGTH:

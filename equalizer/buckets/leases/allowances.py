@@ -184,9 +184,9 @@ class Allowances:
         key.dies = sent + self.max_age
         key.renew = renew_from(key.lease_sent, key.demand, sent, self.max_age)
         key.lease_sent = sent
-        key.expires = min(sent + self.ttl, key.dies)
-        key.limit, key.base = decision.limit, decision.remaining
-        key.reset, key.window = decision.reset, decision.window
+        expires = sent + self.ttl
+        key.expires = expires if expires < key.dies else key.dies
+        _, key.limit, key.base, _, key.reset, key.window = decision
         if not allowance and tokens < 1:
             due = (1 - tokens) / rate if rate > 0 else self.remember
             key.cached = decide(False, decision.limit, tokens, rate)

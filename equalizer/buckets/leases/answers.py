@@ -71,7 +71,7 @@ def take_in(rows: list[tuple[Any, ...]], batch: list[Sent], sent: float, now: fl
                 pending[client_id] = key
                 retried = True
             continue
-        if allowances.serve(key, now, answers):  # requests that came meanwhile
+        if key.waiters and allowances.serve(key, now, answers):  # came meanwhile
             pending.pop(client_id, None)
     for d, answer in answers:
         d.callback(answer)
@@ -86,14 +86,17 @@ def _granted(row: tuple[Any, ...], key: Key, waiters: list[Deferred[Any]], epoch
     """A key the statement found (or created): tokens to its requests, the rest kept as
     its allowance; whether the key is current (requests that came meanwhile may use it)."""
     client_id, granted, tokens, capacity, rate = row
-    served = min(granted, len(waiters))
     info = decide(True, capacity, tokens, rate)
-    base, reset, window = info.remaining, info.reset, info.window
-    for i, d in enumerate(waiters[:served]):
-        answers.append((d, Decision(True, capacity, base + granted - i - 1, 0, reset, window)))
-    if served < len(waiters):
-        refusal = decide(False, capacity, tokens, rate)
-        answers.extend((d, refusal) for d in waiters[served:])
+    served = 0
+    if waiters:  # none for most keys: their leases are asked for ahead of need
+        served = min(granted, len(waiters))
+        base, reset, window = info.remaining, info.reset, info.window
+        for i, d in enumerate(waiters[:served]):
+            answers.append((d, Decision(True, capacity, base + granted - i - 1, 0, reset,
+                                        window)))
+        if served < len(waiters):
+            refusal = decide(False, capacity, tokens, rate)
+            answers.extend((d, refusal) for d in waiters[served:])
     if key.epoch != epoch:
         return False  # an admin change came in meanwhile: no allowance from before it
     if not current:  # stopping: straight back to the database

@@ -143,7 +143,9 @@ class Settlements:
             self.pending[client_id] = key
             if not lasts(key, now, RELAXED_SLACK) or len(self.pending) >= RELAXED_BATCH:
                 self._urgent = True
-            self.schedule()
+                self.schedule()
+            elif self.scheduled is None:  # one scheduled is due no later than relaxed
+                self.schedule()
 
     def return_all(self) -> None:
         """Send every token to give back now, not only along with demand (the sweep)."""
