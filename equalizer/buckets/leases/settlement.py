@@ -143,8 +143,7 @@ class Settlements:
             self.pending[client_id] = key
             if not lasts(key, now, RELAXED_SLACK) or len(self.pending) >= RELAXED_BATCH:
                 self._urgent = True
-                self.schedule()
-            elif self.scheduled is None:  # one scheduled is due no later than relaxed
+            if self._urgent or self.scheduled is None:  # else one is due within relaxed
                 self.schedule()
 
     def return_all(self) -> None:
@@ -250,8 +249,7 @@ class Settlements:
         return (key is not None and key.settling) or client_id in self._giving
 
     def _landing(self) -> Deferred[None]:
-        """Fires when the next statement in flight is answered (or fails: it is bounded
-        by the database's query timeout)."""
+        """Fires when the next statement in flight is answered or fails (query timeout)."""
         d: Deferred[None] = Deferred()
         self._landed.append(d)
         return d
