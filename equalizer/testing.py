@@ -167,7 +167,7 @@ class FakeLeaseDatabase(MemoryStore):
 
     def tokens(self, client_id: str) -> float:
         """The tokens of the client's row, as of now."""
-        stored = self.buckets[client_id][0]
+        stored, _ = self.buckets[client_id]
         return refill(stored, self._clock.seconds()).tokens
 
     def _apply(self, text: str) -> list[tuple[Any, ...]]:

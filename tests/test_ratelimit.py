@@ -27,8 +27,9 @@ def run(bucket: Bucket, times: list[float]) -> tuple[Bucket, list[Decision]]:
 
 
 def test_a_decision_that_says_what_the_last_said_is_the_last():
-    """Given the last decision taken from the bucket, take answers with it when the new
-    one would say the same (a client slower than the refill), else with a new one."""
+    """Given the last decision taken from a bucket of the same refill rate, take answers
+    with it when the new one would say the same (a client slower than the refill), else
+    with a new one."""
     bucket, first = take(Bucket(10, 10.0, 100.0, 0.0), 1.0)
     bucket, again = take(bucket, 2.0, first)  # full again by then: the same answer
     assert again is first

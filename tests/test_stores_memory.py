@@ -54,12 +54,18 @@ def test_default_policy_creates_a_full_bucket_on_first_sight(store):
     assert (record.capacity, record.tokens, record.refill_rate) == (3, 2.0, 1.0)
 
 
-def test_a_client_slower_than_the_refill_gets_the_same_decision(store, clock):
-    """A decision that says what the client's last said is that one (no new object per
-    request); once an admin change sets the bucket anew, decisions follow it."""
+def test_a_decision_that_says_what_the_last_said_is_that_one(store, clock):
+    """Clients slower than their refill get the same decision object (none made per
+    request), across clients of one policy too; a bucket of another capacity or refill
+    rate, or one an admin change set anew, gets its own."""
     first = result_of(store.take("10.0.0.5", DEFAULT))
     clock.advance(5)  # full again
     assert result_of(store.take("10.0.0.5", DEFAULT)) is first
+    assert result_of(store.take("10.0.0.6", DEFAULT)) is first
+    result_of(store.create("fast", 3, 3, 2.0))  # remaining 2 and reset 1 too, window 2
+    assert result_of(store.take("fast", DEFAULT)) == Decision(True, 3, 2, 0, 1, 2)
+    result_of(store.create("slow", 3, 3, 1.0))
+    assert result_of(store.take("slow", DEFAULT)) == Decision(True, 3, 2, 0, 1, 3)
     result_of(store.update("10.0.0.5", capacity=4, tokens=3))  # remaining 2, reset 1 again
     assert result_of(store.take("10.0.0.5", DEFAULT)) == Decision(True, 4, 2, 0, 1, 4)
 

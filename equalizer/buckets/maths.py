@@ -153,8 +153,8 @@ def decide(allowed: bool, capacity: int, tokens: float, refill_rate: float,
 
     Shared by :func:`take` and by stores that do the arithmetic elsewhere (the
     Postgres store refills and takes in SQL and hands the resulting row here).
-    ``last``, a decision made before from the same capacity and refill rate, is the
-    answer when it says the same: a client slower than its bucket's refill gets the same
+    ``last``, a decision made before from a bucket of the same refill rate, is the
+    answer when it says the same: clients slower than their buckets' refill get the same
     decision request after request, and a new one costs a fifth of the memory store's
     instructions per request (bench/README.md).
     """
@@ -165,8 +165,9 @@ def decide(allowed: bool, capacity: int, tokens: float, refill_rate: float,
         reset = NO_REFILL_SECONDS
     else:  # _ceil, inline: the quotient is > 0, so only the "or 1" bound applies
         reset = math.ceil((remaining + 1 - tokens) / refill_rate - _EPSILON) or 1
-    if last is not None and last[2] == remaining and last[4] == reset and last[0] == allowed:
-        return last  # limit, retry_after and window follow from those and the bucket's
+    if last is not None and last[2] == remaining and last[4] == reset \
+            and last[1] == capacity and last[0] == allowed:
+        return last  # retry_after and window follow from those and the refill rate
     return make_tuple(Decision, (allowed, capacity, remaining, 0 if allowed else reset, reset,
                            window(capacity, refill_rate)))
 

@@ -62,15 +62,9 @@ def _record(key: str, bucket: Bucket, created: float) -> BucketRecord:
     )
 
 
-Entry = tuple[Bucket, float, Decision | None]
-"""A bucket held, when it was made (clock seconds), and the last decision taken from it
-(None: none since its capacity or refill rate was set): reused while the same
-(:func:`equalizer.buckets.maths.decide`)."""
-
-
-def _as_of_now(key: str, entry: Entry, now: float) -> BucketRecord:
+def _as_of_now(key: str, entry: tuple[Bucket, float], now: float) -> BucketRecord:
     """The record with the tokens refilled up to ``now``, ``updated`` as stored."""
-    bucket, created, _ = entry
+    bucket, created = entry
     return _record(key, refill(bucket, now)._replace(updated=bucket.updated), created)
 
 
@@ -95,8 +89,8 @@ class MemoryStore:
 
     def __init__(self, clock: IReactorTime, max_buckets: int = DEFAULT_MAX_BUCKETS) -> None:
         self._clock = clock
-        self.buckets: dict[str, Entry] = {}
-        """Key (:func:`bucket_key`) -> its :data:`Entry`; workers' leases
+        self.buckets: dict[str, tuple[Bucket, float]] = {}
+        """Key (:func:`bucket_key`) -> (bucket, created at, clock seconds); workers' leases
         settle on it (:func:`equalizer.workers.leases.settle_in_memory`)."""
         self._kept: set[str] = set()  # made or changed through the admin API: never swept
         self.max_buckets = max_buckets
@@ -110,6 +104,8 @@ class MemoryStore:
         self._pass: list[str] | None = None  # client ids the sweep under way has yet to see
         self._unused_since = 0.0  # the sweep under way forgets full buckets unused since
         self._began = 0.0  # when the sweep under way (or the last) began
+        self._last: Decision | None = None  # the last take's, reused while the same (decide)
+        self._last_rate = 0.0  # ... and its bucket's refill rate
 
     @property
     def bucket_count(self) -> int:
@@ -237,11 +233,12 @@ class MemoryStore:
             bucket = make_tuple(Bucket, (default.capacity, float(default.capacity),
                                          default.refill_rate, now))
             created = now
-            last = None
         else:
-            bucket, created, last = entry
-        bucket, decision = take_token(bucket, now, last)
-        self.buckets[key] = (bucket, created, decision)
+            bucket, created = entry
+        rate = bucket.refill_rate
+        bucket, decision = take_token(bucket, now, self._last if rate == self._last_rate else None)
+        self.buckets[key] = (bucket, created)
+        self._last, self._last_rate = decision, rate
         return decision
 
     def create(
@@ -256,7 +253,7 @@ class MemoryStore:
         if key in self.buckets:
             return fail(BucketExists(client_id))
         bucket = Bucket(capacity, float(tokens), float(refill_rate), now)
-        self.buckets[key] = (bucket, now, None)
+        self.buckets[key] = (bucket, now)
         self._kept.add(key)
         return succeed(_record(key, bucket, now))
 
@@ -297,7 +294,7 @@ class MemoryStore:
         entry = self.buckets.get(key)
         if entry is None:
             return succeed(None)
-        bucket, created, _ = entry
+        bucket, created = entry
         current = refill(bucket, now)  # settle the past under the old settings
         new_capacity = current.capacity if capacity is None else capacity
         if tokens is None:
@@ -308,7 +305,7 @@ class MemoryStore:
             new_tokens = float(tokens)
         new_rate = current.refill_rate if refill_rate is None else float(refill_rate)
         updated = Bucket(new_capacity, new_tokens, new_rate, max(now, bucket.updated))
-        self.buckets[key] = (updated, created, None)
+        self.buckets[key] = (updated, created)
         self._kept.add(key)
         return succeed(_record(key, updated, created))
 

@@ -46,14 +46,14 @@ def settle_in_memory(store: MemoryStore, batch: list[Settlement],
             bucket = Bucket(default_capacity, float(default_capacity), default_rate, now)
             created = updated = now
         else:
-            stored, created, _ = entry
+            stored, created = entry
             bucket = refill(stored, now)
             updated = max(now, stored.updated)
         capacity = bucket.capacity
         tokens = credit(capacity, bucket.tokens, back)
         granted = min(math.floor(tokens), waiting + min(extra, max(1, capacity // 10)))
         tokens -= granted
-        buckets[client_id] = (Bucket(capacity, tokens, bucket.refill_rate, updated), created, None)
+        buckets[client_id] = (Bucket(capacity, tokens, bucket.refill_rate, updated), created)
         rows.append((client_id, granted, tokens, capacity, bucket.refill_rate))
     return rows
 
