@@ -185,6 +185,13 @@ def test_overlong_key_is_a_digest():
     assert key == key_digest(value)
 
 
+def test_a_key_of_the_longest_length_is_itself_and_one_byte_more_a_digest():
+    read = key_reader("header:X-Key")
+    longest = b"k" * MAX_CLIENT_ID_LENGTH
+    assert read(exchange_with((b"X-Key", longest))) == longest.decode()
+    assert read(exchange_with((b"X-Key", longest + b"k"))) == key_digest(longest + b"k")
+
+
 # -- admission --------------------------------------------------------------------------------
 
 
