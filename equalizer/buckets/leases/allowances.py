@@ -201,8 +201,6 @@ class Allowances:
         """Answer requests that came while the key was settling from what the settlement
         brought; whether that answered all of them (and at least one)."""
         waiters = key.waiters
-        if not waiters:
-            return False
         served = 0
         while served < len(waiters) and key.allowance and now < key.expires:
             key.allowance -= 1
