@@ -11,10 +11,8 @@ from equalizer.buckets.leases.allowances import (
     PREFETCH_FROM,
     PREFETCH_LAST_FROM,
     PREFETCH_LEFT,
-    RENEW_LEAD_MIN,
     Allowances,
     Key,
-    prefetch_mark,
 )
 from equalizer.buckets.maths import decide
 from equalizer.config.model import BucketPolicy
@@ -84,34 +82,6 @@ def test_lease_sets_the_allowance_and_keeps_the_previous_one_to_give_back(allowa
     assert key.low == PREFETCH_LEFT  # a smaller one asks with a few tokens left
     allowances.lease("a", key, PREFETCH_LAST_FROM - 1, NOW, info, 500.5, 2.0, NOW)
     assert key.low == -1  # a tiny one is used up before the next lease
-
-
-def test_a_large_allowance_asks_at_half_or_when_a_second_of_its_pace_is_left():
-    """Half of a large allowance, while its key's pace is unknown or uses half within
-    RENEW_LEAD_MIN; a slower key asks with a second of its pace left (at least
-    PREFETCH_LEFT), so its allowance dies of age first and it asks by time."""
-    assert RENEW_LEAD_MIN == 1.0
-    assert prefetch_mark(20) == 10
-    assert prefetch_mark(20, 10.0) == 10 and prefetch_mark(20, 50.0) == 10
-    assert prefetch_mark(20, 1.7) == 2 and prefetch_mark(20, 0.1) == PREFETCH_LEFT
-    assert prefetch_mark(40, 3.2) == 4
-    assert prefetch_mark(PREFETCH_FROM - 1, 0.1) == PREFETCH_LEFT  # as before: small ones
-    assert prefetch_mark(PREFETCH_LAST_FROM - 1, 100.0) == -1
-
-
-def test_lease_takes_the_keys_pace_from_its_last_two_leases(allowances):
-    """Demand between the sending of the key's last two settlements, over the time between
-    them: 17 requests in 10 s asks at 2 left, not at half of 34."""
-    key = held(allowances, "a", 0)
-    info = decide(True, 1000, 500.5, 2.0)
-    allowances.lease("a", key, 34, NOW, info, 500.5, 2.0, NOW)
-    assert key.low == 17  # first lease: pace not known
-    key.demand = 17
-    allowances.lease("a", key, 34, NOW + 10.0, info, 500.5, 2.0, NOW + 10.0)
-    assert key.low == 2
-    key.demand = 170
-    allowances.lease("a", key, 34, NOW + 20.0, info, 500.5, 2.0, NOW + 20.0)
-    assert key.low == 17
 
 
 def test_lease_of_an_empty_bucket_remembers_the_refusal_until_a_token_is_due(allowances):

@@ -571,32 +571,6 @@ def test_a_key_of_steady_pace_asks_for_its_next_lease_its_lead_before_it_dies(db
     assert db.tokens("steady") + store._allowances.leased("steady") == 10_000 - 61
 
 
-def test_a_key_slower_than_its_large_allowance_asks_by_time_not_at_half(db, clock):
-    """The bench's keys: one request per 0.6 s and leases of 20 tokens (PREFETCH_FROM or
-    more), which last past max_age. Such a key asks with a second of its pace left, so it
-    asks by time, RENEW_LEAD of its gaps before its allowance dies: every 9 s, not
-    once half is used (every 6 s), and none of its requests waits."""
-    assert (PREFETCH_FROM, RENEW_LEAD, RENEW_LEAD_MIN) == (16, 2.0, 1.0)
-    store = LeasingStore(db, clock, ttl=1.0, max_age=10.0, min_lease=20, max_lease=20,
-                         linger=0)
-    result_of(store.start())
-    policy = BucketPolicy(10_000, 0)
-    clock.advance(1.0)
-    seen(store, clock, "steady", policy)
-    asked = [clock.seconds()]
-    for _ in range(80):
-        clock.advance(0.6)
-        statements = len(db.settlements)
-        assert store.take("steady", policy).called
-        settle(clock)
-        if len(db.settlements) > statements:
-            asked.append(clock.seconds())
-    assert store.waits == 1  # the first sight only
-    gaps = [round(later - earlier, 1) for earlier, later in itertools.pairwise(asked)]
-    assert gaps == [5.4, 9.0, 9.0, 9.0, 9.0]  # RENEW_AFTER (pace unknown), then 10 - 2 * 0.6
-    assert db.tokens("steady") + store._allowances.leased("steady") == 10_000 - 81
-
-
 def test_renewal_keeps_a_second_for_the_statement_and_never_comes_before_half_way():
     """However fast a key's pace, it asks at least RENEW_LEAD_MIN before its allowance
     dies; however slow, or unknown, not before RENEW_AFTER of max_age."""

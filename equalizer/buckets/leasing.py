@@ -60,12 +60,9 @@ the first sight with 8, and 4-8% less CPU per request).
 
 A busy key asks for its next lease when half of an allowance of at least
 :data:`~equalizer.buckets.leases.allowances.PREFETCH_FROM` tokens is used, so its
-requests do not wait (a key whose pace would take longer asks once what is left lasts
-a second at its pace: its allowance dies of age first, and it asks by time, below;
-asking at half settled the bench's 10,000 keys every 6 s instead of every 9); what is
-left of the old allowance goes back in the row of the key's next settlement (or with
-the sweep, once the key has no live allowance), not in a row of its own: at 10,000 keys
-in turn that halved the rows settled. A smaller allowance
+requests do not wait; what is left of the old allowance goes back in the row of the
+key's next settlement (or with the sweep, once the key has no live allowance), not in a
+row of its own: at 10,000 keys in turn that halved the rows settled. A smaller allowance
 of at least :data:`~equalizer.buckets.leases.allowances.PREFETCH_LAST_FROM` asks with
 :data:`~equalizer.buckets.leases.allowances.PREFETCH_LEFT` tokens left: only a key that
 used the rest within ``max_age`` gets there, and its next lease is about twice as large,

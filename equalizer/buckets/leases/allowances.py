@@ -26,8 +26,7 @@ if TYPE_CHECKING:
 log = Logger()
 
 PREFETCH_FROM = 16
-"""An allowance of at least this many tokens asks for the next lease once half is used
-(later for a key slower than that: :func:`prefetch_mark`)."""
+"""An allowance of at least this many tokens asks for the next lease once half is used."""
 
 PREFETCH_LAST_FROM = 4
 """A smaller allowance of at least this many tokens asks for the next lease when
@@ -91,21 +90,10 @@ class Key:
         self.lease_sent = 0.0  # when the statement of its allowance was sent (0: never)
 
 
-def prefetch_mark(allowance: int, pace: float | None = None) -> int:
-    """The allowance left at which a key asks for its next lease (-1: never), given its
-    pace (tokens a second; None: not known yet).
-
-    A large allowance asks once half is used, or once what is left lasts
-    :data:`RENEW_LEAD_MIN` at its key's pace if that comes later: a key slower than its
-    allowance then asks by time (:func:`renew_from`), as late as the allowance's age
-    allows. Asking at half settled the bench's keys twice as often as their leases' age
-    needs (10,000 keys in turn at 17,000 requests a second: leases of 20 tokens asked for
-    at 10 used, every 6 s, when they lasted 10)."""
+def prefetch_mark(allowance: int) -> int:
+    """The allowance left at which a key asks for its next lease (-1: never)."""
     if allowance >= PREFETCH_FROM:
-        half = allowance // 2
-        if pace is None or pace * RENEW_LEAD_MIN >= half:
-            return half
-        return max(PREFETCH_LEFT, math.ceil(pace * RENEW_LEAD_MIN))
+        return allowance // 2
     return PREFETCH_LEFT if allowance >= PREFETCH_LAST_FROM else -1
 
 
@@ -192,11 +180,9 @@ class Allowances:
         remembered until a token is due."""
         key.back += key.allowance
         key.allowance = allowance
-        previous, demand = key.lease_sent, key.demand
-        known = previous and demand and sent > previous
-        key.low = prefetch_mark(allowance, demand / (sent - previous) if known else None)
+        key.low = prefetch_mark(allowance)
         key.dies = sent + self.max_age
-        key.renew = renew_from(previous, demand, sent, self.max_age)
+        key.renew = renew_from(key.lease_sent, key.demand, sent, self.max_age)
         key.lease_sent = sent
         expires = sent + self.ttl
         key.expires = expires if expires < key.dies else key.dies
