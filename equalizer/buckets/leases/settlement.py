@@ -143,8 +143,7 @@ class Settlements:
             self.pending[client_id] = key
             if not lasts(key, now, RELAXED_SLACK) or len(self.pending) >= RELAXED_BATCH:
                 self._urgent = True
-            if self._urgent or self.scheduled is None:  # else one is due within relaxed
-                self.schedule()
+            self.schedule()
 
     def return_all(self) -> None:
         """Send every token to give back now, not only along with demand (the sweep)."""
@@ -154,11 +153,11 @@ class Settlements:
     def schedule(self) -> None:
         """Settle ``linger`` (``relaxed`` if nothing is urgent) after the last statement, or
         on the next turn; sooner than scheduled if something urgent came."""
-        if self.in_flight >= self._max_in_flight:
-            return  # the statement's answer schedules the next
+        scheduled = self.scheduled
+        if self.in_flight >= self._max_in_flight or (scheduled is not None and not self._urgent):
+            return  # the statement's answer schedules the next, or one is due within relaxed
         now = self._clock.seconds()
         delay = max(0, self._last_sent + (self._linger if self._urgent else self._relaxed) - now)
-        scheduled = self.scheduled
         if scheduled is None:
             self.scheduled = self._clock.callLater(delay, self.settle)
         elif scheduled.getTime() > now + delay:
