@@ -96,6 +96,8 @@ SCENARIOS = (
     Scenario("1k-c128", "/1k", 128),
     Scenario("1k-c256", "/1k", 256),
     Scenario("100k-c32", "/100k", 32),
+    # 1k-c32 beside itself: what a ratio to a base measured in turns reads with no cost.
+    Scenario("1k-c32-control", "/1k", 32, ("equalizer",), baseline="1k-c32"),
     Scenario("1k-c32-limit-memory", "/1k", 32, ("equalizer",), "memory", 1, baseline="1k-c32"),
     Scenario("1k-c32-limit-pg-1key", "/1k", 32, ("equalizer",), "postgres", 1, baseline="1k-c32"),
     # The requests of the 10,000-key run with the limiter off: that run's base, so its ratio
@@ -908,83 +910,169 @@ class RssSampler(threading.Thread):
 # --------------------------------------------------------------------------- runs
 
 
+TURN_SECONDS = 1
+"""A scenario with a base runs beside it, measured in turns of about this many seconds."""
+
+
+@dataclass
+class Measured:
+    """What one proxy's measured seconds added up to: one wrk run, or its turns of a
+    paired run (wrk's figures summed; latencies the worst turn's)."""
+
+    results: list[dict] = field(default_factory=list)
+    cpu_seconds: float = 0.0  # the proxy's own (user and system, its process tree)
+    database_seconds: float = 0.0  # the harness's cluster's, when one is watched
+    cores: dict[str, list[int]] = field(default_factory=dict)  # core: [busy, total] jiffies
+
+    def add(self, ctx: Context, server: Server, scenario: Scenario, seconds: int,
+            database_pid: int | None) -> None:
+        """Measure ``server`` under ``scenario``'s load for ``seconds`` more."""
+        cores_before = cpu_times()
+        before = (process_cpu_seconds(server.proc.pid),
+                  process_cpu_seconds(database_pid) if database_pid else 0.0)
+        self.results.append(run_wrk(ctx, server.port, scenario, seconds))
+        self.cpu_seconds += process_cpu_seconds(server.proc.pid) - before[0]
+        if database_pid:
+            self.database_seconds += process_cpu_seconds(database_pid) - before[1]
+        for core, (busy, total) in cpu_times().items():
+            tally = self.cores.setdefault(core, [0, 0])
+            tally[0] += busy - cores_before[core][0]
+            tally[1] += total - cores_before[core][1]
+
+    def wrk(self) -> dict:
+        """wrk's figures over every turn (a single run's as wrk gave them)."""
+        if len(self.results) == 1:
+            return self.results[0]
+        if not all(r["requests"] and r["rps"] for r in self.results):
+            raise BenchError("a turn of the paired run measured no requests")
+        requests = sum(r["requests"] for r in self.results)
+        latencies = {key: [r[key] for r in self.results if r[key] is not None]
+                     for key in ("p50_ms", "p99_ms")}
+        return {
+            "rps": requests / sum(r["requests"] / r["rps"] for r in self.results),
+            **{key: max(values) if values else None for key, values in latencies.items()},
+            "requests": requests,
+            "non2xx": sum(r["non2xx"] for r in self.results),
+            "socket_errors": {kind: sum(r["socket_errors"][kind] for r in self.results)
+                              for kind in self.results[0]["socket_errors"]},
+            "errors": sum(r["errors"] for r in self.results),
+            "wrk_output": "\n".join(r["wrk_output"] for r in self.results),
+        }
+
+    def busy_shares(self) -> dict[str, float]:
+        """Each core's busy share over the measured seconds (0.0 to 1.0)."""
+        return {core: busy / total if total else 0.0
+                for core, (busy, total) in self.cores.items()}
+
+
+def in_turns(ctx: Context, sides: list[tuple], count: int, seconds: int) -> None:
+    """``count`` rounds of a turn of ``seconds`` for each of ``sides`` (its ``Measured``,
+    server, scenario and the database's pid to watch), in their order."""
+    for _ in range(count):
+        for measured, server, scenario, watched in sides:
+            measured.add(ctx, server, scenario, seconds, watched)
+
+
+def warm_up_turns(ctx: Context, sides: list[tuple], seconds: int) -> None:
+    """The turns of ``sides`` for ``seconds`` each, measured for nothing."""
+    count, each = turns(seconds)
+    in_turns(ctx, [(Measured(), *side[1:]) for side in sides], count, each)
+
+
+def turns(seconds: int) -> tuple[int, int]:
+    """(turns, seconds per turn) that make about ``seconds`` of a run in turns."""
+    count = max(1, seconds // TURN_SECONDS)
+    return count, seconds // count
+
+
 def run_case(ctx: Context, scenario: Scenario, proxy: str, rep: int) -> dict:
-    """Start one proxy, warm it up, measure it, stop it. Errors become the record."""
+    """Start the proxy, warm it up, measure it, stop it. Errors become the record.
+
+    A scenario with a base runs with the same proxy in its base beside it on the proxy's
+    core, and the two are measured in turns (base, this, base, this, ...; this first in
+    even reps; each ``duration`` seconds in all), so ``base_rps`` and this run's req/s
+    come from the same seconds: on this machine the req/s moves by a tenth from one second
+    to the next, and the base's own run, a minute away, made the limiter's ratio swing
+    0.60-1.24. The turns are warmed up too, for as long as the run's own warm-up lasts
+    at least, so leases renew at the pace the turns give their keys before the measuring
+    starts (from a plain warm-up, the first renewals in turns made thousands of 10,000
+    keys wait).
+    """
     record: dict = {"rep": rep, "scenario": scenario.name, "proxy": proxy, "ok": False}
-    server = None
+    base = SCENARIOS_BY_NAME[scenario.baseline] if scenario.baseline else None
+    servers: list[Server] = []
     try:
-        server = start_proxy(ctx, proxy, scenario)
-        proc, port = server.proc, server.port
-        record["pid"] = proc.pid
-        unlimited = wait_ready(proc, port, scenario.path, limiter=bool(scenario.limiter))
+        for side in (base, scenario) if base else (scenario,):
+            servers.append(start_proxy(ctx, proxy, side))
+        server = servers[-1]
+        record["pid"] = server.proc.pid
+        if base:
+            wait_ready(servers[0].proc, servers[0].port, base.path, limiter=bool(base.limiter))
+            warm_up(ctx, servers[0].port, base)
+        unlimited = wait_ready(server.proc, server.port, scenario.path,
+                               limiter=bool(scenario.limiter))
         if unlimited:
             record["answers_before_limiter"] = unlimited  # the store was not ready at start
-        warm_up(ctx, port, scenario)
-        sampler = RssSampler(proc.pid)
-        sampler.start()
-        cpu_before = cpu_times()
-        leases_before = lease_counters(server) if scenario.limiter == "postgres" else {}
+        warm_up(ctx, server.port, scenario)
         database_pid = ctx.database_pid if scenario.limiter == "postgres" else None
-        seconds_before = (process_cpu_seconds(proc.pid),
-                          process_cpu_seconds(database_pid) if database_pid else 0.0)
+        mine, theirs = Measured(), Measured()
+        sides = [(mine, server, scenario, database_pid)]
+        if base:
+            sides.insert(0 if rep % 2 else 1, (theirs, servers[0], base, None))
+            warm_up_turns(ctx, sides, least_warmup(scenario))
+        leases_before = lease_counters(server) if scenario.limiter == "postgres" else {}
+        sampler = RssSampler(server.proc.pid)
+        sampler.start()
         try:
-            result = run_wrk(ctx, port, scenario, ctx.duration)
+            in_turns(ctx, sides, *(turns(ctx.duration) if base else (1, ctx.duration)))
         finally:
             record["peak_rss_kib"] = sampler.finish()
-        record["cpu_busy"] = busy_shares(cpu_before, cpu_times())
+        result = mine.wrk()
+        record["cpu_busy"] = mine.busy_shares()
         if result.get("requests"):  # the proxy's own CPU (user and system) per request
-            record["cpu_us_per_request"] = round(
-                (process_cpu_seconds(proc.pid) - seconds_before[0]) / result["requests"] * 1e6, 1)
+            record["cpu_us_per_request"] = round(mine.cpu_seconds / result["requests"] * 1e6, 1)
         if database_pid:  # the share of a core the database took during the run
-            record["database_busy"] = round(
-                (process_cpu_seconds(database_pid) - seconds_before[1]) / ctx.duration, 3)
-        if proc.poll() is not None:
-            raise BenchError(f"exited with status {proc.returncode} during the run")
+            record["database_busy"] = round(mine.database_seconds / ctx.duration, 3)
+        for side_server in servers:
+            if side_server.proc.poll() is not None:
+                raise BenchError(f"exited with status {side_server.proc.returncode} "
+                                 "during the run")
         if leases_before:  # what the measured run cost the limiter's leases
             after = lease_counters(server)
             record["leases"] = {name: after[name] - leases_before[name]
                                 for name in leases_before if name in after}
         if scenario.limiter:
             record["buckets"] = count_buckets(server)
+        if base:
+            theirs_wrk = theirs.wrk()
+            record["base_rps"] = theirs_wrk["rps"]
+            record["base_cpu_us_per_request"] = round(
+                theirs.cpu_seconds / theirs_wrk["requests"] * 1e6, 1)
         record.update(result, ok=True)
     except BenchError as exc:
         record["error"] = str(exc)
-        if server is not None:
-            record["log_tail"] = server.log_tails()
+        if servers:
+            record["log_tail"] = servers[-1].log_tails()
     finally:
-        if server is not None and server.proc is not None:
-            ctx.processes.stop(server.proc)
+        for side_server in servers:
+            if side_server.proc is not None:
+                ctx.processes.stop(side_server.proc)
     return record
 
 
 def plan(scenarios: list[Scenario], proxies: list[str], reps: int) -> list[tuple]:
-    """(rep, scenario, proxy) in run order: every proxy once per scenario, per rep.
+    """(rep, scenario, proxy) in run order: every proxy once per scenario, per rep."""
+    return [(rep, scenario, proxy) for rep in range(1, reps + 1) for scenario in scenarios
+            for proxy in proxies if runs_in(scenario, proxy)]
 
-    A limiter scenario runs right after equalizer's run of its baseline scenario, so
-    the two are minutes closer than the scenario order would put them: the machine
-    drifts, and their ratio is what the limiter scenarios are about.
-    """
-    names = {s.name for s in scenarios}
-    followers = {
-        s.baseline: [f for f in scenarios if f.baseline == s.baseline] for s in scenarios
-        if s.baseline in names
-    }  # fmt: skip
 
-    def with_followers(scenario: Scenario, proxy: str) -> list[tuple[Scenario, str]]:
-        runs = [(scenario, proxy)]
-        if proxy in ("equalizer", EARLIER_EQUALIZER):
-            for follower in followers.get(scenario.name, []):
-                runs += with_followers(follower, proxy)
-        return runs
-
-    order: list[tuple[Scenario, str]] = []
-    for scenario in scenarios:
-        if scenario.baseline in names:
-            continue  # placed after its baseline's equalizer run
-        for proxy in proxies:
-            if runs_in(scenario, proxy):
-                order += with_followers(scenario, proxy)
-    return [(rep, scenario, proxy) for rep in range(1, reps + 1) for scenario, proxy in order]
+def run_seconds(scenario: Scenario, duration: int) -> int:
+    """About how long one run of ``scenario`` takes (its base's warm-up and turns too)."""
+    seconds = duration + 2 + least_warmup(scenario)
+    if scenario.baseline:  # the base's warm-up and turns, and the warm-up in turns
+        seconds += duration + 2 * least_warmup(scenario)
+        seconds += least_warmup(SCENARIOS_BY_NAME[scenario.baseline])
+    return seconds
 
 
 def run_all(ctx: Context, runs: list[tuple], records: list[dict]) -> None:
@@ -1002,6 +1090,8 @@ def run_all(ctx: Context, runs: list[tuple], records: list[dict]) -> None:
                 + (f"  database {record['database_busy']:.0%} busy"
                    if "database_busy" in record else "")
                 + (f"  buckets {record['buckets']}" if "buckets" in record else "")
+                + (f"  base {record['base_rps']:.0f} req/s "
+                   f"({record['rps'] / record['base_rps']:.3f})" if "base_rps" in record else "")
                 + "".join(f"  {name} {value:.0f}"
                           for name, value in record.get("leases", {}).items())
                 + (
@@ -1039,6 +1129,13 @@ def paired_ratio(runs: list[dict], records: list[dict], scenario: str | None,
     return statistics.median(ratios) if ratios else None
 
 
+def ratio_to_base(runs: list[dict]) -> float | None:
+    """The median, over ``runs``, of each one's req/s over that of its base measured
+    beside it in turns (None when none was)."""
+    ratios = [r["rps"] / r["base_rps"] for r in runs if r.get("base_rps")]
+    return statistics.median(ratios) if ratios else None
+
+
 def summarize(records: list[dict], scenarios: list[Scenario], proxies: list[str]) -> list[dict]:
     """One row per (scenario, proxy): medians over reps, errors summed, ratios to stock
     and to the base, each the median of the reps' paired ratios."""
@@ -1072,7 +1169,7 @@ def summarize(records: list[dict], scenarios: list[Scenario], proxies: list[str]
                     "errors": sum(r["errors"] for r in ok),
                     "peak_rss_mib": None if rss is None else rss / 1024,
                     "vs_stock": paired_ratio(ok, records, ratio_base(scenario), BASELINE_PROXY),
-                    "vs_base": paired_ratio(ok, records, scenario.baseline, proxy),
+                    "vs_base": ratio_to_base(ok),
                     "cpu_busy": busy,
                     "failure": next((r["error"] for r in mine if not r["ok"]), None),
                 }
@@ -1184,7 +1281,7 @@ def main(argv: list[str] | None = None) -> int:
     if "aiohttp" in proxies:
         ensure_python_packages({"aiohttp": "aiohttp"})
 
-    est = sum(args.duration + 2 + least_warmup(scenario) for _, scenario, _ in runs)
+    est = sum(run_seconds(scenario, args.duration) for _, scenario, _ in runs)
     print(f"{len(runs)} runs, about {est // 60} min {est % 60} s", flush=True)
     meta = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
