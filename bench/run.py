@@ -872,15 +872,6 @@ def cpu_times() -> dict[str, tuple[int, int]]:
     return times
 
 
-def busy_shares(before: dict, after: dict) -> dict[str, float]:
-    """Each core's busy share between two ``cpu_times`` readings (0.0 to 1.0)."""
-    shares = {}
-    for name, (busy, total) in after.items():
-        elapsed = total - before[name][1]
-        shares[name] = (busy - before[name][0]) / elapsed if elapsed else 0.0
-    return shares
-
-
 class RssSampler(threading.Thread):
     """Peak resident memory of a process tree while a run lasts.
 
