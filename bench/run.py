@@ -970,6 +970,11 @@ def warm_up_turns(ctx: Context, sides: list[tuple], seconds: int) -> None:
     in_turns(ctx, [(Measured(), *side[1:]) for side in sides], count, each)
 
 
+def us_per_request(cpu_seconds: float, requests: int) -> float:
+    """CPU microseconds per request, as the records give them."""
+    return round(cpu_seconds / requests * 1e6, 1)
+
+
 def turns(seconds: int) -> tuple[int, int]:
     """(turns, seconds per turn) that make about ``seconds`` of a run in turns."""
     count = max(1, seconds // TURN_SECONDS)
@@ -1021,7 +1026,7 @@ def run_case(ctx: Context, scenario: Scenario, proxy: str, rep: int) -> dict:
         result = mine.wrk()
         record["cpu_busy"] = mine.busy_shares()
         if result.get("requests"):  # the proxy's own CPU (user and system) per request
-            record["cpu_us_per_request"] = round(mine.cpu_seconds / result["requests"] * 1e6, 1)
+            record["cpu_us_per_request"] = us_per_request(mine.cpu_seconds, result["requests"])
         if database_pid:  # the share of a core the database took during the run
             record["database_busy"] = round(mine.database_seconds / ctx.duration, 3)
         for side_server in servers:
@@ -1037,8 +1042,8 @@ def run_case(ctx: Context, scenario: Scenario, proxy: str, rep: int) -> dict:
         if base:
             theirs_wrk = theirs.wrk()
             record["base_rps"] = theirs_wrk["rps"]
-            record["base_cpu_us_per_request"] = round(
-                theirs.cpu_seconds / theirs_wrk["requests"] * 1e6, 1)
+            record["base_cpu_us_per_request"] = us_per_request(theirs.cpu_seconds,
+                                                              theirs_wrk["requests"])
         record.update(result, ok=True)
     except BenchError as exc:
         record["error"] = str(exc)

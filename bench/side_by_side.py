@@ -109,7 +109,7 @@ def measure_pair(ctx: Context, first: Side, second: Side, swapped: bool = False)
             p99_ms=[r["p99_ms"] for r in results],
             errors=[r["errors"] for r in results],
             cpu_share=[round(c / ctx.duration, 3) for c in cpu],
-            cpu_us_per_request=[round(seconds / result["requests"] * 1e6, 1)
+            cpu_us_per_request=[run.us_per_request(seconds, result["requests"])
                                 for seconds, result in zip(cpu, results, strict=True)],
             ratio=results[1]["rps"] / results[0]["rps"],
         )
